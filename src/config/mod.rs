@@ -1,0 +1,659 @@
+//! Typed configuration: the TOML file format, defaults, validation, and the nginx upstream import.
+//!
+//! Parsing happens in two steps, as in pingora and rathole: serde reads the file into `File*`
+//! structs that reject unknown keys, then `validate` turns them into a [`Config`] whose values
+//! are known to be usable. Every error is one line naming the key and how to fix it.
+
+pub mod nginx;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything meshgate needs to run, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: Listen,
+    pub proxy: ProxyConfig,
+    pub health: HealthConfig,
+    pub admin: AdminConfig,
+    pub brokers: Vec<BrokerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    /// Where MQTT clients connect.
+    pub mqtt: String,
+    /// Where the HTTP API, metrics and dashboard are served; `None` turns it off.
+    pub http: Option<String>,
+}
+
+/// One broker of the pool, as configured. Its live health lives in `pool::Broker`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerConfig {
+    pub name: String,
+    /// `host:port`; resolved at connect time so hostnames of real deployments work.
+    pub address: String,
+    /// 1 = primary tier; a higher tier is used only when every broker of all lower tiers is unavailable.
+    pub priority: u32,
+    /// Share of sessions within its tier (least connections by weight).
+    pub weight: u32,
+    /// Failed attempts within `fail_timeout` that bar the broker for `fail_timeout` (0 = never).
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    /// Most proxied sessions at once (0 = no limit); a full broker is skipped.
+    pub max_conns: u32,
+    /// `false` is the nginx `down` flag or an admin disable at start.
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    Tcp,
+    Mqtt,
+    Pubsub,
+}
+
+impl ProbeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Mqtt => "mqtt",
+            ProbeKind::Pubsub => "pubsub",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub probe: ProbeKind,
+    /// MQTT protocol level of the probe's CONNECT: 4 (3.1.1) or 5.
+    pub mqtt_version: u8,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDown {
+    Close,
+    Keep,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failback {
+    Drain,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// Time a client has to send its whole CONNECT after the TCP accept.
+    pub client_connect_timeout: Duration,
+    /// Time allowed for the TCP connect to a broker.
+    pub upstream_connect_timeout: Duration,
+    /// Time a broker has to answer our forwarded CONNECT with a CONNACK.
+    pub connack_timeout: Duration,
+    /// Brokers tried for one client CONNECT before the client is told "server unavailable".
+    pub connect_tries: u32,
+    pub on_down: OnDown,
+    pub failback: Failback,
+    /// Sessions per second moved off a lower tier (failback) or a drained broker.
+    pub failback_rate: f64,
+    /// Time sessions get to end by themselves after SIGTERM before they are closed.
+    pub shutdown_grace: Duration,
+    /// Largest MQTT packet accepted from a client, checked from the remaining-length field.
+    pub max_packet_size: u32,
+    /// Most concurrent client sessions (0 = no limit beyond file descriptors).
+    pub max_sessions: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AdminConfig {
+    pub token: Option<String>,
+}
+
+/// Why a configuration cannot be used; each variant prints as one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+    #[error("{path}: {source}")]
+    Nginx {
+        path: String,
+        #[source]
+        source: nginx::NginxError,
+    },
+}
+
+// ---- the file format ------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listen: FileListen,
+    #[serde(default)]
+    proxy: FileProxy,
+    #[serde(default)]
+    health: FileHealth,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    broker: Vec<FileBroker>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListen {
+    mqtt: Option<String>,
+    http: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBroker {
+    name: Option<String>,
+    address: Option<String>,
+    priority: Option<u32>,
+    weight: Option<u32>,
+    max_fails: Option<u32>,
+    fail_timeout: Option<String>,
+    max_conns: Option<u32>,
+    enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealth {
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    probe: Option<String>,
+    mqtt_version: Option<u8>,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProxy {
+    client_connect_timeout: Option<String>,
+    upstream_connect_timeout: Option<String>,
+    connack_timeout: Option<String>,
+    connect_tries: Option<u32>,
+    on_down: Option<String>,
+    failback: Option<String>,
+    failback_rate: Option<f64>,
+    shutdown_grace: Option<String>,
+    max_packet_size: Option<u32>,
+    max_sessions: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    token: Option<String>,
+}
+
+pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:1883";
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+
+impl Config {
+    /// Reads and validates a TOML config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names the source in error messages.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: toml_message(&e),
+        })?;
+        validate(file, origin, None)
+    }
+
+    /// Builds a config from an nginx stream file: its `listen` and upstream servers, with the
+    /// other settings from `base` TOML text (may be empty). nginx `backup` servers become
+    /// sequential tiers in file order, because that is the order operators write them in.
+    pub fn from_nginx(
+        nginx_text: &str,
+        nginx_origin: &str,
+        base_text: &str,
+        base_origin: &str,
+    ) -> Result<(Config, nginx::NginxStream), ConfigError> {
+        let stream = nginx::parse(nginx_text).map_err(|source| ConfigError::Nginx {
+            path: nginx_origin.to_string(),
+            source,
+        })?;
+        let file: FileConfig = toml::from_str(base_text).map_err(|e| ConfigError::Parse {
+            path: base_origin.to_string(),
+            message: toml_message(&e),
+        })?;
+        let config = validate(file, base_origin, Some((&stream, nginx_origin)))?;
+        Ok((config, stream))
+    }
+
+    pub fn load_nginx(
+        nginx_path: &Path,
+        base: Option<&Path>,
+    ) -> Result<(Config, nginx::NginxStream), ConfigError> {
+        let nginx_text = read(nginx_path)?;
+        let (base_text, base_origin) = match base {
+            Some(p) => (read(p)?, p.display().to_string()),
+            None => (String::new(), "(defaults)".to_string()),
+        };
+        Config::from_nginx(
+            &nginx_text,
+            &nginx_path.display().to_string(),
+            &base_text,
+            &base_origin,
+        )
+    }
+
+    pub fn broker(&self, name: &str) -> Option<&BrokerConfig> {
+        self.brokers.iter().find(|b| b.name == name)
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// toml's errors span several lines with a source excerpt; operators get the first line plus
+/// the key, which is what they need to find the mistake.
+fn toml_message(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
+    }
+}
+
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() || s.starts_with('-') {
+        return None;
+    }
+    humantime::parse_duration(s).ok()
+}
+
+struct Checker<'a> {
+    path: &'a str,
+}
+
+impl Checker<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_string(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn duration(&self, key: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => parse_duration(s).ok_or_else(|| {
+                self.err(key, format!("bad duration {s:?} (write it like \"250ms\", \"1s\", \"30s\")"))
+            }),
+        }
+    }
+
+    fn positive_duration(&self, key: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
+        let d = self.duration(key, v, default)?;
+        if d.is_zero() {
+            return Err(self.err(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn socket_addr(&self, key: &str, v: &str) -> Result<(), ConfigError> {
+        // Listen addresses must be literal: binding to a name that resolves to several
+        // addresses would silently pick one.
+        v.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
+            self.err(key, format!("{v:?} is not an ip:port address (e.g. \"127.0.0.1:1883\")"))
+        })
+    }
+}
+
+fn validate(
+    file: FileConfig,
+    path: &str,
+    nginx: Option<(&nginx::NginxStream, &str)>,
+) -> Result<Config, ConfigError> {
+    let c = Checker { path };
+
+    let mqtt = match (nginx.and_then(|(n, _)| n.listen.clone()), file.listen.mqtt) {
+        (Some(from_nginx), _) => from_nginx,
+        (None, Some(v)) => v,
+        (None, None) => DEFAULT_MQTT_LISTEN.to_string(),
+    };
+    c.socket_addr("listen.mqtt", &mqtt)?;
+    let http = match file.listen.http {
+        Some(v) if v.is_empty() || v == "off" => None,
+        Some(v) => {
+            c.socket_addr("listen.http", &v)?;
+            Some(v)
+        }
+        None => Some(DEFAULT_HTTP_LISTEN.to_string()),
+    };
+
+    let h = file.health;
+    let probe = match h.probe.as_deref() {
+        None | Some("mqtt") => ProbeKind::Mqtt,
+        Some("tcp") => ProbeKind::Tcp,
+        Some("pubsub") => ProbeKind::Pubsub,
+        Some(other) => {
+            return Err(c.err("health.probe", format!("unknown probe {other:?} (use \"tcp\", \"mqtt\" or \"pubsub\")")))
+        }
+    };
+    let health = HealthConfig {
+        interval: c.positive_duration("health.interval", h.interval.as_ref(), Duration::from_millis(250))?,
+        timeout: c.positive_duration("health.timeout", h.timeout.as_ref(), Duration::from_millis(250))?,
+        rise: h.rise.unwrap_or(2),
+        fall: h.fall.unwrap_or(2),
+        probe,
+        mqtt_version: h.mqtt_version.unwrap_or(4),
+        username: h.username,
+        password: h.password,
+    };
+    if health.rise == 0 {
+        return Err(c.err("health.rise", "must be at least 1"));
+    }
+    if health.fall == 0 {
+        return Err(c.err("health.fall", "must be at least 1"));
+    }
+    if !matches!(health.mqtt_version, 4 | 5) {
+        return Err(c.err("health.mqtt_version", "must be 4 (MQTT 3.1.1) or 5"));
+    }
+    if health.password.is_some() && health.username.is_none() {
+        return Err(c.err("health.password", "a password needs health.username as well"));
+    }
+
+    let p = file.proxy;
+    let on_down = match p.on_down.as_deref() {
+        None | Some("close") => OnDown::Close,
+        Some("keep") => OnDown::Keep,
+        Some(o) => return Err(c.err("proxy.on_down", format!("{o:?} is not \"close\" or \"keep\""))),
+    };
+    let failback = match p.failback.as_deref() {
+        None | Some("drain") => Failback::Drain,
+        Some("none") => Failback::None,
+        Some(o) => return Err(c.err("proxy.failback", format!("{o:?} is not \"drain\" or \"none\""))),
+    };
+    let proxy = ProxyConfig {
+        client_connect_timeout: c.positive_duration("proxy.client_connect_timeout", p.client_connect_timeout.as_ref(), Duration::from_secs(10))?,
+        upstream_connect_timeout: c.positive_duration("proxy.upstream_connect_timeout", p.upstream_connect_timeout.as_ref(), Duration::from_secs(1))?,
+        connack_timeout: c.positive_duration("proxy.connack_timeout", p.connack_timeout.as_ref(), Duration::from_secs(1))?,
+        connect_tries: p.connect_tries.unwrap_or(3),
+        on_down,
+        failback,
+        failback_rate: p.failback_rate.unwrap_or(10.0),
+        shutdown_grace: c.duration("proxy.shutdown_grace", p.shutdown_grace.as_ref(), Duration::from_secs(5))?,
+        max_packet_size: p.max_packet_size.unwrap_or(1 << 20),
+        max_sessions: p.max_sessions.unwrap_or(0),
+    };
+    if proxy.connect_tries == 0 {
+        return Err(c.err("proxy.connect_tries", "must be at least 1"));
+    }
+    if !(proxy.failback_rate.is_finite() && proxy.failback_rate > 0.0) {
+        return Err(c.err("proxy.failback_rate", "must be a positive number of sessions per second"));
+    }
+    if proxy.max_packet_size < 64 {
+        return Err(c.err("proxy.max_packet_size", "must be at least 64 bytes"));
+    }
+
+    let admin = AdminConfig {
+        token: match file.admin.token {
+            Some(t) if t.trim().is_empty() => return Err(c.err("admin.token", "must not be empty (leave it out to turn admin actions off)")),
+            t => t,
+        },
+    };
+
+    let brokers = match nginx {
+        Some((stream, nginx_path)) => {
+            if !file.broker.is_empty() {
+                return Err(c.err("broker", format!("[[broker]] tables cannot be combined with --nginx-conf {nginx_path}: the brokers come from its upstream block")));
+            }
+            brokers_from_nginx(stream)
+        }
+        None => brokers_from_file(&c, file.broker)?,
+    };
+    if brokers.is_empty() {
+        return Err(c.err("broker", "no brokers configured: add at least one [[broker]] with name and address"));
+    }
+    Ok(Config { listen: Listen { mqtt, http }, proxy, health, admin, brokers })
+}
+
+fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerConfig>, ConfigError> {
+    let mut out: Vec<BrokerConfig> = Vec::with_capacity(list.len());
+    for (i, b) in list.into_iter().enumerate() {
+        let key = |k: &str| format!("broker[{}].{k}", i + 1);
+        let name = b.name.ok_or_else(|| c.err(key("name"), "missing (every [[broker]] needs a name)"))?;
+        if name.is_empty() || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+            return Err(c.err(key("name"), format!("{name:?} must be non-empty letters, digits, '-', '_' or '.'")));
+        }
+        if out.iter().any(|o| o.name == name) {
+            return Err(c.err(key("name"), format!("{name:?} is used by two brokers")));
+        }
+        let address = b.address.ok_or_else(|| c.err(key("address"), format!("missing for broker {name:?} (e.g. \"127.0.0.10:1883\")")))?;
+        check_host_port(&address).map_err(|m| c.err(key("address"), m))?;
+        let priority = b.priority.unwrap_or(i as u32 + 1);
+        if priority == 0 {
+            return Err(c.err(key("priority"), "must be 1 (primary) or higher"));
+        }
+        let weight = b.weight.unwrap_or(1);
+        if weight == 0 {
+            return Err(c.err(key("weight"), "must be at least 1 (use enabled = false to take a broker out)"));
+        }
+        out.push(BrokerConfig {
+            name,
+            address,
+            priority,
+            weight,
+            max_fails: b.max_fails.unwrap_or(1),
+            fail_timeout: c.positive_duration(&key("fail_timeout"), b.fail_timeout.as_ref(), Duration::from_secs(10))?,
+            max_conns: b.max_conns.unwrap_or(0),
+            enabled: b.enabled.unwrap_or(true),
+        });
+    }
+    Ok(out)
+}
+
+fn brokers_from_nginx(stream: &nginx::NginxStream) -> Vec<BrokerConfig> {
+    let mut backup_tier = 1;
+    stream
+        .servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let priority = if s.backup {
+                backup_tier += 1;
+                backup_tier
+            } else {
+                1
+            };
+            BrokerConfig {
+                name: format!("broker{}", i + 1),
+                address: s.address.clone(),
+                priority,
+                weight: s.weight.max(1),
+                max_fails: s.max_fails,
+                fail_timeout: s.fail_timeout,
+                max_conns: s.max_conns,
+                enabled: !s.down,
+            }
+        })
+        .collect()
+}
+
+fn check_host_port(address: &str) -> Result<(), String> {
+    if address.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let hint = "write it as host:port, e.g. \"127.0.0.10:1883\" or \"broker1.lan:1883\"";
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{address:?} has no port: {hint}"))?;
+    if host.is_empty() || host.contains(char::is_whitespace) || host.contains(':') {
+        return Err(format!("{address:?} is not a valid host: {hint}"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{address:?} has a bad port: {hint}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::from_toml(text, "test.toml").map_err(|e| e.to_string())
+    }
+
+    const FIVE: &str = r#"
+        [[broker]]
+        name = "broker1"
+        address = "127.0.0.10:1883"
+        [[broker]]
+        name = "broker2"
+        address = "127.0.0.11:1883"
+    "#;
+
+    #[test]
+    fn defaults_follow_the_file_order() {
+        let c = parse(FIVE).unwrap();
+        assert_eq!(c.listen.mqtt, "127.0.0.1:1883");
+        assert_eq!(c.listen.http.as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(c.brokers[0].priority, 1);
+        assert_eq!(c.brokers[1].priority, 2);
+        assert_eq!(c.brokers[0].max_fails, 1);
+        assert_eq!(c.brokers[0].fail_timeout, Duration::from_secs(10));
+        assert_eq!(c.health.interval, Duration::from_millis(250));
+        assert_eq!(c.health.timeout, Duration::from_millis(250));
+        assert_eq!((c.health.rise, c.health.fall), (2, 2));
+        assert_eq!(c.health.probe, ProbeKind::Mqtt);
+        assert_eq!(c.proxy.connack_timeout, Duration::from_secs(1));
+        assert_eq!(c.proxy.on_down, OnDown::Close);
+        assert_eq!(c.proxy.failback, Failback::Drain);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[health]\nintervall = \"1s\"\n").unwrap_err();
+        assert!(e.contains("intervall"), "{e}");
+        assert!(e.starts_with("test.toml: "), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = parse(&format!("{FIVE}\n[[broker]]\nname = \"b3\"\naddress = \"127.0.0.1:1\"\nwieght = 2\n")).unwrap_err();
+        assert!(e.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let e = parse(&format!("[health]\ninterval = \"fast\"\n{FIVE}")).unwrap_err();
+        assert_eq!(e, "test.toml: health.interval: bad duration \"fast\" (write it like \"250ms\", \"1s\", \"30s\")");
+        let e = parse(&format!("{FIVE}\n[[broker]]\nname = \"b3\"\naddress = \"127.0.0.1:1\"\nfail_timeout = \"30 parsecs\"\n")).unwrap_err();
+        assert!(e.contains("broker[3].fail_timeout: bad duration"), "{e}");
+    }
+
+    #[test]
+    fn no_brokers_is_an_error() {
+        let e = parse("[listen]\nmqtt = \"127.0.0.1:1883\"\n").unwrap_err();
+        assert_eq!(e, "test.toml: broker: no brokers configured: add at least one [[broker]] with name and address");
+    }
+
+    #[test]
+    fn broker_errors() {
+        let e = parse("[[broker]]\nname = \"a\"\n").unwrap_err();
+        assert!(e.contains("broker[1].address: missing"), "{e}");
+        let e = parse("[[broker]]\nname = \"a\"\naddress = \"127.0.0.1\"\n").unwrap_err();
+        assert!(e.contains("has no port"), "{e}");
+        let e = parse("[[broker]]\nname = \"a\"\naddress = \"h:1\"\n[[broker]]\nname = \"a\"\naddress = \"h:2\"\n").unwrap_err();
+        assert!(e.contains("used by two brokers"), "{e}");
+        assert!(parse("[[broker]]\nname = \"a\"\naddress = \"broker1.lan:1883\"\n").is_ok());
+    }
+
+    #[test]
+    fn listen_must_be_an_address() {
+        let e = parse(&format!("[listen]\nmqtt = \"localhost\"\n{FIVE}")).unwrap_err();
+        assert!(e.contains("listen.mqtt"), "{e}");
+    }
+
+    #[test]
+    fn explicit_priorities_and_tiers() {
+        let c = parse(
+            "[[broker]]\nname=\"a\"\naddress=\"h:1\"\npriority=1\n[[broker]]\nname=\"b\"\naddress=\"h:2\"\npriority=1\nweight=3\n[[broker]]\nname=\"c\"\naddress=\"h:3\"\npriority=2\n",
+        )
+        .unwrap();
+        assert_eq!(c.brokers.iter().map(|b| b.priority).collect::<Vec<_>>(), vec![1, 1, 2]);
+        assert_eq!(c.brokers[1].weight, 3);
+    }
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/meshgate.toml")).unwrap();
+        let c = parse(&text).unwrap();
+        assert_eq!(c.brokers.len(), 5);
+        for (i, b) in c.brokers.iter().enumerate() {
+            assert_eq!(b.name, format!("broker{}", i + 1));
+            assert_eq!(b.address, format!("127.0.0.{}:1883", 10 + i));
+            assert_eq!(b.priority, i as u32 + 1);
+        }
+    }
+
+    #[test]
+    fn fixtures() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/config");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let result = Config::load(&path);
+            if name.starts_with("valid-") {
+                assert!(result.is_ok(), "{name}: {}", result.unwrap_err());
+            } else if name.starts_with("invalid-") {
+                let err = result.expect_err(&name).to_string();
+                // The first comment line of each invalid fixture holds the expected message part.
+                let text = std::fs::read_to_string(&path).unwrap();
+                let expect = text.lines().next().unwrap().trim_start_matches("# expect: ");
+                assert!(err.contains(expect), "{name}: {err:?} lacks {expect:?}");
+                assert!(!err.contains('\n'), "{name}: not one line: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn nginx_backups_become_sequential_tiers() {
+        let nginx_text = "stream { upstream u { least_conn; server 127.0.0.10:1883 weight=5 max_fails=3 fail_timeout=30s; server 127.0.0.11:1883 backup; server 127.0.0.12:1883 backup down; } server { listen 127.0.0.1:1883; proxy_pass u; } }";
+        let (c, _) = Config::from_nginx(nginx_text, "n.conf", "", "(defaults)").unwrap();
+        assert_eq!(c.listen.mqtt, "127.0.0.1:1883");
+        assert_eq!(c.brokers.iter().map(|b| b.priority).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(c.brokers[0].weight, 5);
+        assert_eq!(c.brokers[0].max_fails, 3);
+        assert_eq!(c.brokers[0].fail_timeout, Duration::from_secs(30));
+        assert!(!c.brokers[2].enabled);
+    }
+}

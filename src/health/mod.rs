@@ -1,0 +1,129 @@
+//! Active health checking: one loop per broker runs its probe every interval and flips the
+//! broker's probe state after `rise` successes or `fall` failures in a row.
+//!
+//! The first answer sets the state directly (there is nothing to be hysteretic about yet), so
+//! a broker that is dead at start is out after one probe. A flip is logged and becomes an event
+//! once; steady results only update the snapshot the API reads.
+
+pub mod probe;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::time::{timeout, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::HealthConfig;
+use crate::events::unix_ms;
+use crate::pool::{Broker, Health, Pool, ProbeRecord, HISTORY_LEN};
+pub use probe::{Probe, ProbeError};
+
+/// Starts one checker per broker of the pool's current set; they stop when `stop` is cancelled.
+pub fn spawn_checkers(pool: &Arc<Pool>, health: &HealthConfig, tracker: &TaskTracker, stop: &CancellationToken) {
+    let probe: Arc<dyn Probe> = Arc::from(probe::for_config(health));
+    for broker in pool.brokers().iter() {
+        let (pool, broker, probe, cfg, stop) = (pool.clone(), broker.clone(), probe.clone(), health.clone(), stop.clone());
+        tracker.spawn(async move { check_loop(pool, broker, probe, cfg, stop).await });
+    }
+}
+
+/// Consecutive results, which decide when to flip.
+struct Streak {
+    ok: u32,
+    fail: u32,
+}
+
+async fn check_loop(pool: Arc<Pool>, broker: Arc<Broker>, probe: Arc<dyn Probe>, cfg: HealthConfig, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(cfg.interval);
+    // A probe that takes the whole timeout must not cause a burst of catch-up probes.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut streak = Streak { ok: 0, fail: 0 };
+    let kind = probe.kind().as_str();
+    let histogram = pool.metrics.probe_duration.with_label_values(&[&broker.name, kind]);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let started = Instant::now();
+        let result = match timeout(cfg.timeout, probe.check(&broker.address)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProbeError::Timeout(cfg.timeout)),
+        };
+        let latency = started.elapsed();
+        if stop.is_cancelled() {
+            return;
+        }
+        histogram.observe(latency.as_secs_f64());
+        let ok = result.is_ok();
+        if ok {
+            streak.ok += 1;
+            streak.fail = 0;
+        } else {
+            streak.fail += 1;
+            streak.ok = 0;
+        }
+        let record = ProbeRecord {
+            kind,
+            ok,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            at_ms: unix_ms(SystemTime::now()),
+            error: result.as_ref().err().map(|e| e.to_string()),
+        };
+        let old = broker.health();
+        let flip_to = match old.up {
+            None => Some(ok),
+            Some(true) if streak.fail >= cfg.fall => Some(false),
+            Some(false) if streak.ok >= cfg.rise => Some(true),
+            _ => None,
+        };
+        let mut history = old.history.clone();
+        if history.len() == HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back(ok.then_some(record.latency_ms));
+        let up = flip_to.or(old.up);
+        let since = if flip_to.is_some() && flip_to != old.up { SystemTime::now() } else { old.since };
+        broker.set_health(Health { up, since, last: Some(record.clone()), history });
+        match flip_to {
+            Some(new) if old.up != Some(new) => {
+                let why = if new {
+                    format!("{} {kind} probe(s) in a row succeeded, {:.1} ms", streak.ok, record.latency_ms)
+                } else {
+                    format!("{} {kind} probe(s) in a row failed, last: {}", streak.fail, record.error.as_deref().unwrap_or("?"))
+                };
+                // The initial state is logged at info but is not a change anyone must act on.
+                if old.up.is_none() && new {
+                    tracing::info!(broker = %broker.name, "first probe: up ({:.1} ms)", record.latency_ms);
+                    pool.refresh();
+                } else {
+                    pool.probe_flipped(&broker, new, &why);
+                }
+            }
+            // Passive bars expire with time, not with an event: refresh keeps the gauges and
+            // the current-broker view honest at probe cadence.
+            _ => pool.refresh(),
+        }
+    }
+}
+
+/// A one-off TCP connect check of every broker, concurrently, for `GET /tcp-check`.
+pub async fn tcp_check(pool: &Pool, limit: std::time::Duration) -> Vec<(String, String, Result<f64, String>)> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, b) in pool.brokers().iter().enumerate() {
+        let (name, address) = (b.name.clone(), b.address.clone());
+        set.spawn(async move {
+            let started = Instant::now();
+            let r = match timeout(limit, tokio::net::TcpStream::connect(&address)).await {
+                Ok(Ok(_)) => Ok(started.elapsed().as_secs_f64() * 1000.0),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("timed out after {limit:?}")),
+            };
+            (i, name, address, r)
+        });
+    }
+    let mut out: Vec<_> = set.join_all().await;
+    out.sort_by_key(|r| r.0);
+    out.into_iter().map(|(_, n, a, r)| (n, a, r)).collect()
+}

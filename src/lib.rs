@@ -1,0 +1,182 @@
+//! meshgate: an MQTT-aware failover proxy in front of a prioritized pool of Mosquitto brokers.
+//!
+//! - `config`: the TOML file (and nginx upstream import), validated into a typed [`Config`].
+//! - `mqtt`: framing and the few packets meshgate reads (CONNECT, CONNACK) or writes (probes).
+//! - `pool`: brokers (identity, probe health, passive accounting, counters), tier selection, sessions.
+//! - `health`: active probes (tcp, mqtt, pubsub) and one checker loop per broker.
+//! - `proxy`: the accept loop, session setup with retries, byte forwarding, the rebalancer.
+//! - `http`: health, broker and client API, Prometheus metrics.
+//! - `events`: the numbered event log behind `/events`.
+//!
+//! [`Meshgate::start`] binds the listeners and spawns every task; [`run`] is start plus
+//! waiting for a shutdown signal, for the CLI.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod events;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod mqtt;
+pub mod pool;
+pub mod proxy;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use config::Config;
+use pool::Pool;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen for {what} on {addr}: {source}{hint}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+        hint: &'static str,
+    },
+}
+
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => " (another process holds this port: stop it, e.g. `ss -ltnp` shows which, or set another address under [listen])",
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        std::io::ErrorKind::AddrNotAvailable => " (this machine has no such address)",
+        _ => "",
+    }
+}
+
+async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr: addr.to_string(), hint: bind_hint(&source), source })
+}
+
+/// A running meshgate: listeners bound, checkers, proxy and API serving.
+pub struct Meshgate {
+    pool: Arc<Pool>,
+    config: Mutex<Config>,
+    mqtt_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    tracker: TaskTracker,
+    /// Stops accepting new clients and the background loops.
+    stop: CancellationToken,
+    /// Stops the health checkers of the current config generation.
+    checkers: Mutex<CancellationToken>,
+}
+
+impl Meshgate {
+    /// Binds every listener first (so a taken port fails before anything starts), then spawns
+    /// the checkers, the rebalancer, the proxy and the HTTP API.
+    pub async fn start(config: Config) -> Result<Meshgate, Error> {
+        let mqtt = bind("MQTT", &config.listen.mqtt).await?;
+        let http = match &config.listen.http {
+            Some(a) => Some(bind("HTTP", a).await?),
+            None => None,
+        };
+        let mqtt_addr = mqtt.local_addr().expect("bound socket has an address");
+        let http_addr = http.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
+        let pool = Arc::new(Pool::new(&config));
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let checkers = stop.child_token();
+        health::spawn_checkers(&pool, &config.health, &tracker, &checkers);
+        tracker.spawn(proxy::rebalance_loop(pool.clone(), stop.clone()));
+        tracker.spawn(proxy::accept_loop(mqtt, pool.clone(), tracker.clone(), stop.clone()));
+        if let Some(listener) = http {
+            let app = http::router(http::AppState { pool: pool.clone(), admin_token: config.admin.token.clone() });
+            let stop = stop.clone();
+            tracker.spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = serve.await {
+                    warn!("HTTP server ended: {e}");
+                }
+            });
+        }
+        info!(mqtt = %mqtt_addr, http = ?http_addr, brokers = config.brokers.len(), version = VERSION, "meshgate started");
+        Ok(Meshgate { pool, config: Mutex::new(config), mqtt_addr, http_addr, tracker, stop, checkers: Mutex::new(checkers) })
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Applies a new configuration without dropping established sessions. Listen addresses
+    /// cannot change on a running process; a change there is logged and ignored.
+    pub fn reload(&self, new: Config) {
+        let mut current = self.config.lock().unwrap();
+        if new.listen != current.listen {
+            warn!("listen addresses changed in the new config; they take effect only after a restart");
+        }
+        self.pool.apply(&new);
+        let fresh = self.stop.child_token();
+        health::spawn_checkers(&self.pool, &new.health, &self.tracker, &fresh);
+        std::mem::replace(&mut *self.checkers.lock().unwrap(), fresh).cancel();
+        self.pool.metrics.reloads.with_label_values(&["ok"]).inc();
+        self.pool.events.push("reload", None, format!("configuration reloaded: {} broker(s)", new.brokers.len()));
+        *current = new;
+    }
+
+    /// Records a reload that was refused because the new file is invalid.
+    pub fn reload_failed(&self, why: &str) {
+        self.pool.metrics.reloads.with_label_values(&["error"]).inc();
+        self.pool.events.push("reload", None, format!("reload refused, old configuration kept: {why}"));
+    }
+
+    /// Stops accepting, gives sessions `shutdown_grace` to end by themselves, closes the rest.
+    pub async fn shutdown(self) {
+        let grace = self.pool.proxy_config().shutdown_grace;
+        self.stop.cancel();
+        self.tracker.close();
+        let open = self.pool.session_count();
+        if open > 0 {
+            info!(sessions = open, ?grace, "shutting down: waiting for sessions to end");
+        }
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            let sessions = self.pool.sessions();
+            info!(sessions = sessions.len(), "grace period over: closing remaining sessions");
+            for s in sessions {
+                s.close("shutdown");
+            }
+            self.pool.closing.cancel();
+            self.tracker.wait().await;
+        }
+        info!("meshgate stopped");
+    }
+}
+
+/// What the CLI runs: start, then serve until `shutdown` resolves. `reloads` yields new
+/// configurations (SIGHUP), already validated; an `Err` is a refused reload to record.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::Receiver<Result<Config, String>>,
+) -> Result<(), Error> {
+    let mg = Meshgate::start(config).await?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(r) = reloads.recv() => match r {
+                Ok(c) => mg.reload(c),
+                Err(why) => mg.reload_failed(&why),
+            },
+        }
+    }
+    mg.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! The client's CONNECT: checked for length first, then parsed for what routing and the API need.
+
+use super::{decode_length, kind, Length, Reader};
+
+/// What meshgate learns from a client's CONNECT. The packet itself is kept as bytes and
+/// replayed unchanged to each broker tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    /// Protocol level: 3 (MQTT 3.1), 4 (3.1.1) or 5.
+    pub version: u8,
+    pub client_id: String,
+    pub username: Option<String>,
+    /// Clean session (3.x) or clean start (5).
+    pub clean: bool,
+    pub keepalive: u16,
+    /// MQTT 5 Session Expiry Interval, seconds; `None` when absent (= 0).
+    pub session_expiry: Option<u32>,
+    pub will: bool,
+}
+
+impl Connect {
+    pub fn protocol_name(&self) -> &'static str {
+        match self.version {
+            3 => "3.1",
+            4 => "3.1.1",
+            _ => "5",
+        }
+    }
+
+    /// The broker keeps this client's session after it disconnects.
+    pub fn persistent(&self) -> bool {
+        match self.version {
+            5 => self.session_expiry.unwrap_or(0) > 0,
+            _ => !self.clean,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error("first packet is {0}, not CONNECT")]
+    NotConnect(&'static str),
+    #[error("CONNECT fixed-header flags must be 0, got {0:#x}")]
+    BadHeaderFlags(u8),
+    #[error("malformed remaining length")]
+    BadLength,
+    #[error("CONNECT of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: u32, max: u32 },
+    #[error("unknown protocol name {0:?}")]
+    BadProtocolName(String),
+    #[error("unsupported protocol level {0} (meshgate speaks MQTT 3.1, 3.1.1 and 5)")]
+    BadLevel(u8),
+    #[error("reserved connect flag is set")]
+    ReservedFlag,
+    #[error("CONNECT truncated in {0}")]
+    Truncated(&'static str),
+    #[error("{0} is not valid UTF-8")]
+    Utf8(&'static str),
+    #[error("{0} trailing bytes after the CONNECT payload")]
+    Trailing(usize),
+}
+
+/// Looks at the start of `buf` without parsing the body: `Ok(Some(n))` when a whole packet of
+/// `n` bytes is there, `Ok(None)` when more bytes are needed. Oversized or non-CONNECT input is
+/// refused here, before its body is read.
+pub fn check(buf: &[u8], max: u32) -> Result<Option<usize>, ConnectError> {
+    let Some(&first) = buf.first() else { return Ok(None) };
+    if first >> 4 != kind::CONNECT {
+        return Err(ConnectError::NotConnect(kind::name(first >> 4)));
+    }
+    if first & 0x0f != 0 {
+        return Err(ConnectError::BadHeaderFlags(first & 0x0f));
+    }
+    match decode_length(&buf[1..]) {
+        Length::Partial => Ok(None),
+        Length::Malformed => Err(ConnectError::BadLength),
+        Length::Done(len, n) => {
+            let total = 1 + n + len as usize;
+            if total > max as usize {
+                return Err(ConnectError::TooLarge { len: total as u32, max });
+            }
+            Ok((buf.len() >= total).then_some(total))
+        }
+    }
+}
+
+/// Parses one whole CONNECT packet (fixed header included), as delimited by [`check`].
+pub fn parse(packet: &[u8]) -> Result<Connect, ConnectError> {
+    use ConnectError::Truncated;
+    let (len, n) = match decode_length(packet.get(1..).unwrap_or_default()) {
+        Length::Done(len, n) => (len as usize, n),
+        _ => return Err(ConnectError::BadLength),
+    };
+    let body = packet.get(1 + n..1 + n + len).ok_or(Truncated("fixed header"))?;
+    let mut r = Reader::new(body);
+
+    let name = r.binary().ok_or(Truncated("protocol name"))?;
+    let version = r.u8().ok_or(Truncated("protocol level"))?;
+    match (name, version) {
+        (b"MQTT", 4 | 5) | (b"MQIsdp", 3) => {}
+        (b"MQTT", v) | (b"MQIsdp", v) => return Err(ConnectError::BadLevel(v)),
+        (other, _) => return Err(ConnectError::BadProtocolName(String::from_utf8_lossy(other).into_owned())),
+    }
+    let flags = r.u8().ok_or(Truncated("connect flags"))?;
+    if flags & 0x01 != 0 {
+        return Err(ConnectError::ReservedFlag);
+    }
+    let keepalive = r.u16().ok_or(Truncated("keep alive"))?;
+
+    let mut session_expiry = None;
+    if version == 5 {
+        let props_len = r.varint().ok_or(Truncated("properties length"))? as usize;
+        let props = r.take(props_len).ok_or(Truncated("properties"))?;
+        session_expiry = session_expiry_of(props)?;
+    }
+
+    let client_id = utf8(r.binary().ok_or(Truncated("client id"))?, "client id")?;
+    let will = flags & 0x04 != 0;
+    if will {
+        if version == 5 {
+            let n = r.varint().ok_or(Truncated("will properties length"))? as usize;
+            r.take(n).ok_or(Truncated("will properties"))?;
+        }
+        r.binary().ok_or(Truncated("will topic"))?;
+        r.binary().ok_or(Truncated("will payload"))?;
+    }
+    let username = if flags & 0x80 != 0 {
+        Some(utf8(r.binary().ok_or(Truncated("username"))?, "username")?)
+    } else {
+        None
+    };
+    if flags & 0x40 != 0 {
+        r.binary().ok_or(Truncated("password"))?;
+    }
+    if r.remaining() > 0 {
+        return Err(ConnectError::Trailing(r.remaining()));
+    }
+    Ok(Connect { version, client_id, username, clean: flags & 0x02 != 0, keepalive, session_expiry, will })
+}
+
+fn utf8(b: &[u8], what: &'static str) -> Result<String, ConnectError> {
+    std::str::from_utf8(b).map(str::to_owned).map_err(|_| ConnectError::Utf8(what))
+}
+
+/// Walks MQTT 5 CONNECT properties for Session Expiry Interval (0x11), skipping the rest by
+/// their declared types so that an unknown property cannot desynchronise the walk.
+fn session_expiry_of(props: &[u8]) -> Result<Option<u32>, ConnectError> {
+    use ConnectError::Truncated;
+    let mut r = Reader::new(props);
+    let mut expiry = None;
+    while r.remaining() > 0 {
+        let id = r.varint().ok_or(Truncated("property id"))?;
+        match id {
+            0x11 | 0x27 => {
+                let v = r.take(4).ok_or(Truncated("four-byte property"))?;
+                if id == 0x11 {
+                    expiry = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+                }
+            }
+            0x21 | 0x22 => {
+                r.take(2).ok_or(Truncated("two-byte property"))?;
+            }
+            0x17 | 0x19 => {
+                r.take(1).ok_or(Truncated("byte property"))?;
+            }
+            0x15 | 0x16 => {
+                r.binary().ok_or(Truncated("authentication property"))?;
+            }
+            0x26 => {
+                r.binary().ok_or(Truncated("user property"))?;
+                r.binary().ok_or(Truncated("user property"))?;
+            }
+            _ => return Err(Truncated("properties (unknown CONNECT property)")),
+        }
+    }
+    Ok(expiry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::encode;
+
+    #[test]
+    fn parses_a_3_1_1_connect() {
+        let p = encode::connect(4, "dev-1", false, 30, Some("alice"), Some("pw"));
+        assert_eq!(check(&p, 1024), Ok(Some(p.len())));
+        let c = parse(&p).unwrap();
+        assert_eq!(c.version, 4);
+        assert_eq!(c.client_id, "dev-1");
+        assert_eq!(c.username.as_deref(), Some("alice"));
+        assert!(!c.clean);
+        assert!(c.persistent());
+        assert_eq!(c.keepalive, 30);
+    }
+
+    #[test]
+    fn parses_byte_literal_3_1_connect() {
+        // MQTT 3.1: "MQIsdp", level 3, clean session, keepalive 60, client id "a".
+        let p = [0x10, 0x0f, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x03, 0x02, 0x00, 0x3c, 0x00, 0x01, b'a'];
+        let c = parse(&p).unwrap();
+        assert_eq!((c.version, c.clean, c.keepalive, c.client_id.as_str()), (3, true, 60, "a"));
+    }
+
+    #[test]
+    fn parses_v5_with_session_expiry_and_will() {
+        // MQTT 5 CONNECT, clean start, will flag, properties: session expiry 3600.
+        let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 5, 0x06, 0x00, 0x0a];
+        body.extend([0x05, 0x11, 0x00, 0x00, 0x0e, 0x10]);
+        body.extend([0x00, 0x02, b'c', b'1']);
+        body.extend([0x00, 0x00, 0x01, b't', 0x00, 0x01, b'x']); // will props, topic, payload
+        let mut p = vec![0x10];
+        crate::mqtt::encode_length(body.len(), &mut p);
+        p.extend(body);
+        let c = parse(&p).unwrap();
+        assert_eq!(c.version, 5);
+        assert_eq!(c.session_expiry, Some(3600));
+        assert!(c.will && c.clean && c.persistent());
+    }
+
+    #[test]
+    fn check_refuses_before_reading_the_body() {
+        assert_eq!(check(&[0x30, 0x00], 1024), Err(ConnectError::NotConnect("PUBLISH")));
+        assert_eq!(check(&[0x12, 0x00], 1024), Err(ConnectError::BadHeaderFlags(2)));
+        assert!(matches!(check(&[0x10, 0xff, 0xff, 0xff, 0x7f], 65536), Err(ConnectError::TooLarge { .. })));
+        assert_eq!(check(&[0x10, 0xff, 0xff], 65536), Ok(None));
+        assert_eq!(check(&[], 65536), Ok(None));
+    }
+
+    #[test]
+    fn rejects_bad_protocol_and_truncation() {
+        let mut p = encode::connect(4, "x", true, 0, None, None);
+        p[4] = b'X';
+        assert!(matches!(parse(&p), Err(ConnectError::BadProtocolName(_))));
+        let mut p = encode::connect(4, "x", true, 0, None, None);
+        p[8] = 9;
+        assert_eq!(parse(&p), Err(ConnectError::BadLevel(9)));
+        // Username flag set but no username bytes.
+        let mut p = encode::connect(4, "x", true, 0, None, None);
+        p[9] |= 0x80;
+        assert_eq!(parse(&p), Err(ConnectError::Truncated("username")));
+    }
+
+    #[test]
+    fn never_panics_on_any_prefix_or_bit_flip() {
+        let p = encode::connect(5, "client", false, 10, Some("u"), Some("p"));
+        for n in 0..=p.len() {
+            let _ = check(&p[..n], 1024);
+            let _ = parse(&p[..n]);
+        }
+        for i in 0..p.len() {
+            for bit in 0..8 {
+                let mut q = p.clone();
+                q[i] ^= 1 << bit;
+                let _ = parse(&q);
+            }
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The broker pool: identity, health and live counters of each broker, tier selection, and the session registry.
+//!
+//! A broker's identity (name, address) never changes; its configuration and probe health are
+//! swapped whole (ArcSwap) so readers never see half an update and a config reload keeps the
+//! health it had. "Available" = enabled, not draining, probes not down, passive accounting not
+//! barring it, and below `max_conns`.
+
+pub mod passive;
+pub mod session;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BrokerConfig, Config, Failback, ProxyConfig};
+use crate::events::{unix_ms, EventLog};
+use crate::metrics::Metrics;
+use passive::{Passive, PassiveState, Transition};
+pub use session::{Lease, Session, SessionInfo};
+
+/// One active probe's outcome, kept for the API and the dashboard.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProbeRecord {
+    pub kind: &'static str,
+    pub ok: bool,
+    pub latency_ms: f64,
+    pub at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Probe health as the checker last left it.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// `None` until the first probe has answered.
+    pub up: Option<bool>,
+    pub since: SystemTime,
+    pub last: Option<ProbeRecord>,
+    /// Recent probe latencies in ms (failed probes as `None`), oldest first, for charts.
+    pub history: VecDeque<Option<f64>>,
+}
+
+pub const HISTORY_LEN: usize = 60;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    Enabled,
+    Disabled,
+    Draining,
+}
+
+pub struct Broker {
+    pub name: String,
+    pub address: String,
+    config: ArcSwap<BrokerConfig>,
+    health: ArcSwap<Health>,
+    passive: Mutex<Passive>,
+    admin: AtomicU8,
+    /// Sessions open or being set up here (counted from selection, so bursts spread out).
+    active: AtomicU64,
+    total: AtomicU64,
+    removed: AtomicBool,
+}
+
+impl Broker {
+    fn new(cfg: &BrokerConfig) -> Broker {
+        Broker {
+            name: cfg.name.clone(),
+            address: cfg.address.clone(),
+            config: ArcSwap::from_pointee(cfg.clone()),
+            health: ArcSwap::from_pointee(Health { up: None, since: SystemTime::now(), last: None, history: VecDeque::new() }),
+            passive: Mutex::new(Passive::new(cfg.max_fails, cfg.fail_timeout)),
+            admin: AtomicU8::new(if cfg.enabled { 0 } else { 1 }),
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn config(&self) -> Arc<BrokerConfig> {
+        self.config.load_full()
+    }
+    pub fn priority(&self) -> u32 {
+        self.config.load().priority
+    }
+    pub fn health(&self) -> Arc<Health> {
+        self.health.load_full()
+    }
+    pub fn set_health(&self, h: Health) {
+        self.health.store(Arc::new(h));
+    }
+    pub fn admin(&self) -> AdminState {
+        match self.admin.load(Ordering::Relaxed) {
+            0 => AdminState::Enabled,
+            1 => AdminState::Disabled,
+            _ => AdminState::Draining,
+        }
+    }
+    fn set_admin(&self, s: AdminState) {
+        self.admin.store(s as u8, Ordering::Relaxed);
+    }
+    pub fn active_sessions(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+    pub fn total_sessions(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+    pub fn probe_up(&self) -> Option<bool> {
+        self.health.load().up
+    }
+    pub fn passive_fails(&self, now: Instant) -> u32 {
+        self.passive.lock().unwrap().fails(now)
+    }
+    pub fn passive_state(&self, now: Instant) -> PassiveState {
+        self.passive.lock().unwrap().state(now)
+    }
+
+    fn full(&self) -> bool {
+        let max = self.config.load().max_conns;
+        max > 0 && self.active_sessions() >= u64::from(max)
+    }
+
+    /// Takes new sessions now.
+    pub fn available(&self, now: Instant) -> bool {
+        self.admin() == AdminState::Enabled
+            && !self.is_removed()
+            && self.probe_up() != Some(false)
+            && self.passive.lock().unwrap().allows(now)
+            && !self.full()
+    }
+
+    /// `up`, `down`, `draining` or `disabled`, with why, for the API.
+    pub fn state(&self, now: Instant) -> (&'static str, String) {
+        match self.admin() {
+            AdminState::Disabled => return ("disabled", "disabled by configuration or admin".into()),
+            AdminState::Draining => return ("draining", "draining: takes no new sessions".into()),
+            AdminState::Enabled => {}
+        }
+        let h = self.health.load();
+        if h.up == Some(false) {
+            let err = h.last.as_ref().and_then(|p| p.error.clone()).unwrap_or_default();
+            return ("down", format!("probes failing: {err}"));
+        }
+        if let PassiveState::Barred { until } = self.passive_state(now) {
+            let left = until.saturating_duration_since(now);
+            return ("down", format!("passive: max_fails reached, barred for {:.1}s more", left.as_secs_f64()));
+        }
+        if self.full() {
+            return ("up", "full: max_conns reached".into());
+        }
+        match h.up {
+            None => ("up", "not probed yet".into()),
+            _ => ("up", String::new()),
+        }
+    }
+}
+
+/// The brokers, their sessions and what happens to them; shared by the proxy, the checkers,
+/// the rebalancer and the HTTP API.
+pub struct Pool {
+    brokers: ArcSwap<Vec<Arc<Broker>>>,
+    proxy: ArcSwap<ProxyConfig>,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    next_session: AtomicU64,
+    current: Mutex<Option<String>>,
+    pub events: EventLog,
+    pub metrics: Metrics,
+    /// Wakes the rebalancer when tiers or admin states change.
+    pub changed: Notify,
+    /// Cancelled when the shutdown grace period is over: every client task, registered or
+    /// still setting up, ends then.
+    pub closing: CancellationToken,
+    pub started: SystemTime,
+}
+
+/// A registered session; unregisters on drop.
+pub struct Registered {
+    pool: Arc<Pool>,
+    pub session: Arc<Session>,
+}
+
+impl std::ops::Deref for Registered {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.pool.unregister(&self.session);
+    }
+}
+
+impl Pool {
+    pub fn new(config: &Config) -> Pool {
+        let brokers = config.brokers.iter().map(|c| Arc::new(Broker::new(c))).collect();
+        let pool = Pool {
+            brokers: ArcSwap::from_pointee(brokers),
+            proxy: ArcSwap::from_pointee(config.proxy.clone()),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            current: Mutex::new(None),
+            events: EventLog::new(1000),
+            metrics: Metrics::new(),
+            changed: Notify::new(),
+            closing: CancellationToken::new(),
+            started: SystemTime::now(),
+        };
+        pool.refresh();
+        pool
+    }
+
+    pub fn brokers(&self) -> Arc<Vec<Arc<Broker>>> {
+        self.brokers.load_full()
+    }
+    pub fn broker(&self, name: &str) -> Option<Arc<Broker>> {
+        self.brokers.load().iter().find(|b| b.name == name).cloned()
+    }
+    pub fn proxy_config(&self) -> Arc<ProxyConfig> {
+        self.proxy.load_full()
+    }
+
+    /// Best (lowest) priority among available brokers.
+    pub fn best_tier(&self, now: Instant) -> Option<u32> {
+        self.brokers.load().iter().filter(|b| b.available(now)).map(|b| b.priority()).min()
+    }
+
+    /// The broker a new client would get now, without reserving anything.
+    pub fn current_broker(&self) -> Option<Arc<Broker>> {
+        let now = Instant::now();
+        let brokers = self.brokers.load();
+        least_loaded(brokers.iter().filter(|b| b.available(now)))
+    }
+
+    /// Chooses the next broker for a CONNECT and reserves a slot there. Brokers in `tried`
+    /// are skipped. When nothing is available it falls back, like nginx, to enabled brokers
+    /// in priority order (those whose probes are not down first), so an outage of the whole
+    /// view (for example right after start) still gets a real attempt.
+    pub fn pick(&self, tried: &[Arc<Broker>]) -> Option<Lease> {
+        let now = Instant::now();
+        let brokers = self.brokers.load();
+        let untried = || brokers.iter().filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b)));
+        let mut candidates: Vec<&Arc<Broker>> = untried().filter(|b| b.available(now)).collect();
+        while let Some(b) = least_loaded(candidates.iter().copied()) {
+            if b.passive.lock().unwrap().take(now) {
+                return Some(Lease::new(&b));
+            }
+            // Lost the probation trial to another session: try the rest of the tier.
+            candidates.retain(|c| !Arc::ptr_eq(c, &b));
+        }
+        let mut fallback: Vec<&Arc<Broker>> =
+            untried().filter(|b| b.admin() == AdminState::Enabled && !b.is_removed() && !b.full()).collect();
+        fallback.sort_by_key(|b| (b.probe_up() == Some(false), b.priority()));
+        fallback.first().map(|b| Lease::new(b))
+    }
+
+    pub fn record_success(&self, broker: &Broker) {
+        if let Some(Transition::Reopened) = broker.passive.lock().unwrap().success(Instant::now()) {
+            self.events.push("passive_reopen", Some(&broker.name), format!("{} passed its probation trial", broker.name));
+            self.after_change();
+        }
+    }
+
+    pub fn record_failure(&self, broker: &Broker, reason: &'static str) {
+        self.metrics.upstream_failures.with_label_values(&[&broker.name, reason]).inc();
+        let t = broker.passive.lock().unwrap().failure(Instant::now());
+        if let Some(Transition::Barred { until }) = t {
+            let cfg = broker.config();
+            let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
+            self.events.push(
+                "passive_bar",
+                Some(&broker.name),
+                format!("{} failed {} time(s) within fail_timeout (last: {reason}); barred for {secs:.1}s", broker.name, cfg.max_fails),
+            );
+            self.after_change();
+        }
+    }
+
+    /// Called by the checker when a broker's probe state flips.
+    pub fn probe_flipped(&self, broker: &Broker, up: bool, why: &str) {
+        if up {
+            // Probes proved the broker healthy again: stale passive failures must not keep it out.
+            broker.passive.lock().unwrap().reset();
+            self.events.push("state_change", Some(&broker.name), format!("{} is up ({why})", broker.name));
+        } else {
+            self.events.push("state_change", Some(&broker.name), format!("{} is down: {why}", broker.name));
+            if self.proxy.load().on_down == crate::config::OnDown::Close {
+                self.close_sessions(&broker.name, "broker_down");
+            }
+        }
+        self.after_change();
+    }
+
+    /// Re-derives gauges and the current broker; logs a failover when it changed.
+    pub fn refresh(&self) {
+        let now = Instant::now();
+        for b in self.brokers.load().iter() {
+            let m = &self.metrics;
+            m.broker_up.with_label_values(&[&b.name]).set(i64::from(b.probe_up() != Some(false)));
+            m.broker_available.with_label_values(&[&b.name]).set(i64::from(b.available(now)));
+        }
+        let now_name = self.current_broker().map(|b| b.name.clone());
+        let mut current = self.current.lock().unwrap();
+        if *current != now_name {
+            let from = current.clone().unwrap_or_else(|| "none".into());
+            let to = now_name.clone().unwrap_or_else(|| "none".into());
+            // The very first choice at start is not a failover.
+            if current.is_some() || now_name.is_none() {
+                self.metrics.failovers.inc();
+                drop(current);
+                self.events.push("failover", now_name.as_deref(), format!("new clients now go to {to} (was {from})"));
+                current = self.current.lock().unwrap();
+            }
+            *current = now_name;
+        }
+    }
+
+    fn after_change(&self) {
+        self.refresh();
+        self.changed.notify_one();
+    }
+
+    // ---- admin ----------------------------------------------------------
+
+    pub fn set_admin(&self, name: &str, state: AdminState) -> Option<()> {
+        let b = self.broker(name)?;
+        b.set_admin(state);
+        let what = match state {
+            AdminState::Enabled => "enabled",
+            AdminState::Disabled => "disabled",
+            AdminState::Draining => "draining",
+        };
+        self.events.push(if state == AdminState::Draining { "drain" } else { "admin" }, Some(name), format!("{name} {what} by admin"));
+        if state == AdminState::Disabled {
+            self.close_sessions(name, "broker_disabled");
+        }
+        self.after_change();
+        Some(())
+    }
+
+    // ---- sessions -------------------------------------------------------
+
+    /// Turns a lease into a registered session; dropping the returned guard unregisters it,
+    /// so a session task that ends any way at all (even cancelled mid-await) is accounted for.
+    pub fn register(self: &Arc<Self>, lease: Lease, info: SessionInfo) -> Registered {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let broker = lease.into_broker();
+        broker.total.fetch_add(1, Ordering::Relaxed);
+        self.metrics.sessions_total.with_label_values(&[&broker.name]).inc();
+        self.metrics.sessions_active.with_label_values(&[&broker.name]).inc();
+        let s = Arc::new(Session::new(id, broker, info));
+        self.sessions.lock().unwrap().insert(id, s.clone());
+        Registered { pool: self.clone(), session: s }
+    }
+
+    fn unregister(&self, s: &Session) {
+        self.sessions.lock().unwrap().remove(&s.id);
+        s.broker.active.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.sessions_active.with_label_values(&[&s.broker.name]).dec();
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        let mut v: Vec<_> = self.sessions.lock().unwrap().values().cloned().collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+
+    /// The broker (by name) that holds the open session of `client_id`, if any.
+    pub fn broker_of(&self, client_id: &str) -> Option<String> {
+        self.sessions.lock().unwrap().values().find(|s| s.info.client_id == client_id).map(|s| s.broker.name.clone())
+    }
+
+    pub fn close_sessions(&self, broker: &str, reason: &'static str) -> usize {
+        let victims: Vec<_> =
+            self.sessions.lock().unwrap().values().filter(|s| s.broker.name == broker).cloned().collect();
+        for s in &victims {
+            s.close(reason);
+            self.metrics.sessions_closed.with_label_values(&[reason]).inc();
+        }
+        if !victims.is_empty() {
+            tracing::info!(broker, reason, count = victims.len(), "closed sessions");
+        }
+        victims.len()
+    }
+
+    /// The next session the rebalancer should move, and why: sessions on draining or removed
+    /// brokers, and (with failback = drain) sessions below the best available tier.
+    pub fn next_to_move(&self) -> Option<(Arc<Session>, &'static str)> {
+        let now = Instant::now();
+        let best = self.best_tier(now)?;
+        let failback = self.proxy.load().failback == Failback::Drain;
+        let sessions = self.sessions.lock().unwrap();
+        sessions
+            .values()
+            .filter(|s| !s.is_closing())
+            .filter_map(|s| {
+                let b = &s.broker;
+                let why = if b.is_removed() {
+                    "broker_removed"
+                } else if b.admin() == AdminState::Draining {
+                    "drain"
+                } else if failback && b.priority() > best {
+                    "failback"
+                } else {
+                    return None;
+                };
+                Some((s, why))
+            })
+            .min_by_key(|(s, _)| s.id)
+            .map(|(s, why)| (s.clone(), why))
+    }
+
+    // ---- reload ---------------------------------------------------------
+
+    /// Applies a new config: brokers with the same name and address keep their health,
+    /// counters and sessions; new ones start unprobed; removed ones are drained.
+    pub fn apply(&self, config: &Config) {
+        let old = self.brokers.load_full();
+        let mut next = Vec::with_capacity(config.brokers.len());
+        for c in &config.brokers {
+            match old.iter().find(|b| b.name == c.name && b.address == c.address) {
+                Some(b) => {
+                    let prev = b.config();
+                    if prev.enabled != c.enabled {
+                        b.set_admin(if c.enabled { AdminState::Enabled } else { AdminState::Disabled });
+                    }
+                    b.passive.lock().unwrap().set_limits(c.max_fails, c.fail_timeout);
+                    b.config.store(Arc::new(c.clone()));
+                    next.push(b.clone());
+                }
+                None => next.push(Arc::new(Broker::new(c))),
+            }
+        }
+        for b in old.iter() {
+            if !next.iter().any(|n| Arc::ptr_eq(n, b)) {
+                b.removed.store(true, Ordering::Relaxed);
+            }
+        }
+        self.brokers.store(Arc::new(next));
+        self.proxy.store(Arc::new(config.proxy.clone()));
+        self.after_change();
+    }
+
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0)
+    }
+
+    pub fn now_ms() -> u64 {
+        unix_ms(SystemTime::now())
+    }
+}
+
+/// nginx least_conn: fewest sessions per unit of weight within the best tier; ties go to the
+/// broker listed first, which keeps the choice predictable for operators.
+fn least_loaded<'a>(brokers: impl Iterator<Item = &'a Arc<Broker>>) -> Option<Arc<Broker>> {
+    let mut best: Option<&Arc<Broker>> = None;
+    for b in brokers {
+        best = match best {
+            None => Some(b),
+            Some(cur) => {
+                let (bp, cp) = (b.priority(), cur.priority());
+                let lighter = u128::from(b.active_sessions()) * u128::from(cur.config.load().weight)
+                    < u128::from(cur.active_sessions()) * u128::from(b.config.load().weight);
+                if bp < cp || (bp == cp && lighter) {
+                    Some(b)
+                } else {
+                    Some(cur)
+                }
+            }
+        };
+    }
+    best.cloned()
+}

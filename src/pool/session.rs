@@ -1,0 +1,100 @@
+//! One proxied session's identity, live counters and its stop switch, as the pool and the API see it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Broker;
+
+/// A reserved place on a broker while a CONNECT is tried there. Counting the attempt as a
+/// session from the moment of selection makes a burst of connects spread over a tier instead
+/// of all landing on the broker that looked idlest. Dropping the lease gives the place back.
+pub struct Lease {
+    broker: Option<Arc<Broker>>,
+}
+
+impl Lease {
+    pub(super) fn new(broker: &Arc<Broker>) -> Lease {
+        broker.active.fetch_add(1, Ordering::Relaxed);
+        Lease { broker: Some(broker.clone()) }
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        self.broker.as_ref().expect("lease holds a broker until consumed")
+    }
+
+    /// Hands the reserved place over to a registered session, which gives it back.
+    pub(super) fn into_broker(mut self) -> Arc<Broker> {
+        self.broker.take().expect("lease holds a broker until consumed")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What the client said in its CONNECT, and where it came from.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub client_id: String,
+    pub username: Option<String>,
+    pub version: u8,
+    pub clean: bool,
+    pub keepalive: u16,
+    pub persistent: bool,
+    pub peer: SocketAddr,
+    pub connected_at: SystemTime,
+}
+
+pub struct Session {
+    pub id: u64,
+    pub broker: Arc<Broker>,
+    pub info: SessionInfo,
+    cancel: CancellationToken,
+    close_reason: Mutex<Option<&'static str>>,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub packets_in: AtomicU64,
+    pub packets_out: AtomicU64,
+}
+
+impl Session {
+    pub(super) fn new(id: u64, broker: Arc<Broker>, info: SessionInfo) -> Session {
+        Session {
+            id,
+            broker,
+            info,
+            cancel: CancellationToken::new(),
+            close_reason: Mutex::new(None),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            packets_in: AtomicU64::new(0),
+            packets_out: AtomicU64::new(0),
+        }
+    }
+
+    /// Asks the session's task to close both sockets; the first reason given is kept.
+    pub fn close(&self, reason: &'static str) {
+        self.close_reason.lock().unwrap().get_or_insert(reason);
+        self.cancel.cancel();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    pub fn close_reason(&self) -> Option<&'static str> {
+        *self.close_reason.lock().unwrap()
+    }
+
+    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+}
