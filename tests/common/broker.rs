@@ -335,7 +335,8 @@ impl std::fmt::Debug for Mosquitto {
     }
 }
 
-/// Starts n brokers named broker1..brokerN at slot.addr(10 + i, 1883), i = 1..=n, all spawned
+/// Starts n brokers named broker1..brokerN at slot.addr(9 + i, 1883) (broker1 at .10, as in the
+/// local layout), i = 1..=n, all spawned
 /// before waiting on any, and returns them in order.
 pub fn start_pool(slot: &Slot, n: usize) -> Vec<Mosquitto> {
     assert!(
@@ -344,7 +345,7 @@ pub fn start_pool(slot: &Slot, n: usize) -> Vec<Mosquitto> {
     );
     let brokers: Vec<Mosquitto> = (1..=n)
         .map(|i| {
-            let addr = slot.addr(10 + i as u8, 1883);
+            let addr = slot.addr(9 + i as u8, 1883);
             Mosquitto::spawn(&format!("broker{i}"), addr, "allow_anonymous true\n", "")
         })
         .collect();

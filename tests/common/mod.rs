@@ -1,0 +1,68 @@
+//! Test harness: real Mosquitto brokers on each test's own loopback addresses, and meshgate in-process.
+#![allow(dead_code)]
+
+pub mod broker;
+pub mod mqtt;
+pub mod slot;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use broker::{start_pool, Mosquitto};
+use meshgate::{Config, Meshgate};
+pub use slot::Slot;
+
+/// A test's network: its slot and its brokers (broker1..brokerN at slot .10, .11, ...).
+pub struct Net {
+    pub slot: Slot,
+    pub brokers: Vec<Mosquitto>,
+}
+
+impl Net {
+    pub fn start(n: usize) -> Net {
+        let slot = Slot::acquire();
+        let brokers = start_pool(&slot, n);
+        Net { slot, brokers }
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.slot.addr(1, 1883)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.slot.addr(1, 8080)
+    }
+
+    /// meshgate TOML for this net: listeners on the slot's .1, the brokers in order, and
+    /// `extra` appended (more tables, e.g. `[proxy]`).
+    pub fn config_text(&self, extra: &str) -> String {
+        let mut t = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n{extra}\n", self.mqtt_addr(), self.http_addr());
+        for b in &self.brokers {
+            t.push_str(&format!("[[broker]]\nname = \"{}\"\naddress = \"{}\"\n", b.name, b.addr));
+        }
+        t
+    }
+
+    pub fn config(&self, extra: &str) -> Config {
+        Config::from_toml(&self.config_text(extra), "test").expect("test config is valid")
+    }
+
+    /// Starts meshgate and waits until every broker has been probed once.
+    pub async fn meshgate(&self, extra: &str) -> Meshgate {
+        let mg = Meshgate::start(self.config(extra)).await.expect("meshgate starts");
+        let pool = mg.pool().clone();
+        mqtt::wait_until(Duration::from_secs(5), || pool.brokers().iter().all(|b| b.probe_up().is_some()))
+            .await
+            .expect("every broker probed within 5 s");
+        mg
+    }
+
+    pub fn broker(&mut self, name: &str) -> &mut Mosquitto {
+        self.brokers.iter_mut().find(|b| b.name == name).expect("broker exists")
+    }
+}
+
+/// Runs a blocking harness call (start, restart, hang) without stalling the test's runtime.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}

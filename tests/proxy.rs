@@ -1,0 +1,310 @@
+//! The core proxy against real Mosquitto: routing, failover, hung brokers, tiers, failback, refusals.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::mqtt::{self as raw, wait_until};
+use common::{blocking, Net};
+use meshgate::pool::Pool;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Connects a raw client through meshgate and returns the broker that holds its session.
+async fn connect_and_locate(net: &Net, pool: &Arc<Pool>, id: &str) -> (tokio::net::TcpStream, raw::Connack, String) {
+    let (s, ack) = raw::connect(net.mqtt_addr(), 4, id, 5 * SECOND).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+    let mut broker = None;
+    wait_until(SECOND, || {
+        broker = pool.broker_of(id);
+        broker.is_some()
+    })
+    .await
+    .unwrap_or_else(|| panic!("{id} registered"));
+    (s, ack, broker.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_subscribe_through_meshgate() {
+    let net = Net::start(2);
+    let mg = net.meshgate("").await;
+    let addr = mg.mqtt_addr();
+
+    let mut opts = MqttOptions::new("sub-1", addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (sub, mut sub_loop) = AsyncClient::new(opts, 100);
+    sub.subscribe("sensors/#", QoS::AtLeastOnce).await.unwrap();
+    // Wait for the SUBACK before publishing.
+    tokio::time::timeout(5 * SECOND, async {
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("SUBACK through meshgate");
+
+    let mut opts = MqttOptions::new("pub-1", addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (publ, mut pub_loop) = AsyncClient::new(opts, 100);
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acks = acked.clone();
+    tokio::spawn(async move {
+        while let Ok(ev) = pub_loop.poll().await {
+            if let Event::Incoming(Packet::PubAck(_)) = ev {
+                acks.fetch_add(1, Relaxed);
+            }
+        }
+    });
+    for i in 0..100u32 {
+        publ.publish(format!("sensors/t{}", i % 3), QoS::AtLeastOnce, false, i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    let mut got = Vec::new();
+    tokio::time::timeout(10 * SECOND, async {
+        while got.len() < 100 {
+            if let Event::Incoming(Packet::Publish(p)) = sub_loop.poll().await.unwrap() {
+                got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {} of 100 messages arrived", got.len()));
+    got.sort();
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+
+    wait_until(5 * SECOND, || acked.load(Relaxed) == 100).await.expect("100 PUBACKs reach the publisher");
+    let pool = mg.pool();
+    assert_eq!(pool.broker_of("sub-1").as_deref(), Some("broker1"));
+    assert_eq!(pool.broker_of("pub-1").as_deref(), Some("broker1"));
+    let s = pool.sessions().into_iter().find(|s| s.info.client_id == "pub-1").unwrap();
+    let (p_in, p_out) = (s.packets_in.load(Relaxed), s.packets_out.load(Relaxed));
+    assert!(p_in >= 100, "100 PUBLISH counted client to broker (CONNECT not included), got {p_in}");
+    assert!(p_out >= 101, "CONNACK and 100 PUBACK counted broker to client, got {p_out}");
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_killed_everything_moves_to_broker2() {
+    let mut net = Net::start(3);
+    let mg = net.meshgate("").await;
+    let pool = mg.pool().clone();
+
+    let mut before = Vec::new();
+    for i in 0..5 {
+        let (s, ack, broker) = connect_and_locate(&net, &pool, &format!("old-{i}")).await;
+        assert_eq!((ack.code, broker.as_str()), (0, "broker1"));
+        before.push(s);
+    }
+
+    blocking(|| net.broker("broker1").kill());
+    // Sessions that were on broker1 are closed (the broker's death closes them at once).
+    for s in &mut before {
+        assert!(raw::closed_within(s, 3 * SECOND).await, "session on the dead broker closed");
+    }
+    // 100 connects in a row, starting right away: every one succeeds, on broker2.
+    for i in 0..100 {
+        let (_s, ack, broker) = connect_and_locate(&net, &pool, &format!("new-{i}")).await;
+        assert_eq!(ack.code, 0);
+        assert_eq!(broker, "broker2", "connect {i}");
+    }
+    // The old clients' reconnects land on broker2 too.
+    for i in 0..5 {
+        let (_s, _, broker) = connect_and_locate(&net, &pool, &format!("old-{i}")).await;
+        assert_eq!(broker, "broker2");
+    }
+    assert_eq!(pool.metrics.rejected.with_label_values(&["no_broker"]).get(), 0);
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_primary_is_detected_and_connects_during_detection_succeed() {
+    let mut net = Net::start(3);
+    let mg = net.meshgate("").await;
+    let pool = mg.pool().clone();
+    let (mut old, _, broker) = connect_and_locate(&net, &pool, "old").await;
+    assert_eq!(broker, "broker1");
+
+    let b1 = pool.broker("broker1").unwrap();
+    let hung_at = Instant::now();
+    blocking(|| net.broker("broker1").hang());
+    // A client connecting right now, while detection is under way.
+    let addr = net.mqtt_addr();
+    let during = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = raw::connect(addr, 4, "during", 5 * SECOND).await;
+        (r, started.elapsed())
+    });
+    wait_until(3 * SECOND, || b1.probe_up() == Some(false)).await.expect("marked down");
+    let down_after = hung_at.elapsed();
+    eprintln!("hung broker1 marked down after {down_after:?}");
+    assert!(down_after <= Duration::from_millis(1500), "marked down {down_after:?} after the hang");
+
+    let (r, connack_after) = during.await.unwrap();
+    let (_s, ack) = r.expect("the client connecting during detection sees no failure and no hang");
+    eprintln!("client connecting during detection got its CONNACK after {connack_after:?}");
+    assert_eq!(ack.code, 0);
+    assert_eq!(pool.broker_of("during").as_deref(), Some("broker2"));
+    // One CONNACK timeout (1 s) on the hung broker at most, then broker2 answers.
+    assert!(connack_after < Duration::from_millis(1500), "CONNACK after {connack_after:?}");
+    // The session on the hung broker is closed so its client reconnects elsewhere.
+    assert!(raw::closed_within(&mut old, 2 * SECOND).await);
+    assert_eq!(pool.metrics.rejected.with_label_values(&["no_broker"]).get(), 0);
+    blocking(|| net.broker("broker1").resume());
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tiers_down_clients_go_to_broker3_only() {
+    let mut net = Net::start(5);
+    let mg = net.meshgate("").await;
+    let pool = mg.pool().clone();
+    blocking(|| {
+        net.broker("broker1").kill();
+        net.broker("broker2").hang();
+    });
+    for name in ["broker1", "broker2"] {
+        let b = pool.broker(name).unwrap();
+        wait_until(3 * SECOND, || b.probe_up() == Some(false)).await.unwrap_or_else(|| panic!("{name} marked down"));
+    }
+    for i in 0..30 {
+        let (_s, ack, broker) = connect_and_locate(&net, &pool, &format!("c-{i}")).await;
+        assert_eq!(ack.code, 0);
+        assert_eq!(broker, "broker3", "client {i}");
+    }
+    for name in ["broker4", "broker5"] {
+        assert_eq!(pool.broker(name).unwrap().total_sessions(), 0, "{name} never used");
+    }
+    blocking(|| net.broker("broker2").resume());
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_goes_to_the_primary_and_drains_at_the_configured_rate() {
+    let mut net = Net::start(2);
+    let mg = net.meshgate("[proxy]\nfailback_rate = 5\n").await;
+    let pool = mg.pool().clone();
+    blocking(|| net.broker("broker1").kill());
+    let b1 = pool.broker("broker1").unwrap();
+    wait_until(3 * SECOND, || b1.probe_up() == Some(false)).await.expect("broker1 down");
+
+    let mut lower = Vec::new();
+    for i in 0..10 {
+        let (s, _, broker) = connect_and_locate(&net, &pool, &format!("low-{i}")).await;
+        assert_eq!(broker, "broker2");
+        lower.push(s);
+    }
+
+    blocking(|| net.broker("broker1").restart());
+    let back = Instant::now();
+    // rise x interval = 2 x 250 ms, counted from when broker1 answers MQTT again.
+    let took = wait_until(3 * SECOND, || pool.current_broker().map(|b| b.name.clone()).as_deref() == Some("broker1"))
+        .await
+        .expect("new clients go to broker1 again");
+    eprintln!("new clients went to broker1 {took:?} after it answered again");
+    // rise x interval, plus one probe round trip and the 10 ms polling of this test.
+    assert!(took <= Duration::from_millis(500 + 50), "failback took {took:?}");
+    let (_s, _, broker) = connect_and_locate(&net, &pool, "fresh").await;
+    assert_eq!(broker, "broker1");
+
+    // The ten lower-tier sessions are closed gradually: 5 per second, never all at once.
+    let mut closed_at = Vec::new();
+    let start = Instant::now();
+    let mut open: Vec<_> = lower.into_iter().map(Some).collect();
+    while closed_at.len() < 10 && start.elapsed() < 6 * SECOND {
+        for slot in open.iter_mut() {
+            if let Some(s) = slot {
+                if raw::closed_within(s, Duration::from_millis(5)).await {
+                    closed_at.push(back.elapsed());
+                    *slot = None;
+                }
+            }
+        }
+    }
+    assert_eq!(closed_at.len(), 10, "all lower-tier sessions moved within 6 s");
+    let spread = closed_at[9] - closed_at[0];
+    eprintln!("10 lower-tier sessions drained over {spread:?}");
+    // 10 sessions at 5/s: 9 gaps of 200 ms.
+    assert!(spread >= Duration::from_millis(1600), "drained over {spread:?}, expected about 1.8 s");
+    assert!(spread <= Duration::from_millis(2600), "drained over {spread:?}, expected about 1.8 s");
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_pass_through_and_are_not_broker_failures() {
+    let slot = common::Slot::acquire();
+    let b1 = blocking(|| common::Mosquitto::start_with_password("broker1", slot.addr(10, 1883), "alice", "right"));
+    let b2 = blocking(|| common::Mosquitto::start("broker2", slot.addr(11, 1883), ""));
+    let net = Net { slot, brokers: vec![b1, b2] };
+    let mg = net.meshgate("[health]\nusername = \"alice\"\npassword = \"right\"\n").await;
+    let pool = mg.pool().clone();
+
+    for _ in 0..5 {
+        let (mut s, ack) =
+            raw::connect_with(net.mqtt_addr(), 4, "intruder", true, Some("alice"), Some("wrong"), 3 * SECOND).await.unwrap();
+        assert_eq!(ack.code, 5, "3.1.1 'not authorized' from broker1 reaches the client unchanged");
+        assert!(raw::closed_within(&mut s, SECOND).await);
+    }
+    let (_s, ack) = raw::connect_with(net.mqtt_addr(), 5, "v5-intruder", true, Some("alice"), Some("wrong"), 3 * SECOND)
+        .await
+        .unwrap();
+    assert_eq!(ack.code, 0x87, "MQTT 5 'not authorized' passes through");
+
+    let b1 = pool.broker("broker1").unwrap();
+    assert_eq!(b1.passive_fails(tokio::time::Instant::now()), 0);
+    assert!(b1.available(tokio::time::Instant::now()));
+    assert_eq!(pool.metrics.connect_retries.get(), 0, "a refusal is not retried elsewhere");
+    assert_eq!(pool.broker("broker2").unwrap().total_sessions(), 0);
+    let (_s, ack) =
+        raw::connect_with(net.mqtt_addr(), 4, "alice-dev", true, Some("alice"), Some("right"), 3 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_first_packet_closes_without_an_upstream_connection() {
+    use tokio::io::AsyncWriteExt;
+    let net = Net::start(1);
+    let mg = net.meshgate("").await;
+    let pool = mg.pool().clone();
+    let cases: [(&str, &[u8]); 4] = [
+        ("not_connect", &[0x30, 0x03, 0x00, 0x01, b'a']),
+        ("bad_protocol", &[0x10, 0x0c, 0x00, 0x04, b'H', b'T', b'T', b'P', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x00]),
+        ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("huge", &[0x10, 0xff, 0xff, 0xff, 0x7f]),
+    ];
+    for (name, bytes) in cases {
+        let mut s = tokio::net::TcpStream::connect(net.mqtt_addr()).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        assert!(raw::closed_within(&mut s, SECOND).await, "{name}: closed");
+    }
+    let rejected = pool.metrics.rejected.with_label_values(&["malformed_connect"]).get()
+        + pool.metrics.rejected.with_label_values(&["packet_too_large"]).get();
+    assert_eq!(rejected, 4);
+    assert_eq!(pool.broker("broker1").unwrap().total_sessions(), 0);
+    assert_eq!(pool.broker("broker1").unwrap().active_sessions(), 0, "no upstream connection was opened");
+    // The broker's log shows no client but the probes.
+    let log = net.brokers[0].log();
+    assert!(log.lines().filter(|l| l.contains("New client connected")).all(|l| l.contains("meshgate-probe")), "{log}");
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_try_failing_gives_one_server_unavailable_connack() {
+    let mut net = Net::start(2);
+    let mg = net.meshgate("[proxy]\nconnect_tries = 2\n").await;
+    blocking(|| {
+        for b in net.brokers.iter_mut() {
+            b.kill();
+        }
+    });
+    let (mut s, ack) = raw::connect(net.mqtt_addr(), 4, "nobody-home", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 3, "server unavailable");
+    assert!(raw::closed_within(&mut s, SECOND).await);
+    let (_s, ack) = raw::connect(net.mqtt_addr(), 5, "nobody-home-5", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0x88);
+    assert_eq!(mg.pool().metrics.rejected.with_label_values(&["no_broker"]).get(), 2);
+    mg.shutdown().await;
+}
