@@ -38,13 +38,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen for {what} on {addr}: {source}{hint}")]
-    Bind {
-        what: &'static str,
-        addr: String,
-        source: std::io::Error,
-        hint: &'static str,
-    },
+    #[error("cannot listen for {what} on {addr}: {err}{hint}")]
+    Bind { what: &'static str, addr: String, err: std::io::Error, hint: &'static str },
 }
 
 fn bind_hint(e: &std::io::Error) -> &'static str {
@@ -57,7 +52,7 @@ fn bind_hint(e: &std::io::Error) -> &'static str {
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr: addr.to_string(), hint: bind_hint(&source), source })
+    TcpListener::bind(addr).await.map_err(|err| Error::Bind { what, addr: addr.to_string(), hint: bind_hint(&err), err })
 }
 
 /// A running meshgate: listeners bound, checkers, proxy and API serving.

@@ -121,11 +121,8 @@ pub struct AdminConfig {
 /// Why a configuration cannot be used; each variant prints as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: String, err: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{path}: {key}: {message}")]
@@ -134,12 +131,8 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
-    #[error("{path}: {source}")]
-    Nginx {
-        path: String,
-        #[source]
-        source: nginx::NginxError,
-    },
+    #[error("{path}: {err}")]
+    Nginx { path: String, err: nginx::NginxError },
 }
 
 // ---- the file format ------------------------------------------------------
@@ -225,10 +218,8 @@ impl Config {
 
     /// Parses TOML text; `origin` names the source in error messages.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            message: toml_message(&e),
-        })?;
+        let file: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: toml_message(&e, text) })?;
         validate(file, origin, None)
     }
 
@@ -241,14 +232,9 @@ impl Config {
         base_text: &str,
         base_origin: &str,
     ) -> Result<(Config, nginx::NginxStream), ConfigError> {
-        let stream = nginx::parse(nginx_text).map_err(|source| ConfigError::Nginx {
-            path: nginx_origin.to_string(),
-            source,
-        })?;
-        let file: FileConfig = toml::from_str(base_text).map_err(|e| ConfigError::Parse {
-            path: base_origin.to_string(),
-            message: toml_message(&e),
-        })?;
+        let stream = nginx::parse(nginx_text).map_err(|err| ConfigError::Nginx { path: nginx_origin.to_string(), err })?;
+        let file: FileConfig = toml::from_str(base_text)
+            .map_err(|e| ConfigError::Parse { path: base_origin.to_string(), message: toml_message(&e, base_text) })?;
         let config = validate(file, base_origin, Some((&stream, nginx_origin)))?;
         Ok((config, stream))
     }
@@ -276,20 +262,24 @@ impl Config {
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|err| ConfigError::Read { path: path.display().to_string(), err })
 }
 
-/// toml's errors span several lines with a source excerpt; operators get the first line plus
-/// the key, which is what they need to find the mistake.
-fn toml_message(e: &toml::de::Error) -> String {
+/// toml's errors span several lines with a source excerpt; operators get one line with the
+/// line number and the table the mistake is in, which is what they need to find it.
+fn toml_message(e: &toml::de::Error, text: &str) -> String {
     let msg = e.message().trim().replace('\n', " ");
-    match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
-        None => msg,
-    }
+    let Some(span) = e.span() else { return msg };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| format!(" in {}", l.split(']').next().unwrap_or(l).to_string() + "]"))
+        .unwrap_or_default();
+    format!("line {line}{table}: {msg}")
 }
 
 pub fn parse_duration(s: &str) -> Option<Duration> {
@@ -565,8 +555,7 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = parse("[health]\nintervall = \"1s\"\n").unwrap_err();
-        assert!(e.contains("intervall"), "{e}");
-        assert!(e.starts_with("test.toml: "), "{e}");
+        assert!(e.starts_with("test.toml: line 2 in [health]: unknown field `intervall`"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
         let e = parse(&format!("{FIVE}\n[[broker]]\nname = \"b3\"\naddress = \"127.0.0.1:1\"\nwieght = 2\n")).unwrap_err();
         assert!(e.contains("wieght"), "{e}");
