@@ -7,7 +7,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::Config;
+use crate::cluster::{self as cl, RunDir};
+use crate::config::{Config, ConfigError};
+use crate::local::{FrontEnd, Local};
 
 #[derive(Parser, Debug)]
 #[command(name = "meshgate", version, about = "MQTT-aware failover proxy for a prioritized pool of Mosquitto brokers")]
@@ -34,6 +36,61 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a configuration and print what it means, then exit.
     Check(RunArgs),
+    /// Start the whole local system: the brokers of the config, then meshgate (or nginx) in front. Ctrl-C stops all.
+    Up(UpArgs),
+    /// The local brokers alone: up (detached, with pid files), down, status, render.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FrontEndArg {
+    Meshgate,
+    Nginx,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// meshgate TOML config naming the brokers and the listen addresses.
+    #[arg(long, short, default_value = "configs/meshgate.toml")]
+    pub config: PathBuf,
+    /// Where broker data, logs and pid files go.
+    #[arg(long, default_value = "run")]
+    pub run_dir: PathBuf,
+    /// Which proxy fronts the brokers.
+    #[arg(long, value_enum, default_value_t = FrontEndArg::Meshgate)]
+    pub front_end: FrontEndArg,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ClusterArgs {
+    #[arg(long, short, default_value = "configs/meshgate.toml")]
+    pub config: PathBuf,
+    #[arg(long, default_value = "run")]
+    pub run_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterAction {
+    /// Start the brokers in the background; pid files go to the run directory.
+    Up(ClusterArgs),
+    /// Stop the brokers named by the pid files.
+    Down(ClusterArgs),
+    /// Each broker's pid, address and whether it answers MQTT.
+    Status(ClusterArgs),
+    /// Write the Mosquitto configs (and the equivalent nginx stream config) for the config's brokers.
+    Render {
+        #[arg(long, short, default_value = "configs/meshgate.toml")]
+        config: PathBuf,
+        /// Directory for broker1.conf, broker2.conf, ...
+        #[arg(long, default_value = "configs/mosquitto")]
+        out: PathBuf,
+        /// Where the nginx stream config goes.
+        #[arg(long, default_value = "nginx/meshgate-stream.conf")]
+        nginx_out: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,13 +115,15 @@ pub fn main() -> ExitCode {
             Ok(config) => run(config, args),
             Err(e) => Err(e),
         },
+        Command::Up(args) => up(args),
+        Command::Cluster { action } => cluster(action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of contexts joined, no backtrace.
             eprintln!("meshgate: error: {e:#}");
-            match e.downcast_ref::<crate::config::ConfigError>() {
+            match e.downcast_ref::<ConfigError>() {
                 Some(_) => ExitCode::from(2),
                 None => ExitCode::from(1),
             }
@@ -137,8 +196,7 @@ fn print_summary(c: &Config) {
 }
 
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    rt.block_on(async move {
+    runtime()?.block_on(async move {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -164,4 +222,85 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
         crate::run(config, shutdown, rx).await?;
         Ok(())
     })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+async fn ctrl_c_or_term() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+fn up(args: UpArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    let front_end = match args.front_end {
+        FrontEndArg::Meshgate => FrontEnd::Meshgate,
+        FrontEndArg::Nginx => FrontEnd::Nginx,
+    };
+    runtime()?.block_on(async move {
+        let mut local = Local::start(config, &args.run_dir, front_end).await?;
+        println!("{}", local.summary());
+        let waited = ctrl_c_or_term().await;
+        println!("stopping ...");
+        local.stop().await;
+        println!("stopped: no meshgate, nginx or broker process of this run is left");
+        waited
+    })
+}
+
+fn cluster(action: ClusterAction) -> anyhow::Result<()> {
+    match action {
+        ClusterAction::Render { config, out, nginx_out } => {
+            let config = Config::load(&config)?;
+            for p in cl::render_all(&config, &out)? {
+                println!("wrote {}", p.display());
+            }
+            std::fs::write(&nginx_out, cl::nginx::render(&config))
+                .with_context(|| format!("cannot write {}", nginx_out.display()))?;
+            println!("wrote {}", nginx_out.display());
+            Ok(())
+        }
+        ClusterAction::Up(a) => {
+            let config = Config::load(&a.config)?;
+            runtime()?.block_on(async move {
+                let run = RunDir::new(&a.run_dir)?;
+                let procs = cl::start_brokers(&config, &run, true).await?;
+                for p in &procs {
+                    println!("{:<8} {:<17} pid {:<7} log {}", p.name, p.address, p.pid(), run.log(&p.name).display());
+                }
+                println!("brokers run in the background; stop them with `meshgate cluster down`");
+                Ok(())
+            })
+        }
+        ClusterAction::Down(a) => {
+            let config = Config::load(&a.config)?;
+            let run = RunDir::new(&a.run_dir)?;
+            for (name, pid, stopped) in cl::stop_from_pid_files(&config, &run) {
+                match (pid, stopped) {
+                    (Some(pid), true) => println!("{name:<8} stopped (pid {pid})"),
+                    (Some(pid), false) => println!("{name:<8} was not running (stale pid {pid})"),
+                    (None, _) => println!("{name:<8} no pid file: not started by `meshgate cluster up`"),
+                }
+            }
+            Ok(())
+        }
+        ClusterAction::Status(a) => {
+            let config = Config::load(&a.config)?;
+            let run = RunDir::new(&a.run_dir)?;
+            let rows = runtime()?.block_on(cl::status(&config, &run));
+            println!("{:<8} {:<17} {:<8} MQTT", "broker", "address", "pid");
+            for (name, address, pid, answers) in rows {
+                let pid = pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                println!("{name:<8} {address:<17} {pid:<8} {}", if answers { "answers" } else { "no answer" });
+            }
+            Ok(())
+        }
+    }
 }

@@ -13,10 +13,12 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod events;
 pub mod health;
 pub mod http;
+pub mod local;
 pub mod metrics;
 pub mod mqtt;
 pub mod pool;
