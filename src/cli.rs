@@ -38,6 +38,8 @@ pub enum Command {
     Check(RunArgs),
     /// Start the whole local system: the brokers of the config, then meshgate (or nginx) in front. Ctrl-C stops all.
     Up(UpArgs),
+    /// Run test scenarios against the running local system (or, with --compare, against both front ends in turn).
+    Suite(SuiteArgs),
     /// The local brokers alone: up (detached, with pid files), down, status, render.
     Cluster {
         #[command(subcommand)]
@@ -62,6 +64,50 @@ pub struct UpArgs {
     /// Which proxy fronts the brokers.
     #[arg(long, value_enum, default_value_t = FrontEndArg::Meshgate)]
     pub front_end: FrontEndArg,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScenarioArg {
+    Connectivity,
+    Replication,
+    Retained,
+    Failover,
+    Clients,
+    Full,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SuiteArgs {
+    /// Which scenario; `full` runs all of them.
+    #[arg(value_enum)]
+    pub scenario: ScenarioArg,
+    /// The front end the running system uses (labels the report, sets expectations).
+    #[arg(long, value_enum, default_value_t = FrontEndArg::Meshgate)]
+    pub front_end: FrontEndArg,
+    /// Start the local system with each front end in turn and put the results side by side.
+    /// The config's addresses must be free (stop `meshgate up` first).
+    #[arg(long)]
+    pub compare: bool,
+    #[arg(long, short, default_value = "configs/meshgate.toml")]
+    pub config: PathBuf,
+    #[arg(long, default_value = "run")]
+    pub run_dir: PathBuf,
+    /// Length of the clients scenario and of each failover fault.
+    #[arg(long, default_value = "6s", value_parser = parse_duration_arg)]
+    pub duration: std::time::Duration,
+    /// Simulated clients in the clients scenario.
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Where the JSON lines go.
+    #[arg(long, default_value = "logs")]
+    pub logs_dir: PathBuf,
+    /// Where the HTML report goes.
+    #[arg(long, default_value = "reports")]
+    pub reports_dir: PathBuf,
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(s).ok_or_else(|| format!("bad duration {s:?} (e.g. \"6s\", \"500ms\")"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,6 +162,7 @@ pub fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Up(args) => up(args),
+        Command::Suite(args) => suite(args),
         Command::Cluster { action } => cluster(action),
     };
     match result {
@@ -240,10 +287,7 @@ async fn ctrl_c_or_term() -> anyhow::Result<()> {
 
 fn up(args: UpArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
-    let front_end = match args.front_end {
-        FrontEndArg::Meshgate => FrontEnd::Meshgate,
-        FrontEndArg::Nginx => FrontEnd::Nginx,
-    };
+    let front_end = front_end(args.front_end);
     runtime()?.block_on(async move {
         let mut local = Local::start(config, &args.run_dir, front_end).await?;
         println!("{}", local.summary());
@@ -303,4 +347,66 @@ fn cluster(action: ClusterAction) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn front_end(f: FrontEndArg) -> FrontEnd {
+    match f {
+        FrontEndArg::Meshgate => FrontEnd::Meshgate,
+        FrontEndArg::Nginx => FrontEnd::Nginx,
+    }
+}
+
+fn suite(args: SuiteArgs) -> anyhow::Result<()> {
+    use crate::suite::{self, Scenario};
+    let config = Config::load(&args.config)?;
+    let scenarios: Vec<Scenario> = match args.scenario {
+        ScenarioArg::Connectivity => vec![Scenario::Connectivity],
+        ScenarioArg::Replication => vec![Scenario::Replication],
+        ScenarioArg::Retained => vec![Scenario::Retained],
+        ScenarioArg::Failover => vec![Scenario::Failover],
+        ScenarioArg::Clients => vec![Scenario::Clients],
+        ScenarioArg::Full => Scenario::ALL.to_vec(),
+    };
+    let opts = suite::Options { duration: args.duration, clients: args.clients, progress: true };
+    let runs = runtime()?.block_on(async {
+        let mut runs = Vec::new();
+        if args.compare {
+            for fe in [FrontEnd::Meshgate, FrontEnd::Nginx] {
+                let dir = args.run_dir.join(format!("compare-{}", fe.as_str()));
+                eprintln!("starting the local system with {} in front ...", fe.as_str());
+                let mut local = Local::start(config.clone(), &dir, fe).await?;
+                let target = suite::Target::local(&config, &dir, fe.as_str())?;
+                runs.push(suite::run(&target, &scenarios, &opts).await);
+                local.stop().await;
+            }
+        } else {
+            let fe = front_end(args.front_end);
+            if !cl::answers_mqtt(&config.listen.mqtt, std::time::Duration::from_secs(2)).await {
+                anyhow::bail!(
+                    "nothing answers MQTT on {}: start the local system first (`meshgate up --front-end {}`), or use --compare",
+                    config.listen.mqtt,
+                    fe.as_str()
+                );
+            }
+            let target = suite::Target::local(&config, &args.run_dir, fe.as_str())?;
+            runs.push(suite::run(&target, &scenarios, &opts).await);
+        }
+        anyhow::Ok(runs)
+    })?;
+    let stamp = crate::events::unix_ms(std::time::SystemTime::now()) / 1000;
+    let name = format!("suite-{}-{}", if args.compare { "compare" } else { front_end(args.front_end).as_str() }, stamp);
+    std::fs::create_dir_all(&args.logs_dir).with_context(|| format!("cannot create {}", args.logs_dir.display()))?;
+    std::fs::create_dir_all(&args.reports_dir).with_context(|| format!("cannot create {}", args.reports_dir.display()))?;
+    let jsonl = args.logs_dir.join(format!("{name}.jsonl"));
+    let html = args.reports_dir.join(format!("{name}.html"));
+    std::fs::write(&jsonl, suite::report::json_lines(&runs)).with_context(|| format!("cannot write {}", jsonl.display()))?;
+    std::fs::write(&html, suite::report::html(&format!("meshgate suite: {name}"), &runs))
+        .with_context(|| format!("cannot write {}", html.display()))?;
+    print!("{}", suite::report::terminal_summary(&runs));
+    println!("results: {}\nreport:  {}", jsonl.display(), html.display());
+    let failed = runs.iter().flat_map(|r| &r.results).filter(|r| !r.passed).count();
+    if failed > 0 {
+        anyhow::bail!("{failed} scenario(s) failed; see the report for why");
+    }
+    Ok(())
 }

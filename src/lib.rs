@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod pool;
 pub mod proxy;
+pub mod suite;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -147,7 +147,15 @@ impl Local {
         let _ = tokio::task::spawn_blocking(move || {
             for mut b in brokers {
                 b.stop(Duration::from_secs(3));
-                let _ = std::fs::remove_file(run_root.join(format!("{}.pid", b.name)));
+                // A broker restarted by the suite after a kill is no child of ours; its pid
+                // file names it.
+                let pid_file = run_root.join(format!("{}.pid", b.name));
+                if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse::<u32>().ok()) {
+                    if pid != b.pid() && cluster::alive(pid) {
+                        cluster::stop_pid(pid, Duration::from_secs(3));
+                    }
+                }
+                let _ = std::fs::remove_file(pid_file);
             }
         })
         .await;

@@ -246,6 +246,23 @@ pub async fn answers_mqtt(address: &str, limit: Duration) -> bool {
     matches!(tokio::time::timeout(limit, probe.check(address)).await, Ok(Ok(())))
 }
 
+/// Starts one broker again (after a kill) from its rendered config in the run directory,
+/// detached, and records its new pid; waits until it answers MQTT.
+pub async fn restart_broker(config: &Config, run: &RunDir, name: &str) -> Result<u32, ClusterError> {
+    let b = config.brokers.iter().find(|b| b.name == name).ok_or_else(|| ClusterError::Io {
+        what: "no such broker in the config:",
+        path: name.to_string(),
+        err: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })?;
+    let single = Config { brokers: vec![b.clone()], ..config.clone() };
+    let mut procs = start_brokers(&single, run, true).await?;
+    let p = procs.pop().expect("one broker started");
+    let pid = p.pid();
+    // Dropping the handle neither kills nor waits: the pid file owns the process now.
+    drop(p);
+    Ok(pid)
+}
+
 /// Stops the brokers recorded in the run directory's pid files (`cluster down`).
 pub fn stop_from_pid_files(config: &Config, run: &RunDir) -> Vec<(String, Option<u32>, bool)> {
     config
