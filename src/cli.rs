@@ -396,10 +396,12 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     let stamp = crate::events::unix_ms(std::time::SystemTime::now()) / 1000;
     let name = format!("suite-{}-{}", if args.compare { "compare" } else { front_end(args.front_end).as_str() }, stamp);
     std::fs::create_dir_all(&args.logs_dir).with_context(|| format!("cannot create {}", args.logs_dir.display()))?;
-    std::fs::create_dir_all(&args.reports_dir).with_context(|| format!("cannot create {}", args.reports_dir.display()))?;
+    std::fs::create_dir_all(&args.reports_dir)
+        .with_context(|| format!("cannot create {}", args.reports_dir.display()))?;
     let jsonl = args.logs_dir.join(format!("{name}.jsonl"));
     let html = args.reports_dir.join(format!("{name}.html"));
-    std::fs::write(&jsonl, suite::report::json_lines(&runs)).with_context(|| format!("cannot write {}", jsonl.display()))?;
+    std::fs::write(&jsonl, suite::report::json_lines(&runs))
+        .with_context(|| format!("cannot write {}", jsonl.display()))?;
     std::fs::write(&html, suite::report::html(&format!("meshgate suite: {name}"), &runs))
         .with_context(|| format!("cannot write {}", html.display()))?;
     print!("{}", suite::report::terminal_summary(&runs));

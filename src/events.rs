@@ -44,7 +44,13 @@ impl EventLog {
     pub fn push(&self, kind: &'static str, broker: Option<&str>, message: String) -> u64 {
         tracing::info!(event = kind, broker = broker.unwrap_or(""), "{message}");
         let mut ring = self.ring.lock().unwrap();
-        let event = Event { seq: ring.next_seq, at_ms: unix_ms(SystemTime::now()), kind, broker: broker.map(str::to_owned), message };
+        let event = Event {
+            seq: ring.next_seq,
+            at_ms: unix_ms(SystemTime::now()),
+            kind,
+            broker: broker.map(str::to_owned),
+            message,
+        };
         ring.next_seq += 1;
         if ring.events.len() == self.capacity {
             ring.events.pop_front();

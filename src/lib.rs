@@ -55,7 +55,12 @@ fn bind_hint(e: &std::io::Error) -> &'static str {
 }
 
 async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).await.map_err(|err| Error::Bind { what, addr: addr.to_string(), hint: bind_hint(&err), err })
+    TcpListener::bind(addr).await.map_err(|err| Error::Bind {
+        what,
+        addr: addr.to_string(),
+        hint: bind_hint(&err),
+        err,
+    })
 }
 
 /// A running meshgate: listeners bound, checkers, proxy and API serving.
@@ -100,7 +105,15 @@ impl Meshgate {
             });
         }
         info!(mqtt = %mqtt_addr, http = ?http_addr, brokers = config.brokers.len(), version = VERSION, "meshgate started");
-        Ok(Meshgate { pool, config: Mutex::new(config), mqtt_addr, http_addr, tracker, stop, checkers: Mutex::new(checkers) })
+        Ok(Meshgate {
+            pool,
+            config: Mutex::new(config),
+            mqtt_addr,
+            http_addr,
+            tracker,
+            stop,
+            checkers: Mutex::new(checkers),
+        })
     }
 
     pub fn mqtt_addr(&self) -> SocketAddr {

@@ -31,7 +31,7 @@ pub enum UpError {
 }
 
 enum Front {
-    Meshgate(Meshgate),
+    Meshgate(Box<Meshgate>),
     Nginx(std::process::Child),
 }
 
@@ -51,7 +51,9 @@ impl Local {
         let brokers = cluster::start_brokers(&config, &run, false).await?;
         let mut local = Local { run, brokers, front: None, front_end, config };
         let front = match front_end {
-            FrontEnd::Meshgate => Meshgate::start(local.config.clone()).await.map(Front::Meshgate).map_err(UpError::from),
+            FrontEnd::Meshgate => {
+                Meshgate::start(local.config.clone()).await.map(|m| Front::Meshgate(Box::new(m))).map_err(UpError::from)
+            }
             FrontEnd::Nginx => local.start_nginx().await.map(Front::Nginx),
         };
         match front {
@@ -110,7 +112,9 @@ impl Local {
             Some(Front::Meshgate(m)) => {
                 s.push_str(&format!("  front    meshgate   {mqtt:<17} (MQTT clients connect here)\n"));
                 if let Some(http) = m.http_addr() {
-                    s.push_str(&format!("  http     meshgate   {http:<17} /health /brokers /clients /events /metrics\n"));
+                    s.push_str(&format!(
+                        "  http     meshgate   {http:<17} /health /brokers /clients /events /metrics\n"
+                    ));
                 }
             }
             Some(Front::Nginx(child)) => {
@@ -135,7 +139,7 @@ impl Local {
     /// Stops the front end, then the brokers; leaves no process behind.
     pub async fn stop(&mut self) {
         match self.front.take() {
-            Some(Front::Meshgate(m)) => m.shutdown().await,
+            Some(Front::Meshgate(m)) => (*m).shutdown().await,
             Some(Front::Nginx(mut child)) => {
                 cluster::stop_pid(child.id(), Duration::from_secs(3));
                 let _ = child.wait();

@@ -34,9 +34,12 @@ impl Metrics {
             r.register(Box::new(c.clone())).expect("metric names are unique");
             c
         }
-        let gauge = |name: &str, help: &str, labels: &[&str]| reg(&registry, IntGaugeVec::new(Opts::new(name, help), labels).unwrap());
-        let counter =
-            |name: &str, help: &str, labels: &[&str]| reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).unwrap());
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntGaugeVec::new(Opts::new(name, help), labels).unwrap())
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).unwrap())
+        };
         let m = Metrics {
             broker_up: gauge("meshgate_broker_up", "1 when the broker's active probes say it is up", &["broker"]),
             broker_available: gauge(
@@ -53,7 +56,8 @@ impl Metrics {
             ),
             connect_retries: reg(
                 &registry,
-                IntCounter::new("meshgate_connect_retries_total", "Client CONNECTs replayed to another broker").unwrap(),
+                IntCounter::new("meshgate_connect_retries_total", "Client CONNECTs replayed to another broker")
+                    .unwrap(),
             ),
             failovers: reg(
                 &registry,
@@ -62,7 +66,8 @@ impl Metrics {
             probe_duration: reg(
                 &registry,
                 HistogramVec::new(
-                    HistogramOpts::new("meshgate_probe_duration_seconds", "Active probe round trips").buckets(PROBE_BUCKETS.to_vec()),
+                    HistogramOpts::new("meshgate_probe_duration_seconds", "Active probe round trips")
+                        .buckets(PROBE_BUCKETS.to_vec()),
                     &["broker", "kind"],
                 )
                 .unwrap(),
@@ -90,7 +95,8 @@ impl Metrics {
             build_info: gauge("meshgate_build_info", "Always 1; the version label says which build runs", &["version"]),
             client_sessions: reg(
                 &registry,
-                IntGauge::new("meshgate_client_connections", "Client TCP connections open now, established or not").unwrap(),
+                IntGauge::new("meshgate_client_connections", "Client TCP connections open now, established or not")
+                    .unwrap(),
             ),
             registry,
         };

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
 
 fn meshgate(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().expect("meshgate runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn write_config(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
@@ -36,7 +40,11 @@ fn config_mistakes_get_one_clear_line_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let broker = "[[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n";
     let cases = [
-        ("unknown-key", format!("[health]\nintervall = \"1s\"\n{broker}"), "line 2 in [health]: unknown field `intervall`"),
+        (
+            "unknown-key",
+            format!("[health]\nintervall = \"1s\"\n{broker}"),
+            "line 2 in [health]: unknown field `intervall`",
+        ),
         ("bad-duration", format!("[health]\ninterval = \"fast\"\n{broker}"), "health.interval: bad duration \"fast\""),
         ("no-brokers", "[listen]\nmqtt = \"127.0.0.1:1883\"\n".to_string(), "no brokers configured"),
         ("not-toml", "[[broker]\nname = \n".to_string(), "line 1"),

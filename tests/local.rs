@@ -26,7 +26,11 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let mut text = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n", slot.addr(1, 1883), slot.addr(1, 8080));
         for i in 0..brokers {
-            text.push_str(&format!("[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\n", i + 1, slot.addr(10 + i as u8, 1883)));
+            text.push_str(&format!(
+                "[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\n",
+                i + 1,
+                slot.addr(10 + i as u8, 1883)
+            ));
         }
         let config = dir.path().join("meshgate.toml");
         std::fs::write(&config, text).unwrap();
@@ -38,7 +42,11 @@ impl Setup {
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--config", &self.config, "--run-dir", &self.run]);
         let out = Command::new(BIN).args(&all).output().unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
     }
 
     /// Every number printed after the word "pid".
@@ -57,7 +65,8 @@ impl Drop for Setup {
 }
 
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +89,10 @@ async fn cluster_up_status_down_work_from_separate_processes() {
     // Starting again while they run says so in one line.
     let (code, _, err) = s.meshgate(&["cluster", "up"]);
     assert_eq!(code, 1);
-    assert!(err.trim().lines().count() == 1 && err.contains("already answering") && err.contains("meshgate cluster down"), "{err}");
+    assert!(
+        err.trim().lines().count() == 1 && err.contains("already answering") && err.contains("meshgate cluster down"),
+        "{err}"
+    );
 
     let (code, out, _) = s.meshgate(&["cluster", "down"]);
     assert_eq!(code, 0);

@@ -243,13 +243,16 @@ async fn bad_credentials_pass_through_and_are_not_broker_failures() {
 
     for _ in 0..5 {
         let (mut s, ack) =
-            raw::connect_with(net.mqtt_addr(), 4, "intruder", true, Some("alice"), Some("wrong"), 3 * SECOND).await.unwrap();
+            raw::connect_with(net.mqtt_addr(), 4, "intruder", true, Some("alice"), Some("wrong"), 3 * SECOND)
+                .await
+                .unwrap();
         assert_eq!(ack.code, 5, "3.1.1 'not authorized' from broker1 reaches the client unchanged");
         assert!(raw::closed_within(&mut s, SECOND).await);
     }
-    let (_s, ack) = raw::connect_with(net.mqtt_addr(), 5, "v5-intruder", true, Some("alice"), Some("wrong"), 3 * SECOND)
-        .await
-        .unwrap();
+    let (_s, ack) =
+        raw::connect_with(net.mqtt_addr(), 5, "v5-intruder", true, Some("alice"), Some("wrong"), 3 * SECOND)
+            .await
+            .unwrap();
     assert_eq!(ack.code, 0x87, "MQTT 5 'not authorized' passes through");
 
     let b1 = pool.broker("broker1").unwrap();
@@ -257,8 +260,9 @@ async fn bad_credentials_pass_through_and_are_not_broker_failures() {
     assert!(b1.available(tokio::time::Instant::now()));
     assert_eq!(pool.metrics.connect_retries.get(), 0, "a refusal is not retried elsewhere");
     assert_eq!(pool.broker("broker2").unwrap().total_sessions(), 0);
-    let (_s, ack) =
-        raw::connect_with(net.mqtt_addr(), 4, "alice-dev", true, Some("alice"), Some("right"), 3 * SECOND).await.unwrap();
+    let (_s, ack) = raw::connect_with(net.mqtt_addr(), 4, "alice-dev", true, Some("alice"), Some("right"), 3 * SECOND)
+        .await
+        .unwrap();
     assert_eq!(ack.code, 0);
     mg.shutdown().await;
 }

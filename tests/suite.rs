@@ -14,7 +14,11 @@ async fn run_against(front_end: FrontEnd, brokers: usize, scenarios: &[Scenario]
     let dir = tempfile::tempdir().unwrap();
     let mut text = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n", slot.addr(1, 1883), slot.addr(1, 8080));
     for i in 0..brokers {
-        text.push_str(&format!("[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\n", i + 1, slot.addr(10 + i as u8, 1883)));
+        text.push_str(&format!(
+            "[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\n",
+            i + 1,
+            slot.addr(10 + i as u8, 1883)
+        ));
     }
     // The reference design's passive settings, for both front ends.
     text = text.replace("address = ", "max_fails = 3\nfail_timeout = \"30s\"\naddress = ");

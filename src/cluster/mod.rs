@@ -38,10 +38,8 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 
 /// The Mosquitto config of one broker of the local network.
 pub fn render_broker(b: &BrokerConfig) -> Result<String, ClusterError> {
-    let addr: SocketAddr = b
-        .address
-        .parse()
-        .map_err(|_| ClusterError::NotLocal { name: b.name.clone(), address: b.address.clone() })?;
+    let addr: SocketAddr =
+        b.address.parse().map_err(|_| ClusterError::NotLocal { name: b.name.clone(), address: b.address.clone() })?;
     let name = &b.name;
     Ok(format!(
         "# {name} of the local meshgate network, rendered by `meshgate cluster render`.\n\
@@ -298,7 +296,12 @@ mod tests {
         for b in &config.brokers {
             let shipped = std::fs::read_to_string(root.join(format!("configs/mosquitto/{}.conf", b.name)))
                 .unwrap_or_else(|e| panic!("configs/mosquitto/{}.conf: {e} (run `meshgate cluster render`)", b.name));
-            assert_eq!(shipped, render_broker(b).unwrap(), "configs/mosquitto/{}.conf is stale: run `meshgate cluster render`", b.name);
+            assert_eq!(
+                shipped,
+                render_broker(b).unwrap(),
+                "configs/mosquitto/{}.conf is stale: run `meshgate cluster render`",
+                b.name
+            );
         }
     }
 

@@ -149,7 +149,10 @@ mod tests {
         let (back, _) = Config::from_nginx(&render(&config), "rendered", "", "(defaults)").unwrap();
         assert_eq!(back.listen.mqtt, config.listen.mqtt);
         for (a, b) in back.brokers.iter().zip(&config.brokers) {
-            assert_eq!((&a.address, a.priority, a.weight, a.max_fails, a.fail_timeout), (&b.address, b.priority, b.weight, b.max_fails, b.fail_timeout));
+            assert_eq!(
+                (&a.address, a.priority, a.weight, a.max_fails, a.fail_timeout),
+                (&b.address, b.priority, b.weight, b.max_fails, b.fail_timeout)
+            );
         }
     }
 }

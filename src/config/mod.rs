@@ -126,11 +126,7 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("{path}: {key}: {message}")]
-    Invalid {
-        path: String,
-        key: String,
-        message: String,
-    },
+    Invalid { path: String, key: String, message: String },
     #[error("{path}: {err}")]
     Nginx { path: String, err: nginx::NginxError },
 }
@@ -232,28 +228,21 @@ impl Config {
         base_text: &str,
         base_origin: &str,
     ) -> Result<(Config, nginx::NginxStream), ConfigError> {
-        let stream = nginx::parse(nginx_text).map_err(|err| ConfigError::Nginx { path: nginx_origin.to_string(), err })?;
+        let stream =
+            nginx::parse(nginx_text).map_err(|err| ConfigError::Nginx { path: nginx_origin.to_string(), err })?;
         let file: FileConfig = toml::from_str(base_text)
             .map_err(|e| ConfigError::Parse { path: base_origin.to_string(), message: toml_message(&e, base_text) })?;
         let config = validate(file, base_origin, Some((&stream, nginx_origin)))?;
         Ok((config, stream))
     }
 
-    pub fn load_nginx(
-        nginx_path: &Path,
-        base: Option<&Path>,
-    ) -> Result<(Config, nginx::NginxStream), ConfigError> {
+    pub fn load_nginx(nginx_path: &Path, base: Option<&Path>) -> Result<(Config, nginx::NginxStream), ConfigError> {
         let nginx_text = read(nginx_path)?;
         let (base_text, base_origin) = match base {
             Some(p) => (read(p)?, p.display().to_string()),
             None => (String::new(), "(defaults)".to_string()),
         };
-        Config::from_nginx(
-            &nginx_text,
-            &nginx_path.display().to_string(),
-            &base_text,
-            &base_origin,
-        )
+        Config::from_nginx(&nginx_text, &nginx_path.display().to_string(), &base_text, &base_origin)
     }
 
     pub fn broker(&self, name: &str) -> Option<&BrokerConfig> {
@@ -296,19 +285,14 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.path.to_string(),
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError::Invalid { path: self.path.to_string(), key: key.into(), message: message.into() }
     }
 
     fn duration(&self, key: &str, v: Option<&String>, default: Duration) -> Result<Duration, ConfigError> {
         match v {
             None => Ok(default),
-            Some(s) => parse_duration(s).ok_or_else(|| {
-                self.err(key, format!("bad duration {s:?} (write it like \"250ms\", \"1s\", \"30s\")"))
-            }),
+            Some(s) => parse_duration(s)
+                .ok_or_else(|| self.err(key, format!("bad duration {s:?} (write it like \"250ms\", \"1s\", \"30s\")"))),
         }
     }
 
@@ -323,17 +307,13 @@ impl Checker<'_> {
     fn socket_addr(&self, key: &str, v: &str) -> Result<(), ConfigError> {
         // Listen addresses must be literal: binding to a name that resolves to several
         // addresses would silently pick one.
-        v.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
-            self.err(key, format!("{v:?} is not an ip:port address (e.g. \"127.0.0.1:1883\")"))
-        })
+        v.parse::<SocketAddr>()
+            .map(|_| ())
+            .map_err(|_| self.err(key, format!("{v:?} is not an ip:port address (e.g. \"127.0.0.1:1883\")")))
     }
 }
 
-fn validate(
-    file: FileConfig,
-    path: &str,
-    nginx: Option<(&nginx::NginxStream, &str)>,
-) -> Result<Config, ConfigError> {
+fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &str)>) -> Result<Config, ConfigError> {
     let c = Checker { path };
 
     let mqtt = match (nginx.and_then(|(n, _)| n.listen.clone()), file.listen.mqtt) {
@@ -395,9 +375,21 @@ fn validate(
         Some(o) => return Err(c.err("proxy.failback", format!("{o:?} is not \"drain\" or \"none\""))),
     };
     let proxy = ProxyConfig {
-        client_connect_timeout: c.positive_duration("proxy.client_connect_timeout", p.client_connect_timeout.as_ref(), Duration::from_secs(10))?,
-        upstream_connect_timeout: c.positive_duration("proxy.upstream_connect_timeout", p.upstream_connect_timeout.as_ref(), Duration::from_secs(1))?,
-        connack_timeout: c.positive_duration("proxy.connack_timeout", p.connack_timeout.as_ref(), Duration::from_secs(1))?,
+        client_connect_timeout: c.positive_duration(
+            "proxy.client_connect_timeout",
+            p.client_connect_timeout.as_ref(),
+            Duration::from_secs(10),
+        )?,
+        upstream_connect_timeout: c.positive_duration(
+            "proxy.upstream_connect_timeout",
+            p.upstream_connect_timeout.as_ref(),
+            Duration::from_secs(1),
+        )?,
+        connack_timeout: c.positive_duration(
+            "proxy.connack_timeout",
+            p.connack_timeout.as_ref(),
+            Duration::from_secs(1),
+        )?,
         connect_tries: p.connect_tries.unwrap_or(3),
         on_down,
         failback,
@@ -418,7 +410,9 @@ fn validate(
 
     let admin = AdminConfig {
         token: match file.admin.token {
-            Some(t) if t.trim().is_empty() => return Err(c.err("admin.token", "must not be empty (leave it out to turn admin actions off)")),
+            Some(t) if t.trim().is_empty() => {
+                return Err(c.err("admin.token", "must not be empty (leave it out to turn admin actions off)"))
+            }
             t => t,
         },
     };
@@ -449,7 +443,9 @@ fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerCon
         if out.iter().any(|o| o.name == name) {
             return Err(c.err(key("name"), format!("{name:?} is used by two brokers")));
         }
-        let address = b.address.ok_or_else(|| c.err(key("address"), format!("missing for broker {name:?} (e.g. \"127.0.0.10:1883\")")))?;
+        let address = b
+            .address
+            .ok_or_else(|| c.err(key("address"), format!("missing for broker {name:?} (e.g. \"127.0.0.10:1883\")")))?;
         check_host_port(&address).map_err(|m| c.err(key("address"), m))?;
         let priority = b.priority.unwrap_or(i as u32 + 1);
         if priority == 0 {
@@ -465,7 +461,11 @@ fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerCon
             priority,
             weight,
             max_fails: b.max_fails.unwrap_or(1),
-            fail_timeout: c.positive_duration(&key("fail_timeout"), b.fail_timeout.as_ref(), Duration::from_secs(10))?,
+            fail_timeout: c.positive_duration(
+                &key("fail_timeout"),
+                b.fail_timeout.as_ref(),
+                Duration::from_secs(10),
+            )?,
             max_conns: b.max_conns.unwrap_or(0),
             enabled: b.enabled.unwrap_or(true),
         });
@@ -505,9 +505,7 @@ fn check_host_port(address: &str) -> Result<(), String> {
         return Ok(());
     }
     let hint = "write it as host:port, e.g. \"127.0.0.10:1883\" or \"broker1.lan:1883\"";
-    let (host, port) = address
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{address:?} has no port: {hint}"))?;
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| format!("{address:?} has no port: {hint}"))?;
     if host.is_empty() || host.contains(char::is_whitespace) || host.contains(':') {
         return Err(format!("{address:?} is not a valid host: {hint}"));
     }
@@ -557,7 +555,8 @@ mod tests {
         let e = parse("[health]\nintervall = \"1s\"\n").unwrap_err();
         assert!(e.starts_with("test.toml: line 2 in [health]: unknown field `intervall`"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
-        let e = parse(&format!("{FIVE}\n[[broker]]\nname = \"b3\"\naddress = \"127.0.0.1:1\"\nwieght = 2\n")).unwrap_err();
+        let e =
+            parse(&format!("{FIVE}\n[[broker]]\nname = \"b3\"\naddress = \"127.0.0.1:1\"\nwieght = 2\n")).unwrap_err();
         assert!(e.contains("wieght"), "{e}");
     }
 
@@ -565,7 +564,10 @@ mod tests {
     fn bad_duration_names_the_key() {
         let e = parse(&format!("[health]\ninterval = \"fast\"\n{FIVE}")).unwrap_err();
         assert_eq!(e, "test.toml: health.interval: bad duration \"fast\" (write it like \"250ms\", \"1s\", \"30s\")");
-        let e = parse(&format!("{FIVE}\n[[broker]]\nname = \"b3\"\naddress = \"127.0.0.1:1\"\nfail_timeout = \"30 parsecs\"\n")).unwrap_err();
+        let e = parse(&format!(
+            "{FIVE}\n[[broker]]\nname = \"b3\"\naddress = \"127.0.0.1:1\"\nfail_timeout = \"30 parsecs\"\n"
+        ))
+        .unwrap_err();
         assert!(e.contains("broker[3].fail_timeout: bad duration"), "{e}");
     }
 
@@ -581,7 +583,8 @@ mod tests {
         assert!(e.contains("broker[1].address: missing"), "{e}");
         let e = parse("[[broker]]\nname = \"a\"\naddress = \"127.0.0.1\"\n").unwrap_err();
         assert!(e.contains("has no port"), "{e}");
-        let e = parse("[[broker]]\nname = \"a\"\naddress = \"h:1\"\n[[broker]]\nname = \"a\"\naddress = \"h:2\"\n").unwrap_err();
+        let e = parse("[[broker]]\nname = \"a\"\naddress = \"h:1\"\n[[broker]]\nname = \"a\"\naddress = \"h:2\"\n")
+            .unwrap_err();
         assert!(e.contains("used by two brokers"), "{e}");
         assert!(parse("[[broker]]\nname = \"a\"\naddress = \"broker1.lan:1883\"\n").is_ok());
     }

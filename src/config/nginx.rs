@@ -40,9 +40,7 @@ pub enum NginxError {
     UnknownParameter { line: usize, param: String },
     #[error("line {line}: server parameter `{param}` is not supported by meshgate")]
     Unsupported { line: usize, param: String },
-    #[error(
-        "line {line}: bad time `{value}` for fail_timeout (use nginx times like 500ms, 30s, 1m)"
-    )]
+    #[error("line {line}: bad time `{value}` for fail_timeout (use nginx times like 500ms, 30s, 1m)")]
     BadTime { line: usize, value: String },
     #[error("no upstream block found in the stream section")]
     NoUpstream,
@@ -55,10 +53,7 @@ pub enum NginxError {
 }
 
 fn syntax(line: usize, msg: impl Into<String>) -> NginxError {
-    NginxError::Syntax {
-        line,
-        msg: msg.into(),
-    }
+    NginxError::Syntax { line, msg: msg.into() }
 }
 
 /// nginx time syntax: "10" (seconds), "500ms", "30s", "1m", "1h", "1d", "1m30s"; error otherwise.
@@ -85,10 +80,7 @@ pub fn parse_nginx_time(s: &str) -> Option<Duration> {
         }
         let n: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let (unit, len) = UNITS
-            .iter()
-            .find(|(u, _)| rest.starts_with(u))
-            .map_or((1_000, 0), |(u, ms)| (*ms, u.len()));
+        let (unit, len) = UNITS.iter().find(|(u, _)| rest.starts_with(u)).map_or((1_000, 0), |(u, ms)| (*ms, u.len()));
         // A unitless number means seconds and may only close the value ("1m30").
         if (len == 0 && !rest.is_empty()) || unit >= last {
             return None;
@@ -199,33 +191,21 @@ fn parse_block(
             }
             Some((Tok::Close, _)) => return Ok(out),
             Some((Tok::Word(w), line)) => (w, line),
-            Some((_, line)) => {
-                return Err(syntax(line, "expected a directive name before `;` or `{`"))
-            }
+            Some((_, line)) => return Err(syntax(line, "expected a directive name before `;` or `{`")),
         };
         let mut args = Vec::new();
         let block = loop {
             match toks.next() {
                 Some((Tok::Word(w), _)) => args.push(w),
                 Some((Tok::Semi, _)) => break None,
-                Some((Tok::Open, _)) if depth >= MAX_DEPTH => {
-                    return Err(syntax(line, "blocks nested too deeply"))
-                }
+                Some((Tok::Open, _)) if depth >= MAX_DEPTH => return Err(syntax(line, "blocks nested too deeply")),
                 Some((Tok::Open, _)) => break Some(parse_block(toks, Some(line), depth + 1)?),
                 Some((Tok::Close, _)) | None => {
-                    return Err(syntax(
-                        line,
-                        format!("directive `{name}` is missing its terminating `;`"),
-                    ))
+                    return Err(syntax(line, format!("directive `{name}` is missing its terminating `;`")))
                 }
             }
         };
-        out.push(Directive {
-            name,
-            args,
-            line,
-            block,
-        });
+        out.push(Directive { name, args, line, block });
     }
 }
 
@@ -244,9 +224,7 @@ fn check_host_port(line: usize, s: &str) -> Result<(), NginxError> {
         None => s.rsplit_once(':').ok_or_else(missing)?,
     };
     if host.is_empty() || (host.contains(':') && !s.starts_with('[')) {
-        return Err(bad(
-            "expected host:port, with IPv6 in brackets like [::1]:1883",
-        ));
+        return Err(bad("expected host:port, with IPv6 in brackets like [::1]:1883"));
     }
     match port.parse::<u16>() {
         Ok(p) if p != 0 => Ok(()),
@@ -284,10 +262,7 @@ fn listen_address(d: &Directive) -> Result<Option<String>, NginxError> {
 fn parse_server(d: &Directive) -> Result<NginxServer, NginxError> {
     let line = d.line;
     let (Some((address, params)), None) = (d.args.split_first(), &d.block) else {
-        return Err(syntax(
-            line,
-            "expected `server host:port [params];` inside an upstream",
-        ));
+        return Err(syntax(line, "expected `server host:port [params];` inside an upstream"));
     };
     check_host_port(line, address)?;
     let mut s = NginxServer {
@@ -302,15 +277,10 @@ fn parse_server(d: &Directive) -> Result<NginxServer, NginxError> {
     };
     let number = |key: &str, v: &str, min: u32| match v.parse::<u32>() {
         Ok(n) if n >= min => Ok(n),
-        _ => Err(syntax(
-            line,
-            format!("bad value `{v}` for {key} (expected a whole number >= {min})"),
-        )),
+        _ => Err(syntax(line, format!("bad value `{v}` for {key} (expected a whole number >= {min})"))),
     };
     for p in params {
-        let (key, value) = p
-            .split_once('=')
-            .map_or((p.as_str(), None), |(k, v)| (k, Some(v)));
+        let (key, value) = p.split_once('=').map_or((p.as_str(), None), |(k, v)| (k, Some(v)));
         match (key, value) {
             ("backup", None) => s.backup = true,
             ("down", None) => s.down = true,
@@ -318,25 +288,14 @@ fn parse_server(d: &Directive) -> Result<NginxServer, NginxError> {
             ("max_fails", Some(v)) => s.max_fails = number(key, v, 0)?,
             ("max_conns", Some(v)) => s.max_conns = number(key, v, 0)?,
             ("fail_timeout", Some(v)) => {
-                let bad = || NginxError::BadTime {
-                    line,
-                    value: v.to_string(),
-                };
+                let bad = || NginxError::BadTime { line, value: v.to_string() };
                 s.fail_timeout = parse_nginx_time(v).ok_or_else(bad)?;
             }
             // nginx-plus only.
             ("resolve" | "slow_start" | "service" | "route" | "drain", _) => {
-                return Err(NginxError::Unsupported {
-                    line,
-                    param: p.clone(),
-                })
+                return Err(NginxError::Unsupported { line, param: p.clone() })
             }
-            _ => {
-                return Err(NginxError::UnknownParameter {
-                    line,
-                    param: p.clone(),
-                })
-            }
+            _ => return Err(NginxError::UnknownParameter { line, param: p.clone() }),
         }
     }
     Ok(s)
@@ -351,10 +310,7 @@ struct Upstream {
 
 fn parse_upstream(d: &Directive) -> Result<Upstream, NginxError> {
     let ([name], Some(body)) = (d.args.as_slice(), &d.block) else {
-        return Err(syntax(
-            d.line,
-            "expected `upstream NAME { server host:port; ... }`",
-        ));
+        return Err(syntax(d.line, "expected `upstream NAME { server host:port; ... }`"));
     };
     let (mut least_conn, mut servers) = (false, Vec::new());
     for inner in body {
@@ -370,12 +326,7 @@ fn parse_upstream(d: &Directive) -> Result<Upstream, NginxError> {
     if servers.is_empty() {
         return Err(NginxError::EmptyUpstream { name, line });
     }
-    Ok(Upstream {
-        name,
-        line,
-        least_conn,
-        servers,
-    })
+    Ok(Upstream { name, line, least_conn, servers })
 }
 
 pub fn parse(text: &str) -> Result<NginxStream, NginxError> {
@@ -386,10 +337,7 @@ pub fn parse(text: &str) -> Result<NginxStream, NginxError> {
     let section: Vec<&Directive> = if streams.is_empty() {
         tree.iter().collect()
     } else {
-        streams
-            .iter()
-            .flat_map(|d| d.block.iter().flatten())
-            .collect()
+        streams.iter().flat_map(|d| d.block.iter().flatten()).collect()
     };
     let mut upstreams: Vec<Upstream> = Vec::new();
     let mut vservers: Vec<&[Directive]> = Vec::new();
@@ -399,10 +347,7 @@ pub fn parse(text: &str) -> Result<NginxStream, NginxError> {
             ("upstream", _) => {
                 let up = parse_upstream(d)?;
                 if let Some(first) = upstreams.iter().find(|u| u.name == up.name) {
-                    let msg = format!(
-                        "upstream `{}` is already defined at line {}",
-                        up.name, first.line
-                    );
+                    let msg = format!("upstream `{}` is already defined at line {}", up.name, first.line);
                     return Err(syntax(d.line, msg));
                 }
                 upstreams.push(up);
@@ -420,37 +365,21 @@ pub fn parse(text: &str) -> Result<NginxStream, NginxError> {
             _ => {}
         }
     }
-    let proxied = vservers
-        .iter()
-        .find_map(|body| Some((*body, body.iter().find(|d| d.name == "proxy_pass")?)));
+    let proxied = vservers.iter().find_map(|body| Some((*body, body.iter().find(|d| d.name == "proxy_pass")?)));
     let (chosen, vserver) = match proxied {
         Some((body, pp)) => {
             let [name] = pp.args.as_slice() else {
-                return Err(syntax(
-                    pp.line,
-                    "`proxy_pass` needs exactly one upstream name",
-                ));
+                return Err(syntax(pp.line, "`proxy_pass` needs exactly one upstream name"));
             };
-            let undefined = || NginxError::UndefinedUpstream {
-                name: name.clone(),
-                line: pp.line,
-            };
-            let idx = upstreams
-                .iter()
-                .position(|u| &u.name == name)
-                .ok_or_else(undefined)?;
+            let undefined = || NginxError::UndefinedUpstream { name: name.clone(), line: pp.line };
+            let idx = upstreams.iter().position(|u| &u.name == name).ok_or_else(undefined)?;
             (idx, Some(body))
         }
         None if upstreams.len() == 1 => (0, vservers.first().copied()),
         None if upstreams.is_empty() => return Err(NginxError::NoUpstream),
         None => {
-            let names: Vec<String> = upstreams
-                .iter()
-                .map(|u| format!("`{}` line {}", u.name, u.line))
-                .collect();
-            return Err(NginxError::AmbiguousUpstream {
-                names: names.join(", "),
-            });
+            let names: Vec<String> = upstreams.iter().map(|u| format!("`{}` line {}", u.name, u.line)).collect();
+            return Err(NginxError::AmbiguousUpstream { names: names.join(", ") });
         }
     };
     let mut listen = None;
@@ -463,12 +392,7 @@ pub fn parse(text: &str) -> Result<NginxStream, NginxError> {
     }
     let up = upstreams.swap_remove(chosen);
     let (upstream, least_conn, servers) = (up.name, up.least_conn, up.servers);
-    Ok(NginxStream {
-        listen,
-        upstream,
-        least_conn,
-        servers,
-    })
+    Ok(NginxStream { listen, upstream, least_conn, servers })
 }
 
 #[cfg(test)]
@@ -500,9 +424,7 @@ http { upstream web { server 127.0.0.1:3000; } server { listen 80; } }
 "#;
 
     fn err(text: &str) -> String {
-        parse(text)
-            .expect_err("config should be rejected")
-            .to_string()
+        parse(text).expect_err("config should be rejected").to_string()
     }
 
     #[test]
@@ -513,14 +435,8 @@ http { upstream web { server 127.0.0.1:3000; } server { listen 80; } }
         assert!(s.least_conn);
         assert_eq!(s.servers.len(), 5);
         let b1 = &s.servers[0];
-        assert_eq!(
-            (b1.address.as_str(), b1.weight, b1.max_fails),
-            ("127.0.0.10:1883", 5, 3)
-        );
-        assert_eq!(
-            (b1.fail_timeout, b1.backup, b1.down, b1.line),
-            (Duration::from_secs(30), false, false, 8)
-        );
+        assert_eq!((b1.address.as_str(), b1.weight, b1.max_fails), ("127.0.0.10:1883", 5, 3));
+        assert_eq!((b1.fail_timeout, b1.backup, b1.down, b1.line), (Duration::from_secs(30), false, false, 8));
         for (i, b) in s.servers[1..].iter().enumerate() {
             assert_eq!(b.address, format!("127.0.0.1{}:1883", i + 1));
             assert_eq!((b.weight, b.max_fails, b.max_conns), (1, 3, 0));
@@ -542,54 +458,30 @@ http { upstream web { server 127.0.0.1:3000; } server { listen 80; } }
         assert!(s.servers[0].down && !s.servers[0].backup);
         assert_eq!((s.servers[0].weight, s.servers[0].max_fails), (1, 1));
         assert_eq!(s.servers[0].fail_timeout, Duration::from_secs(10));
-        assert_eq!(
-            (s.servers[1].address.as_str(), s.servers[1].max_conns),
-            ("[::1]:1884", 100)
-        );
-        let only =
-            parse("upstream x { server h:1; hash $remote_addr consistent; zone z 64k; }").unwrap();
+        assert_eq!((s.servers[1].address.as_str(), s.servers[1].max_conns), ("[::1]:1884", 100));
+        let only = parse("upstream x { server h:1; hash $remote_addr consistent; zone z 64k; }").unwrap();
         assert_eq!((only.listen, only.upstream.as_str()), (None, "x"));
     }
 
     #[test]
     fn listen_forms_and_choice() {
         let l = |listen: &str| {
-            parse(&format!(
-                "stream {{ upstream u {{ server h:1; }} server {{ {listen} proxy_pass u; }} }}"
-            ))
-            .map(|s| s.listen)
+            parse(&format!("stream {{ upstream u {{ server h:1; }} server {{ {listen} proxy_pass u; }} }}"))
+                .map(|s| s.listen)
         };
-        assert_eq!(
-            l("listen 127.0.0.1:1883;"),
-            Ok(Some("127.0.0.1:1883".into()))
-        );
-        assert_eq!(
-            l("listen localhost:1883;"),
-            Ok(Some("localhost:1883".into()))
-        );
+        assert_eq!(l("listen 127.0.0.1:1883;"), Ok(Some("127.0.0.1:1883".into())));
+        assert_eq!(l("listen localhost:1883;"), Ok(Some("localhost:1883".into())));
         assert_eq!(l("listen *:1883;"), Ok(Some("0.0.0.0:1883".into())));
-        assert_eq!(
-            l("listen 53 udp; listen 1884; listen [::]:1884;"),
-            Ok(Some("0.0.0.0:1884".into()))
-        );
+        assert_eq!(l("listen 53 udp; listen 1884; listen [::]:1884;"), Ok(Some("0.0.0.0:1884".into())));
         assert_eq!(l(""), Ok(None));
-        assert!(l("listen 8883 ssl;")
-            .unwrap_err()
-            .to_string()
-            .contains("`ssl` is not supported"));
-        assert!(l("listen 127.0.0.1;")
-            .unwrap_err()
-            .to_string()
-            .contains("missing port"));
+        assert!(l("listen 8883 ssl;").unwrap_err().to_string().contains("`ssl` is not supported"));
+        assert!(l("listen 127.0.0.1;").unwrap_err().to_string().contains("missing port"));
         let s = parse(
             "stream {\n upstream a { server h:1; }\n upstream b { server h:2; }\n\
              server { listen 9; return 1; }\n server { listen 1884; proxy_pass \"b\"; }\n}",
         )
         .unwrap();
-        assert_eq!(
-            (s.upstream.as_str(), s.listen.as_deref()),
-            ("b", Some("0.0.0.0:1884"))
-        );
+        assert_eq!((s.upstream.as_str(), s.listen.as_deref()), ("b", Some("0.0.0.0:1884")));
     }
 
     #[test]
@@ -599,10 +491,7 @@ http { upstream web { server 127.0.0.1:3000; } server { listen 80; } }
              upstream 'u' { server \"h:1\" weight=2; } }",
         )
         .unwrap();
-        assert_eq!(
-            (s.upstream.as_str(), s.servers[0].weight, s.servers[0].line),
-            ("u", 2, 4)
-        );
+        assert_eq!((s.upstream.as_str(), s.servers[0].weight, s.servers[0].line), ("u", 2, 4));
     }
 
     // One case a line: input (with `\n` escapes) => expected part of the message.
@@ -644,9 +533,7 @@ upstream u { server h:1; }\nserver {\n listen 1883 proxy_protocol;\n} => line 3:
 
     #[test]
     fn nginx_times() {
-        let ok = |s: &str, ms: u64| {
-            assert_eq!(parse_nginx_time(s), Some(Duration::from_millis(ms)), "{s}")
-        };
+        let ok = |s: &str, ms: u64| assert_eq!(parse_nginx_time(s), Some(Duration::from_millis(ms)), "{s}");
         ok("10", 10_000);
         ok("500ms", 500);
         ok("30s", 30_000);
@@ -660,10 +547,7 @@ upstream u { server h:1; }\nserver {\n listen 1883 proxy_protocol;\n} => line 3:
         for bad in "30x s 1.5s 30s1m 1s2s -1s 1h1h 99999999999999999999y".split(' ') {
             assert_eq!(parse_nginx_time(bad), None, "{bad}");
         }
-        assert_eq!(
-            (parse_nginx_time(""), parse_nginx_time("1 m")),
-            (None, None)
-        );
+        assert_eq!((parse_nginx_time(""), parse_nginx_time("1 m")), (None, None));
     }
 
     #[test]
@@ -671,9 +555,7 @@ upstream u { server h:1; }\nserver {\n listen 1883 proxy_protocol;\n} => line 3:
         for (i, _) in REFERENCE.char_indices() {
             let _ = parse(&REFERENCE[..i]);
         }
-        let alphabet: Vec<char> = "ab:1 ;{}#'\"\\$\n=[]stream upstream server listen proxy_pass é"
-            .chars()
-            .collect();
+        let alphabet: Vec<char> = "ab:1 ;{}#'\"\\$\n=[]stream upstream server listen proxy_pass é".chars().collect();
         let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
         for _ in 0..2_000 {
             let text: String = (0..64)

@@ -23,7 +23,8 @@ pub use probe::{Probe, ProbeError};
 pub fn spawn_checkers(pool: &Arc<Pool>, health: &HealthConfig, tracker: &TaskTracker, stop: &CancellationToken) {
     let probe: Arc<dyn Probe> = Arc::from(probe::for_config(health));
     for broker in pool.brokers().iter() {
-        let (pool, broker, probe, cfg, stop) = (pool.clone(), broker.clone(), probe.clone(), health.clone(), stop.clone());
+        let (pool, broker, probe, cfg, stop) =
+            (pool.clone(), broker.clone(), probe.clone(), health.clone(), stop.clone());
         tracker.spawn(async move { check_loop(pool, broker, probe, cfg, stop).await });
     }
 }
@@ -34,7 +35,13 @@ struct Streak {
     fail: u32,
 }
 
-async fn check_loop(pool: Arc<Pool>, broker: Arc<Broker>, probe: Arc<dyn Probe>, cfg: HealthConfig, stop: CancellationToken) {
+async fn check_loop(
+    pool: Arc<Pool>,
+    broker: Arc<Broker>,
+    probe: Arc<dyn Probe>,
+    cfg: HealthConfig,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(cfg.interval);
     // A probe that takes the whole timeout must not cause a burst of catch-up probes.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -91,7 +98,11 @@ async fn check_loop(pool: Arc<Pool>, broker: Arc<Broker>, probe: Arc<dyn Probe>,
                 let why = if new {
                     format!("{} {kind} probe(s) in a row succeeded, {:.1} ms", streak.ok, record.latency_ms)
                 } else {
-                    format!("{} {kind} probe(s) in a row failed, last: {}", streak.fail, record.error.as_deref().unwrap_or("?"))
+                    format!(
+                        "{} {kind} probe(s) in a row failed, last: {}",
+                        streak.fail,
+                        record.error.as_deref().unwrap_or("?")
+                    )
                 };
                 // The initial state is logged at info but is not a change anyone must act on.
                 if old.up.is_none() && new {

@@ -110,8 +110,10 @@ impl Probe for MqttProbe {
                 wait_for(&mut s, &mut buf, "SUBACK", |first, _| first == 0x90).await?;
                 let payload = id.as_bytes();
                 s.write_all(&encode::publish(self.version, &topic, payload)).await?;
-                wait_for(&mut s, &mut buf, "PUBLISH", |first, body| first >> 4 == 3 && body.windows(payload.len()).any(|w| w == payload))
-                    .await?;
+                wait_for(&mut s, &mut buf, "PUBLISH", |first, body| {
+                    first >> 4 == 3 && body.windows(payload.len()).any(|w| w == payload)
+                })
+                .await?;
             }
             // A polite goodbye keeps broker logs free of "socket error" lines.
             let _ = s.write_all(&encode::disconnect()).await;

@@ -1,8 +1,21 @@
 //! The HTTP API: health, brokers, clients, events, TCP checks, admin actions and Prometheus metrics.
+//!
+//! [`ROUTES`] is the one list of what the API serves: the router is built from it and a test
+//! holds `docs/openapi.yaml` to exactly the same set, so the document cannot drift from the code.
+//! Every answer that is not a success is JSON `{"error": "one line"}`.
+
+mod admin;
+mod api;
+mod views;
 
 use std::sync::Arc;
 
-use axum::{extract::State, routing::get, Router};
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::{Json, Router};
 
 use crate::pool::Pool;
 
@@ -12,11 +25,161 @@ pub struct AppState {
     pub admin_token: Option<String>,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new().route("/metrics", get(metrics)).with_state(state)
+/// Every route as (method, path in OpenAPI form). Axum 0.8 writes path parameters the same
+/// way (`{name}`), so these strings are used for routing as they are.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/brokers"),
+    ("GET", "/brokers/{name}"),
+    ("GET", "/clients"),
+    ("GET", "/tcp-check"),
+    ("GET", "/events"),
+    ("GET", "/metrics"),
+    ("POST", "/brokers/{name}/disable"),
+    ("POST", "/brokers/{name}/enable"),
+    ("POST", "/brokers/{name}/drain"),
+];
+
+/// Largest request body accepted. Nothing in the API takes a body; the cap only keeps a
+/// client from making the server buffer one.
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+/// The handler of one [`ROUTES`] entry.
+fn endpoint(method: &str, path: &str) -> MethodRouter<AppState> {
+    match (method, path) {
+        ("GET", "/health") => get(api::health),
+        ("GET", "/brokers") => get(api::brokers),
+        ("GET", "/brokers/{name}") => get(api::broker),
+        ("GET", "/clients") => get(api::clients),
+        ("GET", "/tcp-check") => get(api::tcp_check),
+        ("GET", "/events") => get(api::events),
+        ("GET", "/metrics") => get(api::metrics),
+        ("POST", "/brokers/{name}/disable") => post(admin::disable),
+        ("POST", "/brokers/{name}/enable") => post(admin::enable),
+        ("POST", "/brokers/{name}/drain") => post(admin::drain),
+        // Reached only when ROUTES gains an entry without a handler; the unit test that
+        // builds the router catches that before anything ships.
+        _ => panic!("http::ROUTES lists {method} {path} but no handler serves it"),
+    }
 }
 
-async fn metrics(State(s): State<AppState>) -> String {
-    s.pool.refresh();
-    s.pool.metrics.render()
+pub fn router(state: AppState) -> Router {
+    let mut app = Router::new();
+    for &(method, path) in ROUTES {
+        app = app.route(path, endpoint(method, path));
+    }
+    app.fallback(not_found)
+        // Applies to the routes added above, so it must come after them.
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(guard))
+        .with_state(state)
+}
+
+/// Why a request failed; each variant is one line and knows its status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no broker named {0:?}")]
+    UnknownBroker(String),
+    #[error("admin actions are off: set [admin] token = \"...\" in the config and send it as `Authorization: Bearer <token>`")]
+    AdminOff,
+    #[error(
+        "missing or wrong admin token: send `Authorization: Bearer <token>` with the [admin] token from the config"
+    )]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no such route: {method} {path}")]
+    NotFound { method: Method, path: String },
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: Method, path: String },
+    #[error("request body larger than {BODY_LIMIT} bytes")]
+    BodyTooLarge,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::UnknownBroker(_) | ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::AdminOff => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut res = (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"meshgate admin\""));
+        }
+        res
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound { method, path: uri.path().to_string() }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed { method, path: uri.path().to_string() }
+}
+
+/// Refuses oversized bodies up front (no handler reads a body, so `DefaultBodyLimit` alone
+/// would never fire) and marks every answer uncacheable: it is live state.
+async fn guard(req: Request, next: Next) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut res = match declared {
+        Some(n) if n > BODY_LIMIT as u64 => ApiError::BodyTooLarge.into_response(),
+        _ => next.run(req).await,
+    };
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AppState {
+        let config =
+            crate::Config::from_toml("[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n", "test").unwrap();
+        AppState { pool: Arc::new(Pool::new(&config)), admin_token: None }
+    }
+
+    #[test]
+    fn every_route_has_a_handler() {
+        // Panics if ROUTES and `endpoint` disagree, or if two entries collide in the router.
+        let _ = router(state());
+    }
+
+    #[test]
+    fn routes_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for r in ROUTES {
+            assert!(seen.insert(r), "{r:?} listed twice");
+        }
+    }
+
+    #[test]
+    fn errors_are_one_line_with_their_status() {
+        let cases = [
+            (ApiError::UnknownBroker("x".into()), 404),
+            (ApiError::AdminOff, 403),
+            (ApiError::Unauthorized, 401),
+            (ApiError::BadRequest("bad".into()), 400),
+            (ApiError::NotFound { method: Method::GET, path: "/x".into() }, 404),
+            (ApiError::MethodNotAllowed { method: Method::PUT, path: "/x".into() }, 405),
+            (ApiError::BodyTooLarge, 413),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
 }

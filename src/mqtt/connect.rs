@@ -124,11 +124,8 @@ pub fn parse(packet: &[u8]) -> Result<Connect, ConnectError> {
         r.binary().ok_or(Truncated("will topic"))?;
         r.binary().ok_or(Truncated("will payload"))?;
     }
-    let username = if flags & 0x80 != 0 {
-        Some(utf8(r.binary().ok_or(Truncated("username"))?, "username")?)
-    } else {
-        None
-    };
+    let username =
+        if flags & 0x80 != 0 { Some(utf8(r.binary().ok_or(Truncated("username"))?, "username")?) } else { None };
     if flags & 0x40 != 0 {
         r.binary().ok_or(Truncated("password"))?;
     }

@@ -16,7 +16,14 @@ fn string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// CONNECT for level 3 (3.1), 4 (3.1.1) or 5 (with no properties).
-pub fn connect(version: u8, client_id: &str, clean: bool, keepalive: u16, user: Option<&str>, pass: Option<&str>) -> Vec<u8> {
+pub fn connect(
+    version: u8,
+    client_id: &str,
+    clean: bool,
+    keepalive: u16,
+    user: Option<&str>,
+    pass: Option<&str>,
+) -> Vec<u8> {
     let mut b = Vec::with_capacity(32 + client_id.len());
     string(&mut b, if version == 3 { b"MQIsdp" } else { b"MQTT" });
     b.push(version);

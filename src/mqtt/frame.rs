@@ -74,7 +74,11 @@ impl FrameScanner {
                     }
                     let total = len.saturating_add(u32::from(self.header_len));
                     if total > self.max_packet {
-                        return Err(FrameError::TooLarge { kind: kind::name(h.kind()), len: total, max: self.max_packet });
+                        return Err(FrameError::TooLarge {
+                            kind: kind::name(h.kind()),
+                            len: total,
+                            max: self.max_packet,
+                        });
                     }
                     self.header_len = 0;
                     self.body_left = len;

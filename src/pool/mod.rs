@@ -76,7 +76,12 @@ impl Broker {
             name: cfg.name.clone(),
             address: cfg.address.clone(),
             config: ArcSwap::from_pointee(cfg.clone()),
-            health: ArcSwap::from_pointee(Health { up: None, since: SystemTime::now(), last: None, history: VecDeque::new() }),
+            health: ArcSwap::from_pointee(Health {
+                up: None,
+                since: SystemTime::now(),
+                last: None,
+                history: VecDeque::new(),
+            }),
             passive: Mutex::new(Passive::new(cfg.max_fails, cfg.fail_timeout)),
             admin: AtomicU8::new(if cfg.enabled { 0 } else { 1 }),
             active: AtomicU64::new(0),
@@ -268,7 +273,11 @@ impl Pool {
 
     pub fn record_success(&self, broker: &Broker) {
         if let Some(Transition::Reopened) = broker.passive.lock().unwrap().success(Instant::now()) {
-            self.events.push("passive_reopen", Some(&broker.name), format!("{} passed its probation trial", broker.name));
+            self.events.push(
+                "passive_reopen",
+                Some(&broker.name),
+                format!("{} passed its probation trial", broker.name),
+            );
             self.after_change();
         }
     }
@@ -282,7 +291,10 @@ impl Pool {
             self.events.push(
                 "passive_bar",
                 Some(&broker.name),
-                format!("{} failed {} time(s) within fail_timeout (last: {reason}); barred for {secs:.1}s", broker.name, cfg.max_fails),
+                format!(
+                    "{} failed {} time(s) within fail_timeout (last: {reason}); barred for {secs:.1}s",
+                    broker.name, cfg.max_fails
+                ),
             );
             self.after_change();
         }
@@ -342,7 +354,11 @@ impl Pool {
             AdminState::Disabled => "disabled",
             AdminState::Draining => "draining",
         };
-        self.events.push(if state == AdminState::Draining { "drain" } else { "admin" }, Some(name), format!("{name} {what} by admin"));
+        self.events.push(
+            if state == AdminState::Draining { "drain" } else { "admin" },
+            Some(name),
+            format!("{name} {what} by admin"),
+        );
         if state == AdminState::Disabled {
             self.close_sessions(name, "broker_disabled");
         }

@@ -50,7 +50,11 @@ impl Passive {
     /// Failures counted in the current window (for the API).
     pub fn fails(&self, now: Instant) -> u32 {
         match self.state(now) {
-            PassiveState::Open { fails, window_start: Some(start) } if now.duration_since(start) < self.fail_timeout => fails,
+            PassiveState::Open { fails, window_start: Some(start) }
+                if now.duration_since(start) < self.fail_timeout =>
+            {
+                fails
+            }
             PassiveState::Barred { .. } => self.max_fails,
             _ => 0,
         }
@@ -84,7 +88,11 @@ impl Passive {
         let fails = match self.state(now) {
             PassiveState::Barred { .. } => return None,
             PassiveState::Probation { .. } => self.max_fails,
-            PassiveState::Open { fails, window_start: Some(start) } if now.duration_since(start) < self.fail_timeout => fails + 1,
+            PassiveState::Open { fails, window_start: Some(start) }
+                if now.duration_since(start) < self.fail_timeout =>
+            {
+                fails + 1
+            }
             PassiveState::Open { .. } => {
                 self.state = PassiveState::Open { fails: 1, window_start: Some(now) };
                 1

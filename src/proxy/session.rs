@@ -111,7 +111,8 @@ async fn run(pool: &Arc<Pool>, client: TcpStream, peer: SocketAddr) {
 
     let Some((upstream, lease, ack, after_connack)) = establish(pool, &packet, &connect).await else {
         pool.metrics.rejected.with_label_values(&["no_broker"]).inc();
-        let _ = timeout(Duration::from_secs(1), forward::write_all(&client, connack::unavailable(connect.version))).await;
+        let _ =
+            timeout(Duration::from_secs(1), forward::write_all(&client, connack::unavailable(connect.version))).await;
         return;
     };
     tracing::Span::current().record("broker", lease.broker().name.as_str());
@@ -148,6 +149,8 @@ async fn run(pool: &Arc<Pool>, client: TcpStream, peer: SocketAddr) {
     let primed = scanner.feed(&extra, |_| n_in += 1).and_then(|_| down_scanner.feed(&after_connack, |_| n_out += 1));
     session.packets_in.fetch_add(n_in, Ordering::Relaxed);
     session.packets_out.fetch_add(n_out, Ordering::Relaxed);
+    session.bytes_in.fetch_add(extra.len() as u64, Ordering::Relaxed);
+    session.bytes_out.fetch_add(after_connack.len() as u64, Ordering::Relaxed);
     if let Err(e) = primed {
         warn!("closing session: {e}");
         return;
@@ -158,6 +161,8 @@ async fn run(pool: &Arc<Pool>, client: TcpStream, peer: SocketAddr) {
     let m = &pool.metrics;
     let up_total = m.bytes.with_label_values(&["client_to_broker"]);
     let down_total = m.bytes.with_label_values(&["broker_to_client"]);
+    up_total.inc_by(extra.len() as u64);
+    down_total.inc_by(after_connack.len() as u64);
     let up = forward::pump(
         &client,
         &upstream,
@@ -223,7 +228,9 @@ async fn establish(pool: &Arc<Pool>, packet: &[u8], connect: &Connect) -> Option
         if attempt > 0 {
             pool.metrics.connect_retries.inc();
         }
-        match try_broker(&broker.address, packet, connect.version, cfg.upstream_connect_timeout, cfg.connack_timeout).await {
+        match try_broker(&broker.address, packet, connect.version, cfg.upstream_connect_timeout, cfg.connack_timeout)
+            .await
+        {
             Ok((stream, ack, bytes)) => {
                 pool.record_success(&broker);
                 if attempt > 0 {

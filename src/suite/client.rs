@@ -25,7 +25,12 @@ pub struct Message {
 
 impl RawClient {
     /// Connects and waits for the CONNACK; returns the client, the CONNACK code and how long it took.
-    pub async fn connect(addr: &str, client_id: &str, clean: bool, limit: Duration) -> Result<(RawClient, u8, Duration), String> {
+    pub async fn connect(
+        addr: &str,
+        client_id: &str,
+        clean: bool,
+        limit: Duration,
+    ) -> Result<(RawClient, u8, Duration), String> {
         let started = Instant::now();
         let run = async {
             let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
@@ -109,7 +114,14 @@ impl RawClient {
 
     /// Publishes; at QoS 1 waits for the PUBACK (messages that arrive meanwhile are dropped, so
     /// publishers and subscribers should be separate clients).
-    pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: u8, retain: bool, limit: Duration) -> Result<(), String> {
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        qos: u8,
+        retain: bool,
+        limit: Duration,
+    ) -> Result<(), String> {
         let id = if qos > 0 { self.id() } else { 0 };
         let mut body = Vec::with_capacity(topic.len() + payload.len() + 4);
         body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
@@ -154,7 +166,8 @@ impl RawClient {
 
     async fn on_publish(&mut self, first: u8, body: &[u8]) -> Result<Message, String> {
         let qos = (first >> 1) & 3;
-        let tlen = u16::from_be_bytes([*body.first().ok_or("short PUBLISH")?, *body.get(1).ok_or("short PUBLISH")?]) as usize;
+        let tlen =
+            u16::from_be_bytes([*body.first().ok_or("short PUBLISH")?, *body.get(1).ok_or("short PUBLISH")?]) as usize;
         let topic = String::from_utf8_lossy(body.get(2..2 + tlen).ok_or("short PUBLISH")?).into_owned();
         let mut rest = &body[2 + tlen..];
         if qos > 0 {

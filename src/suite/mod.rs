@@ -117,7 +117,8 @@ impl PidFileControl {
             .run
             .read_pid(name)
             .ok_or_else(|| format!("no pid file for {name} in {}: is the local system up?", self.run.root.display()))?;
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).map_err(|e| format!("signal {sig} to {name} (pid {pid}): {e}"))
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+            .map_err(|e| format!("signal {sig} to {name} (pid {pid}): {e}"))
     }
 }
 

@@ -96,7 +96,10 @@ pub async fn connectivity(t: &Target, _opts: &Options) -> ScenarioResult {
         x_label: "endpoint".into(),
         y_label: "ms".into(),
         categories: endpoints.iter().map(|e| e.0.clone()).collect(),
-        series: vec![Series { name: "p50".into(), points: p50s.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect() }],
+        series: vec![Series {
+            name: "p50".into(),
+            points: p50s.iter().enumerate().map(|(i, v)| (i as f64, *v)).collect(),
+        }],
         markers: vec![],
     });
     r
@@ -134,7 +137,8 @@ pub async fn replication(t: &Target, _opts: &Options) -> ScenarioResult {
         });
     }
     for (name, addr) in &t.brokers {
-        if let Ok((mut c, 0, _)) = RawClient::connect(addr, &format!("suite-repl-pub-{tag}-{name}"), true, SHORT).await {
+        if let Ok((mut c, 0, _)) = RawClient::connect(addr, &format!("suite-repl-pub-{tag}-{name}"), true, SHORT).await
+        {
             let _ = c.publish(&format!("{prefix}/{name}"), b"x", 1, false, SHORT).await;
             c.disconnect().await;
         }
@@ -165,7 +169,8 @@ pub async fn replication(t: &Target, _opts: &Options) -> ScenarioResult {
     r.metric("deliveries_missing", missing as f64, "");
     r.metric("deliveries_duplicated", extra as f64, "");
     r.passed = exact == cells;
-    r.summary = format!("{exact} of {cells} broker pairs got the message exactly once ({missing} missing, {extra} duplicates)");
+    r.summary =
+        format!("{exact} of {cells} broker pairs got the message exactly once ({missing} missing, {extra} duplicates)");
     if missing as usize >= cells - names.len() && extra == 0 {
         r.notes.push(
             "Messages are not replicated between the brokers: each message reached only the broker it was published on. \
@@ -217,7 +222,10 @@ pub async fn retained(t: &Target, _opts: &Options) -> ScenarioResult {
         };
         let ok = got.as_deref() == Some(payload.as_str());
         holding += usize::from(ok);
-        rows.push(vec![name.clone(), if ok { "current value".into() } else { got.unwrap_or_else(|| "nothing".into()) }]);
+        rows.push(vec![
+            name.clone(),
+            if ok { "current value".into() } else { got.unwrap_or_else(|| "nothing".into()) },
+        ]);
     }
     // Clean up: an empty retained message deletes the value.
     if let Ok((mut c, 0, _)) = RawClient::connect(&t.front, &format!("suite-ret-del-{tag}"), true, SHORT).await {
@@ -234,7 +242,11 @@ pub async fn retained(t: &Target, _opts: &Options) -> ScenarioResult {
                 .into(),
         );
     }
-    r.tables.push(Table { title: "retained value read directly from each broker".into(), columns: vec!["broker".into(), "read".into()], rows });
+    r.tables.push(Table {
+        title: "retained value read directly from each broker".into(),
+        columns: vec!["broker".into(), "read".into()],
+        rows,
+    });
     r
 }
 
@@ -249,7 +261,9 @@ async fn active_broker(t: &Target) -> Option<String> {
     }
     sub.subscribe(&topic, 0, SHORT).await.ok()?;
     for (name, addr) in &t.brokers {
-        if let Ok((mut c, 0, _)) = RawClient::connect(addr, &format!("suite-active-pub-{tag}"), true, Duration::from_millis(500)).await {
+        if let Ok((mut c, 0, _)) =
+            RawClient::connect(addr, &format!("suite-active-pub-{tag}"), true, Duration::from_millis(500)).await
+        {
             let _ = c.publish(&topic, name.as_bytes(), 0, false, SHORT).await;
             c.disconnect().await;
         }
@@ -302,7 +316,9 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
         let back = phase.back_after_s;
         let ok = back.is_some() && phase.failed == 0 && phase.reconnected == phase.affected;
         passed &= ok;
-        let back_txt = back.map(|b| format!("{:.2} s", b)).unwrap_or_else(|| format!("never within {:.0} s", opts.duration.as_secs_f64()));
+        let back_txt = back
+            .map(|b| format!("{:.2} s", b))
+            .unwrap_or_else(|| format!("never within {:.0} s", opts.duration.as_secs_f64()));
         summaries.push(format!("{label}: new clients back after {back_txt}, {} failed connects", phase.failed));
         r.metric(&format!("{label}_new_clients_back_s"), back.unwrap_or(f64::NAN), "s");
         r.metric(&format!("{label}_failed_connects"), phase.failed as f64, "");
@@ -310,7 +326,11 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
         r.metric(&format!("{label}_existing_affected"), phase.affected as f64, "");
         r.metric(&format!("{label}_existing_reconnected"), phase.reconnected as f64, "");
         r.metric(&format!("{label}_existing_reconnect_p50_s"), percentile(&phase.reconnect_s, 0.5), "s");
-        r.metric(&format!("{label}_existing_reconnect_max_s"), phase.reconnect_s.last().copied().unwrap_or(f64::NAN), "s");
+        r.metric(
+            &format!("{label}_existing_reconnect_max_s"),
+            phase.reconnect_s.last().copied().unwrap_or(f64::NAN),
+            "s",
+        );
         table.push(vec![
             label.to_string(),
             active.clone(),
@@ -320,14 +340,18 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
             phase.reconnect_s.last().map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into()),
         ]);
         let ok_pts: Vec<(f64, f64)> = phase.attempts.iter().filter(|a| a.ok).map(|a| (a.start, a.latency_ms)).collect();
-        let bad_pts: Vec<(f64, f64)> = phase.attempts.iter().filter(|a| !a.ok).map(|a| (a.start, a.latency_ms)).collect();
+        let bad_pts: Vec<(f64, f64)> =
+            phase.attempts.iter().filter(|a| !a.ok).map(|a| (a.start, a.latency_ms)).collect();
         r.charts.push(Chart {
             title: format!("{label} {active}: new client connects (CONNECT to CONNACK)"),
             kind: ChartKind::Timeline,
             x_label: "seconds since the fault".into(),
             y_label: "ms".into(),
             categories: vec![],
-            series: vec![Series { name: "succeeded".into(), points: ok_pts }, Series { name: "failed".into(), points: bad_pts }],
+            series: vec![
+                Series { name: "succeeded".into(), points: ok_pts },
+                Series { name: "failed".into(), points: bad_pts },
+            ],
             markers: vec![(0.0, format!("{active} {label}ed")), (phase.restored_at_s, format!("{active} recovered"))],
         });
         r.charts.push(Chart {
@@ -349,9 +373,16 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
     }
     r.tables.push(Table {
         title: "faults".into(),
-        columns: ["fault", "broker", "new clients back after", "failed connects", "cut existing clients reconnected", "slowest reconnect"]
-            .map(String::from)
-            .to_vec(),
+        columns: [
+            "fault",
+            "broker",
+            "new clients back after",
+            "failed connects",
+            "cut existing clients reconnected",
+            "slowest reconnect",
+        ]
+        .map(String::from)
+        .to_vec(),
         rows: table,
     });
     r.passed = passed;
@@ -488,11 +519,20 @@ async fn fault_phase(t: &Target, opts: &Options, fault: Fault, active: &str) -> 
     }
     let during: Vec<&Attempt> = attempts.iter().filter(|a| a.start < restored_at_s).collect();
     let failed = during.iter().filter(|a| !a.ok).count();
-    let back_after_s =
-        during.iter().filter(|a| a.ok).map(|a| a.start + a.latency_ms / 1000.0).min_by(f64::total_cmp).filter(|b| *b <= restored_at_s);
+    let back_after_s = during
+        .iter()
+        .filter(|a| a.ok)
+        .map(|a| a.start + a.latency_ms / 1000.0)
+        .min_by(f64::total_cmp)
+        .filter(|b| *b <= restored_at_s);
     let lost = lost.lock().unwrap().clone();
-    let mut reconnect_s: Vec<f64> =
-        reconnects.lock().unwrap().iter().filter(|(i, v)| lost.contains_key(i) && **v <= restored_at_s).map(|(_, v)| *v).collect();
+    let mut reconnect_s: Vec<f64> = reconnects
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(i, v)| lost.contains_key(i) && **v <= restored_at_s)
+        .map(|(_, v)| *v)
+        .collect();
     reconnect_s.sort_by(f64::total_cmp);
     Phase {
         failed,
@@ -505,6 +545,14 @@ async fn fault_phase(t: &Target, opts: &Options, fault: Fault, active: &str) -> 
     }
 }
 
+/// What the monitor of the clients scenario saw: distinct messages, duplicates, arrival times.
+#[derive(Default, Clone)]
+struct Received {
+    got: HashSet<String>,
+    dups: u64,
+    times: Vec<f64>,
+}
+
 /// Sensors publishing QoS 1 readings with sequence numbers and control clients acknowledging
 /// commands, all through the front end, watched by a monitor subscribed through the front end.
 pub async fn clients(t: &Target, opts: &Options) -> ScenarioResult {
@@ -512,7 +560,7 @@ pub async fn clients(t: &Target, opts: &Options) -> ScenarioResult {
     let tag = tag();
     let base = format!("suite/{tag}");
     let stop = CancellationToken::new();
-    let received: Arc<Mutex<(HashSet<String>, u64, Vec<f64>)>> = Arc::default();
+    let received: Arc<Mutex<Received>> = Arc::default();
     let start = Instant::now();
 
     let (mut monitor, code, _) = match RawClient::connect(&t.front, &format!("suite-mon-{tag}"), true, SHORT).await {
@@ -533,17 +581,18 @@ pub async fn clients(t: &Target, opts: &Options) -> ScenarioResult {
             // Drain for a moment after the stop so in-flight messages are counted.
             let mut grace: Option<Instant> = None;
             loop {
-                if stop.is_cancelled() && grace.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(700) {
+                if stop.is_cancelled() && grace.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(700)
+                {
                     return;
                 }
                 if let Ok(Some(m)) = monitor.next_message(Duration::from_millis(100)).await {
                     if m.topic.contains("/sensor/") || m.topic.contains("/ack/") {
                         let key = format!("{}#{}", m.topic, String::from_utf8_lossy(&m.payload));
                         let mut g = received.lock().unwrap();
-                        if !g.0.insert(key) {
-                            g.1 += 1;
+                        if !g.got.insert(key) {
+                            g.dups += 1;
                         }
-                        g.2.push(start.elapsed().as_secs_f64());
+                        g.times.push(start.elapsed().as_secs_f64());
                     }
                 }
             }
@@ -554,7 +603,8 @@ pub async fn clients(t: &Target, opts: &Options) -> ScenarioResult {
     let sent: Arc<Mutex<HashSet<String>>> = Arc::default();
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     for i in 0..sensors {
-        let (front, stop, sent, errors, base) = (t.front.clone(), stop.clone(), sent.clone(), errors.clone(), base.clone());
+        let (front, stop, sent, errors, base) =
+            (t.front.clone(), stop.clone(), sent.clone(), errors.clone(), base.clone());
         let id = format!("suite-sensor-{tag}-{i}");
         tasks.spawn(async move {
             let Ok((mut c, 0, _)) = RawClient::connect(&front, &id, true, SHORT).await else {
@@ -578,7 +628,8 @@ pub async fn clients(t: &Target, opts: &Options) -> ScenarioResult {
         });
     }
     for i in 0..controls {
-        let (front, stop, sent, errors, base) = (t.front.clone(), stop.clone(), sent.clone(), errors.clone(), base.clone());
+        let (front, stop, sent, errors, base) =
+            (t.front.clone(), stop.clone(), sent.clone(), errors.clone(), base.clone());
         let id = format!("suite-control-{tag}-{i}");
         tasks.spawn(async move {
             let Ok((mut c, 0, _)) = RawClient::connect(&front, &id, true, SHORT).await else {
@@ -609,7 +660,11 @@ pub async fn clients(t: &Target, opts: &Options) -> ScenarioResult {
         tokio::time::sleep(Duration::from_millis(200)).await;
         while start.elapsed() < opts.duration {
             for i in 0..controls {
-                if ctl.publish(&format!("{base}/cmd/{i}"), format!("c{commands}").as_bytes(), 1, false, SHORT).await.is_ok() {
+                if ctl
+                    .publish(&format!("{base}/cmd/{i}"), format!("c{commands}").as_bytes(), 1, false, SHORT)
+                    .await
+                    .is_ok()
+                {
                     commands += 1;
                 }
             }
@@ -623,7 +678,7 @@ pub async fn clients(t: &Target, opts: &Options) -> ScenarioResult {
     while tasks.join_next().await.is_some() {}
 
     let sent = sent.lock().unwrap().clone();
-    let (got, dups, times) = received.lock().unwrap().clone();
+    let Received { got, dups, times } = received.lock().unwrap().clone();
     let lost = sent.difference(&got).count();
     let errors = errors.lock().unwrap().clone();
     r.metric("clients", opts.clients as f64, "");
@@ -652,7 +707,10 @@ pub async fn clients(t: &Target, opts: &Options) -> ScenarioResult {
         x_label: "seconds".into(),
         y_label: "messages per second".into(),
         categories: vec![],
-        series: vec![Series { name: "received".into(), points: per_second.into_iter().map(|(k, v)| (k as f64, v)).collect() }],
+        series: vec![Series {
+            name: "received".into(),
+            points: per_second.into_iter().map(|(k, v)| (k as f64, v)).collect(),
+        }],
         markers: vec![],
     });
     r

@@ -68,10 +68,7 @@ impl Mosquitto {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let auth = format!(
-            "allow_anonymous false\npassword_file {}\n",
-            passwd.display()
-        );
+        let auth = format!("allow_anonymous false\npassword_file {}\n", passwd.display());
         let broker = Self::spawn_in(dir, name, addr, &auth, "");
         broker.wait_ready();
         broker
@@ -83,13 +80,7 @@ impl Mosquitto {
         Self::spawn_in(make_dir(name), name, addr, auth, extra)
     }
 
-    fn spawn_in(
-        dir: tempfile::TempDir,
-        name: &str,
-        addr: SocketAddr,
-        auth: &str,
-        extra: &str,
-    ) -> Mosquitto {
+    fn spawn_in(dir: tempfile::TempDir, name: &str, addr: SocketAddr, auth: &str, extra: &str) -> Mosquitto {
         let config_path = dir.path().join(format!("{name}.conf"));
         let log_path = dir.path().join(format!("{name}.log"));
         let stderr_path = dir.path().join(format!("{name}.stderr"));
@@ -105,8 +96,7 @@ impl Mosquitto {
             config.push_str(extra);
             config.push('\n');
         }
-        std::fs::write(&config_path, config)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
+        std::fs::write(&config_path, config).unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
         let broker = Mosquitto {
             name: name.to_string(),
             addr,
@@ -130,11 +120,7 @@ impl Mosquitto {
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.stderr_path.display()));
         let mut cmd = Command::new(MOSQUITTO);
         // Foreground (no -d): we own the process and must be able to signal and reap it.
-        cmd.arg("-c")
-            .arg(&self.config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
+        cmd.arg("-c").arg(&self.config_path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
         unsafe {
@@ -164,12 +150,7 @@ impl Mosquitto {
         let mut last_err;
         loop {
             if !self.is_running() {
-                panic!(
-                    "mosquitto {} ({}) exited before answering MQTT\n{}",
-                    self.name,
-                    self.addr,
-                    self.diagnostics()
-                );
+                panic!("mosquitto {} ({}) exited before answering MQTT\n{}", self.name, self.addr, self.diagnostics());
             }
             // Someone else listening on our address (a leftover broker, a test reusing an
             // address) would answer the probe too, so first make sure the socket is ours.
@@ -257,21 +238,13 @@ impl Mosquitto {
 
     /// Contents of its log file (empty if it has not written one yet).
     pub fn log(&self) -> String {
-        std::fs::read(&self.log_path)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.log_path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     fn signal(&self, sig: Signal) {
-        let pid = self
-            .pid()
-            .unwrap_or_else(|| panic!("mosquitto {} is not running; cannot send {sig}", self.name));
-        signal::kill(Pid::from_raw(pid as i32), sig).unwrap_or_else(|e| {
-            panic!(
-                "cannot send {sig} to mosquitto {} (pid {pid}): {e}",
-                self.name
-            )
-        });
+        let pid = self.pid().unwrap_or_else(|| panic!("mosquitto {} is not running; cannot send {sig}", self.name));
+        signal::kill(Pid::from_raw(pid as i32), sig)
+            .unwrap_or_else(|e| panic!("cannot send {sig} to mosquitto {} (pid {pid}): {e}", self.name));
     }
 
     /// Signals are delivered asynchronously; poll /proc so hang() really means "no longer
@@ -283,10 +256,7 @@ impl Mosquitto {
             let state = proc_state(pid);
             match state {
                 Some(s) if want(s) => return,
-                None => panic!(
-                    "mosquitto {} (pid {pid}) disappeared while waiting until {what}",
-                    self.name
-                ),
+                None => panic!("mosquitto {} (pid {pid}) disappeared while waiting until {what}", self.name),
                 _ => {}
             }
             if Instant::now() >= deadline {
@@ -314,12 +284,7 @@ impl Drop for Mosquitto {
         // A failing test gets the broker's side of the story in its captured output; the temp
         // dir holding the log is about to be deleted.
         if std::thread::panicking() {
-            eprintln!(
-                "=== mosquitto {} ({}) log tail ===\n{}",
-                self.name,
-                self.addr,
-                tail(&self.log(), 40)
-            );
+            eprintln!("=== mosquitto {} ({}) log tail ===\n{}", self.name, self.addr, tail(&self.log(), 40));
         }
         self.kill();
     }
@@ -339,10 +304,7 @@ impl std::fmt::Debug for Mosquitto {
 /// local layout), i = 1..=n, all spawned
 /// before waiting on any, and returns them in order.
 pub fn start_pool(slot: &Slot, n: usize) -> Vec<Mosquitto> {
-    assert!(
-        n <= 200,
-        "pool of {n} brokers does not fit a slot's addresses"
-    );
+    assert!(n <= 200, "pool of {n} brokers does not fit a slot's addresses");
     let brokers: Vec<Mosquitto> = (1..=n)
         .map(|i| {
             let addr = slot.addr(9 + i as u8, 1883);
@@ -388,43 +350,24 @@ fn spawn_from_long_lived_thread(cmd: Command) -> io::Result<Child> {
         .unwrap_or_else(|p| p.into_inner())
         .send((cmd, reply_tx))
         .map_err(|_| io::Error::other("mosquitto spawner thread is gone"))?;
-    reply_rx
-        .recv()
-        .map_err(|_| io::Error::other("mosquitto spawner thread dropped the request"))?
+    reply_rx.recv().map_err(|_| io::Error::other("mosquitto spawner thread dropped the request"))?
 }
 
 /// One readiness probe: TCP connect, MQTT 3.1.1 CONNECT, expect a CONNACK packet header.
 fn probe(addr: SocketAddr, deadline: Instant) -> Result<(), String> {
-    let budget = deadline
-        .saturating_duration_since(Instant::now())
-        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let budget =
+        deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut s = TcpStream::connect_timeout(&addr, budget).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(budget))
-        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(budget)).map_err(|e| e.to_string())?;
     s.set_nodelay(true).ok();
     // CONNECT, protocol "MQTT" level 4, clean session, keepalive 10, client id "meshgate-probe".
     let id = b"meshgate-probe";
-    let mut pkt = vec![
-        0x10,
-        (12 + id.len()) as u8,
-        0,
-        4,
-        b'M',
-        b'Q',
-        b'T',
-        b'T',
-        4,
-        0x02,
-        0,
-        10,
-    ];
+    let mut pkt = vec![0x10, (12 + id.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10];
     pkt.extend_from_slice(&(id.len() as u16).to_be_bytes());
     pkt.extend_from_slice(id);
-    s.write_all(&pkt)
-        .map_err(|e| format!("write CONNECT: {e}"))?;
+    s.write_all(&pkt).map_err(|e| format!("write CONNECT: {e}"))?;
     let mut connack = [0u8; 4];
-    s.read_exact(&mut connack)
-        .map_err(|e| format!("read CONNACK: {e}"))?;
+    s.read_exact(&mut connack).map_err(|e| format!("read CONNACK: {e}"))?;
     if connack[0] != 0x20 || connack[1] != 2 {
         return Err(format!("not a CONNACK: {connack:02x?}"));
     }
@@ -441,11 +384,7 @@ fn owns_listener(pid: u32, addr: SocketAddr) -> bool {
         return true;
     };
     // The kernel prints the address as the raw network-order u32 in hex, the port as a number.
-    let local = format!(
-        "{:08X}:{:04X}",
-        u32::from_ne_bytes(v4.ip().octets()),
-        v4.port()
-    );
+    let local = format!("{:08X}:{:04X}", u32::from_ne_bytes(v4.ip().octets()), v4.port());
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
         return false;
     };

@@ -32,10 +32,7 @@ pub const ERR_NOT_CONNACK: &str = "not a CONNACK";
 
 /// Appends the MQTT variable-length "remaining length" (1 to 4 bytes, 7 bits each, low first).
 pub fn encode_remaining_length(mut len: usize, out: &mut Vec<u8>) {
-    assert!(
-        len <= 268_435_455,
-        "remaining length {len} exceeds the MQTT maximum"
-    );
+    assert!(len <= 268_435_455, "remaining length {len} exceeds the MQTT maximum");
     loop {
         let mut byte = (len % 128) as u8;
         len /= 128;
@@ -159,36 +156,21 @@ pub async fn connect_with(
     let left = timeout.saturating_sub(start.elapsed());
     let (first, body) = match read_packet_inner(&mut stream, left).await {
         Ok(p) => p,
-        Err(ReadError::Timeout) => {
-            return Err(format!(
-                "{ERR_CONNACK_TIMEOUT} from {addr} after {timeout:?}"
-            ))
-        }
+        Err(ReadError::Timeout) => return Err(format!("{ERR_CONNACK_TIMEOUT} from {addr} after {timeout:?}")),
         Err(ReadError::Closed) => return Err(format!("{ERR_CLOSED} by {addr}")),
         Err(ReadError::Io(e)) => return Err(format!("{ERR_CLOSED} by {addr}: {e}")),
         Err(ReadError::Malformed(m)) => return Err(format!("{ERR_NOT_CONNACK} from {addr}: {m}")),
     };
     // v3/v4 bodies are exactly flags + code; v5 adds properties, which tests don't need.
     if first != 0x20 || body.len() < 2 {
-        return Err(format!(
-            "{ERR_NOT_CONNACK} from {addr}: first byte {first:#04x}, body {body:02x?}"
-        ));
+        return Err(format!("{ERR_NOT_CONNACK} from {addr}: first byte {first:#04x}, body {body:02x?}"));
     }
-    let connack = Connack {
-        session_present: body[0] & 0x01 != 0,
-        code: body[1],
-    };
+    let connack = Connack { session_present: body[0] & 0x01 != 0, code: body[1] };
     Ok((stream, connack))
 }
 
 /// PUBLISH in v3.1.1 encoding; the packet id is only written for QoS > 0.
-pub fn publish_packet(
-    topic: &str,
-    payload: &[u8],
-    qos: u8,
-    packet_id: u16,
-    retain: bool,
-) -> Vec<u8> {
+pub fn publish_packet(topic: &str, payload: &[u8], qos: u8, packet_id: u16, retain: bool) -> Vec<u8> {
     assert!(qos <= 2, "bad QoS {qos}");
     let first = 0x30 | (qos << 1) | u8::from(retain);
     let mut body = Vec::with_capacity(topic.len() + payload.len() + 4);
@@ -249,14 +231,7 @@ pub fn parse_publish(first: u8, body: &[u8]) -> Option<Publish> {
     } else {
         None
     };
-    Some(Publish {
-        topic,
-        payload: rest.to_vec(),
-        qos,
-        retain: first & 0x01 != 0,
-        dup: first & 0x08 != 0,
-        packet_id,
-    })
+    Some(Publish { topic, payload: rest.to_vec(), qos, retain: first & 0x01 != 0, dup: first & 0x08 != 0, packet_id })
 }
 
 enum ReadError {
@@ -277,10 +252,7 @@ impl std::fmt::Display for ReadError {
     }
 }
 
-async fn read_packet_inner(
-    stream: &mut TcpStream,
-    timeout: Duration,
-) -> Result<(u8, Vec<u8>), ReadError> {
+async fn read_packet_inner(stream: &mut TcpStream, timeout: Duration) -> Result<(u8, Vec<u8>), ReadError> {
     let read = async {
         let mut header = [0u8; 5];
         read_full(stream, &mut header[..1]).await?;
@@ -293,10 +265,7 @@ async fn read_packet_inner(
                 break;
             }
             if n == 5 {
-                return Err(ReadError::Malformed(format!(
-                    "remaining length {:02x?} too long",
-                    &header[1..]
-                )));
+                return Err(ReadError::Malformed(format!("remaining length {:02x?} too long", &header[1..])));
             }
         }
         let (len, _) = decode_remaining_length(&header[1..n]).expect("terminated above");
@@ -321,13 +290,8 @@ async fn read_full(stream: &mut TcpStream, buf: &mut [u8]) -> Result<(), ReadErr
 /// Reads one whole MQTT packet (fixed header + body) within `timeout`; returns (first byte, body).
 /// Errors: "timed out waiting for a packet", "closed by peer", "read error: ...", "malformed
 /// packet: ...". A timeout may leave a partly read packet behind, so don't keep reading after one.
-pub async fn read_packet(
-    stream: &mut TcpStream,
-    timeout: Duration,
-) -> Result<(u8, Vec<u8>), String> {
-    read_packet_inner(stream, timeout)
-        .await
-        .map_err(|e| e.to_string())
+pub async fn read_packet(stream: &mut TcpStream, timeout: Duration) -> Result<(u8, Vec<u8>), String> {
+    read_packet_inner(stream, timeout).await.map_err(|e| e.to_string())
 }
 
 /// True when the peer closes the stream (read returns 0 or an error such as a reset) within

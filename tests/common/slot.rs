@@ -26,8 +26,7 @@ impl Slot {
     /// /tmp/meshgate-test-slots/slot-<n>.lock, n in 0..4000). The lock is held until the Slot is dropped; if the process dies
     /// the kernel releases it, so a crashed test never leaks a slot.
     pub fn acquire() -> Slot {
-        std::fs::create_dir_all(SLOT_DIR)
-            .unwrap_or_else(|e| panic!("cannot create {SLOT_DIR}: {e}"));
+        std::fs::create_dir_all(SLOT_DIR).unwrap_or_else(|e| panic!("cannot create {SLOT_DIR}: {e}"));
         for index in 0..MAX_SLOTS {
             let path = PathBuf::from(format!("{SLOT_DIR}/slot-{index}.lock"));
             // No truncate: another process may hold this file locked, and the content is unused.
