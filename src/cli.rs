@@ -36,6 +36,8 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a configuration and print what it means, then exit.
     Check(RunArgs),
+    /// Replication between the brokers alone (no proxy), with the HTTP API for /replication and /metrics.
+    Replicate(RunArgs),
     /// Start the whole local system: the brokers of the config, then meshgate (or nginx) in front. Ctrl-C stops all.
     Up(UpArgs),
     /// Run test scenarios against the running local system (or, with --compare, against both front ends in turn).
@@ -162,6 +164,13 @@ pub fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Up(args) => up(args),
+        Command::Replicate(args) => match load(&args) {
+            Ok(mut config) => {
+                config.replication.enabled = true;
+                replicate(config)
+            }
+            Err(e) => Err(e),
+        },
         Command::Suite(args) => suite(args),
         Command::Cluster { action } => cluster(action),
     };
@@ -411,4 +420,13 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         anyhow::bail!("{failed} scenario(s) failed; see the report for why");
     }
     Ok(())
+}
+
+fn replicate(config: Config) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let mg = crate::Meshgate::start_parts(config, crate::Parts { proxy: false, replication: true }).await?;
+        let waited = ctrl_c_or_term().await;
+        mg.shutdown().await;
+        waited
+    })
 }

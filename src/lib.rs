@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod pool;
 pub mod proxy;
+pub mod replication;
 pub mod suite;
 
 use std::future::Future;
@@ -63,12 +64,21 @@ async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, Error> {
     })
 }
 
+/// Which parts run: `meshgate run` is the proxy (plus replication if configured),
+/// `meshgate replicate` replication alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    pub proxy: bool,
+    pub replication: bool,
+}
+
 /// A running meshgate: listeners bound, checkers, proxy and API serving.
 pub struct Meshgate {
     pool: Arc<Pool>,
     config: Mutex<Config>,
-    mqtt_addr: SocketAddr,
+    mqtt_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    replication: Option<Arc<replication::Replication>>,
     tracker: TaskTracker,
     /// Stops accepting new clients and the background loops.
     stop: CancellationToken,
@@ -77,25 +87,41 @@ pub struct Meshgate {
 }
 
 impl Meshgate {
-    /// Binds every listener first (so a taken port fails before anything starts), then spawns
-    /// the checkers, the rebalancer, the proxy and the HTTP API.
+    /// The proxy, and replication when the config enables it.
     pub async fn start(config: Config) -> Result<Meshgate, Error> {
-        let mqtt = bind("MQTT", &config.listen.mqtt).await?;
+        let replication = config.replication.enabled;
+        Meshgate::start_parts(config, Parts { proxy: true, replication }).await
+    }
+
+    /// Binds every listener first (so a taken port fails before anything starts), then spawns
+    /// the checkers, the rebalancer, the proxy, replication and the HTTP API.
+    pub async fn start_parts(config: Config, parts: Parts) -> Result<Meshgate, Error> {
+        let mqtt = match parts.proxy {
+            true => Some(bind("MQTT", &config.listen.mqtt).await?),
+            false => None,
+        };
         let http = match &config.listen.http {
             Some(a) => Some(bind("HTTP", a).await?),
             None => None,
         };
-        let mqtt_addr = mqtt.local_addr().expect("bound socket has an address");
+        let mqtt_addr = mqtt.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let http_addr = http.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let pool = Arc::new(Pool::new(&config));
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let checkers = stop.child_token();
         health::spawn_checkers(&pool, &config.health, &tracker, &checkers);
-        tracker.spawn(proxy::rebalance_loop(pool.clone(), stop.clone()));
-        tracker.spawn(proxy::accept_loop(mqtt, pool.clone(), tracker.clone(), stop.clone()));
+        if let Some(mqtt) = mqtt {
+            tracker.spawn(proxy::rebalance_loop(pool.clone(), stop.clone()));
+            tracker.spawn(proxy::accept_loop(mqtt, pool.clone(), tracker.clone(), stop.clone()));
+        }
+        let replication = parts.replication.then(|| replication::Replication::start(&config, &pool, &tracker, &stop));
         if let Some(listener) = http {
-            let app = http::router(http::AppState { pool: pool.clone(), admin_token: config.admin.token.clone() });
+            let app = http::router(http::AppState {
+                pool: pool.clone(),
+                admin_token: config.admin.token.clone(),
+                replication: replication.clone(),
+            });
             let stop = stop.clone();
             tracker.spawn(async move {
                 let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
@@ -104,20 +130,32 @@ impl Meshgate {
                 }
             });
         }
-        info!(mqtt = %mqtt_addr, http = ?http_addr, brokers = config.brokers.len(), version = VERSION, "meshgate started");
+        info!(
+            mqtt = ?mqtt_addr,
+            http = ?http_addr,
+            brokers = config.brokers.len(),
+            replication = replication.is_some(),
+            version = VERSION,
+            "meshgate started"
+        );
         Ok(Meshgate {
             pool,
             config: Mutex::new(config),
             mqtt_addr,
             http_addr,
+            replication,
             tracker,
             stop,
             checkers: Mutex::new(checkers),
         })
     }
 
+    /// The MQTT listener's address (panics in replicate-only mode, which has none).
     pub fn mqtt_addr(&self) -> SocketAddr {
-        self.mqtt_addr
+        self.mqtt_addr.expect("the proxy runs in this Meshgate")
+    }
+    pub fn replication(&self) -> Option<&Arc<replication::Replication>> {
+        self.replication.as_ref()
     }
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
@@ -132,6 +170,9 @@ impl Meshgate {
         let mut current = self.config.lock().unwrap();
         if new.listen != current.listen {
             warn!("listen addresses changed in the new config; they take effect only after a restart");
+        }
+        if new.replication != current.replication {
+            warn!("replication settings changed in the new config; they take effect only after a restart");
         }
         self.pool.apply(&new);
         let fresh = self.stop.child_token();

@@ -40,6 +40,8 @@ pub struct Local {
     pub run: RunDir,
     brokers: Vec<BrokerProcess>,
     front: Option<Front>,
+    /// With nginx in front, replication (and the HTTP API) still runs in this process.
+    replicator: Option<Box<Meshgate>>,
     pub front_end: FrontEnd,
     pub config: Config,
 }
@@ -49,7 +51,7 @@ impl Local {
     pub async fn start(config: Config, run_dir: &Path, front_end: FrontEnd) -> Result<Local, UpError> {
         let run = RunDir::new(run_dir)?;
         let brokers = cluster::start_brokers(&config, &run, false).await?;
-        let mut local = Local { run, brokers, front: None, front_end, config };
+        let mut local = Local { run, brokers, front: None, replicator: None, front_end, config };
         let front = match front_end {
             FrontEnd::Meshgate => {
                 Meshgate::start(local.config.clone()).await.map(|m| Front::Meshgate(Box::new(m))).map_err(UpError::from)
@@ -61,6 +63,16 @@ impl Local {
             Err(e) => {
                 local.stop().await;
                 return Err(e);
+            }
+        }
+        if front_end == FrontEnd::Nginx && local.config.replication.enabled {
+            let parts = crate::Parts { proxy: false, replication: true };
+            match Meshgate::start_parts(local.config.clone(), parts).await {
+                Ok(m) => local.replicator = Some(Box::new(m)),
+                Err(e) => {
+                    local.stop().await;
+                    return Err(e.into());
+                }
             }
         }
         Ok(local)
@@ -82,10 +94,11 @@ impl Local {
         Ok(cluster::nginx::start(&conf, &prefix, &self.config.listen.mqtt).await?)
     }
 
+    /// The in-process meshgate: the proxy, or with nginx in front the replicator.
     pub fn meshgate(&self) -> Option<&Meshgate> {
         match &self.front {
             Some(Front::Meshgate(m)) => Some(m),
-            _ => None,
+            _ => self.replicator.as_deref(),
         }
     }
 
@@ -126,6 +139,12 @@ impl Local {
             }
             None => {}
         }
+        if self.config.replication.enabled {
+            s.push_str("  repl     meshgate   every broker to every other (loop-free), retained state converged\n");
+        }
+        if let Some(http) = self.replicator.as_ref().and_then(|m| m.http_addr()) {
+            s.push_str(&format!("  http     meshgate   {http:<17} /replication /metrics (replication only)\n"));
+        }
         s.push_str(&format!(
             "\nTry it:\n  mosquitto_sub -h {host} -p {port} -t 'demo/#' -v &\n  mosquitto_pub -h {host} -p {port} -t demo/hello -m 'hi'\n"
         ));
@@ -138,6 +157,9 @@ impl Local {
 
     /// Stops the front end, then the brokers; leaves no process behind.
     pub async fn stop(&mut self) {
+        if let Some(r) = self.replicator.take() {
+            (*r).shutdown().await;
+        }
         match self.front.take() {
             Some(Front::Meshgate(m)) => (*m).shutdown().await,
             Some(Front::Nginx(mut child)) => {

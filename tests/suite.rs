@@ -20,6 +20,10 @@ async fn run_against(front_end: FrontEnd, brokers: usize, scenarios: &[Scenario]
             slot.addr(10 + i as u8, 1883)
         ));
     }
+    text.push_str(&format!(
+        "[replication]\nenabled = true\nstate_file = \"{}\"\n",
+        dir.path().join("repl.json").display()
+    ));
     // The reference design's passive settings, for both front ends.
     text = text.replace("address = ", "max_fails = 3\nfail_timeout = \"30s\"\naddress = ");
     let config = Config::from_toml(&text, "suite-test").unwrap();
@@ -52,15 +56,13 @@ async fn connectivity_clients_replication_retained_through_meshgate() {
     assert!(passed(&run, "clients"), "{:?}", run.results[1]);
     assert_eq!(metric(&run, "clients", "messages_lost"), 0.0);
     assert!(metric(&run, "clients", "messages_acknowledged") >= 20.0);
-    // No replication in this build: each message stays on the broker it was published on.
-    assert!(!passed(&run, "replication"));
-    assert_eq!(metric(&run, "replication", "deliveries_exactly_once"), 3.0);
-    assert_eq!(metric(&run, "replication", "deliveries_missing"), 6.0);
+    // Replication runs: each message reaches every broker exactly once, no storm.
+    assert!(passed(&run, "replication"), "{:?}", run.results[2].summary);
+    assert_eq!(metric(&run, "replication", "deliveries_exactly_once"), 9.0);
+    assert_eq!(metric(&run, "replication", "deliveries_missing"), 0.0);
     assert_eq!(metric(&run, "replication", "deliveries_duplicated"), 0.0);
-    let repl = run.results.iter().find(|r| r.scenario == "replication").unwrap();
-    assert!(repl.notes.iter().any(|n| n.contains("not replicated")), "says so plainly: {:?}", repl.notes);
-    assert!(!passed(&run, "retained"));
-    assert_eq!(metric(&run, "retained", "brokers_holding_value"), 1.0);
+    assert!(passed(&run, "retained"), "{:?}", run.results[3].summary);
+    assert_eq!(metric(&run, "retained", "brokers_holding_value"), 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,9 +72,11 @@ async fn connectivity_clients_replication_retained_through_nginx() {
     assert!(passed(&run, "connectivity"));
     assert!(passed(&run, "clients"), "{:?}", run.results[1]);
     assert_eq!(metric(&run, "clients", "messages_lost"), 0.0);
-    assert!(!passed(&run, "replication"));
-    assert_eq!(metric(&run, "replication", "deliveries_missing"), 6.0);
-    assert_eq!(metric(&run, "retained", "brokers_holding_value"), 1.0);
+    assert!(passed(&run, "replication"), "{:?}", run.results[2].summary);
+    assert_eq!(metric(&run, "replication", "deliveries_exactly_once"), 9.0);
+    assert_eq!(metric(&run, "replication", "deliveries_duplicated"), 0.0);
+    assert!(passed(&run, "retained"), "{:?}", run.results[3].summary);
+    assert_eq!(metric(&run, "retained", "brokers_holding_value"), 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

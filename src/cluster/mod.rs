@@ -56,7 +56,10 @@ pub fn render_broker(b: &BrokerConfig) -> Result<String, ClusterError> {
          log_type information\n\
          log_timestamp_format %Y-%m-%dT%H:%M:%S\n\
          # meshgate probes connect several times a second; logging each would fill the disk.\n\
-         connection_messages false\n",
+         connection_messages false\n\
+         # meshgate's replication link is a subscriber to everything; Mosquitto's default of 1000\n\
+         # queued QoS 1 messages per client would drop copies during a burst.\n\
+         max_queued_messages 100000\n",
         port = addr.port(),
         ip = addr.ip(),
     ))

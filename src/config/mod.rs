@@ -19,7 +19,28 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub health: HealthConfig,
     pub admin: AdminConfig,
+    pub replication: ReplicationConfig,
     pub brokers: Vec<BrokerConfig>,
+}
+
+/// Replication between the brokers (see `replication`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationConfig {
+    pub enabled: bool,
+    /// Highest QoS of the copies (and of meshgate's own subscriptions), 0..=2.
+    pub max_qos: u8,
+    /// Topic filters replicated; `#` is everything (but never `$` topics or meshgate's probes).
+    pub include: Vec<String>,
+    /// Topic filters never replicated.
+    pub exclude: Vec<String>,
+    /// Where the retained-state record is kept so convergence survives a meshgate restart.
+    pub state_file: Option<std::path::PathBuf>,
+    /// How often lag probes travel each broker pair.
+    pub lag_interval: Duration,
+    /// How long a deleted retained topic is remembered, so a stale copy cannot revive it.
+    pub tombstone_ttl: Duration,
+    /// Messages queued per broker link before copies are dropped (and counted).
+    pub queue: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -145,7 +166,22 @@ struct FileConfig {
     #[serde(default)]
     admin: FileAdmin,
     #[serde(default)]
+    replication: FileReplication,
+    #[serde(default)]
     broker: Vec<FileBroker>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileReplication {
+    enabled: Option<bool>,
+    max_qos: Option<u8>,
+    include: Option<Vec<String>>,
+    exclude: Option<Vec<String>>,
+    state_file: Option<String>,
+    lag_interval: Option<String>,
+    tombstone_ttl: Option<String>,
+    queue: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -417,6 +453,40 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         },
     };
 
+    let r = file.replication;
+    let replication = ReplicationConfig {
+        enabled: r.enabled.unwrap_or(false),
+        max_qos: r.max_qos.unwrap_or(1),
+        include: r.include.unwrap_or_else(|| vec!["#".to_string()]),
+        exclude: r.exclude.unwrap_or_default(),
+        state_file: r.state_file.filter(|s| !s.is_empty()).map(std::path::PathBuf::from),
+        lag_interval: c.positive_duration(
+            "replication.lag_interval",
+            r.lag_interval.as_ref(),
+            Duration::from_secs(1),
+        )?,
+        tombstone_ttl: c.positive_duration(
+            "replication.tombstone_ttl",
+            r.tombstone_ttl.as_ref(),
+            Duration::from_secs(3600),
+        )?,
+        queue: r.queue.unwrap_or(100_000),
+    };
+    if replication.max_qos > 2 {
+        return Err(c.err("replication.max_qos", "must be 0, 1 or 2"));
+    }
+    for (key, list) in [("replication.include", &replication.include), ("replication.exclude", &replication.exclude)] {
+        if let Some(bad) = list.iter().find(|f| !valid_filter(f)) {
+            return Err(c.err(key, format!("{bad:?} is not an MQTT topic filter ('#' only last, '+' a whole level)")));
+        }
+    }
+    if replication.include.is_empty() {
+        return Err(c.err("replication.include", "must name at least one topic filter (\"#\" for everything)"));
+    }
+    if replication.queue == 0 {
+        return Err(c.err("replication.queue", "must be at least 1"));
+    }
+
     let brokers = match nginx {
         Some((stream, nginx_path)) => {
             if !file.broker.is_empty() {
@@ -429,7 +499,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
     if brokers.is_empty() {
         return Err(c.err("broker", "no brokers configured: add at least one [[broker]] with name and address"));
     }
-    Ok(Config { listen: Listen { mqtt, http }, proxy, health, admin, brokers })
+    Ok(Config { listen: Listen { mqtt, http }, proxy, health, admin, replication, brokers })
 }
 
 fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerConfig>, ConfigError> {
@@ -498,6 +568,34 @@ fn brokers_from_nginx(stream: &nginx::NginxStream) -> Vec<BrokerConfig> {
             }
         })
         .collect()
+}
+
+/// An MQTT topic filter: non-empty, `#` only as the whole last level, `+` only as a whole level.
+pub fn valid_filter(f: &str) -> bool {
+    if f.is_empty() {
+        return false;
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains('#') && !l.contains('+'),
+    })
+}
+
+/// Does `topic` match `filter` (MQTT rules; `#` also matches the parent level)?
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return !topic.starts_with('$'),
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 fn check_host_port(address: &str) -> Result<(), String> {
@@ -635,6 +733,16 @@ mod tests {
                 assert!(!err.contains('\n'), "{name}: not one line: {err}");
             }
         }
+    }
+
+    #[test]
+    fn topic_filters() {
+        assert!(valid_filter("#") && valid_filter("a/+/c") && valid_filter("a/#"));
+        assert!(!valid_filter("a/#/c") && !valid_filter("a+") && !valid_filter(""));
+        assert!(topic_matches("#", "a/b") && topic_matches("a/#", "a") && topic_matches("a/+/c", "a/b/c"));
+        assert!(!topic_matches("#", "$SYS/x") && !topic_matches("a/+", "a/b/c") && !topic_matches("a/b", "a"));
+        let e = parse(&format!("[replication]\nexclude = [\"a/#/b\"]\n{FIVE}")).unwrap_err();
+        assert!(e.contains("replication.exclude"), "{e}");
     }
 
     #[test]

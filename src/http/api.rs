@@ -140,3 +140,16 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.pool.metrics.render())
 }
+
+/// Replication links, per-pair lag and the retained record; `enabled: false` when replication
+/// does not run in this process.
+pub async fn replication(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(match &s.replication {
+        Some(r) => {
+            let mut v = serde_json::to_value(r.view()).unwrap_or_default();
+            v["enabled"] = serde_json::Value::Bool(true);
+            v
+        }
+        None => serde_json::json!({ "enabled": false, "links": [], "lag": [], "retained_topics": 0, "tombstones": 0 }),
+    })
+}

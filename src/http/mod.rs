@@ -23,6 +23,8 @@ use crate::pool::Pool;
 pub struct AppState {
     pub pool: Arc<Pool>,
     pub admin_token: Option<String>,
+    /// Present when replication runs in this process.
+    pub replication: Option<Arc<crate::replication::Replication>>,
 }
 
 /// Every route as (method, path in OpenAPI form). Axum 0.8 writes path parameters the same
@@ -35,6 +37,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/tcp-check"),
     ("GET", "/events"),
     ("GET", "/metrics"),
+    ("GET", "/replication"),
     ("POST", "/brokers/{name}/disable"),
     ("POST", "/brokers/{name}/enable"),
     ("POST", "/brokers/{name}/drain"),
@@ -54,6 +57,7 @@ fn endpoint(method: &str, path: &str) -> MethodRouter<AppState> {
         ("GET", "/tcp-check") => get(api::tcp_check),
         ("GET", "/events") => get(api::events),
         ("GET", "/metrics") => get(api::metrics),
+        ("GET", "/replication") => get(api::replication),
         ("POST", "/brokers/{name}/disable") => post(admin::disable),
         ("POST", "/brokers/{name}/enable") => post(admin::enable),
         ("POST", "/brokers/{name}/drain") => post(admin::drain),
@@ -149,7 +153,7 @@ mod tests {
     fn state() -> AppState {
         let config =
             crate::Config::from_toml("[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n", "test").unwrap();
-        AppState { pool: Arc::new(Pool::new(&config)), admin_token: None }
+        AppState { pool: Arc::new(Pool::new(&config)), admin_token: None, replication: None }
     }
 
     #[test]

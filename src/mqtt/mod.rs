@@ -4,6 +4,7 @@
 //! boundaries (so it can count, limit and later inspect packets) and copies the bytes unchanged.
 //! Length is always checked from the remaining-length field before any body is buffered.
 
+pub mod client;
 pub mod connack;
 pub mod connect;
 pub mod encode;

@@ -4,7 +4,6 @@
 //! fails brokers through a [`BrokerControl`] (pid files of the local system, or a test harness).
 //! Results are data ([`model`]); [`report`] turns them into JSON lines, HTML and a summary.
 
-pub mod client;
 pub mod model;
 pub mod report;
 mod scenarios;

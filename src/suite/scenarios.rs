@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::client::RawClient;
 use super::model::{Chart, ChartKind, ScenarioResult, Series, Table};
 use super::{Options, Target};
 use crate::health::probe::PROBE_TOPIC_PREFIX;
+use crate::mqtt::client::RawClient;
 
 const SHORT: Duration = Duration::from_secs(2);
 
@@ -174,7 +174,8 @@ pub async fn replication(t: &Target, _opts: &Options) -> ScenarioResult {
     if missing as usize >= cells - names.len() && extra == 0 {
         r.notes.push(
             "Messages are not replicated between the brokers: each message reached only the broker it was published on. \
-             Replication between brokers is not part of this build yet, so this scenario fails by design until it is."
+             Replication is not running: set [replication] enabled = true in meshgate's config (it is on in \
+             configs/meshgate.toml), or run `meshgate replicate` beside nginx."
                 .into(),
         );
     }
@@ -237,8 +238,8 @@ pub async fn retained(t: &Target, _opts: &Options) -> ScenarioResult {
     r.summary = format!("{holding} of {} brokers hold the retained value set through the front end", t.brokers.len());
     if !r.passed {
         r.notes.push(
-            "Only the broker that took the publish holds the value: retained state is not replicated in this build, so a \
-             client that fails over to another broker does not find it."
+            "Only some brokers hold the value: retained state is not replicated (replication is off or a link is down), \
+             so a client that fails over to another broker does not find it."
                 .into(),
         );
     }

@@ -80,7 +80,9 @@ impl Mosquitto {
         Self::spawn_in(make_dir(name), name, addr, auth, extra)
     }
 
+    /// `{dir}` in `extra` stands for the broker's own temp dir (e.g. for persistence_location).
     fn spawn_in(dir: tempfile::TempDir, name: &str, addr: SocketAddr, auth: &str, extra: &str) -> Mosquitto {
+        let extra = &extra.replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join(format!("{name}.conf"));
         let log_path = dir.path().join(format!("{name}.log"));
         let stderr_path = dir.path().join(format!("{name}.stderr"));
@@ -304,11 +306,16 @@ impl std::fmt::Debug for Mosquitto {
 /// local layout), i = 1..=n, all spawned
 /// before waiting on any, and returns them in order.
 pub fn start_pool(slot: &Slot, n: usize) -> Vec<Mosquitto> {
+    start_pool_with(slot, n, "")
+}
+
+/// `start_pool` with extra config lines for every broker (`{dir}` = the broker's temp dir).
+pub fn start_pool_with(slot: &Slot, n: usize, extra: &str) -> Vec<Mosquitto> {
     assert!(n <= 200, "pool of {n} brokers does not fit a slot's addresses");
     let brokers: Vec<Mosquitto> = (1..=n)
         .map(|i| {
             let addr = slot.addr(9 + i as u8, 1883);
-            Mosquitto::spawn(&format!("broker{i}"), addr, "allow_anonymous true\n", "")
+            Mosquitto::spawn(&format!("broker{i}"), addr, "allow_anonymous true\n", extra)
         })
         .collect();
     // If one fails to come up, the panic drops the whole Vec and so kills every broker.

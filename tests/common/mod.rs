@@ -8,7 +8,7 @@ pub mod slot;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use broker::{start_pool, Mosquitto};
+pub use broker::{start_pool, start_pool_with, Mosquitto};
 use meshgate::{Config, Meshgate};
 pub use slot::Slot;
 
@@ -22,6 +22,13 @@ impl Net {
     pub fn start(n: usize) -> Net {
         let slot = Slot::acquire();
         let brokers = start_pool(&slot, n);
+        Net { slot, brokers }
+    }
+
+    /// Brokers with extra config lines (`{dir}` = each broker's temp dir).
+    pub fn start_with(n: usize, extra: &str) -> Net {
+        let slot = Slot::acquire();
+        let brokers = start_pool_with(&slot, n, extra);
         Net { slot, brokers }
     }
 

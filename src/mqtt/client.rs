@@ -1,4 +1,4 @@
-//! A small raw MQTT 3.1.1 client for the suite: exact timings, exact CONNACK codes, no hidden retries.
+//! A small raw MQTT 3.1.1 client: exact timings and CONNACK codes, no hidden retries; used by the suite and the replication lag probes.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::mqtt::{connack, decode_length, encode, encode_length, Length};
+use super::{connack, decode_length, encode, encode_length, Length};
 
 pub struct RawClient {
     stream: TcpStream,

@@ -1,0 +1,599 @@
+//! Loop-free replication between the brokers: one MQTT 5 link per broker, copies marked with their origin.
+//!
+//! Each link subscribes to the replicated filters with **No Local** (the broker never sends a
+//! link what the link itself published) and **Retain As Published**, and with Retain Handling
+//! "never" so that only live publishes arrive on it. What a link receives from its broker was
+//! published there by a client; it is forwarded once to every other broker through their
+//! links, with a user property `meshgate-origin` naming the broker it came from. A copy can
+//! reach a link only if someone else re-published it, and marked messages are never forwarded,
+//! so nothing loops and each message reaches each broker once. (A Mosquitto bridge mesh has no
+//! such rule: measured, one publish reached one subscriber 54,034 times in 4 s; see
+//! docs/replication.md.)
+//!
+//! Retained state converges through [`retained::Store`]; lag is measured by probe messages
+//! that travel the real path (published on broker i by a probe client, received on broker j
+//! by another).
+
+pub mod retained;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties, RetainForwardRule};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::{topic_matches, Config, ReplicationConfig};
+use crate::events::unix_ms;
+use crate::health::probe::PROBE_TOPIC_PREFIX;
+use crate::mqtt::client::RawClient;
+use crate::pool::Pool;
+use retained::{Action, Store, Value};
+
+/// The user property that marks a copy and names its origin broker.
+pub const ORIGIN: &str = "meshgate-origin";
+/// Topic prefix of the lag probes; these are replicated like any message, on purpose.
+pub const LAG_TOPIC_PREFIX: &str = "meshgate/lag/";
+
+struct Metrics {
+    forwarded: IntCounterVec,
+    dropped: IntCounterVec,
+    duplicated: IntCounterVec,
+    lag: GaugeVec,
+    link_up: prometheus::IntGaugeVec,
+    retained_repairs: IntCounterVec,
+}
+
+impl Metrics {
+    fn new(registry: &Registry) -> Metrics {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap();
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let lag = GaugeVec::new(
+            Opts::new(
+                "meshgate_replication_lag_seconds",
+                "Last measured time for a message published on `from` to reach `to`",
+            ),
+            &["from", "to"],
+        )
+        .unwrap();
+        registry.register(Box::new(lag.clone())).expect("unique metric");
+        let link_up = prometheus::IntGaugeVec::new(
+            Opts::new("meshgate_replication_link_up", "1 while meshgate's replication link to the broker is connected"),
+            &["broker"],
+        )
+        .unwrap();
+        registry.register(Box::new(link_up.clone())).expect("unique metric");
+        Metrics {
+            forwarded: counter(
+                "meshgate_replication_forwarded_total",
+                "Copies sent from one broker to another",
+                &["from", "to"],
+            ),
+            dropped: counter(
+                "meshgate_replication_dropped_total",
+                "Copies not sent: the target link was down or its queue full",
+                &["to", "reason"],
+            ),
+            duplicated: counter(
+                "meshgate_replication_duplicates_total",
+                "Messages received that were already copies or redeliveries, and so not forwarded again",
+                &["broker"],
+            ),
+            lag,
+            link_up,
+            retained_repairs: counter(
+                "meshgate_replication_retained_repairs_total",
+                "Retained values set, deleted or adopted to make a broker current",
+                &["broker", "action"],
+            ),
+        }
+    }
+}
+
+/// One broker's link.
+pub struct Link {
+    pub name: String,
+    pub address: String,
+    client: AsyncClient,
+    connected: AtomicBool,
+    since_ms: AtomicU64,
+    received: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkView {
+    pub broker: String,
+    pub address: String,
+    pub connected: bool,
+    pub since_ms: u64,
+    pub received: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LagView {
+    pub from: String,
+    pub to: String,
+    pub lag_ms: f64,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct View {
+    pub links: Vec<LinkView>,
+    pub lag: Vec<LagView>,
+    pub retained_topics: usize,
+    pub tombstones: usize,
+}
+
+pub struct Replication {
+    cfg: ReplicationConfig,
+    links: Vec<Arc<Link>>,
+    store: Mutex<Store>,
+    dirty: AtomicBool,
+    metrics: Metrics,
+    pool: Arc<Pool>,
+    lag: Mutex<HashMap<(String, String), (f64, u64)>>,
+}
+
+impl Replication {
+    /// Builds the links (not yet connected) and loads the retained record.
+    pub fn new(config: &Config, pool: &Arc<Pool>) -> (Arc<Replication>, Vec<EventLoop>) {
+        let cfg = config.replication.clone();
+        let mut links = Vec::new();
+        let mut loops = Vec::new();
+        for b in &config.brokers {
+            let (host, port) = split_address(&b.address);
+            let mut opts = MqttOptions::new(format!("meshgate-repl-{}-{}", b.name, std::process::id()), host, port);
+            opts.set_keep_alive(Duration::from_secs(10));
+            opts.set_clean_start(true);
+            opts.set_max_packet_size(Some(256 * 1024 * 1024));
+            let (client, eventloop) = AsyncClient::new(opts, cfg.queue);
+            links.push(Arc::new(Link {
+                name: b.name.clone(),
+                address: b.address.clone(),
+                client,
+                connected: AtomicBool::new(false),
+                since_ms: AtomicU64::new(unix_ms(SystemTime::now())),
+                received: AtomicU64::new(0),
+            }));
+            loops.push(eventloop);
+        }
+        let store = match &cfg.state_file {
+            Some(path) => Store::load(path).unwrap_or_else(|e| {
+                warn!("replication state unreadable, starting empty: {e}");
+                Store::default()
+            }),
+            None => Store::default(),
+        };
+        let repl = Arc::new(Replication {
+            cfg,
+            links,
+            store: Mutex::new(store),
+            dirty: AtomicBool::new(false),
+            metrics: Metrics::new(&pool.metrics.registry),
+            pool: pool.clone(),
+            lag: Mutex::new(HashMap::new()),
+        });
+        (repl, loops)
+    }
+
+    /// Starts every link, the lag probes and the state saver; all stop with `stop`.
+    pub fn start(
+        config: &Config,
+        pool: &Arc<Pool>,
+        tracker: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Arc<Replication> {
+        let (repl, loops) = Replication::new(config, pool);
+        for (i, eventloop) in loops.into_iter().enumerate() {
+            tracker.spawn(repl.clone().link_loop(i, eventloop, stop.clone()));
+        }
+        for i in 0..repl.links.len() {
+            tracker.spawn(repl.clone().lag_probe(i, stop.clone()));
+        }
+        tracker.spawn(repl.clone().saver(stop.clone()));
+        info!(brokers = repl.links.len(), include = ?repl.cfg.include, "replication started");
+        repl
+    }
+
+    fn replicated(&self, topic: &str) -> bool {
+        !topic.starts_with(PROBE_TOPIC_PREFIX)
+            && !topic.starts_with('$')
+            && self.cfg.include.iter().any(|f| topic_matches(f, topic))
+            && !self.cfg.exclude.iter().any(|f| topic_matches(f, topic))
+    }
+
+    fn qos(&self, q: QoS) -> QoS {
+        let cap = match self.cfg.max_qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        if (q as u8) < (cap as u8) {
+            q
+        } else {
+            cap
+        }
+    }
+
+    async fn link_loop(self: Arc<Self>, i: usize, mut eventloop: EventLoop, stop: CancellationToken) {
+        let link = self.links[i].clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let event = tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = link.client.try_disconnect();
+                    return;
+                }
+                e = eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(100);
+                    link.connected.store(true, Ordering::Relaxed);
+                    link.since_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+                    self.metrics.link_up.with_label_values(&[&link.name]).set(1);
+                    let filters: Vec<Filter> = self
+                        .cfg
+                        .include
+                        .iter()
+                        .map(|f| Filter {
+                            path: f.clone(),
+                            qos: self.qos(QoS::ExactlyOnce),
+                            nolocal: true,
+                            preserve_retain: true,
+                            retain_forward_rule: RetainForwardRule::Never,
+                        })
+                        .collect();
+                    if let Err(e) = link.client.try_subscribe_many(filters) {
+                        warn!(broker = %link.name, "replication subscribe not queued: {e}");
+                    }
+                    self.pool.events.push(
+                        "replication",
+                        Some(&link.name),
+                        format!("replication link to {} connected", link.name),
+                    );
+                    tokio::spawn(self.clone().reconcile(i));
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(i, p),
+                Ok(_) => {}
+                Err(e) => {
+                    if link.connected.swap(false, Ordering::Relaxed) {
+                        self.metrics.link_up.with_label_values(&[&link.name]).set(0);
+                        link.since_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+                        self.pool.events.push(
+                            "replication",
+                            Some(&link.name),
+                            format!("replication link to {} lost: {e}", link.name),
+                        );
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    fn on_publish(&self, i: usize, p: rumqttc::v5::mqttbytes::v5::Publish) {
+        let from = &self.links[i];
+        from.received.fetch_add(1, Ordering::Relaxed);
+        let Ok(topic) = std::str::from_utf8(&p.topic) else { return };
+        let mut props = p.properties.unwrap_or_default();
+        if props.user_properties.iter().any(|(k, _)| k == ORIGIN) || p.dup {
+            // A copy that came back (another replicator, a bridge) or a redelivery: forwarding
+            // it again is how storms start.
+            self.metrics.duplicated.with_label_values(&[&from.name]).inc();
+            if p.dup && !props.user_properties.iter().any(|(k, _)| k == ORIGIN) {
+                debug!(broker = %from.name, topic, "redelivered message not forwarded again");
+            }
+            return;
+        }
+        if !self.replicated(topic) {
+            return;
+        }
+        if p.retain {
+            let mut store = self.store.lock().unwrap();
+            store.write(topic, &p.payload, p.qos as u8, unix_ms(SystemTime::now()));
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        // Per-subscription ids and aliases belong to the link's own connection, not the message.
+        props.subscription_identifiers.clear();
+        props.topic_alias = None;
+        props.user_properties.push((ORIGIN.to_string(), from.name.clone()));
+        let qos = self.qos(p.qos);
+        for (j, to) in self.links.iter().enumerate() {
+            if j == i {
+                continue;
+            }
+            self.send(
+                to,
+                Copy { topic, qos, retain: p.retain, payload: p.payload.clone(), props: props.clone() },
+                &from.name,
+            );
+        }
+    }
+
+    fn send(&self, to: &Link, copy: Copy<'_>, from: &str) {
+        let Copy { topic, qos, retain, payload, props } = copy;
+        if !to.connected.load(Ordering::Relaxed) {
+            // The broker is down: its clients are elsewhere; retained state is caught up when
+            // the link returns.
+            self.metrics.dropped.with_label_values(&[&to.name, "link_down"]).inc();
+            return;
+        }
+        match to.client.try_publish_with_properties(topic, qos, retain, payload, props) {
+            Ok(()) => self.metrics.forwarded.with_label_values(&[from, &to.name]).inc(),
+            Err(e) => {
+                self.metrics.dropped.with_label_values(&[&to.name, "queue_full"]).inc();
+                debug!(to = %to.name, "copy dropped: {e}");
+            }
+        }
+    }
+
+    /// Reads the broker's retained set and makes it current (see [`retained`]).
+    async fn reconcile(self: Arc<Self>, i: usize) {
+        let link = self.links[i].clone();
+        let started = Instant::now();
+        let since = self.store.lock().unwrap().seq;
+        let holds = match self.snapshot(&link.address).await {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(broker = %link.name, "cannot read retained messages for convergence: {e}");
+                return;
+            }
+        };
+        let actions = self.store.lock().unwrap().reconcile(&holds, since, unix_ms(SystemTime::now()));
+        self.dirty.store(true, Ordering::Relaxed);
+        let n = actions.len();
+        for a in actions {
+            info!(broker = %link.name, "retained repair: {a:?}");
+            let origin_props = |origin: &str| PublishProperties {
+                user_properties: vec![(ORIGIN.to_string(), origin.to_string())],
+                ..Default::default()
+            };
+            match a {
+                Action::Set { topic, value } => {
+                    self.metrics.retained_repairs.with_label_values(&[&link.name, "set"]).inc();
+                    let q = self.qos(qos_of(value.qos));
+                    let _ = link.client.try_publish_with_properties(
+                        topic,
+                        q,
+                        true,
+                        value.payload(),
+                        origin_props("meshgate"),
+                    );
+                }
+                Action::Delete { topic } => {
+                    self.metrics.retained_repairs.with_label_values(&[&link.name, "delete"]).inc();
+                    let _ = link.client.try_publish_with_properties(
+                        topic,
+                        QoS::AtLeastOnce,
+                        true,
+                        Vec::new(),
+                        origin_props("meshgate"),
+                    );
+                }
+                Action::Adopt { topic, value } => {
+                    self.metrics.retained_repairs.with_label_values(&[&link.name, "adopt"]).inc();
+                    let q = self.qos(qos_of(value.qos));
+                    for (j, to) in self.links.iter().enumerate() {
+                        if j != i {
+                            let copy = Copy {
+                                topic: &topic,
+                                qos: q,
+                                retain: true,
+                                payload: value.payload().into(),
+                                props: origin_props(&link.name),
+                            };
+                            self.send(to, copy, &link.name);
+                        }
+                    }
+                }
+            }
+        }
+        if n > 0 {
+            self.pool.events.push(
+                "replication",
+                Some(&link.name),
+                format!(
+                    "{}: {n} retained topic(s) brought up to date in {:.0} ms",
+                    link.name,
+                    started.elapsed().as_secs_f64() * 1000.0
+                ),
+            );
+        }
+    }
+
+    /// The retained messages a broker holds now: subscribe to the replicated filters with a
+    /// throwaway client and collect until the broker goes quiet.
+    async fn snapshot(&self, address: &str) -> Result<HashMap<String, Value>, String> {
+        let (host, port) = split_address(address);
+        let id = format!("meshgate-snap-{}-{}", std::process::id(), unix_ms(SystemTime::now()) % 1_000_000_000);
+        let mut opts = MqttOptions::new(id, host, port);
+        opts.set_keep_alive(Duration::from_secs(10));
+        opts.set_max_packet_size(Some(256 * 1024 * 1024));
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let filters: Vec<Filter> = self.cfg.include.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce)).collect();
+        client.subscribe_many(filters).await.map_err(|e| e.to_string())?;
+        let mut holds = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Mosquitto sends every retained message right after the SUBACK. Live traffic keeps
+        // flowing on the same subscription (with retain = 0), so the set is complete once no
+        // retained message has come for 200 ms.
+        let mut quiet_until: Option<Instant> = None;
+        loop {
+            let wait = match quiet_until {
+                Some(t) => t.saturating_duration_since(Instant::now()),
+                None => Duration::from_secs(3),
+            };
+            match tokio::time::timeout(wait, eventloop.poll()).await {
+                Err(_) if quiet_until.is_some() => break,
+                Err(_) => return Err("no SUBACK within 3 s".into()),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                    quiet_until = Some(Instant::now() + Duration::from_millis(200))
+                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.retain => {
+                    quiet_until = Some(Instant::now() + Duration::from_millis(200));
+                    if let Ok(topic) = std::str::from_utf8(&p.topic) {
+                        if self.replicated(topic) {
+                            holds.insert(topic.to_string(), Value::new(&p.payload, p.qos as u8));
+                        }
+                    }
+                }
+                Ok(Ok(_)) => {}
+            }
+            if Instant::now() > deadline {
+                return Err("retained set did not settle within 10 s".into());
+            }
+        }
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+        Ok(holds)
+    }
+
+    /// Saves the retained record when it changed, and expires old tombstones.
+    async fn saver(self: Arc<Self>, stop: CancellationToken) {
+        let Some(path) = self.cfg.state_file.clone() else { return };
+        let path = Arc::new(path);
+        loop {
+            let stopping = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+            };
+            let now = unix_ms(SystemTime::now());
+            let expired = self.store.lock().unwrap().expire(now, self.cfg.tombstone_ttl.as_millis() as u64);
+            if self.dirty.swap(false, Ordering::Relaxed) || expired > 0 {
+                let snapshot = self.store.lock().unwrap().clone();
+                if let Err(e) = {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || snapshot.save(&path))
+                }
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+                {
+                    warn!("cannot save replication state: {e}");
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Publishes a timestamped probe on broker `i` and measures when the copies arrive on the
+    /// others: the real path, through the brokers and this process's links.
+    async fn lag_probe(self: Arc<Self>, i: usize, stop: CancellationToken) {
+        let me = self.links[i].clone();
+        let id = format!("meshgate-lag-{}-{}", me.name, std::process::id());
+        let started = Instant::now();
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let client = RawClient::connect(&me.address, &id, true, Duration::from_secs(2)).await;
+            let Ok((mut c, 0, _)) = client else {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            };
+            if c.subscribe(&format!("{LAG_TOPIC_PREFIX}#"), 0, Duration::from_secs(2)).await.is_err() {
+                continue;
+            }
+            let mut next = Instant::now();
+            loop {
+                if Instant::now() >= next {
+                    next = Instant::now() + self.cfg.lag_interval;
+                    let sent = started.elapsed().as_micros() as u64;
+                    let topic = format!("{LAG_TOPIC_PREFIX}{}", me.name);
+                    if c.publish(&topic, sent.to_string().as_bytes(), 0, false, Duration::from_secs(1)).await.is_err() {
+                        break;
+                    }
+                }
+                let wait = next.saturating_duration_since(Instant::now());
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = c.next_message(wait) => m,
+                };
+                match msg {
+                    Err(_) => break,
+                    Ok(None) => {}
+                    Ok(Some(m)) => {
+                        let from = m.topic.trim_start_matches(LAG_TOPIC_PREFIX).to_string();
+                        let Ok(sent) = String::from_utf8_lossy(&m.payload).parse::<u64>() else { continue };
+                        if from == me.name {
+                            continue; // our own publish, delivered locally
+                        }
+                        let lag = (started.elapsed().as_micros() as u64).saturating_sub(sent) as f64 / 1e6;
+                        self.metrics.lag.with_label_values(&[&from, &me.name]).set(lag);
+                        self.lag.lock().unwrap().insert((from, me.name.clone()), (lag, unix_ms(SystemTime::now())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// For `/replication` and the dashboard.
+    pub fn view(&self) -> View {
+        let links = self
+            .links
+            .iter()
+            .map(|l| LinkView {
+                broker: l.name.clone(),
+                address: l.address.clone(),
+                connected: l.connected.load(Ordering::Relaxed),
+                since_ms: l.since_ms.load(Ordering::Relaxed),
+                received: l.received.load(Ordering::Relaxed),
+            })
+            .collect();
+        let mut lag: Vec<LagView> = self
+            .lag
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|((from, to), (s, at))| LagView { from: from.clone(), to: to.clone(), lag_ms: s * 1000.0, at_ms: *at })
+            .collect();
+        lag.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
+        let store = self.store.lock().unwrap();
+        let tombstones = store.entries.values().filter(|e| e.value.is_none()).count();
+        View { links, lag, retained_topics: store.entries.len() - tombstones, tombstones }
+    }
+}
+
+/// One message to send to another broker.
+struct Copy<'a> {
+    topic: &'a str,
+    qos: QoS,
+    retain: bool,
+    payload: bytes::Bytes,
+    props: PublishProperties,
+}
+
+fn qos_of(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn split_address(address: &str) -> (String, u16) {
+    match address.rsplit_once(':') {
+        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.parse().unwrap_or(1883)),
+        None => (address.to_string(), 1883),
+    }
+}
