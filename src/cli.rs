@@ -35,7 +35,9 @@ pub enum Command {
     /// Run the proxy, health checks and HTTP API in the foreground.
     Run(RunArgs),
     /// Validate a configuration and print what it means, then exit.
-    Check(RunArgs),
+    Validate(RunArgs),
+    /// Load-test a front end: throughput, latency percentiles, connection rate, idle sessions, memory.
+    Bench(crate::bench::BenchArgs),
     /// Replication between the brokers alone (no proxy), with the HTTP API for /replication and /metrics.
     Replicate(RunArgs),
     /// Start the whole local system: the brokers of the config, then meshgate (or nginx) in front. Ctrl-C stops all.
@@ -156,7 +158,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
     let result = match cli.command {
-        Command::Check(args) => load(&args).map(|c| {
+        Command::Validate(args) => load(&args).map(|c| {
             print_summary(&c);
         }),
         Command::Run(args) => match load(&args) {
@@ -164,6 +166,7 @@ pub fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Up(args) => up(args),
+        Command::Bench(args) => crate::bench::main(args),
         Command::Replicate(args) => match load(&args) {
             Ok(mut config) => {
                 config.replication.enabled = true;

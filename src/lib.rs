@@ -12,6 +12,7 @@
 //! waiting for a shutdown signal, for the CLI.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod cli;
 pub mod cluster;
 pub mod config;

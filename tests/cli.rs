@@ -51,7 +51,7 @@ fn config_mistakes_get_one_clear_line_and_exit_2() {
     ];
     for (name, text, expect) in cases {
         let path = write_config(&dir, &format!("{name}.toml"), &text);
-        for sub in ["run", "check"] {
+        for sub in ["run", "validate"] {
             let (code, _, stderr) = meshgate(&[sub, "--config", &path]);
             assert_eq!(code, 2, "{name}/{sub}: {stderr}");
             let line = one_line_error(&stderr);
@@ -72,7 +72,7 @@ fn nginx_conf_mistakes_name_the_line() {
         "bad.conf",
         "stream {\n upstream u {\n  server 127.0.0.10:1883 wieght=5;\n }\n server { listen 1883; proxy_pass u; }\n}\n",
     );
-    let (code, _, stderr) = meshgate(&["check", "--nginx-conf", &path]);
+    let (code, _, stderr) = meshgate(&["validate", "--nginx-conf", &path]);
     assert_eq!(code, 2);
     let line = one_line_error(&stderr);
     assert!(line.contains("line 3") && line.contains("wieght=5"), "{line}");
@@ -81,7 +81,7 @@ fn nginx_conf_mistakes_name_the_line() {
 #[test]
 fn shipped_nginx_conf_runs_unchanged() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let (code, stdout, stderr) = meshgate(&["check", "--nginx-conf", &format!("{root}/nginx/meshgate-stream.conf")]);
+    let (code, stdout, stderr) = meshgate(&["validate", "--nginx-conf", &format!("{root}/nginx/meshgate-stream.conf")]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("4 backup server(s) become sequential tiers 2..5 in file order"), "{stderr}");
     for (i, line) in stdout.lines().filter(|l| l.starts_with("broker ")).enumerate() {
