@@ -36,6 +36,8 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a configuration and print what it means, then exit.
     Validate(RunArgs),
+    /// A failover-aware MQTT client (basic, sensor, control) that logs every state change as JSON.
+    Client(crate::client::ClientArgs),
     /// Load-test a front end: throughput, latency percentiles, connection rate, idle sessions, memory.
     Bench(crate::bench::BenchArgs),
     /// Replication between the brokers alone (no proxy), with the HTTP API for /replication and /metrics.
@@ -78,6 +80,15 @@ pub enum ScenarioArg {
     Failover,
     Clients,
     Full,
+    /// Long failure/recovery run with message accounting (its own options below).
+    Chaos,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FaultArg {
+    Kill,
+    Hang,
+    Mixed,
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,9 +107,33 @@ pub struct SuiteArgs {
     pub config: PathBuf,
     #[arg(long, default_value = "run")]
     pub run_dir: PathBuf,
-    /// Length of the clients scenario and of each failover fault.
-    #[arg(long, default_value = "6s", value_parser = parse_duration_arg)]
-    pub duration: std::time::Duration,
+    /// Length of the clients scenario and of each failover fault (default 6s), or of the
+    /// whole chaos run (default 300s).
+    #[arg(long, value_parser = parse_duration_arg)]
+    pub duration: Option<std::time::Duration>,
+    /// chaos: time between faults; each failed broker is recovered one cycle later.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    pub cycle: std::time::Duration,
+    /// chaos: how brokers fail (mixed alternates hang and kill).
+    #[arg(long, value_enum, default_value_t = FaultArg::Mixed)]
+    pub fault: FaultArg,
+    /// chaos: publishers (QoS 1, sequence numbers) and subscribers.
+    #[arg(long, default_value_t = 4)]
+    pub publishers: usize,
+    #[arg(long, default_value_t = 2)]
+    pub subscribers: usize,
+    /// chaos: messages per second per publisher.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// chaos threshold: every fault taken over within this time.
+    #[arg(long, default_value = "1.5s", value_parser = parse_duration_arg)]
+    pub max_takeover: std::time::Duration,
+    /// chaos threshold: client connect attempts allowed to fail.
+    #[arg(long, default_value_t = 0)]
+    pub max_failed_connects: usize,
+    /// chaos threshold: acknowledged messages allowed to be lost outside fault windows.
+    #[arg(long, default_value_t = 0)]
+    pub max_lost_outside: usize,
     /// Simulated clients in the clients scenario.
     #[arg(long, default_value_t = 10)]
     pub clients: usize,
@@ -167,6 +202,11 @@ pub fn main() -> ExitCode {
         },
         Command::Up(args) => up(args),
         Command::Bench(args) => crate::bench::main(args),
+        Command::Client(args) => runtime().and_then(|rt| {
+            rt.block_on(crate::client::run(args, async {
+                let _ = ctrl_c_or_term().await;
+            }))
+        }),
         Command::Replicate(args) => match load(&args) {
             Ok(mut config) => {
                 config.replication.enabled = true;
@@ -378,8 +418,43 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         ScenarioArg::Failover => vec![Scenario::Failover],
         ScenarioArg::Clients => vec![Scenario::Clients],
         ScenarioArg::Full => Scenario::ALL.to_vec(),
+        ScenarioArg::Chaos => vec![],
     };
-    let opts = suite::Options { duration: args.duration, clients: args.clients, progress: true };
+    let chaos = (args.scenario == ScenarioArg::Chaos).then(|| suite::ChaosOptions {
+        duration: args.duration.unwrap_or(std::time::Duration::from_secs(300)),
+        cycle: args.cycle,
+        fault: match args.fault {
+            FaultArg::Kill => suite::FaultMode::Kill,
+            FaultArg::Hang => suite::FaultMode::Hang,
+            FaultArg::Mixed => suite::FaultMode::Mixed,
+        },
+        publishers: args.publishers,
+        subscribers: args.subscribers,
+        rate: args.rate,
+        max_takeover: args.max_takeover,
+        max_failed_connects: args.max_failed_connects,
+        max_lost_outside: args.max_lost_outside,
+        progress: true,
+    });
+    if let Some(c) = &chaos {
+        if c.cycle >= c.duration || c.cycle.is_zero() || c.rate <= 0.0 || c.publishers == 0 || c.subscribers == 0 {
+            anyhow::bail!("chaos needs --cycle shorter than --duration, a positive --rate, and at least one publisher and subscriber");
+        }
+    }
+    let opts = suite::Options {
+        duration: args.duration.unwrap_or(std::time::Duration::from_secs(6)),
+        clients: args.clients,
+        progress: true,
+    };
+    let run_one = |target: suite::Target| {
+        let (scenarios, opts, chaos) = (scenarios.clone(), opts.clone(), chaos.clone());
+        async move {
+            match &chaos {
+                Some(c) => suite::run_chaos(&target, c).await,
+                None => suite::run(&target, &scenarios, &opts).await,
+            }
+        }
+    };
     let runs = runtime()?.block_on(async {
         let mut runs = Vec::new();
         if args.compare {
@@ -388,7 +463,7 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
                 eprintln!("starting the local system with {} in front ...", fe.as_str());
                 let mut local = Local::start(config.clone(), &dir, fe).await?;
                 let target = suite::Target::local(&config, &dir, fe.as_str())?;
-                runs.push(suite::run(&target, &scenarios, &opts).await);
+                runs.push(run_one(target).await);
                 local.stop().await;
             }
         } else {
@@ -401,7 +476,7 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
                 );
             }
             let target = suite::Target::local(&config, &args.run_dir, fe.as_str())?;
-            runs.push(suite::run(&target, &scenarios, &opts).await);
+            runs.push(run_one(target).await);
         }
         anyhow::Ok(runs)
     })?;

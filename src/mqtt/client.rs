@@ -12,6 +12,9 @@ pub struct RawClient {
     stream: TcpStream,
     buf: Vec<u8>,
     next_id: u16,
+    /// PUBLISHes that arrived while waiting for something else (a PUBACK, a PINGRESP); they
+    /// were acknowledged on arrival and are handed out by `next_message`.
+    inbox: std::collections::VecDeque<Message>,
 }
 
 /// A PUBLISH the client received.
@@ -35,7 +38,7 @@ impl RawClient {
         let run = async {
             let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
             let _ = stream.set_nodelay(true);
-            let mut c = RawClient { stream, buf: Vec::with_capacity(256), next_id: 1 };
+            let mut c = RawClient { stream, buf: Vec::with_capacity(256), next_id: 1, inbox: Default::default() };
             c.send(&encode::connect(4, client_id, clean, 30, None, None)).await?;
             loop {
                 if let Some((ack, n)) = connack::parse(&c.buf).map_err(|e| e.to_string())? {
@@ -93,27 +96,31 @@ impl RawClient {
         id
     }
 
-    /// Subscribes and waits for the SUBACK; PUBLISHes that arrive first are kept for `next_message`.
-    pub async fn subscribe(&mut self, filter: &str, qos: u8, limit: Duration) -> Result<Vec<Message>, String> {
+    /// Subscribes and waits for the SUBACK; PUBLISHes that arrive first wait for `next_message`.
+    pub async fn subscribe(&mut self, filter: &str, qos: u8, limit: Duration) -> Result<(), String> {
         let id = self.id();
         self.send(&encode::subscribe(4, id, filter, qos)).await?;
-        let mut early = Vec::new();
+        self.wait_for(9, None, limit, "SUBACK").await
+    }
+
+    /// Reads until a packet of `kind` (with `id` as its first two body bytes, if given)
+    /// arrives; PUBLISHes read meanwhile are acknowledged and kept in the inbox.
+    async fn wait_for(&mut self, kind: u8, id: Option<u16>, limit: Duration, what: &str) -> Result<(), String> {
         let wait = async {
             loop {
                 let (first, body) = self.packet().await?;
-                match first >> 4 {
-                    9 => return Ok::<(), String>(()),
-                    3 => early.push(self.on_publish(first, &body).await?),
-                    _ => {}
+                if first >> 4 == 3 {
+                    let m = self.on_publish(first, &body).await?;
+                    self.inbox.push_back(m);
+                } else if first >> 4 == kind && id.is_none_or(|id| body.get(..2) == Some(&id.to_be_bytes()[..])) {
+                    return Ok::<(), String>(());
                 }
             }
         };
-        timeout(limit, wait).await.map_err(|_| format!("no SUBACK within {limit:?}"))??;
-        Ok(early)
+        timeout(limit, wait).await.map_err(|_| format!("no {what} within {limit:?}"))?
     }
 
-    /// Publishes; at QoS 1 waits for the PUBACK (messages that arrive meanwhile are dropped, so
-    /// publishers and subscribers should be separate clients).
+    /// Publishes; at QoS 1 waits for the PUBACK.
     pub async fn publish(
         &mut self,
         topic: &str,
@@ -137,19 +144,14 @@ impl RawClient {
         if qos == 0 {
             return Ok(());
         }
-        let wait = async {
-            loop {
-                let (first, body) = self.packet().await?;
-                if first >> 4 == 4 && body.get(..2) == Some(&id.to_be_bytes()[..]) {
-                    return Ok(());
-                }
-            }
-        };
-        timeout(limit, wait).await.map_err(|_| format!("no PUBACK within {limit:?}"))?
+        self.wait_for(4, Some(id), limit, "PUBACK").await
     }
 
     /// The next PUBLISH within `limit`, `Ok(None)` when none came.
     pub async fn next_message(&mut self, limit: Duration) -> Result<Option<Message>, String> {
+        if let Some(m) = self.inbox.pop_front() {
+            return Ok(Some(m));
+        }
         let wait = async {
             loop {
                 let (first, body) = self.packet().await?;
@@ -181,15 +183,7 @@ impl RawClient {
     /// PINGREQ and wait for PINGRESP.
     pub async fn ping(&mut self, limit: Duration) -> Result<(), String> {
         self.send(&[0xc0, 0x00]).await?;
-        let wait = async {
-            loop {
-                let (first, _) = self.packet().await?;
-                if first >> 4 == 13 {
-                    return Ok(());
-                }
-            }
-        };
-        timeout(limit, wait).await.map_err(|_| format!("no PINGRESP within {limit:?}"))?
+        self.wait_for(13, None, limit, "PINGRESP").await
     }
 
     pub async fn disconnect(mut self) {

@@ -4,6 +4,7 @@
 //! fails brokers through a [`BrokerControl`] (pid files of the local system, or a test harness).
 //! Results are data ([`model`]); [`report`] turns them into JSON lines, HTML and a summary.
 
+pub mod chaos;
 pub mod model;
 pub mod report;
 mod scenarios;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use crate::cluster::{self, RunDir};
 use crate::config::Config;
+pub use chaos::{ChaosOptions, FaultMode};
 pub use model::{Run, ScenarioResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,8 @@ pub struct Target {
     pub front_end: String,
     /// MQTT address of the front end.
     pub front: String,
+    /// meshgate's HTTP API, when there is one to ask (clients per broker).
+    pub http: Option<String>,
     /// (name, address) of every broker, primary first.
     pub brokers: Vec<(String, String)>,
     pub control: Box<dyn BrokerControl>,
@@ -75,13 +79,36 @@ impl Default for Options {
     }
 }
 
-pub async fn run(target: &Target, scenarios: &[Scenario], opts: &Options) -> Run {
-    let mut run = Run {
+fn new_run(target: &Target) -> Run {
+    Run {
         front_end: target.front_end.clone(),
         front_address: target.front.clone(),
         started_ms: crate::events::unix_ms(std::time::SystemTime::now()),
         results: Vec::new(),
-    };
+    }
+}
+
+/// The chaos run (its own command: long, with its own options).
+pub async fn run_chaos(target: &Target, opts: &ChaosOptions) -> Run {
+    let mut run = new_run(target);
+    if opts.progress {
+        eprintln!(
+            "[{}] chaos: {} publishers, {} subscribers, a fault every {:?} for {:?} ...",
+            target.front_end, opts.publishers, opts.subscribers, opts.cycle, opts.duration
+        );
+    }
+    let started = std::time::Instant::now();
+    let mut r = chaos::chaos(target, opts).await;
+    r.duration_ms = started.elapsed().as_millis() as u64;
+    if opts.progress {
+        eprintln!("[{}] chaos {}: {}", target.front_end, if r.passed { "PASS" } else { "FAIL" }, r.summary);
+    }
+    run.results.push(r);
+    run
+}
+
+pub async fn run(target: &Target, scenarios: &[Scenario], opts: &Options) -> Run {
+    let mut run = new_run(target);
     for &s in scenarios {
         if opts.progress {
             eprintln!("[{}] {} ...", target.front_end, s.name());
@@ -157,6 +184,7 @@ impl Target {
         Ok(Target {
             front_end: front_end.to_string(),
             front: config.listen.mqtt.clone(),
+            http: config.listen.http.clone(),
             brokers: config.brokers.iter().map(|b| (b.name.clone(), b.address.clone())).collect(),
             control: Box::new(PidFileControl { config: config.clone(), run: RunDir::new(run_dir)? }),
         })

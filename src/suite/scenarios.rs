@@ -15,12 +15,12 @@ use crate::mqtt::client::RawClient;
 const SHORT: Duration = Duration::from_secs(2);
 
 /// A tag that keeps topics and client ids of one run apart from every other run.
-fn tag() -> String {
+pub(super) fn tag() -> String {
     let ms = crate::events::unix_ms(std::time::SystemTime::now());
     format!("{}-{}", std::process::id(), ms % 100_000_000)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -211,11 +211,14 @@ pub async fn retained(t: &Target, _opts: &Options) -> ScenarioResult {
     for (name, addr) in &t.brokers {
         let got = match RawClient::connect(addr, &format!("suite-ret-sub-{tag}-{name}"), true, SHORT).await {
             Ok((mut c, 0, _)) => {
-                let early = c.subscribe(&topic, 1, SHORT).await.unwrap_or_default();
-                let found = match early.into_iter().find(|m| m.retain) {
-                    Some(m) => Some(m),
-                    None => c.next_message(Duration::from_millis(500)).await.ok().flatten(),
-                };
+                let _ = c.subscribe(&topic, 1, SHORT).await;
+                let mut found = None;
+                while let Ok(Some(m)) = c.next_message(Duration::from_millis(500)).await {
+                    if m.retain {
+                        found = Some(m);
+                        break;
+                    }
+                }
                 c.disconnect().await;
                 found.map(|m| String::from_utf8_lossy(&m.payload).into_owned())
             }
@@ -253,7 +256,7 @@ pub async fn retained(t: &Target, _opts: &Options) -> ScenarioResult {
 
 /// The broker the front end sends new clients to: a subscriber through the front end on a
 /// topic that replication never copies, and one publish on each broker directly.
-async fn active_broker(t: &Target) -> Option<String> {
+pub(super) async fn active_broker(t: &Target) -> Option<String> {
     let tag = tag();
     let topic = format!("{PROBE_TOPIC_PREFIX}suite/{tag}");
     let (mut sub, code, _) = RawClient::connect(&t.front, &format!("suite-active-{tag}"), true, SHORT).await.ok()?;
@@ -391,7 +394,7 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
     r
 }
 
-fn histogram(values: &[f64]) -> Vec<(f64, f64)> {
+pub(super) fn histogram(values: &[f64]) -> Vec<(f64, f64)> {
     let bounds = [0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0];
     let mut counts = vec![0.0; bounds.len()];
     for v in values {
