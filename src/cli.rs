@@ -40,6 +40,8 @@ pub enum Command {
     Client(crate::client::ClientArgs),
     /// Load-test a front end: throughput, latency percentiles, connection rate, idle sessions, memory.
     Bench(crate::bench::BenchArgs),
+    /// nginx sidecar: probe the brokers and keep nginx's upstream file in step (no proxy).
+    Check(CheckArgs),
     /// Replication between the brokers alone (no proxy), with the HTTP API for /replication and /metrics.
     Replicate(RunArgs),
     /// Start the whole local system: the brokers of the config, then meshgate (or nginx) in front. Ctrl-C stops all.
@@ -51,6 +53,33 @@ pub enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The nginx file with the upstream block that meshgate rewrites (include it in nginx's stream block).
+    #[arg(long)]
+    pub nginx_upstream: PathBuf,
+    /// Command that makes nginx load the new file, e.g. "nginx -s reload".
+    #[arg(long)]
+    pub reload_cmd: String,
+    /// Command that validates nginx's config with the new file in place ("" to skip).
+    #[arg(long, default_value = "nginx -t -q")]
+    pub nginx_test_cmd: String,
+    /// Name of the upstream block (what proxy_pass names).
+    #[arg(long, default_value = "mqtt_brokers")]
+    pub upstream_name: String,
+    /// Leave only the best available tier up, so nginx follows broker1, then broker2, ...
+    #[arg(long)]
+    pub tiers: bool,
+    /// Minimum time between two nginx reloads (absorbs a flapping broker).
+    #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+    pub min_reload_interval: std::time::Duration,
+    /// Delay before retrying after a failed validation or reload.
+    #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
+    pub retry: std::time::Duration,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -202,6 +231,10 @@ pub fn main() -> ExitCode {
         },
         Command::Up(args) => up(args),
         Command::Bench(args) => crate::bench::main(args),
+        Command::Check(args) => match load(&args.run) {
+            Ok(config) => check(config, args),
+            Err(e) => Err(e),
+        },
         Command::Client(args) => runtime().and_then(|rt| {
             rt.block_on(crate::client::run(args, async {
                 let _ = ctrl_c_or_term().await;
@@ -504,6 +537,35 @@ fn replicate(config: Config) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let mg = crate::Meshgate::start_parts(config, crate::Parts { proxy: false, replication: true }).await?;
         let waited = ctrl_c_or_term().await;
+        mg.shutdown().await;
+        waited
+    })
+}
+
+fn check(config: Config, args: CheckArgs) -> anyhow::Result<()> {
+    if let Some(dir) = args.nginx_upstream.parent().filter(|d| !d.as_os_str().is_empty()) {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "the directory of --nginx-upstream {} does not exist",
+            args.nginx_upstream.display()
+        );
+    }
+    let opts = crate::sidecar::SidecarOptions {
+        upstream_file: args.nginx_upstream,
+        upstream_name: args.upstream_name,
+        tiers: args.tiers,
+        test_cmd: Some(args.nginx_test_cmd).filter(|c| !c.trim().is_empty()),
+        reload_cmd: args.reload_cmd,
+        min_interval: args.min_reload_interval,
+        retry: args.retry,
+    };
+    runtime()?.block_on(async move {
+        let mg = crate::Meshgate::start_parts(config, crate::Parts { proxy: false, replication: false }).await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(crate::sidecar::run(mg.pool().clone(), opts, stop.clone()));
+        let waited = ctrl_c_or_term().await;
+        stop.cancel();
+        let _ = task.await;
         mg.shutdown().await;
         waited
     })

@@ -103,7 +103,11 @@ pub async fn run(args: ClientArgs, shutdown: impl std::future::Future<Output = (
     let ack_topic = format!("control/{id}/ack");
     let reading_topic = format!("sensors/{id}/reading");
     let q = qos(args.qos);
-    log(&id, "starting", json!({ "mode": format!("{:?}", args.mode).to_lowercase(), "host": args.host, "port": args.port }));
+    log(
+        &id,
+        "starting",
+        json!({ "mode": format!("{:?}", args.mode).to_lowercase(), "host": args.host, "port": args.port }),
+    );
 
     let started = Instant::now();
     let mut connected = false;
@@ -157,7 +161,11 @@ pub async fn run(args: ClientArgs, shutdown: impl std::future::Future<Output = (
                 }
                 let wait = backoff(failures, args.max_backoff);
                 failures += 1;
-                log(&id, "reconnecting", json!({ "attempt": failures, "in_ms": wait.as_millis() as u64, "error": describe(&e) }));
+                log(
+                    &id,
+                    "reconnecting",
+                    json!({ "attempt": failures, "in_ms": wait.as_millis() as u64, "error": describe(&e) }),
+                );
                 tokio::select! {
                     _ = &mut shutdown => break,
                     _ = tokio::time::sleep(wait) => {}

@@ -26,6 +26,7 @@ pub mod mqtt;
 pub mod pool;
 pub mod proxy;
 pub mod replication;
+pub mod sidecar;
 pub mod suite;
 
 use std::future::Future;

@@ -13,7 +13,10 @@ async fn chaos(front_end: FrontEnd) -> Run {
     let slot = Slot::acquire();
     let dir = tempfile::tempdir().unwrap();
     let mut text = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n", slot.addr(1, 1883), slot.addr(1, 8080));
-    text.push_str(&format!("[replication]\nenabled = true\nstate_file = \"{}\"\n", dir.path().join("repl.json").display()));
+    text.push_str(&format!(
+        "[replication]\nenabled = true\nstate_file = \"{}\"\n",
+        dir.path().join("repl.json").display()
+    ));
     for i in 0..3u8 {
         text.push_str(&format!(
             "[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\nmax_fails = 3\nfail_timeout = \"30s\"\n",

@@ -21,7 +21,10 @@ struct ClientProc {
 impl ClientProc {
     fn start(net: &Net, mode: &str, id: &str, extra: &[&str]) -> ClientProc {
         let addr = net.mqtt_addr();
-        let mut args = vec!["client", mode, "--host", &addr.ip().to_string(), "--id", id].into_iter().map(String::from).collect::<Vec<_>>();
+        let mut args = vec!["client", mode, "--host", &addr.ip().to_string(), "--id", id]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
         args.extend(["--port".into(), addr.port().to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(BIN).args(&args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
@@ -29,7 +32,8 @@ impl ClientProc {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
                 if tx.send(v).is_err() {
                     break;
                 }
@@ -46,9 +50,9 @@ impl ClientProc {
             if found.len() >= n {
                 return found[n - 1].clone();
             }
-            let left = deadline.checked_duration_since(Instant::now()).unwrap_or_else(|| {
-                panic!("no event {event:?} #{n} within {limit:?}; log: {:?}", self.seen)
-            });
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("no event {event:?} #{n} within {limit:?}; log: {:?}", self.seen));
             if let Ok(v) = self.lines.recv_timeout(left) {
                 self.seen.push(v);
             }
@@ -56,7 +60,8 @@ impl ClientProc {
     }
 
     fn interrupt(&mut self) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)
+            .unwrap();
         let _ = self.child.wait();
         while let Ok(v) = self.lines.recv_timeout(Duration::from_secs(2)) {
             self.seen.push(v);
@@ -72,7 +77,11 @@ impl Drop for ClientProc {
 }
 
 /// Subscribes on one broker directly and returns a stream of (topic, payload).
-async fn direct_subscriber(addr: std::net::SocketAddr, id: &str, filter: &str) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)> {
+async fn direct_subscriber(
+    addr: std::net::SocketAddr,
+    id: &str,
+    filter: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)> {
     let (mut c, ack) = raw::connect(addr, 4, id, Duration::from_secs(2)).await.unwrap();
     assert_eq!(ack.code, 0);
     use tokio::io::AsyncWriteExt;
@@ -186,7 +195,9 @@ async fn control_client_acknowledges_and_resubscribes_after_failover() {
     cmd.write_all(&raw::publish_packet("control/ctl-1/cmd", b"close-valve", 0, 0, false)).await.unwrap();
     let (_, p) = tokio::time::timeout(Duration::from_secs(3), acks2.recv()).await.unwrap().unwrap();
     assert_eq!(p, b"close-valve");
-    assert!(wait_until(Duration::from_secs(1), || c.seen.iter().filter(|v| v["event"] == "command").count() >= 1).await.is_some());
+    assert!(wait_until(Duration::from_secs(1), || c.seen.iter().filter(|v| v["event"] == "command").count() >= 1)
+        .await
+        .is_some());
     c.interrupt();
     assert_eq!(c.seen.iter().find(|v| v["event"] == "stopped").unwrap()["commands"], 2);
     mg.shutdown().await;

@@ -465,10 +465,10 @@ impl Replication {
         Ok(holds)
     }
 
-    /// Saves the retained record when it changed, and expires old tombstones.
+    /// Expires old tombstones and saves the retained record when it changed (if a state file
+    /// is configured).
     async fn saver(self: Arc<Self>, stop: CancellationToken) {
-        let Some(path) = self.cfg.state_file.clone() else { return };
-        let path = Arc::new(path);
+        let path = self.cfg.state_file.clone().map(Arc::new);
         loop {
             let stopping = tokio::select! {
                 _ = stop.cancelled() => true,
@@ -476,15 +476,12 @@ impl Replication {
             };
             let now = unix_ms(SystemTime::now());
             let expired = self.store.lock().unwrap().expire(now, self.cfg.tombstone_ttl.as_millis() as u64);
-            if self.dirty.swap(false, Ordering::Relaxed) || expired > 0 {
+            let changed = self.dirty.swap(false, Ordering::Relaxed) || expired > 0;
+            if let (true, Some(path)) = (changed, &path) {
                 let snapshot = self.store.lock().unwrap().clone();
-                if let Err(e) = {
-                    let path = path.clone();
-                    tokio::task::spawn_blocking(move || snapshot.save(&path))
-                }
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()))
-                {
+                let path = path.clone();
+                let saved = tokio::task::spawn_blocking(move || snapshot.save(&path)).await;
+                if let Err(e) = saved.unwrap_or_else(|e| Err(e.to_string())) {
                     warn!("cannot save replication state: {e}");
                 }
             }

@@ -122,7 +122,16 @@ async fn connect(front: &str, id: &str, log: &Shared, t0: Instant, stop: &Cancel
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn publisher(i: usize, front: String, id: String, topic: String, rate: f64, log: Shared, t0: Instant, stop: CancellationToken) {
+async fn publisher(
+    i: usize,
+    front: String,
+    id: String,
+    topic: String,
+    rate: f64,
+    log: Shared,
+    t0: Instant,
+    stop: CancellationToken,
+) {
     let period = Duration::from_secs_f64(1.0 / rate);
     let mut seq = 0u64;
     let mut client = connect(&front, &id, &log, t0, &stop).await;
@@ -155,7 +164,15 @@ async fn publisher(i: usize, front: String, id: String, topic: String, rate: f64
     }
 }
 
-async fn subscriber(s: usize, front: String, id: String, filter: String, log: Shared, t0: Instant, stop: CancellationToken) {
+async fn subscriber(
+    s: usize,
+    front: String,
+    id: String,
+    filter: String,
+    log: Shared,
+    t0: Instant,
+    stop: CancellationToken,
+) {
     let mut last_seq: HashMap<usize, u64> = HashMap::new();
     let mut first = true;
     'session: while !stop.is_cancelled() {
@@ -207,7 +224,8 @@ async fn subscriber(s: usize, front: String, id: String, filter: String, log: Sh
 /// Counts this run's sessions per broker from meshgate's `/clients`.
 async fn sample_per_broker(http: &str, tag: &str) -> Option<HashMap<String, usize>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(http)).await.ok()?.ok()?;
+    let mut s =
+        tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(http)).await.ok()?.ok()?;
     s.write_all(format!("GET /clients HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
     let mut body = Vec::new();
     tokio::time::timeout(Duration::from_millis(500), s.read_to_end(&mut body)).await.ok()?.ok()?;
@@ -230,7 +248,8 @@ pub async fn chaos(t: &Target, opts: &ChaosOptions) -> ScenarioResult {
     let stop = CancellationToken::new();
     // Publishers stop first, so the last messages have time to arrive before subscribers stop.
     let stop_publishing = CancellationToken::new();
-    let log: Shared = Arc::new(Mutex::new(Log { received: vec![HashMap::new(); opts.subscribers], ..Default::default() }));
+    let log: Shared =
+        Arc::new(Mutex::new(Log { received: vec![HashMap::new(); opts.subscribers], ..Default::default() }));
     let mut tasks = JoinSet::new();
     for s in 0..opts.subscribers {
         let id = format!("chaos-{tag}-sub{s}");
@@ -412,7 +431,8 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
         let limit = f.recovered_at.unwrap_or(end);
         let mut gap: Option<f64> = Some(0.0);
         for p in 0..opts.publishers {
-            let acks: Vec<f64> = log.published.iter().filter(|((pp, _), _)| *pp == p).filter_map(|(_, (_, a))| *a).collect();
+            let acks: Vec<f64> =
+                log.published.iter().filter(|((pp, _), _)| *pp == p).filter_map(|(_, (_, a))| *a).collect();
             let before = acks.iter().copied().filter(|a| *a < f.at).fold(f64::NAN, f64::max);
             let after = acks.iter().copied().filter(|a| *a >= f.at && *a < limit).fold(f64::NAN, f64::min);
             let g = if after.is_nan() { None } else { Some(after - if before.is_nan() { f.at } else { before }) };
@@ -481,12 +501,15 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
     }
     if t.front_end == "nginx" && faults.iter().any(|f| f.kind == "hang") {
         r.notes.push(
-            "nginx never notices a hung broker: its clients stay cut off until the broker is resumed a cycle later.".into(),
+            "nginx never notices a hung broker: its clients stay cut off until the broker is resumed a cycle later."
+                .into(),
         );
     }
     r.tables.push(Table {
         title: "faults".into(),
-        columns: ["#", "at", "fault", "takeover", "failed connects", "window", "acked in window"].map(String::from).to_vec(),
+        columns: ["#", "at", "fault", "takeover", "failed connects", "window", "acked in window"]
+            .map(String::from)
+            .to_vec(),
         rows,
     });
     let markers: Vec<(f64, String)> = faults
@@ -499,7 +522,10 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
             m
         })
         .collect();
-    let mut series = vec![Series { name: "connected clients".into(), points: log.connected.iter().map(|(a, n)| (*a, *n as f64)).collect() }];
+    let mut series = vec![Series {
+        name: "connected clients".into(),
+        points: log.connected.iter().map(|(a, n)| (*a, *n as f64)).collect(),
+    }];
     let mut brokers: Vec<&String> = log.per_broker.iter().map(|(_, b, _)| b).collect();
     brokers.sort();
     brokers.dedup();
@@ -509,7 +535,8 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
             .connected
             .iter()
             .map(|(at, _)| {
-                let n = log.per_broker.iter().filter(|(a, bb, _)| a == at && bb == b).map(|(_, _, n)| *n).sum::<usize>();
+                let n =
+                    log.per_broker.iter().filter(|(a, bb, _)| a == at && bb == b).map(|(_, _, n)| *n).sum::<usize>();
                 (*at, n as f64)
             })
             .collect();
@@ -539,7 +566,10 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
         x_label: "seconds".into(),
         y_label: "messages/s".into(),
         categories: vec![],
-        series: vec![Series { name: "received".into(), points: buckets.into_iter().map(|(k, v)| (k as f64 / 4.0, v)).collect() }],
+        series: vec![Series {
+            name: "received".into(),
+            points: buckets.into_iter().map(|(k, v)| (k as f64 / 4.0, v)).collect(),
+        }],
         markers,
     });
     r.charts.push(Chart {
