@@ -19,8 +19,20 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub health: HealthConfig,
     pub admin: AdminConfig,
+    pub tls: TlsConfig,
     pub replication: ReplicationConfig,
     pub brokers: Vec<BrokerConfig>,
+}
+
+/// Certificates: the TLS listener's, the CA that client certificates must chain to, and the CA
+/// that brokers with `tls = true` must present certificates from. Files are PEM, re-read on reload.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TlsConfig {
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    /// When set, clients of the TLS listener must present a certificate signed by this CA.
+    pub client_ca: Option<std::path::PathBuf>,
+    pub broker_ca: Option<std::path::PathBuf>,
 }
 
 /// Replication between the brokers (see `replication`).
@@ -47,6 +59,8 @@ pub struct ReplicationConfig {
 pub struct Listen {
     /// Where MQTT clients connect.
     pub mqtt: String,
+    /// Where MQTT clients connect over TLS (conventionally port 8883); needs [tls] cert and key.
+    pub mqtts: Option<String>,
     /// Where the HTTP API, metrics and dashboard are served; `None` turns it off.
     pub http: Option<String>,
 }
@@ -68,6 +82,10 @@ pub struct BrokerConfig {
     pub max_conns: u32,
     /// `false` is the nginx `down` flag or an admin disable at start.
     pub enabled: bool,
+    /// Talk TLS to this broker (verified against [tls] broker_ca).
+    pub tls: bool,
+    /// Name to verify the broker's certificate against; default: the host part of `address`.
+    pub tls_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,8 +148,14 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Largest MQTT packet accepted from a client, checked from the remaining-length field.
     pub max_packet_size: u32,
-    /// Most concurrent client sessions (0 = no limit beyond file descriptors).
+    /// Most concurrent client connections (0 = no limit beyond file descriptors).
     pub max_sessions: u32,
+    /// Most concurrent client connections from one source address (0 = no limit).
+    pub max_sessions_per_source: u32,
+    /// CONNECTs per second allowed from one source address (0 = no limit) ...
+    pub connect_rate_per_source: f64,
+    /// ... with bursts of up to this many.
+    pub connect_burst_per_source: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -166,9 +190,20 @@ struct FileConfig {
     #[serde(default)]
     admin: FileAdmin,
     #[serde(default)]
+    tls: FileTls,
+    #[serde(default)]
     replication: FileReplication,
     #[serde(default)]
     broker: Vec<FileBroker>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
+    broker_ca: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +223,7 @@ struct FileReplication {
 #[serde(deny_unknown_fields)]
 struct FileListen {
     mqtt: Option<String>,
+    mqtts: Option<String>,
     http: Option<String>,
 }
 
@@ -202,6 +238,8 @@ struct FileBroker {
     fail_timeout: Option<String>,
     max_conns: Option<u32>,
     enabled: Option<bool>,
+    tls: Option<bool>,
+    tls_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +268,9 @@ struct FileProxy {
     shutdown_grace: Option<String>,
     max_packet_size: Option<u32>,
     max_sessions: Option<u32>,
+    max_sessions_per_source: Option<u32>,
+    connect_rate_per_source: Option<f64>,
+    connect_burst_per_source: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -358,6 +399,24 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         (None, None) => DEFAULT_MQTT_LISTEN.to_string(),
     };
     c.socket_addr("listen.mqtt", &mqtt)?;
+    let mqtts = match file.listen.mqtts {
+        Some(v) if v.is_empty() || v == "off" => None,
+        Some(v) => {
+            c.socket_addr("listen.mqtts", &v)?;
+            Some(v)
+        }
+        None => None,
+    };
+    let path = |v: Option<String>| v.filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
+    let tls = TlsConfig {
+        cert: path(file.tls.cert),
+        key: path(file.tls.key),
+        client_ca: path(file.tls.client_ca),
+        broker_ca: path(file.tls.broker_ca),
+    };
+    if mqtts.is_some() && (tls.cert.is_none() || tls.key.is_none()) {
+        return Err(c.err("listen.mqtts", "a TLS listener needs [tls] cert and key (PEM files)"));
+    }
     let http = match file.listen.http {
         Some(v) if v.is_empty() || v == "off" => None,
         Some(v) => {
@@ -433,6 +492,9 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         shutdown_grace: c.duration("proxy.shutdown_grace", p.shutdown_grace.as_ref(), Duration::from_secs(5))?,
         max_packet_size: p.max_packet_size.unwrap_or(1 << 20),
         max_sessions: p.max_sessions.unwrap_or(0),
+        max_sessions_per_source: p.max_sessions_per_source.unwrap_or(0),
+        connect_rate_per_source: p.connect_rate_per_source.unwrap_or(0.0),
+        connect_burst_per_source: 0.0,
     };
     if proxy.connect_tries == 0 {
         return Err(c.err("proxy.connect_tries", "must be at least 1"));
@@ -440,6 +502,18 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
     if !(proxy.failback_rate.is_finite() && proxy.failback_rate > 0.0) {
         return Err(c.err("proxy.failback_rate", "must be a positive number of sessions per second"));
     }
+    if !(proxy.connect_rate_per_source.is_finite() && proxy.connect_rate_per_source >= 0.0) {
+        return Err(c.err("proxy.connect_rate_per_source", "must be a number of CONNECTs per second, 0 for no limit"));
+    }
+    let mut proxy = proxy;
+    proxy.connect_burst_per_source = match p.connect_burst_per_source {
+        Some(b) if !(b.is_finite() && b >= 1.0) => {
+            return Err(c.err("proxy.connect_burst_per_source", "must be at least 1"));
+        }
+        Some(b) => b,
+        // Two seconds' worth: a device that reconnects twice in a row is not an attack.
+        None => (proxy.connect_rate_per_source * 2.0).max(1.0),
+    };
     if proxy.max_packet_size < 64 {
         return Err(c.err("proxy.max_packet_size", "must be at least 64 bytes"));
     }
@@ -499,7 +573,12 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
     if brokers.is_empty() {
         return Err(c.err("broker", "no brokers configured: add at least one [[broker]] with name and address"));
     }
-    Ok(Config { listen: Listen { mqtt, http }, proxy, health, admin, replication, brokers })
+    if let Some(b) = brokers.iter().find(|b| b.tls) {
+        if tls.broker_ca.is_none() {
+            return Err(c.err("tls.broker_ca", format!("broker {:?} has tls = true: set [tls] broker_ca to the CA its certificate is signed by", b.name)));
+        }
+    }
+    Ok(Config { listen: Listen { mqtt, mqtts, http }, proxy, health, admin, tls, replication, brokers })
 }
 
 fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerConfig>, ConfigError> {
@@ -538,6 +617,8 @@ fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerCon
             )?,
             max_conns: b.max_conns.unwrap_or(0),
             enabled: b.enabled.unwrap_or(true),
+            tls: b.tls.unwrap_or(false),
+            tls_name: b.tls_name,
         });
     }
     Ok(out)
@@ -565,6 +646,8 @@ fn brokers_from_nginx(stream: &nginx::NginxStream) -> Vec<BrokerConfig> {
                 fail_timeout: s.fail_timeout,
                 max_conns: s.max_conns,
                 enabled: !s.down,
+                tls: false,
+                tls_name: None,
             }
         })
         .collect()

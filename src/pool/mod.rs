@@ -187,6 +187,7 @@ pub struct Pool {
     /// still setting up, ends then.
     pub closing: CancellationToken,
     pub started: SystemTime,
+    refusals: crate::proxy::limits::RefusalLog,
 }
 
 /// A registered session; unregisters on drop.
@@ -221,6 +222,7 @@ impl Pool {
             metrics: Metrics::new(),
             changed: Notify::new(),
             closing: CancellationToken::new(),
+            refusals: Default::default(),
             started: SystemTime::now(),
         };
         pool.refresh();
@@ -471,6 +473,13 @@ impl Pool {
         self.brokers.store(Arc::new(next));
         self.proxy.store(Arc::new(config.proxy.clone()));
         self.after_change();
+    }
+
+    /// A client connection closed before it became a session: counted by reason, and logged
+    /// once a minute per reason at most.
+    pub fn reject(&self, reason: &'static str, detail: impl std::fmt::Display) {
+        self.metrics.rejected.with_label_values(&[reason]).inc();
+        self.refusals.note(reason, detail);
     }
 
     pub fn uptime_secs(&self) -> u64 {

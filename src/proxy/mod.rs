@@ -1,34 +1,27 @@
 //! The MQTT listener: bounded accept loop, one task per client connection, and the rebalancer that moves sessions.
 
 pub mod forward;
+pub mod limits;
+pub mod tls;
 pub mod session;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::pool::Pool;
 
-/// Accepts clients until `stop` is cancelled. A permit is taken before `accept`, so
-/// `max_sessions` really bounds open connections, and accept errors (EMFILE above all) back
-/// off instead of spinning.
+/// Accepts clients until `stop` is cancelled. Each connection is admitted under the limits
+/// (total, per source, CONNECT rate per source) or closed at once and counted; accept errors
+/// (EMFILE above all) back off instead of spinning.
 pub async fn accept_loop(listener: TcpListener, pool: Arc<Pool>, tracker: TaskTracker, stop: CancellationToken) {
-    let max = match pool.proxy_config().max_sessions {
-        0 => Semaphore::MAX_PERMITS,
-        n => n as usize,
-    };
-    let limit = Arc::new(Semaphore::new(max));
+    let limits = Arc::new(limits::Limits::default());
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = limit.clone().acquire_owned() => p.expect("semaphore is never closed"),
-        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
@@ -36,11 +29,20 @@ pub async fn accept_loop(listener: TcpListener, pool: Arc<Pool>, tracker: TaskTr
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                let pool = pool.clone();
-                tracker.spawn(async move {
-                    session::handle(pool, stream, peer).await;
-                    drop(permit);
-                });
+                let admitted = limits.admit(peer.ip(), &pool.proxy_config(), std::time::Instant::now());
+                match admitted {
+                    Ok(admission) => {
+                        let pool = pool.clone();
+                        tracker.spawn(async move {
+                            session::handle(pool, stream, peer).await;
+                            drop(admission);
+                        });
+                    }
+                    Err(refusal) => {
+                        pool.reject(refusal.reason(), format_args!("from {peer}"));
+                        drop(stream);
+                    }
+                }
             }
             Err(e) => {
                 error!("accept failed: {e}; retrying in {backoff:?}");
