@@ -45,6 +45,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("{0}")]
+    Tls(#[from] proxy::tls::TlsError),
     #[error("cannot listen for {what} on {addr}: {err}{hint}")]
     Bind { what: &'static str, addr: String, err: std::io::Error, hint: &'static str },
 }
@@ -103,6 +105,16 @@ impl Meshgate {
             true => Some(bind("MQTT", &config.listen.mqtt).await?),
             false => None,
         };
+        // Certificates are checked before anything runs, so a bad file is one clear error.
+        let acceptor = match (&config.listen.mqtts, parts.proxy) {
+            (Some(_), true) => Some(proxy::tls::acceptor(&config.tls)?),
+            _ => None,
+        };
+        let connector = proxy::tls::connector(&config.tls)?;
+        let mqtts = match (&config.listen.mqtts, parts.proxy) {
+            (Some(addr), true) => Some(bind("MQTT over TLS", addr).await?),
+            _ => None,
+        };
         let http = match &config.listen.http {
             Some(a) => Some(bind("HTTP", a).await?),
             None => None,
@@ -110,13 +122,18 @@ impl Meshgate {
         let mqtt_addr = mqtt.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let http_addr = http.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let pool = Arc::new(Pool::new(&config));
+        pool.tls_acceptor.store(acceptor.map(Arc::new));
+        pool.tls_connector.store(connector.map(Arc::new));
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let checkers = stop.child_token();
         health::spawn_checkers(&pool, &config.health, &tracker, &checkers);
         if let Some(mqtt) = mqtt {
             tracker.spawn(proxy::rebalance_loop(pool.clone(), stop.clone()));
-            tracker.spawn(proxy::accept_loop(mqtt, pool.clone(), tracker.clone(), stop.clone()));
+            tracker.spawn(proxy::accept_loop(mqtt, pool.clone(), tracker.clone(), stop.clone(), false));
+        }
+        if let Some(mqtts) = mqtts {
+            tracker.spawn(proxy::accept_loop(mqtts, pool.clone(), tracker.clone(), stop.clone(), true));
         }
         let replication = parts.replication.then(|| replication::Replication::start(&config, &pool, &tracker, &stop));
         if let Some(listener) = http {
@@ -167,9 +184,22 @@ impl Meshgate {
         &self.pool
     }
 
-    /// Applies a new configuration without dropping established sessions. Listen addresses
-    /// cannot change on a running process; a change there is logged and ignored.
-    pub fn reload(&self, new: Config) {
+    /// Applies a new configuration without dropping established sessions, and re-reads the
+    /// certificate files (so renewed certificates take effect). Listen addresses cannot
+    /// change on a running process; a change there is logged and ignored. A certificate that
+    /// cannot be used refuses the whole reload: the running configuration stays.
+    pub fn reload(&self, new: Config) -> Result<(), String> {
+        let acceptor = match &new.listen.mqtts {
+            Some(_) if self.pool.tls_acceptor.load().is_some() => {
+                Some(proxy::tls::acceptor(&new.tls).map_err(|e| e.to_string())?)
+            }
+            _ => None,
+        };
+        let connector = proxy::tls::connector(&new.tls).map_err(|e| e.to_string())?;
+        if acceptor.is_some() {
+            self.pool.tls_acceptor.store(acceptor.map(Arc::new));
+        }
+        self.pool.tls_connector.store(connector.map(Arc::new));
         let mut current = self.config.lock().unwrap();
         if new.listen != current.listen {
             warn!("listen addresses changed in the new config; they take effect only after a restart");
@@ -184,6 +214,7 @@ impl Meshgate {
         self.pool.metrics.reloads.with_label_values(&["ok"]).inc();
         self.pool.events.push("reload", None, format!("configuration reloaded: {} broker(s)", new.brokers.len()));
         *current = new;
+        Ok(())
     }
 
     /// Records a reload that was refused because the new file is invalid.
@@ -226,8 +257,8 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(r) = reloads.recv() => match r {
-                Ok(c) => mg.reload(c),
+            Some(r) = reloads.recv() => match r.and_then(|c| mg.reload(c)) {
+                Ok(()) => {}
                 Err(why) => mg.reload_failed(&why),
             },
         }

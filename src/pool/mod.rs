@@ -188,6 +188,9 @@ pub struct Pool {
     pub closing: CancellationToken,
     pub started: SystemTime,
     refusals: crate::proxy::limits::RefusalLog,
+    /// The TLS listener's acceptor and the connector for `tls = true` brokers; swapped whole on reload.
+    pub tls_acceptor: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    pub tls_connector: arc_swap::ArcSwapOption<tokio_rustls::TlsConnector>,
 }
 
 /// A registered session; unregisters on drop.
@@ -223,6 +226,8 @@ impl Pool {
             changed: Notify::new(),
             closing: CancellationToken::new(),
             refusals: Default::default(),
+            tls_acceptor: Default::default(),
+            tls_connector: Default::default(),
             started: SystemTime::now(),
         };
         pool.refresh();

@@ -1,9 +1,10 @@
 //! The MQTT listener: bounded accept loop, one task per client connection, and the rebalancer that moves sessions.
 
+pub mod conn;
 pub mod forward;
 pub mod limits;
-pub mod tls;
 pub mod session;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +19,14 @@ use crate::pool::Pool;
 /// Accepts clients until `stop` is cancelled. Each connection is admitted under the limits
 /// (total, per source, CONNECT rate per source) or closed at once and counted; accept errors
 /// (EMFILE above all) back off instead of spinning.
-pub async fn accept_loop(listener: TcpListener, pool: Arc<Pool>, tracker: TaskTracker, stop: CancellationToken) {
+/// With `tls`, each connection first completes a TLS handshake (within the CONNECT time).
+pub async fn accept_loop(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    tls: bool,
+) {
     let limits = Arc::new(limits::Limits::default());
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -31,6 +39,13 @@ pub async fn accept_loop(listener: TcpListener, pool: Arc<Pool>, tracker: TaskTr
                 backoff = Duration::from_millis(5);
                 let admitted = limits.admit(peer.ip(), &pool.proxy_config(), std::time::Instant::now());
                 match admitted {
+                    Ok(admission) if tls => {
+                        let pool = pool.clone();
+                        tracker.spawn(async move {
+                            session::handle_tls(pool, stream, peer).await;
+                            drop(admission);
+                        });
+                    }
                     Ok(admission) => {
                         let pool = pool.clone();
                         tracker.spawn(async move {

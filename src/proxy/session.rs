@@ -8,7 +8,9 @@
 //! "server unavailable" from meshgate when every try failed. Other refusals (bad credentials,
 //! not authorized) are the broker's answer to the client and pass through unchanged.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,9 +19,10 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
-use super::forward::{self, Tally};
+use super::conn::Conn;
+use super::forward::{self, Ended, ForwardError, Tally};
 use crate::mqtt::{self, connack, Connack, Connect, ConnectError, FrameScanner};
-use crate::pool::{Broker, Lease, Pool, SessionInfo};
+use crate::pool::{Broker, Lease, Pool, Registered, SessionInfo};
 
 /// Why one broker attempt failed; the label is the `reason` of `meshgate_upstream_failures_total`.
 #[derive(Debug, thiserror::Error)]
@@ -77,65 +80,159 @@ impl Rejected {
     }
 }
 
-pub async fn handle(pool: Arc<Pool>, client: TcpStream, peer: SocketAddr) {
-    let span = tracing::info_span!("session", %peer, client_id = tracing::field::Empty, broker = tracing::field::Empty);
+/// The task of one client connection. The setup is boxed, together with the arguments it
+/// consumes, and freed once it is done: its futures (timeouts, broker connects, the CONNECT kept
+/// for replay) are several times larger than forwarding needs, and an idle session's task
+/// would otherwise carry them, and a second copy of its arguments, for as long as it lives.
+///
+/// The forwarding state is boxed too: tokio pads a task's own allocation to a multiple of
+/// 128 bytes (cache-line alignment), so a small task plus one ordinary allocation costs an
+/// idle session less than one large task.
+pub fn handle(pool: Arc<Pool>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
+    let _ = client.set_nodelay(true);
+    let setup = Box::pin(setup_in_span(pool.clone(), Conn::Tcp(client), peer));
+    Box::pin(session_task(pool, setup))
+}
+
+/// A client of the TLS listener: the handshake (client certificate checked when [tls]
+/// client_ca is set) must finish within the CONNECT time; then the session is as any other.
+pub async fn handle_tls(pool: Arc<Pool>, client: TcpStream, peer: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let Some(acceptor) = pool.tls_acceptor.load_full() else { return };
+    let limit = pool.proxy_config().client_connect_timeout;
+    let tls = match timeout(limit, acceptor.accept(client)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            pool.reject("tls_handshake", format_args!("from {peer}: {e}"));
+            return;
+        }
+        Err(_) => {
+            pool.reject("tls_handshake", format_args!("from {peer}: no handshake within {limit:?}"));
+            return;
+        }
+    };
+    let setup = Box::pin(setup_in_span(pool.clone(), Conn::ClientTls(Box::new(tls)), peer));
+    session_task(pool, setup).await
+}
+
+async fn session_task<F: Future<Output = Option<Live>>>(pool: Arc<Pool>, setup: Pin<Box<F>>) {
     pool.metrics.client_sessions.inc();
-    tokio::select! {
-        _ = run(&pool, client, peer).instrument(span) => {}
-        _ = pool.closing.cancelled() => {}
+    let mut live = tokio::select! {
+        live = setup => live,
+        _ = pool.closing.cancelled() => None,
+    };
+    // Used in place, never moved, so the task holds one copy of it.
+    if let Some(live) = &mut live {
+        forward_session(&pool, live).await;
     }
     pool.metrics.client_sessions.dec();
 }
 
-async fn run(pool: &Arc<Pool>, client: TcpStream, peer: SocketAddr) {
+/// What forwarding needs from the setup.
+struct Live {
+    client: Conn,
+    upstream: Conn,
+    session: Registered,
+    scanner: FrameScanner,
+    down_scanner: FrameScanner,
+}
+
+async fn setup_in_span(pool: Arc<Pool>, client: Conn, peer: SocketAddr) -> Option<Live> {
+    let span = tracing::info_span!("session", %peer, client_id = tracing::field::Empty, broker = tracing::field::Empty);
+    // An idle session holds no tracing span (one costs about 500 bytes in the subscriber):
+    // this one ends with the setup, and the closing line gets a new one with the same fields.
+    setup(&pool, client, peer).instrument(span).await
+}
+
+/// Forwards until either side closes or fails, or meshgate closes the session (or shuts down).
+async fn forward_session(pool: &Pool, live: &mut Live) {
+    let m = &pool.metrics;
+    let up_total = m.bytes.with_label_values(&["client_to_broker"]);
+    let down_total = m.bytes.with_label_values(&["broker_to_client"]);
+    let session = &live.session;
+    let ended = tokio::select! {
+        e = forward::forward(
+            &mut live.client,
+            &mut live.upstream,
+            forward::Side {
+                scanner: Some(&mut live.scanner),
+                tally: Tally { bytes: &session.bytes_in, packets: &session.packets_in, total_bytes: &up_total },
+            },
+            forward::Side {
+                scanner: Some(&mut live.down_scanner),
+                tally: Tally { bytes: &session.bytes_out, packets: &session.packets_out, total_bytes: &down_total },
+            },
+        ) => match e {
+            Ended::ClientClosed => "client closed".to_string(),
+            Ended::BrokerClosed => "broker closed".to_string(),
+            Ended::ClientSide(ForwardError::Malformed(e)) => {
+                pool.metrics.sessions_closed.with_label_values(&["malformed"]).inc();
+                format!("client sent a malformed packet: {e}")
+            }
+            Ended::ClientSide(e) => format!("client side: {e}"),
+            Ended::BrokerSide(e) => format!("broker side: {e}"),
+        },
+        _ = session.cancelled() => format!("closed by meshgate: {}", session.close_reason().unwrap_or("?")),
+        _ = pool.closing.cancelled() => return,
+    };
+    let span = tracing::info_span!(
+        "session",
+        peer = %session.info.peer,
+        client_id = session.info.client_id.as_str(),
+        broker = session.broker.name.as_str()
+    );
+    span.in_scope(|| debug!("session ended: {ended}"));
+}
+
+/// Reads the CONNECT, finds a broker that answers it, registers the session and passes on
+/// what each side sent beyond the handshake. `None` when the connection ends here.
+async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<Live> {
     let cfg = pool.proxy_config();
-    let _ = client.set_nodelay(true);
     let accepted = Instant::now();
-    let (packet, extra) = match read_connect(&client, cfg.client_connect_timeout, cfg.max_packet_size).await {
+    let (packet, extra) = match read_connect(&mut client, cfg.client_connect_timeout, cfg.max_packet_size).await {
         Ok(v) => v,
         Err(e) => {
-            debug!(reason = e.reason(), "rejected before CONNECT: {e}");
-            pool.metrics.rejected.with_label_values(&[e.reason()]).inc();
-            return;
+            pool.reject(e.reason(), format_args!("from {peer}: {e}"));
+            return None;
         }
     };
     let connect = match mqtt::connect::parse(&packet) {
         Ok(c) => c,
         Err(e) => {
-            debug!("rejected: malformed CONNECT: {e}");
-            pool.metrics.rejected.with_label_values(&["malformed_connect"]).inc();
-            return;
+            pool.reject("malformed_connect", format_args!("from {peer}: {e}"));
+            return None;
         }
     };
     tracing::Span::current().record("client_id", connect.client_id.as_str());
 
-    let Some((upstream, lease, ack, after_connack)) = establish(pool, &packet, &connect).await else {
-        pool.metrics.rejected.with_label_values(&["no_broker"]).inc();
-        let _ =
-            timeout(Duration::from_secs(1), forward::write_all(&client, connack::unavailable(connect.version))).await;
-        return;
+    let Some((mut upstream, lease, ack, after_connack)) = establish(pool, &packet, &connect).await else {
+        pool.reject("no_broker", format_args!("client {:?}: every broker tried failed", connect.client_id));
+        let _ = timeout(Duration::from_secs(1), forward::write_all(&mut client, connack::unavailable(connect.version)))
+            .await;
+        return None;
     };
     tracing::Span::current().record("broker", lease.broker().name.as_str());
     pool.metrics.connack_duration.observe(accepted.elapsed().as_secs_f64());
 
     // The CONNACK and whatever the broker sent right behind it (queued messages of a
     // persistent session) go to the client first; then what the client pipelined.
-    if forward::write_all(&client, &after_connack).await.is_err() {
-        return;
+    if forward::write_all(&mut client, &after_connack).await.is_err() {
+        return None;
     }
     if ack.code != 0 {
         // A refusal the client must see; the broker closes its side.
         debug!(code = ack.code, "broker refused the client; passed through");
-        return;
+        return None;
     }
 
+    let persistent = connect.persistent();
     let info = SessionInfo {
-        client_id: connect.client_id.clone(),
-        username: connect.username.clone(),
+        client_id: connect.client_id,
+        username: connect.username,
         version: connect.version,
         clean: connect.clean,
         keepalive: connect.keepalive,
-        persistent: connect.persistent(),
+        persistent,
         peer,
         connected_at: SystemTime::now(),
     };
@@ -153,48 +250,20 @@ async fn run(pool: &Arc<Pool>, client: TcpStream, peer: SocketAddr) {
     session.bytes_out.fetch_add(after_connack.len() as u64, Ordering::Relaxed);
     if let Err(e) = primed {
         warn!("closing session: {e}");
-        return;
+        return None;
     }
-    if !extra.is_empty() && forward::write_all(&upstream, &extra).await.is_err() {
-        return;
+    if !extra.is_empty() && forward::write_all(&mut upstream, &extra).await.is_err() {
+        return None;
     }
     let m = &pool.metrics;
-    let up_total = m.bytes.with_label_values(&["client_to_broker"]);
-    let down_total = m.bytes.with_label_values(&["broker_to_client"]);
-    up_total.inc_by(extra.len() as u64);
-    down_total.inc_by(after_connack.len() as u64);
-    let up = forward::pump(
-        &client,
-        &upstream,
-        Some(&mut scanner),
-        Tally { bytes: &session.bytes_in, packets: &session.packets_in, total_bytes: &up_total },
-    );
-    let down = forward::pump(
-        &upstream,
-        &client,
-        Some(&mut down_scanner),
-        Tally { bytes: &session.bytes_out, packets: &session.packets_out, total_bytes: &down_total },
-    );
-    let ended = tokio::select! {
-        r = up => match r {
-            Ok(()) => "client closed".to_string(),
-            Err(forward::ForwardError::Malformed(e)) => {
-                pool.metrics.sessions_closed.with_label_values(&["malformed"]).inc();
-                format!("client sent a malformed packet: {e}")
-            }
-            Err(e) => format!("client side: {e}"),
-        },
-        r = down => match r {
-            Ok(()) => "broker closed".to_string(),
-            Err(e) => format!("broker side: {e}"),
-        },
-        _ = session.cancelled() => format!("closed by meshgate: {}", session.close_reason().unwrap_or("?")),
-    };
-    debug!("session ended: {ended}");
+    m.bytes.with_label_values(&["client_to_broker"]).inc_by(extra.len() as u64);
+    m.bytes.with_label_values(&["broker_to_client"]).inc_by(after_connack.len() as u64);
+    Some(Live { client, upstream, session, scanner, down_scanner })
 }
 
 /// Reads exactly one CONNECT (plus whatever the client pipelined behind it).
-async fn read_connect(client: &TcpStream, limit: Duration, max: u32) -> Result<(Vec<u8>, Vec<u8>), Rejected> {
+async fn read_connect(client: &mut Conn, limit: Duration, max: u32) -> Result<(Vec<u8>, Vec<u8>), Rejected> {
+    use tokio::io::AsyncReadExt;
     let deadline = Instant::now() + limit;
     let mut buf: Vec<u8> = Vec::with_capacity(128);
     loop {
@@ -202,16 +271,12 @@ async fn read_connect(client: &TcpStream, limit: Duration, max: u32) -> Result<(
             let extra = buf.split_off(total);
             return Ok((buf, extra));
         }
-        match timeout_at(deadline, client.readable()).await {
-            Err(_) => return Err(Rejected::ConnectTimeout(limit)),
-            Ok(r) => r?,
-        }
         let mut chunk = [0u8; 4096];
-        match client.try_read(&mut chunk) {
-            Ok(0) => return Err(Rejected::Closed),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.into()),
+        match timeout_at(deadline, client.read(&mut chunk)).await {
+            Err(_) => return Err(Rejected::ConnectTimeout(limit)),
+            Ok(Ok(0)) => return Err(Rejected::Closed),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e.into()),
         }
     }
 }
@@ -219,7 +284,7 @@ async fn read_connect(client: &TcpStream, limit: Duration, max: u32) -> Result<(
 /// Tries brokers in selection order until one answers the CONNECT with a CONNACK that is not
 /// a broker failure. Returns the connected upstream, its lease, the CONNACK and the bytes to
 /// send the client (the CONNACK and anything after it).
-async fn establish(pool: &Arc<Pool>, packet: &[u8], connect: &Connect) -> Option<(TcpStream, Lease, Connack, Vec<u8>)> {
+async fn establish(pool: &Arc<Pool>, packet: &[u8], connect: &Connect) -> Option<(Conn, Lease, Connack, Vec<u8>)> {
     let cfg = pool.proxy_config();
     let mut tried: Vec<Arc<Broker>> = Vec::new();
     for attempt in 0..cfg.connect_tries {
@@ -228,8 +293,18 @@ async fn establish(pool: &Arc<Pool>, packet: &[u8], connect: &Connect) -> Option
         if attempt > 0 {
             pool.metrics.connect_retries.inc();
         }
-        match try_broker(&broker.address, packet, connect.version, cfg.upstream_connect_timeout, cfg.connack_timeout)
-            .await
+        let tls = broker.config().tls.then(|| pool.tls_connector.load_full()).flatten();
+        let tls_name = broker.config().tls_name.clone();
+        let attempt_tls = tls.as_deref().map(|c| (c, tls_name.as_deref()));
+        match try_broker(
+            &broker.address,
+            attempt_tls,
+            packet,
+            connect.version,
+            cfg.upstream_connect_timeout,
+            cfg.connack_timeout,
+        )
+        .await
         {
             Ok((stream, ack, bytes)) => {
                 pool.record_success(&broker);
@@ -248,13 +323,39 @@ async fn establish(pool: &Arc<Pool>, packet: &[u8], connect: &Connect) -> Option
     None
 }
 
+/// Handshakes (TCP connect to CONNACK) in flight to one broker address, at most. Mosquitto
+/// listens with a backlog of 100: when every client of a failed broker reconnects at once, a
+/// thousand simultaneous connects overflow it, and every dropped SYN or handshake ACK costs its
+/// client a one-second retransmission (measured: 1,000 clients back after 2.7 s instead of
+/// 0.8 s). Queued here instead, the same burst is served in tens of milliseconds.
+const HANDSHAKES_PER_BROKER: usize = 64;
+
+fn handshake_gate(address: &str) -> Arc<tokio::sync::Semaphore> {
+    // Keyed by address, so the slots outlive reloads and a broker's slots are shared by every
+    // session; entries are never removed (there is one per broker address ever configured).
+    static GATES: std::sync::LazyLock<
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    > = std::sync::LazyLock::new(Default::default);
+    let mut gates = GATES.lock().unwrap_or_else(|p| p.into_inner());
+    gates
+        .entry(address.to_string())
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PER_BROKER)))
+        .clone()
+}
+
 async fn try_broker(
     address: &str,
+    tls: Option<(&tokio_rustls::TlsConnector, Option<&str>)>,
     packet: &[u8],
     version: u8,
     connect_timeout: Duration,
     connack_timeout: Duration,
-) -> Result<(TcpStream, Connack, Vec<u8>), AttemptError> {
+) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
+    use tokio::io::AsyncReadExt;
+    // Queueing for a handshake slot counts as connecting.
+    let gate = handshake_gate(address);
+    let slot = timeout(connect_timeout, gate.acquire_owned());
+    let Ok(Ok(_slot)) = slot.await else { return Err(AttemptError::ConnectTimeout(connect_timeout)) };
     let stream = match timeout(connect_timeout, TcpStream::connect(address)).await {
         Err(_) => return Err(AttemptError::ConnectTimeout(connect_timeout)),
         Ok(Err(e)) => return Err(AttemptError::Connect(e)),
@@ -263,30 +364,39 @@ async fn try_broker(
     let _ = stream.set_nodelay(true);
     let deadline = Instant::now() + connack_timeout;
     let exchange = async {
-        forward::write_all(&stream, packet).await.map_err(AttemptError::Connect)?;
+        let mut conn = match tls {
+            None => Conn::Tcp(stream),
+            Some((connector, name)) => {
+                let name = super::tls::server_name(address, name).map_err(AttemptError::Protocol)?;
+                let s = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| AttemptError::Protocol(format!("TLS handshake with the broker: {e}")))?;
+                Conn::BrokerTls(Box::new(s))
+            }
+        };
+        forward::write_all(&mut conn, packet).await.map_err(AttemptError::Connect)?;
         let mut buf: Vec<u8> = Vec::with_capacity(64);
         loop {
             match connack::parse(&buf) {
-                Ok(Some((ack, _))) => return Ok((ack, buf)),
+                Ok(Some((ack, _))) => return Ok((conn, ack, buf)),
                 Ok(None) => {}
                 Err(e) => return Err(AttemptError::Protocol(e.to_string())),
             }
-            stream.readable().await.map_err(AttemptError::Connect)?;
             let mut chunk = [0u8; 4096];
-            match stream.try_read(&mut chunk) {
+            match conn.read(&mut chunk).await {
                 Ok(0) => return Err(AttemptError::Closed),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(AttemptError::Connect(e)),
             }
         }
     };
-    let (ack, bytes) = match timeout_at(deadline, exchange).await {
+    let (conn, ack, bytes) = match timeout_at(deadline, exchange).await {
         Err(_) => return Err(AttemptError::ConnackTimeout(connack_timeout)),
         Ok(r) => r?,
     };
     if let Some(reason) = ack.broker_failure(version) {
         return Err(AttemptError::Refused { code: ack.code, reason });
     }
-    Ok((stream, ack, bytes))
+    Ok((conn, ack, bytes))
 }

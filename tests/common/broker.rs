@@ -48,6 +48,19 @@ impl Mosquitto {
         broker
     }
 
+    /// A broker whose listener speaks TLS (`extra` holds cafile/certfile/keyfile lines). Ready
+    /// once its process holds the listening socket: a plain MQTT probe cannot talk to it.
+    pub fn start_tls(name: &str, addr: SocketAddr, extra: &str) -> Mosquitto {
+        let broker = Self::spawn(name, addr, "allow_anonymous true\n", extra);
+        let deadline = Instant::now() + READY_DEADLINE;
+        while !owns_listener(broker.pid().unwrap_or(0), addr) {
+            assert!(broker.is_running(), "mosquitto {name} exited\n{}", broker.diagnostics());
+            assert!(Instant::now() < deadline, "mosquitto {name} not listening on {addr}\n{}", broker.diagnostics());
+            std::thread::sleep(POLL);
+        }
+        broker
+    }
+
     /// Same as `start`, but only `user`/`pass` may connect (password file made with
     /// `mosquitto_passwd -b -c`, anonymous access off).
     pub fn start_with_password(name: &str, addr: SocketAddr, user: &str, pass: &str) -> Mosquitto {

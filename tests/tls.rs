@@ -1,0 +1,185 @@
+//! TLS: mosquitto_pub/mosquitto_sub through meshgate's TLS listener, client certificates, renewal on reload, TLS to a broker.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{blocking, Mosquitto, Net, Slot};
+use meshgate::Meshgate;
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
+
+/// A CA and what it signs, written as PEM files into `dir`.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, format!("meshgate test {name}"));
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        Ca { cert, key }
+    }
+
+    /// Writes `<name>.pem` and `<name>.key` for a server (IP SAN) or client certificate.
+    fn issue(&self, dir: &Path, name: &str, ip: Option<IpAddr>, client: bool) -> (PathBuf, PathBuf) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        if let Some(ip) = ip {
+            p.subject_alt_names.push(SanType::IpAddress(ip));
+        }
+        p.extended_key_usages =
+            vec![if client { ExtendedKeyUsagePurpose::ClientAuth } else { ExtendedKeyUsagePurpose::ServerAuth }];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// mosquitto_sub waits for one message while mosquitto_pub sends it, both over TLS.
+fn pub_sub(addr: SocketAddr, cafile: &Path, client: Option<(&Path, &Path)>) -> Result<String, String> {
+    let mut tls: Vec<String> = vec!["--cafile".into(), cafile.display().to_string()];
+    if let Some((c, k)) = client {
+        tls.extend(["--cert".into(), c.display().to_string(), "--key".into(), k.display().to_string()]);
+    }
+    let common = |id: &str| -> Vec<String> {
+        let mut v = vec![
+            "-h".into(),
+            addr.ip().to_string(),
+            "-p".into(),
+            addr.port().to_string(),
+            "-i".into(),
+            id.into(),
+            "-t".into(),
+            "tls/test".into(),
+        ];
+        v.extend(tls.clone());
+        v
+    };
+    let sub = Command::new("mosquitto_sub")
+        .args(common("tls-sub"))
+        .args(["-C", "1", "-W", "5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("mosquitto_sub: {e} (apt-get install mosquitto-clients)"))?;
+    // Publish until the subscriber has its message (it may still be connecting).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last_err = String::new();
+    let mut child = sub;
+    loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            return if out.status.success() && !text.is_empty() {
+                Ok(text)
+            } else {
+                Err(format!("mosquitto_sub: {} {}", String::from_utf8_lossy(&out.stderr).trim(), last_err))
+            };
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("no message within 5 s; last publish: {last_err}"));
+        }
+        let out = Command::new("mosquitto_pub").args(common("tls-pub")).args(["-m", "over-tls"]).output().unwrap();
+        if !out.status.success() {
+            last_err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn tls_config(net: &Net, dir: &Path, extra_tls: &str) -> meshgate::Config {
+    let text = net.config_text(&format!(
+        "[tls]\ncert = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\n{extra_tls}",
+        d = dir.display()
+    ));
+    let text = text.replacen("[listen]\n", &format!("[listen]\nmqtts = \"{}\"\n", net.slot.addr(1, 8883)), 1);
+    meshgate::Config::from_toml(&text, "tls-test").unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_through_the_tls_listener_and_renewal_on_reload() {
+    let net = Net::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    ca.issue(dir.path(), "server", Some(net.slot.ip(1)), false);
+    let mg = Meshgate::start(tls_config(&net, dir.path(), "")).await.unwrap();
+    let tls_addr = net.slot.addr(1, 8883);
+    let got = blocking(|| pub_sub(tls_addr, &dir.path().join("ca.pem"), None));
+    assert_eq!(got.as_deref(), Ok("over-tls"));
+
+    // Renewal: a certificate from another CA replaces the files; reload picks it up.
+    let other = Ca::new(dir.path(), "ca2");
+    other.issue(dir.path(), "server", Some(net.slot.ip(1)), false);
+    assert!(blocking(|| pub_sub(tls_addr, &dir.path().join("ca2.pem"), None)).is_err(), "old certificate until reload");
+    mg.reload(tls_config(&net, dir.path(), "")).expect("reload with the renewed certificate");
+    let got = blocking(|| pub_sub(tls_addr, &dir.path().join("ca2.pem"), None));
+    assert_eq!(got.as_deref(), Ok("over-tls"), "renewed certificate served after reload");
+
+    // A broken certificate file refuses the reload and keeps the running one.
+    std::fs::write(dir.path().join("server.pem"), "not a certificate").unwrap();
+    let err = mg.reload(tls_config(&net, dir.path(), "")).unwrap_err();
+    assert!(err.contains("server.pem"), "{err}");
+    assert_eq!(blocking(|| pub_sub(tls_addr, &dir.path().join("ca2.pem"), None)).as_deref(), Ok("over-tls"));
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_from_the_wrong_ca_are_refused() {
+    let net = Net::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    ca.issue(dir.path(), "server", Some(net.slot.ip(1)), false);
+    let (good_c, good_k) = ca.issue(dir.path(), "device", None, true);
+    let rogue = Ca::new(dir.path(), "rogue");
+    let (bad_c, bad_k) = rogue.issue(dir.path(), "intruder", None, true);
+    let extra = format!("client_ca = \"{}/ca.pem\"\n", dir.path().display());
+    let mg = Meshgate::start(tls_config(&net, dir.path(), &extra)).await.unwrap();
+    let addr = net.slot.addr(1, 8883);
+    let cafile = dir.path().join("ca.pem");
+    assert_eq!(blocking(|| pub_sub(addr, &cafile, Some((&good_c, &good_k)))).as_deref(), Ok("over-tls"));
+    assert!(blocking(|| pub_sub(addr, &cafile, Some((&bad_c, &bad_k)))).is_err(), "wrong CA refused");
+    assert!(blocking(|| pub_sub(addr, &cafile, None)).is_err(), "no client certificate refused");
+    let m = mg.pool().metrics.rejected.with_label_values(&["tls_handshake"]).get();
+    assert!(m >= 2, "refused handshakes counted: {m}");
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_with_tls_true_is_reached_over_tls() {
+    let slot = Slot::acquire();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let broker_addr = slot.addr(10, 8883);
+    let (bc, bk) = ca.issue(dir.path(), "broker", Some(broker_addr.ip()), false);
+    let extra = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\n",
+        dir.path().join("ca.pem").display(),
+        bc.display(),
+        bk.display()
+    );
+    let broker = blocking(|| Mosquitto::start_tls("broker1", broker_addr, &extra));
+    let text = format!(
+        "[listen]\nmqtt = \"{}\"\nhttp = \"off\"\n[tls]\nbroker_ca = \"{}/ca.pem\"\n[[broker]]\nname = \"broker1\"\naddress = \"{}\"\ntls = true\n",
+        slot.addr(1, 1883),
+        dir.path().display(),
+        broker_addr
+    );
+    let mg = Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
+    let (_s, ack) = common::mqtt::connect(slot.addr(1, 1883), 4, "plain-client", Duration::from_secs(3)).await.unwrap();
+    assert_eq!(ack.code, 0);
+    assert_eq!(mg.pool().broker_of("plain-client").as_deref(), Some("broker1"));
+    assert!(broker.log().contains("plain-client"), "the broker saw the client over TLS");
+    mg.shutdown().await;
+}
