@@ -141,6 +141,7 @@ impl Meshgate {
                 pool: pool.clone(),
                 admin_token: config.admin.token.clone(),
                 replication: replication.clone(),
+                stop: stop.clone(),
             });
             let stop = stop.clone();
             tracker.spawn(async move {

@@ -30,7 +30,8 @@ fn number<T: std::str::FromStr>(key: &str, v: Option<&str>) -> Result<Option<T>,
         .transpose()
 }
 
-pub async fn health(State(s): State<AppState>) -> impl IntoResponse {
+/// Overall state, shared by `/health` and the dashboard.
+pub(super) fn health_view(s: &AppState) -> HealthView {
     let now = Instant::now();
     let brokers = s.pool.brokers();
     let available = brokers.iter().filter(|b| b.available(now)).count();
@@ -42,7 +43,7 @@ pub async fn health(State(s): State<AppState>) -> impl IntoResponse {
         (_, false) => "degraded",
         _ => "ok",
     };
-    let view = HealthView {
+    HealthView {
         status,
         current_broker: s.pool.current_broker().map(|b| b.name.clone()),
         brokers_total: brokers.len(),
@@ -50,8 +51,12 @@ pub async fn health(State(s): State<AppState>) -> impl IntoResponse {
         sessions: s.pool.session_count(),
         version: crate::VERSION,
         uptime_secs: s.pool.uptime_secs(),
-    };
-    let code = if available == 0 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    }
+}
+
+pub async fn health(State(s): State<AppState>) -> impl IntoResponse {
+    let view = health_view(&s);
+    let code = if view.brokers_available == 0 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (code, Json(view))
 }
 

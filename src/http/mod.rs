@@ -1,4 +1,5 @@
-//! The HTTP API: health, brokers, clients, events, TCP checks, admin actions and Prometheus metrics.
+//! The HTTP API: health, brokers, clients, events, TCP checks, admin actions, Prometheus metrics,
+//! and the live dashboard (`GET /` and its update stream `GET /stream`, see [`dashboard`]).
 //!
 //! [`ROUTES`] is the one list of what the API serves: the router is built from it and a test
 //! holds `docs/openapi.yaml` to exactly the same set, so the document cannot drift from the code.
@@ -6,6 +7,7 @@
 
 mod admin;
 mod api;
+mod dashboard;
 mod views;
 
 use std::sync::Arc;
@@ -25,11 +27,16 @@ pub struct AppState {
     pub admin_token: Option<String>,
     /// Present when replication runs in this process.
     pub replication: Option<Arc<crate::replication::Replication>>,
+    /// Cancelled when meshgate stops: long-lived responses (the dashboard's stream) end then,
+    /// so an open browser does not hold the shutdown for its grace period.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// Every route as (method, path in OpenAPI form). Axum 0.8 writes path parameters the same
 /// way (`{name}`), so these strings are used for routing as they are.
 pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/stream"),
     ("GET", "/health"),
     ("GET", "/brokers"),
     ("GET", "/brokers/{name}"),
@@ -47,9 +54,14 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// client from making the server buffer one.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
-/// The handler of one [`ROUTES`] entry.
-fn endpoint(method: &str, path: &str) -> MethodRouter<AppState> {
+/// The handler of one [`ROUTES`] entry. `feed` is the dashboard state its viewers share.
+fn endpoint(method: &str, path: &str, feed: &Arc<dashboard::Feed>) -> MethodRouter<AppState> {
     match (method, path) {
+        ("GET", "/") => get(dashboard::index),
+        ("GET", "/stream") => {
+            let feed = feed.clone();
+            get(move |state, headers| dashboard::stream(state, feed, headers))
+        }
         ("GET", "/health") => get(api::health),
         ("GET", "/brokers") => get(api::brokers),
         ("GET", "/brokers/{name}") => get(api::broker),
@@ -69,8 +81,9 @@ fn endpoint(method: &str, path: &str) -> MethodRouter<AppState> {
 
 pub fn router(state: AppState) -> Router {
     let mut app = Router::new();
+    let feed = Arc::new(dashboard::Feed::default());
     for &(method, path) in ROUTES {
-        app = app.route(path, endpoint(method, path));
+        app = app.route(path, endpoint(method, path, &feed));
     }
     app.fallback(not_found)
         // Applies to the routes added above, so it must come after them.
@@ -153,7 +166,7 @@ mod tests {
     fn state() -> AppState {
         let config =
             crate::Config::from_toml("[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n", "test").unwrap();
-        AppState { pool: Arc::new(Pool::new(&config)), admin_token: None, replication: None }
+        AppState { pool: Arc::new(Pool::new(&config)), admin_token: None, replication: None, stop: Default::default() }
     }
 
     #[test]
