@@ -194,17 +194,39 @@ pub enum ClusterAction {
     Down(ClusterArgs),
     /// Each broker's pid, address and whether it answers MQTT.
     Status(ClusterArgs),
-    /// Write the Mosquitto configs (and the equivalent nginx stream config) for the config's brokers.
+    /// Write the Mosquitto configs (and the equivalent nginx stream config) for the config's brokers;
+    /// with --target multipass|systemd, the deployment files for real hosts (docs/deploy.md).
     Render {
         #[arg(long, short, default_value = "configs/meshgate.toml")]
         config: PathBuf,
-        /// Directory for broker1.conf, broker2.conf, ...
-        #[arg(long, default_value = "configs/mosquitto")]
-        out: PathBuf,
-        /// Where the nginx stream config goes.
+        /// local: the loopback network `meshgate up` runs; multipass: one cloud-init file per broker
+        /// VM; systemd: Mosquitto configs for existing Linux hosts. The last two also write meshgate's
+        /// config for those addresses, its systemd unit and the equivalent nginx config.
+        #[arg(long, value_enum, default_value_t = RenderTarget::Local)]
+        target: RenderTarget,
+        /// Output directory (default: configs/mosquitto for local, deploy/<target> otherwise).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// local: where the nginx stream config goes.
         #[arg(long, default_value = "nginx/meshgate-stream.conf")]
         nginx_out: PathBuf,
+        /// multipass|systemd: broker hosts in backup order, broker1 first (host or host:port).
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// multipass|systemd: this front-end host's own address on the brokers' network (the HTTP API binds there).
+        #[arg(long)]
+        front_end: Option<String>,
+        /// multipass|systemd: the hosts file to start from (default: <out>/network.toml when it exists).
+        #[arg(long)]
+        network: Option<PathBuf>,
     },
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RenderTarget {
+    Local,
+    Multipass,
+    Systemd,
 }
 
 #[derive(clap::Args, Debug)]
@@ -386,14 +408,41 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
 
 fn cluster(action: ClusterAction) -> anyhow::Result<()> {
     match action {
-        ClusterAction::Render { config, out, nginx_out } => {
+        ClusterAction::Render { config, target, out, nginx_out, hosts, front_end, network } => {
             let config = Config::load(&config)?;
-            for p in cl::render_all(&config, &out)? {
+            let target = match target {
+                RenderTarget::Local => {
+                    let out = out.unwrap_or_else(|| PathBuf::from("configs/mosquitto"));
+                    for p in cl::render_all(&config, &out)? {
+                        println!("wrote {}", p.display());
+                    }
+                    std::fs::write(&nginx_out, cl::nginx::render(&config))
+                        .with_context(|| format!("cannot write {}", nginx_out.display()))?;
+                    println!("wrote {}", nginx_out.display());
+                    return Ok(());
+                }
+                RenderTarget::Multipass => cl::deploy::Target::Multipass,
+                RenderTarget::Systemd => cl::deploy::Target::Systemd,
+            };
+            let out = out.unwrap_or_else(|| Path::new("deploy").join(target.as_str()));
+            let network_path = network.unwrap_or_else(|| out.join("network.toml"));
+            let mut net = if network_path.exists() {
+                cl::deploy::Network::load(&network_path)?
+            } else if hosts.is_empty() {
+                return Err(cl::deploy::DeployError::NoHosts(network_path.display().to_string()).into());
+            } else {
+                cl::deploy::Network::new(Vec::new())
+            };
+            if !hosts.is_empty() {
+                net.brokers = hosts;
+            }
+            if let Some(f) = front_end {
+                net.front_end = f;
+            }
+            let files = cl::deploy::render(target, &config, &net)?;
+            for p in cl::deploy::write(&out, &files)? {
                 println!("wrote {}", p.display());
             }
-            std::fs::write(&nginx_out, cl::nginx::render(&config))
-                .with_context(|| format!("cannot write {}", nginx_out.display()))?;
-            println!("wrote {}", nginx_out.display());
             Ok(())
         }
         ClusterAction::Up(a) => {

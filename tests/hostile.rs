@@ -77,7 +77,8 @@ async fn hostile_clients_do_not_hurt_a_well_behaved_one() {
         ),
     )
     .unwrap();
-    let child = Command::new(BIN).args(["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let child =
+        Command::new(BIN).args(["run", "--config", config.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
     let pid = child.id();
     let _daemon = Daemon(child);
     let front = net.mqtt_addr();
@@ -159,7 +160,8 @@ async fn hostile_clients_do_not_hurt_a_well_behaved_one() {
             s.write_all(&[b]).await.unwrap();
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let (first, _) = raw::read_packet(&mut s, Duration::from_secs(3)).await.expect("CONNACK after a byte-by-byte CONNECT");
+        let (first, _) =
+            raw::read_packet(&mut s, Duration::from_secs(3)).await.expect("CONNACK after a byte-by-byte CONNECT");
         assert_eq!(first, 0x20);
         for b in raw::publish_packet("good/slow", b"x", 0, 0, false) {
             s.write_all(&[b]).await.unwrap();
@@ -201,15 +203,17 @@ async fn hostile_clients_do_not_hurt_a_well_behaved_one() {
     drop(slow);
 
     let peak = status_kb(pid, "VmHWM:");
-    eprintln!(
-        "meshgate RSS {rss_start} KB at start, peak {peak} KB; flood: {admitted} of 5000 CONNECTs admitted"
-    );
+    eprintln!("meshgate RSS {rss_start} KB at start, peak {peak} KB; flood: {admitted} of 5000 CONNECTs admitted");
     assert!(peak < MEMORY_BOUND_KB, "peak RSS {peak} KB");
     assert_eq!(rejected(http, "connect_timeout").await, 1000.0);
     assert_eq!(rejected(http, "packet_too_large").await, 1.0);
     assert!(rejected(http, "malformed_connect").await >= 45.0, "random bytes refused as malformed CONNECTs");
     let limited = rejected(http, "connect_rate").await;
-    assert_eq!(limited as usize + admitted, 5000, "every flood CONNECT was either admitted or refused by the rate limit");
+    assert_eq!(
+        limited as usize + admitted,
+        5000,
+        "every flood CONNECT was either admitted or refused by the rate limit"
+    );
     // 100 per second with a burst of 200, over the few seconds the flood took.
     assert!(admitted < 1500, "rate limit held: {admitted} admitted");
     assert!(metric(http, "meshgate_sessions_closed_total{reason=\"malformed\"}").await >= 1.0);

@@ -4,6 +4,7 @@
 //! rendered configs use paths relative to it and Mosquitto runs with it as working directory,
 //! so the shipped example configs are byte-for-byte what `render` writes.
 
+pub mod deploy;
 pub mod nginx;
 
 use std::net::SocketAddr;

@@ -575,7 +575,13 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
     }
     if let Some(b) = brokers.iter().find(|b| b.tls) {
         if tls.broker_ca.is_none() {
-            return Err(c.err("tls.broker_ca", format!("broker {:?} has tls = true: set [tls] broker_ca to the CA its certificate is signed by", b.name)));
+            return Err(c.err(
+                "tls.broker_ca",
+                format!(
+                    "broker {:?} has tls = true: set [tls] broker_ca to the CA its certificate is signed by",
+                    b.name
+                ),
+            ));
         }
     }
     Ok(Config { listen: Listen { mqtt, mqtts, http }, proxy, health, admin, tls, replication, brokers })

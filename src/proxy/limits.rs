@@ -139,7 +139,8 @@ mod tests {
     use super::*;
 
     fn cfg(max: u32, per_source: u32, rate: f64, burst: f64) -> ProxyConfig {
-        let mut c = crate::Config::from_toml("[[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n", "t").unwrap().proxy;
+        let mut c =
+            crate::Config::from_toml("[[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n", "t").unwrap().proxy;
         c.max_sessions = max;
         c.max_sessions_per_source = per_source;
         c.connect_rate_per_source = rate;

@@ -72,14 +72,20 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
         Some(ca) => {
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots("client_ca", ca)?), provider())
                 .build()
-                .map_err(|e| TlsError::Invalid { key: "client_ca", path: ca.display().to_string(), err: e.to_string() })?;
+                .map_err(|e| TlsError::Invalid {
+                    key: "client_ca",
+                    path: ca.display().to_string(),
+                    err: e.to_string(),
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder
-        .with_single_cert(chain, key_der)
-        .map_err(|e| TlsError::Invalid { key: "key", path: key.display().to_string(), err: e.to_string() })?;
+    let config = builder.with_single_cert(chain, key_der).map_err(|e| TlsError::Invalid {
+        key: "key",
+        path: key.display().to_string(),
+        err: e.to_string(),
+    })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -106,6 +106,9 @@ pub struct Link {
     pub address: String,
     client: AsyncClient,
     connected: AtomicBool,
+    /// Copies were dropped while probes said the broker was down but the link stayed up (a
+    /// short hang): its retained state must be repaired once it is back.
+    needs_repair: AtomicBool,
     since_ms: AtomicU64,
     received: AtomicU64,
 }
@@ -154,7 +157,9 @@ impl Replication {
         for b in &config.brokers {
             let (host, port) = split_address(&b.address);
             let mut opts = MqttOptions::new(format!("meshgate-repl-{}-{}", b.name, std::process::id()), host, port);
-            opts.set_keep_alive(Duration::from_secs(10));
+            // rumqttc's shortest keepalive; a silently cut link is noticed in about 7.5 s, and
+            // sooner through the health probes (copies to a broker they mark down are held back).
+            opts.set_keep_alive(Duration::from_secs(5));
             opts.set_clean_start(true);
             opts.set_max_packet_size(Some(256 * 1024 * 1024));
             let (client, eventloop) = AsyncClient::new(opts, cfg.queue);
@@ -163,6 +168,7 @@ impl Replication {
                 address: b.address.clone(),
                 client,
                 connected: AtomicBool::new(false),
+                needs_repair: AtomicBool::new(false),
                 since_ms: AtomicU64::new(unix_ms(SystemTime::now())),
                 received: AtomicU64::new(0),
             }));
@@ -328,7 +334,13 @@ impl Replication {
 
     fn send(&self, to: &Link, copy: Copy<'_>, from: &str) {
         let Copy { topic, qos, retain, payload, props } = copy;
-        if !to.connected.load(Ordering::Relaxed) {
+        // The health probes notice a dead or hung broker well before the link's keepalive
+        // does; copies sent into such a link would only be lost.
+        let probed_down = self.pool.broker(&to.name).is_some_and(|b| b.probe_up() == Some(false));
+        if probed_down {
+            to.needs_repair.store(true, Ordering::Relaxed);
+        }
+        if !to.connected.load(Ordering::Relaxed) || probed_down {
             // The broker is down: its clients are elsewhere; retained state is caught up when
             // the link returns.
             self.metrics.dropped.with_label_values(&[&to.name, "link_down"]).inc();
@@ -515,6 +527,12 @@ impl Replication {
             loop {
                 if Instant::now() >= next {
                     next = Instant::now() + self.cfg.lag_interval;
+                    // This probe client just reached the broker: if copies were dropped while
+                    // it looked down, bring its retained state up to date now.
+                    let up = self.pool.broker(&me.name).is_none_or(|b| b.probe_up() != Some(false));
+                    if up && me.connected.load(Ordering::Relaxed) && me.needs_repair.swap(false, Ordering::Relaxed) {
+                        tokio::spawn(self.clone().reconcile(i));
+                    }
                     let sent = started.elapsed().as_micros() as u64;
                     let topic = format!("{LAG_TOPIC_PREFIX}{}", me.name);
                     if c.publish(&topic, sent.to_string().as_bytes(), 0, false, Duration::from_secs(1)).await.is_err() {
