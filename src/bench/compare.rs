@@ -1,0 +1,844 @@
+//! `meshgate bench compare`: one Mosquitto (and a backup for the failover load), nginx with
+//! the shipped stream config, HAProxy from Debian's package with an MQTT CONNECT/CONNACK
+//! check, and meshgate, all on 127.200.x.x; the same loads against each front end (and the
+//! broker directly) in an order that rotates every round; medians and meshgate's ratios to
+//! the others, written as JSON, a markdown table and SVG charts.
+//!
+//! Every load runs as its own `meshgate bench ... --json` process, so the generator has a
+//! fresh runtime and the orchestrator never shares a core's time slice with it. Idle-session
+//! and failover runs start the brokers and the front end under test afresh, so memory and
+//! failure state do not carry over from an earlier run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use super::report;
+use super::stats::median;
+use super::Report;
+use crate::cluster;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// CI mode: every load once for about a second, small counts; checks that every front end
+    /// answered and numbers came out, nothing about speed. Writes to a temp dir unless --out.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Rounds; the front-end order rotates each round and medians are reported.
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Measurement time of each throughput, latency and connection-rate run.
+    #[arg(long, value_parser = super::duration)]
+    pub duration: Option<Duration>,
+    /// Idle sessions held per run (each costs a proxy two file descriptors of its 20,000).
+    #[arg(long)]
+    pub idle_sessions: Option<usize>,
+    /// Clients connected when the primary hangs.
+    #[arg(long)]
+    pub failover_clients: Option<usize>,
+    /// How long a failover run waits for every client to be back.
+    #[arg(long, value_parser = super::duration)]
+    pub failover_deadline: Option<Duration>,
+    /// Where benchmarks.md, benchmarks.json and the charts go (default docs/, smoke: a temp dir).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// First three octets of the addresses used (must be under 127.200).
+    #[arg(long)]
+    pub net: Option<String>,
+    /// The meshgate binary to run as the front end and as the load generator (default: this one).
+    #[arg(long)]
+    pub meshgate_bin: Option<PathBuf>,
+    /// Front ends to include (comma-separated): direct, nginx, haproxy, meshgate.
+    #[arg(long, value_delimiter = ',', default_value = "direct,nginx,haproxy,meshgate")]
+    pub front_ends: Vec<String>,
+    /// Loads to run (comma-separated): qos0, qos0x16, qos1, qos1x16, latency, connect, idle, failover.
+    #[arg(long, value_delimiter = ',', default_value = "qos0,qos0x16,qos1,qos1x16,latency,connect,idle,failover")]
+    pub loads: Vec<String>,
+    /// Extra arguments for every load generator run (e.g. "--threads 2").
+    #[arg(long, allow_hyphen_values = true)]
+    pub bench_args: Option<String>,
+    /// Write the report (markdown, charts) again from an earlier run's benchmarks.json; runs nothing.
+    #[arg(long, value_name = "JSON")]
+    pub rerender: Option<PathBuf>,
+    /// Keep the brokers' and front ends' configs and logs (the path is printed at the end).
+    #[arg(long)]
+    pub keep_logs: bool,
+    /// Set by `cargo bench` for harness-less bench targets; `meshgate bench compare` ignores it.
+    #[arg(long, hide = true)]
+    pub bench: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontEnd {
+    Direct,
+    Nginx,
+    Haproxy,
+    Meshgate,
+}
+
+impl FrontEnd {
+    pub const ALL: [FrontEnd; 4] = [FrontEnd::Direct, FrontEnd::Nginx, FrontEnd::Haproxy, FrontEnd::Meshgate];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FrontEnd::Direct => "direct",
+            FrontEnd::Nginx => "nginx",
+            FrontEnd::Haproxy => "HAProxy",
+            FrontEnd::Meshgate => "meshgate",
+        }
+    }
+
+    fn parse(s: &str) -> anyhow::Result<FrontEnd> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "direct" | "mosquitto" => FrontEnd::Direct,
+            "nginx" => FrontEnd::Nginx,
+            "haproxy" => FrontEnd::Haproxy,
+            "meshgate" => FrontEnd::Meshgate,
+            other => bail!("unknown front end {other:?} (direct, nginx, haproxy, meshgate)"),
+        })
+    }
+
+    /// Last octet of its listen address.
+    fn octet(self) -> u8 {
+        match self {
+            FrontEnd::Direct => 10,
+            FrontEnd::Meshgate => 1,
+            FrontEnd::Nginx => 2,
+            FrontEnd::Haproxy => 3,
+        }
+    }
+}
+
+/// The loads of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadKind {
+    Qos0,
+    Qos0x16,
+    Qos1,
+    Qos1x16,
+    Latency,
+    Connect,
+    Idle,
+    Failover,
+}
+
+impl LoadKind {
+    pub const ALL: [LoadKind; 8] = [
+        LoadKind::Qos0,
+        LoadKind::Qos0x16,
+        LoadKind::Qos1,
+        LoadKind::Qos1x16,
+        LoadKind::Latency,
+        LoadKind::Connect,
+        LoadKind::Idle,
+        LoadKind::Failover,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LoadKind::Qos0 => "QoS 0, 1 pub / 1 sub",
+            LoadKind::Qos0x16 => "QoS 0, 16 pub / 16 sub",
+            LoadKind::Qos1 => "QoS 1, 1 pub / 1 sub",
+            LoadKind::Qos1x16 => "QoS 1, 16 pub / 16 sub",
+            LoadKind::Latency => "latency at half load",
+            LoadKind::Connect => "connection setup",
+            LoadKind::Idle => "idle sessions",
+            LoadKind::Failover => "failover under load",
+        }
+    }
+
+    fn parse(s: &str) -> anyhow::Result<LoadKind> {
+        let s = s.trim().to_ascii_lowercase();
+        LoadKind::ALL
+            .into_iter()
+            .find(|l| serde_json::to_value(l).ok().and_then(|v| v.as_str().map(|v| v == s)).unwrap_or(false))
+            .ok_or_else(|| {
+                anyhow::anyhow!("unknown load {s:?} (qos0, qos0x16, qos1, qos1x16, latency, connect, idle, failover)")
+            })
+    }
+}
+
+/// The resolved plan of one comparison.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub smoke: bool,
+    pub rounds: usize,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub payload: usize,
+    pub idle_sessions: usize,
+    pub failover_clients: usize,
+    pub failover_deadline_s: f64,
+    pub connect_concurrency: usize,
+    pub front_ends: Vec<FrontEnd>,
+    pub loads: Vec<LoadKind>,
+    /// The rate of the latency load (half the slowest front end's QoS 0 1/1 median).
+    pub latency_rate: Option<f64>,
+    pub net: String,
+    pub command: String,
+}
+
+/// One load against one front end in one round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Run {
+    pub load: LoadKind,
+    pub front_end: FrontEnd,
+    pub round: usize,
+    pub report: Option<Report>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub settings: Settings,
+    pub runs: Vec<Run>,
+    pub started: String,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub os: String,
+    pub kernel: String,
+    pub open_files: String,
+    pub mosquitto: String,
+    pub nginx: String,
+    pub haproxy: String,
+    pub meshgate: String,
+}
+
+pub fn main(a: CompareArgs) -> anyhow::Result<()> {
+    if let Some(json) = &a.rerender {
+        let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
+        let results: Results = serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))?;
+        let out = a.out.clone().unwrap_or_else(|| PathBuf::from("docs"));
+        let summary = report::Summary::of(&results);
+        report::write(&results, &summary, &out)?;
+        println!("{}", summary.text_table());
+        return Ok(());
+    }
+    let smoke = a.smoke;
+    let front_ends: Vec<FrontEnd> = a.front_ends.iter().map(|s| FrontEnd::parse(s)).collect::<Result<_, _>>()?;
+    let loads: Vec<LoadKind> = a.loads.iter().map(|s| LoadKind::parse(s)).collect::<Result<_, _>>()?;
+    let net = a.net.clone().unwrap_or_else(|| if smoke { "127.200.1" } else { "127.200.0" }.to_string());
+    anyhow::ensure!(
+        net.starts_with("127.200.") && net.split('.').count() == 3,
+        "--net must be three octets under 127.200 (e.g. 127.200.0), got {net:?}"
+    );
+    let settings = Settings {
+        smoke,
+        rounds: a.rounds.unwrap_or(if smoke { 1 } else { 3 }).max(1),
+        duration_s: a.duration.unwrap_or(Duration::from_secs(if smoke { 1 } else { 3 })).as_secs_f64(),
+        warmup_s: if smoke { 0.2 } else { 0.5 },
+        payload: 80,
+        idle_sessions: a.idle_sessions.unwrap_or(if smoke { 200 } else { 9000 }),
+        failover_clients: a.failover_clients.unwrap_or(if smoke { 100 } else { 1000 }),
+        failover_deadline_s: a
+            .failover_deadline
+            .unwrap_or(Duration::from_secs(if smoke { 4 } else { 8 }))
+            .as_secs_f64(),
+        connect_concurrency: 16,
+        front_ends,
+        loads,
+        latency_rate: None,
+        net,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let bin = match &a.meshgate_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("finding this executable")?,
+    };
+    preflight(&settings)?;
+    let out = match (&a.out, smoke) {
+        (Some(o), _) => o.clone(),
+        (None, false) => PathBuf::from("docs"),
+        (None, true) => std::env::temp_dir().join(format!("meshgate-bench-smoke-{}", std::process::id())),
+    };
+    let extra: Vec<String> = a.bench_args.as_deref().unwrap_or("").split_whitespace().map(str::to_owned).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let work = std::env::temp_dir().join(format!("meshgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let started = Instant::now();
+    let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let result = rt.block_on(Comparison { s: settings, bin, work: work.clone(), extra, runs: Vec::new() }.run());
+    if a.keep_logs {
+        eprintln!("configs and logs kept in {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    let (settings, runs) = result?;
+    let results =
+        Results { machine: machine(), settings, runs, started: started_at, elapsed_s: started.elapsed().as_secs_f64() };
+    let summary = report::Summary::of(&results);
+    report::write(&results, &summary, &out)?;
+    println!("{}", summary.text_table());
+    eprintln!(
+        "wrote {} (JSON {}, charts benchmarks-*.svg) in {:.0} s",
+        out.join("benchmarks.md").display(),
+        out.join("benchmarks.json").display(),
+        results.elapsed_s
+    );
+    let failed: Vec<String> = results
+        .runs
+        .iter()
+        .filter_map(|r| {
+            r.error
+                .as_ref()
+                .map(|e| format!("{} / {} / round {}: {e}", r.load.label(), r.front_end.label(), r.round + 1))
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!("{} run(s) failed; first: {}", failed.len(), failed[0]);
+    }
+    if smoke {
+        report::check_smoke(&results)?;
+        eprintln!("smoke: every front end answered every load and produced numbers");
+    }
+    Ok(())
+}
+
+fn preflight(s: &Settings) -> anyhow::Result<()> {
+    cluster::mosquitto_binary()?;
+    if s.front_ends.contains(&FrontEnd::Nginx) {
+        cluster::nginx::nginx_binary()?;
+    }
+    if s.front_ends.contains(&FrontEnd::Haproxy) {
+        haproxy_binary()?;
+    }
+    Ok(())
+}
+
+fn haproxy_binary() -> anyhow::Result<PathBuf> {
+    find_binary("haproxy").ok_or_else(|| {
+        anyhow::anyhow!(
+            "haproxy is not installed: install it with `sudo apt-get install -y haproxy` (or `scripts/deps test`)"
+        )
+    })
+}
+
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+struct Comparison {
+    s: Settings,
+    bin: PathBuf,
+    work: PathBuf,
+    extra: Vec<String>,
+    runs: Vec<Run>,
+}
+
+/// A started process we own: stopped (SIGTERM, then SIGKILL) and reaped when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        cluster::stop_pid(self.child.id(), Duration::from_secs(3));
+        let _ = self.child.wait();
+    }
+}
+
+/// The processes of one setup: the brokers and the front ends started.
+struct Setup {
+    primary: Proc,
+    _backup: Proc,
+    front: Vec<(FrontEnd, Option<Proc>)>,
+}
+
+impl Setup {
+    /// Pids whose memory counts as the front end's.
+    fn pids(&self, fe: FrontEnd) -> Vec<u32> {
+        match fe {
+            FrontEnd::Direct => vec![self.primary.pid()],
+            _ => self.front.iter().filter(|(f, _)| *f == fe).filter_map(|(_, p)| p.as_ref().map(Proc::pid)).collect(),
+        }
+    }
+}
+
+impl Comparison {
+    fn addr(&self, last: u8, port: u16) -> SocketAddr {
+        format!("{}.{last}:{port}", self.s.net).parse().expect("valid loopback address")
+    }
+
+    fn target(&self, fe: FrontEnd) -> SocketAddr {
+        self.addr(fe.octet(), 1883)
+    }
+
+    fn total_runs(&self) -> usize {
+        let fes = self.s.front_ends.len();
+        let proxies = self.s.front_ends.iter().filter(|f| **f != FrontEnd::Direct).count();
+        self.s.loads.iter().map(|l| if *l == LoadKind::Failover { proxies } else { fes }).sum::<usize>() * self.s.rounds
+    }
+
+    /// Front ends in this round's order: the list rotated by the round number.
+    fn order(&self, round: usize) -> Vec<FrontEnd> {
+        let mut v = self.s.front_ends.clone();
+        if !v.is_empty() {
+            let n = round % v.len();
+            v.rotate_left(n);
+        }
+        v
+    }
+
+    async fn run(mut self) -> anyhow::Result<(Settings, Vec<Run>)> {
+        let total = self.total_runs();
+        eprintln!(
+            "meshgate bench compare: {} round(s), {} front end(s), {} load(s), {total} runs{}",
+            self.s.rounds,
+            self.s.front_ends.len(),
+            self.s.loads.len(),
+            if self.s.smoke { " (smoke)" } else { "" }
+        );
+        let steady: Vec<LoadKind> = self
+            .s
+            .loads
+            .iter()
+            .copied()
+            .filter(|l| {
+                matches!(l, LoadKind::Qos0 | LoadKind::Qos0x16 | LoadKind::Qos1 | LoadKind::Qos1x16 | LoadKind::Connect)
+            })
+            .collect();
+        let loads = self.s.loads.clone();
+        let wants = |l: LoadKind| loads.contains(&l);
+        if !steady.is_empty() || wants(LoadKind::Latency) {
+            let setup = self.start(&self.s.front_ends.clone()).await?;
+            for round in 0..self.s.rounds {
+                for &load in &steady {
+                    for fe in self.order(round) {
+                        self.one(load, fe, round, &setup).await;
+                    }
+                }
+            }
+            if wants(LoadKind::Latency) {
+                // Half the slowest front end's maximum, so every front end is measured at the
+                // same offered load and none is past its limit.
+                let max = self
+                    .s
+                    .front_ends
+                    .iter()
+                    .filter_map(|&fe| {
+                        median(&self.values(LoadKind::Qos0, fe, |r| match r {
+                            Report::Pubsub(p) => Some(p.msgs_per_sec),
+                            _ => None,
+                        }))
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                let rate = if max.is_finite() && max > 0.0 { (max / 2.0).round() } else { 10_000.0 };
+                self.s.latency_rate = Some(rate);
+                eprintln!("latency load: {rate:.0} msg/s (half the slowest front end's QoS 0 maximum)");
+                for round in 0..self.s.rounds {
+                    for fe in self.order(round) {
+                        self.one(LoadKind::Latency, fe, round, &setup).await;
+                    }
+                }
+            }
+            drop(setup);
+        }
+        for load in [LoadKind::Idle, LoadKind::Failover] {
+            if !wants(load) {
+                continue;
+            }
+            for round in 0..self.s.rounds {
+                for fe in self.order(round) {
+                    if load == LoadKind::Failover && fe == FrontEnd::Direct {
+                        continue;
+                    }
+                    // Fresh brokers and a fresh front end: no memory or failure state carried over.
+                    match self.start(&[fe]).await {
+                        Ok(setup) => self.one(load, fe, round, &setup).await,
+                        Err(e) => self.record(load, fe, round, Err(format!("{e:#}"))),
+                    }
+                }
+            }
+        }
+        Ok((self.s, self.runs))
+    }
+
+    fn values(&self, load: LoadKind, fe: FrontEnd, f: impl Fn(&Report) -> Option<f64>) -> Vec<f64> {
+        self.runs
+            .iter()
+            .filter(|r| r.load == load && r.front_end == fe)
+            .filter_map(|r| r.report.as_ref().and_then(&f))
+            .collect()
+    }
+
+    fn record(&mut self, load: LoadKind, fe: FrontEnd, round: usize, r: Result<Report, String>) {
+        let n = self.runs.len() + 1;
+        let total = self.total_runs();
+        let line = match &r {
+            Ok(rep) => report::one_line(rep),
+            Err(e) => format!("FAILED: {e}"),
+        };
+        eprintln!("[{n:>3}/{total}] round {} {:<24} {:<9} {line}", round + 1, load.label(), fe.label());
+        let (report, error) = match r {
+            Ok(rep) => (Some(rep), None),
+            Err(e) => (None, Some(e)),
+        };
+        self.runs.push(Run { load, front_end: fe, round, report, error });
+    }
+
+    async fn one(&mut self, load: LoadKind, fe: FrontEnd, round: usize, setup: &Setup) {
+        let target = self.target(fe).to_string();
+        let d = format!("{}s", self.s.duration_s);
+        let w = format!("{}s", self.s.warmup_s);
+        let mut args: Vec<String> = Vec::new();
+        let pubsub = |p: usize, qos: u8| -> Vec<String> {
+            let mut v: Vec<String> = vec!["pubsub".into(), "-p".into(), p.to_string(), "-s".into(), p.to_string()];
+            v.extend(["--qos".into(), qos.to_string(), "--duration".into(), d.clone(), "--warmup".into(), w.clone()]);
+            v.extend(["--payload".into(), self.s.payload.to_string()]);
+            v
+        };
+        match load {
+            LoadKind::Qos0 => args.extend(pubsub(1, 0)),
+            LoadKind::Qos0x16 => args.extend(pubsub(16, 0)),
+            LoadKind::Qos1 => args.extend(pubsub(1, 1)),
+            LoadKind::Qos1x16 => args.extend(pubsub(16, 1)),
+            LoadKind::Latency => {
+                args.extend(pubsub(1, 0));
+                args.extend(["--rate".into(), self.s.latency_rate.unwrap_or(10_000.0).to_string()]);
+            }
+            LoadKind::Connect => {
+                args.extend(["connect".into(), "--duration".into(), d.clone()]);
+                args.extend(["--concurrency".into(), self.s.connect_concurrency.to_string()]);
+            }
+            LoadKind::Idle => {
+                args.extend(["idle".into(), "--sessions".into(), self.s.idle_sessions.to_string()]);
+                args.extend(["--hold".into(), if self.s.smoke { "1s" } else { "3s" }.into()]);
+                for p in setup.pids(fe) {
+                    args.extend(["--pid".into(), p.to_string()]);
+                }
+            }
+            LoadKind::Failover => {
+                args.extend(["failover".into(), "--clients".into(), self.s.failover_clients.to_string()]);
+                args.extend(["--hang-pid".into(), setup.primary.pid().to_string()]);
+                args.extend(["--deadline".into(), format!("{}s", self.s.failover_deadline_s)]);
+            }
+        }
+        args.extend(["--target".into(), target, "--json".into(), "--quiet".into()]);
+        if matches!(load, LoadKind::Qos0 | LoadKind::Qos0x16 | LoadKind::Qos1 | LoadKind::Qos1x16 | LoadKind::Latency) {
+            for p in setup.pids(fe) {
+                args.extend(["--pid".into(), p.to_string()]);
+            }
+        }
+        args.extend(self.extra.iter().cloned());
+        let r = self.bench(&args).await;
+        self.record(load, fe, round, r);
+    }
+
+    /// Runs `meshgate bench ARGS` and parses its JSON.
+    async fn bench(&self, args: &[String]) -> Result<Report, String> {
+        let out = tokio::process::Command::new(&self.bin)
+            .arg("bench")
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let line = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no output)");
+            return Err(format!("load generator exited with {}: {line}", out.status));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("load generator printed no report: {e}"))
+    }
+
+    // ------------------------------------------------------------ processes
+
+    async fn start(&self, front: &[FrontEnd]) -> anyhow::Result<Setup> {
+        let primary = self.start_broker("broker1", 10).await?;
+        let backup = self.start_broker("broker2", 11).await?;
+        let mut setup = Setup { primary, _backup: backup, front: Vec::new() };
+        for &fe in front {
+            let p = match fe {
+                FrontEnd::Direct => None,
+                FrontEnd::Nginx => Some(self.start_nginx().await?),
+                FrontEnd::Haproxy => Some(self.start_haproxy().await?),
+                FrontEnd::Meshgate => Some(self.start_meshgate().await?),
+            };
+            setup.front.push((fe, p));
+        }
+        Ok(setup)
+    }
+
+    fn log(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        let path = self.work.join(format!("{name}.log"));
+        std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))
+    }
+
+    fn spawn(&self, name: &str, cmd: &mut Command) -> anyhow::Result<Proc> {
+        let log = self.log(name)?;
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Proc { name: name.to_string(), child })
+    }
+
+    /// Waits until `addr` answers an MQTT CONNECT (through the front end, so its upstream
+    /// works too), or the process exits.
+    async fn ready(&self, p: &mut Proc, addr: SocketAddr) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if cluster::answers_mqtt(&addr.to_string(), Duration::from_millis(500)).await {
+                return Ok(());
+            }
+            let exited = matches!(p.child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.work.join(format!("{}.log", p.name))).unwrap_or_default();
+                let tail = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(empty log)");
+                bail!("{} did not answer MQTT on {addr}: {tail}", p.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn start_broker(&self, name: &str, last: u8) -> anyhow::Result<Proc> {
+        let addr = self.addr(last, 1883);
+        let conf = self.work.join(format!("{name}.conf"));
+        // Anonymous, nothing persisted, errors only: the broker is the same for every front end.
+        // TCP_NODELAY: with Nagle on (Mosquitto's default) and receivers that only read (QoS 0
+        // subscribers, a proxy's upstream side), loopback's 64 KB MSS lets ~28 KB wait for a
+        // delayed ACK, and latency becomes ~300 messages / rate whatever the front end.
+        // `user root` keeps a root-started Mosquitto from switching users (ignored otherwise).
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} {}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\nconnection_messages false\nuser root\n",
+                addr.port(),
+                addr.ip()
+            ),
+        )?;
+        let mut p = self.spawn(name, Command::new(cluster::mosquitto_binary()?).arg("-c").arg(&conf))?;
+        self.ready(&mut p, addr).await?;
+        Ok(p)
+    }
+
+    fn meshgate_toml(&self, listen: SocketAddr) -> String {
+        // The shipped configs/meshgate.toml's broker settings, on the benchmark's two brokers.
+        format!(
+            "[listen]\nmqtt = \"{listen}\"\nhttp = \"off\"\n\n\
+             [[broker]]\nname = \"broker1\"\naddress = \"{}\"\nweight = 5\nmax_fails = 3\nfail_timeout = \"30s\"\n\n\
+             [[broker]]\nname = \"broker2\"\naddress = \"{}\"\nmax_fails = 3\nfail_timeout = \"30s\"\n",
+            self.addr(10, 1883),
+            self.addr(11, 1883)
+        )
+    }
+
+    async fn start_meshgate(&self) -> anyhow::Result<Proc> {
+        let listen = self.target(FrontEnd::Meshgate);
+        let conf = self.work.join("meshgate.toml");
+        std::fs::write(&conf, self.meshgate_toml(listen))?;
+        let mut p = self.spawn("meshgate", Command::new(&self.bin).arg("run").arg("--config").arg(&conf))?;
+        self.ready(&mut p, listen).await?;
+        Ok(p)
+    }
+
+    async fn start_nginx(&self) -> anyhow::Result<Proc> {
+        let listen = self.target(FrontEnd::Nginx);
+        let config = crate::Config::from_toml(&self.meshgate_toml(listen), "benchmark")?;
+        let conf = nginx_conf(&cluster::nginx::render(&config), self.s.idle_sessions);
+        let prefix = self.work.join("nginx");
+        std::fs::create_dir_all(prefix.join("logs"))?;
+        let path = prefix.join("nginx.conf");
+        std::fs::write(&path, conf)?;
+        let child = cluster::nginx::start(&path, &prefix, &listen.to_string()).await?;
+        let mut p = Proc { name: "nginx".into(), child };
+        // nginx logs to its prefix, not to work/nginx.log; `ready` only uses the log for errors.
+        self.ready(&mut p, listen).await?;
+        Ok(p)
+    }
+
+    async fn start_haproxy(&self) -> anyhow::Result<Proc> {
+        let listen = self.target(FrontEnd::Haproxy);
+        let cfg = haproxy_cfg(listen, self.addr(10, 1883), self.addr(11, 1883), self.s.idle_sessions);
+        let path = self.work.join("haproxy.cfg");
+        std::fs::write(&path, cfg)?;
+        let bin = haproxy_binary()?;
+        let check = Command::new(&bin).arg("-c").arg("-q").arg("-f").arg(&path).output()?;
+        if !check.status.success() {
+            bail!("haproxy refused {}: {}", path.display(), String::from_utf8_lossy(&check.stderr).trim());
+        }
+        let mut p = self.spawn("haproxy", Command::new(&bin).arg("-db").arg("-f").arg(&path))?;
+        self.ready(&mut p, listen).await?;
+        Ok(p)
+    }
+}
+
+/// The shipped stream config with room for the idle-session load: nginx counts both sides of
+/// a proxied session against `worker_connections` (4096 in the shipped file), so it is raised
+/// to what the 20,000 file descriptors allow. Nothing else changes.
+pub fn nginx_conf(rendered: &str, idle_sessions: usize) -> String {
+    let conns = (idle_sessions * 2 + 200).max(4096);
+    rendered
+        .replace("worker_connections 4096;", &format!("worker_connections {conns};"))
+        .replace("worker_processes 1;", &format!("worker_processes 1;\nworker_rlimit_nofile {};", conns + 100))
+}
+
+/// HAProxy in front of the two brokers: TCP mode, an MQTT CONNECT/CONNACK health check every
+/// second (fall 2, rise 2), broker2 as backup, sessions of a server marked down shut so
+/// clients reconnect, and timeouts as nginx's `proxy_timeout 90s`.
+pub fn haproxy_cfg(listen: SocketAddr, primary: SocketAddr, backup: SocketAddr, idle_sessions: usize) -> String {
+    let connect: String = crate::mqtt::encode::connect(4, "haproxy-check", true, 60, None, None)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let maxconn = idle_sessions + 300;
+    format!(
+        "global\n\
+         \x20   maxconn {maxconn}\n\
+         \x20   log stderr format short local0 warning\n\
+         \n\
+         defaults\n\
+         \x20   mode tcp\n\
+         \x20   log global\n\
+         \x20   timeout connect 1s\n\
+         \x20   timeout client 90s\n\
+         \x20   timeout server 90s\n\
+         \x20   timeout check 1s\n\
+         \n\
+         frontend mqtt\n\
+         \x20   bind {listen}\n\
+         \x20   maxconn {maxconn}\n\
+         \x20   default_backend brokers\n\
+         \n\
+         backend brokers\n\
+         \x20   balance leastconn\n\
+         \x20   option tcp-check\n\
+         \x20   tcp-check connect\n\
+         \x20   tcp-check send-binary {connect}\n\
+         \x20   tcp-check expect binary 20020000\n\
+         \x20   tcp-check send-binary e000\n\
+         \x20   server broker1 {primary} check inter 1s fall 2 rise 2 on-marked-down shutdown-sessions\n\
+         \x20   server broker2 {backup} check inter 1s fall 2 rise 2 backup on-marked-down shutdown-sessions\n"
+    )
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    let bin = find_binary(cmd).unwrap_or_else(|| PathBuf::from(cmd));
+    match Command::new(bin).args(args).output() {
+        Ok(o) => {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            text.lines().find(|l| !l.trim().is_empty()).unwrap_or("unknown").trim().to_string()
+        }
+        Err(_) => "not installed".into(),
+    }
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// What this machine is, for the report.
+pub fn machine() -> Machine {
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let mem_kib: f64 = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let os = read("/etc/os-release")
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|s| s.trim_matches('"').to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let open_files = read("/proc/self/limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" soft / ") + " hard")
+        .unwrap_or_else(|| "unknown".into());
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        os,
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        open_files,
+        mosquitto: cluster::mosquitto_binary()
+            .ok()
+            .map(|b| first_line(&b.display().to_string(), &["-h"]))
+            .unwrap_or_else(|| "not installed".into()),
+        nginx: first_line("nginx", &["-v"]),
+        haproxy: first_line("haproxy", &["-v"]),
+        meshgate: match commit {
+            Some(c) => format!("{} ({c})", crate::VERSION),
+            None => crate::VERSION.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn haproxy_check_sends_a_real_connect() {
+        let cfg = haproxy_cfg(
+            "127.200.0.3:1883".parse().unwrap(),
+            "127.200.0.10:1883".parse().unwrap(),
+            "127.200.0.11:1883".parse().unwrap(),
+            100,
+        );
+        let hex = cfg.lines().find_map(|l| l.trim().strip_prefix("tcp-check send-binary 10")).unwrap();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let mut packet = vec![0x10];
+        packet.extend(bytes);
+        let c = crate::mqtt::connect::parse(&packet).unwrap();
+        assert_eq!((c.version, c.client_id.as_str()), (4, "haproxy-check"));
+        assert!(cfg.contains("expect binary 20020000"));
+    }
+
+    #[test]
+    fn nginx_conf_changes_only_the_connection_limits() {
+        let shipped = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx/meshgate-stream.conf"),
+        )
+        .unwrap();
+        let conf = nginx_conf(&shipped, 9000);
+        assert!(conf.contains("worker_connections 18200;") && conf.contains("worker_rlimit_nofile 18300;"));
+        let changed = conf.lines().filter(|l| !shipped.contains(l)).count();
+        assert_eq!(changed, 2, "{conf}");
+    }
+
+    #[test]
+    fn loads_and_front_ends_parse() {
+        assert_eq!(LoadKind::parse("qos1x16").unwrap(), LoadKind::Qos1x16);
+        assert_eq!(FrontEnd::parse("HAProxy").unwrap(), FrontEnd::Haproxy);
+        assert!(LoadKind::parse("nope").is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! `meshgate bench` works: briefly against a real Mosquitto and against meshgate in-process,
+//! and `meshgate bench compare --smoke` against all four front ends. Nothing about speed is
+//! asserted, only that the loads ran and their reports make sense.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Net;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
+
+/// Runs `meshgate bench ARGS --json --quiet` and returns its report.
+async fn bench(args: &[&str]) -> Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(BIN)
+            .arg("bench")
+            .args(args)
+            .args(["--json", "--quiet"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("meshgate bench finishes within 60 s")
+    .expect("meshgate bench runs");
+    assert!(out.status.success(), "meshgate bench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn f(v: &Value, path: &str) -> f64 {
+    v.pointer(path).and_then(Value::as_f64).unwrap_or_else(|| panic!("{path} missing in {v:#}"))
+}
+
+fn check_pubsub(r: &Value, what: &str) {
+    assert_eq!(r["load"], "pubsub", "{what}");
+    assert!(f(r, "/messages") > 0.0 && f(r, "/msgs_per_sec") > 0.0, "{what}: no messages: {r:#}");
+    assert_eq!(f(r, "/errors/total"), 0.0, "{what}: errors: {r:#}");
+    let (p50, p99, p999) = (f(r, "/latency/p50_us"), f(r, "/latency/p99_us"), f(r, "/latency/p999_us"));
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= p999 && p999 <= f(r, "/latency/max_us"), "{what}: {r:#}");
+    assert!(f(r, "/connect/count") >= 2.0, "{what}: {r:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_against_mosquitto_and_meshgate() {
+    let net = Net::start(1);
+    let mg = net.meshgate("").await;
+    let direct = net.brokers[0].addr.to_string();
+    let proxied = mg.mqtt_addr().to_string();
+    for (what, target) in [("direct", &direct), ("meshgate", &proxied)] {
+        for qos in ["0", "1"] {
+            let r = bench(&["pubsub", "--target", target, "--qos", qos, "--duration", "1s", "--warmup", "200ms"]).await;
+            check_pubsub(&r, &format!("{what} QoS {qos}"));
+            assert_eq!(f(&r, "/lost"), 0.0, "{what} QoS {qos}: {r:#}");
+        }
+    }
+    // Several publishers and subscribers, paced: the rate is kept.
+    let r = bench(&["pubsub", "--target", &proxied, "-p", "4", "-s", "4", "--rate", "2000", "--duration", "1s"]).await;
+    check_pubsub(&r, "paced 4x4");
+    let rate = f(&r, "/msgs_per_sec");
+    assert!((1000.0..3000.0).contains(&rate), "paced at 2000/s, measured {rate}: {r:#}");
+    assert!(mg.pool().metrics.bytes.with_label_values(&["client_to_broker"]).get() > 0);
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_rate_and_idle_sessions_through_meshgate() {
+    let net = Net::start(1);
+    let mg = net.meshgate("").await;
+    let target = mg.mqtt_addr().to_string();
+    let r = bench(&["connect", "--target", &target, "--duration", "1s", "--concurrency", "4"]).await;
+    assert_eq!(r["load"], "connect");
+    assert!(f(&r, "/connects") > 0.0 && f(&r, "/connects_per_sec") > 0.0, "{r:#}");
+    assert_eq!(f(&r, "/errors/total"), 0.0, "{r:#}");
+    assert!(f(&r, "/latency/p50_us") <= f(&r, "/latency/p99_us"), "{r:#}");
+
+    // meshgate runs in this test process, so its memory is this process's.
+    let pid = std::process::id().to_string();
+    let r = bench(&["idle", "--target", &target, "--sessions", "100", "--hold", "1s", "--pid", &pid]).await;
+    assert_eq!(r["load"], "idle");
+    assert_eq!((f(&r, "/sessions_open"), f(&r, "/alive_at_end")), (100.0, 100.0), "{r:#}");
+    assert!(r["bytes_per_session"].is_number() && f(&r, "/rss_after_kib") > 0.0, "{r:#}");
+    assert_eq!(f(&r, "/errors/total"), 0.0, "{r:#}");
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_load_times_the_reconnects() {
+    let mut net = Net::start(2);
+    let mg = net.meshgate("").await;
+    let target = mg.mqtt_addr().to_string();
+    let pid = net.broker("broker1").pid().expect("broker1 runs").to_string();
+    let r = bench(&["failover", "--target", &target, "--clients", "50", "--hang-pid", &pid, "--deadline", "5s"]).await;
+    assert_eq!(r["load"], "failover");
+    assert_eq!(f(&r, "/connected_before"), 50.0, "{r:#}");
+    // meshgate notices the hung primary and closes its sessions; every client is back on broker2.
+    assert_eq!(f(&r, "/reconnected"), 50.0, "{r:#}");
+    assert!(f(&r, "/all_reconnected_s") < 5.0, "{r:#}");
+    assert_eq!(r["timeline"].as_array().map(Vec::len), Some(50), "{r:#}");
+    // The bench resumed the broker it stopped.
+    common::blocking(|| net.broker("broker1").resume());
+    mg.shutdown().await;
+}
+
+/// The comparison's CI mode: every front end (Mosquitto directly, nginx, HAProxy, meshgate)
+/// answers every load once for about a second. Needs nginx's stream module and HAProxy.
+#[test]
+fn compare_smoke_runs_every_load_against_every_front_end() {
+    let installed = |bin: &str| {
+        ["/usr/sbin", "/usr/bin", "/usr/local/sbin"].iter().any(|d| std::path::Path::new(d).join(bin).exists())
+    };
+    assert!(
+        installed("haproxy") && installed("nginx"),
+        "the benchmark comparison needs HAProxy and nginx: install them with `scripts/deps test` (or `sudo apt-get install -y haproxy nginx libnginx-mod-stream`)"
+    );
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["bench", "compare", "--smoke", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .expect("meshgate bench compare runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare --smoke failed:\n{stderr}\n{}", String::from_utf8_lossy(&out.stdout));
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("benchmarks.json")).unwrap()).unwrap();
+    let runs = results["runs"].as_array().unwrap();
+    // 7 loads x 4 front ends + failover x 3 proxies.
+    assert_eq!(runs.len(), 31, "{stderr}");
+    assert!(runs.iter().all(|r| r["report"].is_object() && r["error"].is_null()), "{stderr}");
+    let md = std::fs::read_to_string(out_dir.path().join("benchmarks.md")).unwrap();
+    for fe in ["direct", "nginx", "HAProxy", "meshgate", "meshgate / nginx"] {
+        assert!(md.contains(fe), "benchmarks.md lacks {fe}:\n{md}");
+    }
+    for svg in ["benchmarks-throughput.svg", "benchmarks-latency.svg", "benchmarks-failover.svg"] {
+        let text = std::fs::read_to_string(out_dir.path().join(svg)).unwrap();
+        assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"), "{svg}");
+    }
+}
