@@ -366,7 +366,9 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
     let mut windows = Vec::new();
     let mut reconnect_times = Vec::new();
     for (k, f) in faults.iter().enumerate() {
-        let next = faults.get(k + 1).map(|n| n.at).unwrap_or(end + 10.0);
+        // Clients cut off while the fault lasts; sessions moved back after the recovery
+        // belong to the recovery's window below.
+        let next = faults.get(k + 1).map(|n| n.at).unwrap_or(end + 10.0).min(f.recovered_at.unwrap_or(end + 10.0));
         let mut back_at = f.at;
         let mut cut: HashMap<&String, f64> = HashMap::new();
         for (c, at) in &log.losses {
