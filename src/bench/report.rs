@@ -641,11 +641,15 @@ pub fn failover_svg(results: &Results) -> Option<String> {
     let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\" fill=\"#c00\">2 s target</text>", x2 + 4.0, top + 12.0);
     for (fe, tl, n, _) in &lines {
         let n = (*n).max(1) as f64;
-        // A path rather than a polyline: some renderers close a polyline back to its start.
-        let mut d = format!("M{:.1},{:.1}", x_of(0.0), y_of(0.0));
+        let mut pts = vec![(x_of(0.0), y_of(0.0))];
         for (i, c) in tl.iter().enumerate() {
-            let tt = (i + 1) as f64 * bucket_ms / 1000.0;
-            let _ = write!(d, " L{:.1},{:.1}", x_of(tt), y_of(*c as f64 / n));
+            pts.push((x_of((i + 1) as f64 * bucket_ms / 1000.0), y_of(*c as f64 / n)));
+        }
+        // Out and back along the same points: a renderer that closes every path (some do, even
+        // unfilled ones) then draws nothing extra.
+        let mut d = String::new();
+        for (i, (x, y)) in pts.iter().chain(pts.iter().rev().skip(1)).enumerate() {
+            let _ = write!(d, "{}{x:.1},{y:.1}", if i == 0 { "M" } else { " L" });
         }
         let _ = writeln!(out, "<path d=\"{d}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2.5\"/>", color(*fe));
     }

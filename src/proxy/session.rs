@@ -135,6 +135,9 @@ struct Live {
     session: Registered,
     scanner: FrameScanner,
     down_scanner: FrameScanner,
+    /// `meshgate_bytes_total` by direction, looked up once per session.
+    up_total: prometheus::IntCounter,
+    down_total: prometheus::IntCounter,
 }
 
 async fn setup_in_span(pool: Arc<Pool>, client: Conn, peer: SocketAddr) -> Option<Live> {
@@ -146,9 +149,6 @@ async fn setup_in_span(pool: Arc<Pool>, client: Conn, peer: SocketAddr) -> Optio
 
 /// Forwards until either side closes or fails, or meshgate closes the session (or shuts down).
 async fn forward_session(pool: &Pool, live: &mut Live) {
-    let m = &pool.metrics;
-    let up_total = m.bytes.with_label_values(&["client_to_broker"]);
-    let down_total = m.bytes.with_label_values(&["broker_to_client"]);
     let session = &live.session;
     let ended = tokio::select! {
         e = forward::forward(
@@ -156,24 +156,31 @@ async fn forward_session(pool: &Pool, live: &mut Live) {
             &mut live.upstream,
             forward::Side {
                 scanner: Some(&mut live.scanner),
-                tally: Tally { bytes: &session.bytes_in, packets: &session.packets_in, total_bytes: &up_total },
+                tally: Tally { bytes: &session.bytes_in, packets: &session.packets_in, total_bytes: &live.up_total },
             },
             forward::Side {
                 scanner: Some(&mut live.down_scanner),
-                tally: Tally { bytes: &session.bytes_out, packets: &session.packets_out, total_bytes: &down_total },
+                tally: Tally { bytes: &session.bytes_out, packets: &session.packets_out, total_bytes: &live.down_total },
             },
-        ) => match e {
-            Ended::ClientClosed => "client closed".to_string(),
-            Ended::BrokerClosed => "broker closed".to_string(),
-            Ended::ClientSide(ForwardError::Malformed(e)) => {
-                pool.metrics.sessions_closed.with_label_values(&["malformed"]).inc();
-                format!("client sent a malformed packet: {e}")
-            }
-            Ended::ClientSide(e) => format!("client side: {e}"),
-            Ended::BrokerSide(e) => format!("broker side: {e}"),
-        },
-        _ = session.cancelled() => format!("closed by meshgate: {}", session.close_reason().unwrap_or("?")),
+        ) => Some(e),
+        _ = session.cancelled() => None,
         _ = pool.closing.cancelled() => return,
+    };
+    if let Some(Ended::ClientSide(ForwardError::Malformed(_))) = &ended {
+        pool.metrics.sessions_closed.with_label_values(&["malformed"]).inc();
+    }
+    // Formatted only for someone who reads it: connection churn should not pay for a span
+    // and a message per session that the log level drops anyway.
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let why = match ended {
+        Some(Ended::ClientClosed) => "client closed".to_string(),
+        Some(Ended::BrokerClosed) => "broker closed".to_string(),
+        Some(Ended::ClientSide(ForwardError::Malformed(e))) => format!("client sent a malformed packet: {e}"),
+        Some(Ended::ClientSide(e)) => format!("client side: {e}"),
+        Some(Ended::BrokerSide(e)) => format!("broker side: {e}"),
+        None => format!("closed by meshgate: {}", session.close_reason().unwrap_or("?")),
     };
     let span = tracing::info_span!(
         "session",
@@ -181,7 +188,7 @@ async fn forward_session(pool: &Pool, live: &mut Live) {
         client_id = session.info.client_id.as_str(),
         broker = session.broker.name.as_str()
     );
-    span.in_scope(|| debug!("session ended: {ended}"));
+    span.in_scope(|| debug!("session ended: {why}"));
 }
 
 /// Reads the CONNECT, finds a broker that answers it, registers the session and passes on
@@ -255,27 +262,34 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
     if !extra.is_empty() && forward::write_all(&mut upstream, &extra).await.is_err() {
         return None;
     }
-    let m = &pool.metrics;
-    m.bytes.with_label_values(&["client_to_broker"]).inc_by(extra.len() as u64);
-    m.bytes.with_label_values(&["broker_to_client"]).inc_by(after_connack.len() as u64);
-    Some(Live { client, upstream, session, scanner, down_scanner })
+    let up_total = pool.metrics.bytes.with_label_values(&["client_to_broker"]);
+    let down_total = pool.metrics.bytes.with_label_values(&["broker_to_client"]);
+    up_total.inc_by(extra.len() as u64);
+    down_total.inc_by(after_connack.len() as u64);
+    Some(Live { client, upstream, session, scanner, down_scanner, up_total, down_total })
 }
 
 /// Reads exactly one CONNECT (plus whatever the client pipelined behind it).
 async fn read_connect(client: &mut Conn, limit: Duration, max: u32) -> Result<(Vec<u8>, Vec<u8>), Rejected> {
     use tokio::io::AsyncReadExt;
     let deadline = Instant::now() + limit;
-    let mut buf: Vec<u8> = Vec::with_capacity(128);
+    // Room for a typical CONNECT and what a client pipelines behind it, so most connections
+    // read once into one allocation.
+    let mut buf: Vec<u8> = Vec::with_capacity(512);
     loop {
         if let Some(total) = mqtt::connect::check(&buf, max)? {
             let extra = buf.split_off(total);
             return Ok((buf, extra));
         }
-        let mut chunk = [0u8; 4096];
-        match timeout_at(deadline, client.read(&mut chunk)).await {
+        // Straight into the buffer: a stack chunk held across the read would make every
+        // session's setup future (boxed, but allocated for each connection) 4 KB larger.
+        if buf.capacity() - buf.len() < 64 {
+            buf.reserve(1024);
+        }
+        match timeout_at(deadline, client.read_buf(&mut buf)).await {
             Err(_) => return Err(Rejected::ConnectTimeout(limit)),
             Ok(Ok(0)) => return Err(Rejected::Closed),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e.into()),
         }
     }
@@ -368,25 +382,28 @@ async fn try_broker(
             None => Conn::Tcp(stream),
             Some((connector, name)) => {
                 let name = super::tls::server_name(address, name).map_err(AttemptError::Protocol)?;
-                let s = connector
-                    .connect(name, stream)
+                // Boxed: the TLS handshake future is over a kilobyte, and every plain session's
+                // setup would otherwise carry room for it.
+                let s = Box::pin(connector.connect(name, stream))
                     .await
                     .map_err(|e| AttemptError::Protocol(format!("TLS handshake with the broker: {e}")))?;
                 Conn::BrokerTls(Box::new(s))
             }
         };
         forward::write_all(&mut conn, packet).await.map_err(AttemptError::Connect)?;
-        let mut buf: Vec<u8> = Vec::with_capacity(64);
+        let mut buf: Vec<u8> = Vec::with_capacity(256);
         loop {
             match connack::parse(&buf) {
                 Ok(Some((ack, _))) => return Ok((conn, ack, buf)),
                 Ok(None) => {}
                 Err(e) => return Err(AttemptError::Protocol(e.to_string())),
             }
-            let mut chunk = [0u8; 4096];
-            match conn.read(&mut chunk).await {
+            if buf.capacity() - buf.len() < 16 {
+                buf.reserve(256);
+            }
+            match conn.read_buf(&mut buf).await {
                 Ok(0) => return Err(AttemptError::Closed),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
                 Err(e) => return Err(AttemptError::Connect(e)),
             }
         }
