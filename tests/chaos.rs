@@ -12,18 +12,9 @@ use meshgate::Config;
 async fn chaos(front_end: FrontEnd) -> Run {
     let slot = Slot::acquire();
     let dir = tempfile::tempdir().unwrap();
-    let mut text = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n", slot.addr(1, 1883), slot.addr(1, 8080));
-    text.push_str(&format!(
-        "[replication]\nenabled = true\nstate_file = \"{}\"\n",
-        dir.path().join("repl.json").display()
-    ));
-    for i in 0..3u8 {
-        text.push_str(&format!(
-            "[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\nmax_fails = 3\nfail_timeout = \"30s\"\n",
-            i + 1,
-            slot.addr(10 + i, 1883)
-        ));
-    }
+    let replication =
+        format!("[replication]\nenabled = true\nstate_file = \"{}\"\n", dir.path().join("repl.json").display());
+    let text = common::slot_config_text(&slot, 3, &replication, "max_fails = 3\nfail_timeout = \"30s\"");
     let config = Config::from_toml(&text, "chaos-test").unwrap();
     let run_dir = dir.path().join("run");
     let mut local = Local::start(config.clone(), &run_dir, front_end).await.expect("local system starts");

@@ -24,14 +24,7 @@ impl Setup {
     fn new(brokers: usize) -> Setup {
         let slot = Slot::acquire();
         let dir = tempfile::tempdir().unwrap();
-        let mut text = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n", slot.addr(1, 1883), slot.addr(1, 8080));
-        for i in 0..brokers {
-            text.push_str(&format!(
-                "[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\n",
-                i + 1,
-                slot.addr(10 + i as u8, 1883)
-            ));
-        }
+        let text = common::slot_config_text(&slot, brokers, "", "");
         let config = dir.path().join("meshgate.toml");
         std::fs::write(&config, text).unwrap();
         let run = dir.path().join("run").display().to_string();

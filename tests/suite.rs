@@ -12,20 +12,10 @@ use meshgate::Config;
 async fn run_against(front_end: FrontEnd, brokers: usize, scenarios: &[Scenario]) -> Run {
     let slot = Slot::acquire();
     let dir = tempfile::tempdir().unwrap();
-    let mut text = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n", slot.addr(1, 1883), slot.addr(1, 8080));
-    for i in 0..brokers {
-        text.push_str(&format!(
-            "[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\n",
-            i + 1,
-            slot.addr(10 + i as u8, 1883)
-        ));
-    }
-    text.push_str(&format!(
-        "[replication]\nenabled = true\nstate_file = \"{}\"\n",
-        dir.path().join("repl.json").display()
-    ));
+    let replication =
+        format!("[replication]\nenabled = true\nstate_file = \"{}\"\n", dir.path().join("repl.json").display());
     // The reference design's passive settings, for both front ends.
-    text = text.replace("address = ", "max_fails = 3\nfail_timeout = \"30s\"\naddress = ");
+    let text = common::slot_config_text(&slot, brokers, &replication, "max_fails = 3\nfail_timeout = \"30s\"");
     let config = Config::from_toml(&text, "suite-test").unwrap();
     let run_dir = dir.path().join("run");
     let mut local = Local::start(config.clone(), &run_dir, front_end).await.expect("local system starts");

@@ -516,7 +516,7 @@ events {}\nhttp { upstream web { server h:1; } } => no upstream block found in t
 upstream u { server h:1; }\n} => line 2: unexpected `}`
 upstream u {\n server h:1\n} => line 2: directive `server` is missing its terminating `;`
 upstream u { server 'h:1; } => line 1: unterminated quoted string
-stream {\n server 10.0.0.1:1883;\n} => line 2: `server host:port;` belongs inside
+stream {\n server 127.0.0.99:1883;\n} => line 2: `server host:port;` belongs inside
 upstream u;\n => line 1: expected `upstream NAME { server host:port; ... }`
 upstream u { server h:1; }\nserver {\n listen 1883 proxy_protocol;\n} => line 3: listen parameter `proxy_protocol` is not supported
 ";

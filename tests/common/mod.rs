@@ -69,6 +69,20 @@ impl Net {
     }
 }
 
+/// meshgate TOML for `brokers` brokers (not started here) at the slot's .10, .11, ..., its
+/// listeners on .1: `extra` tables first, `broker_extra` lines in every `[[broker]]`.
+pub fn slot_config_text(slot: &Slot, brokers: usize, extra: &str, broker_extra: &str) -> String {
+    let mut text = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n{extra}\n", slot.addr(1, 1883), slot.addr(1, 8080));
+    for i in 0..brokers {
+        text.push_str(&format!(
+            "[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\n{broker_extra}\n",
+            i + 1,
+            slot.addr(10 + i as u8, 1883)
+        ));
+    }
+    text
+}
+
 /// Runs a blocking harness call (start, restart, hang) without stalling the test's runtime.
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
