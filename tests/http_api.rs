@@ -644,6 +644,12 @@ async fn every_route_answers_and_errors_are_json() {
             r.json();
         }
         assert_eq!(r.header("cache-control"), Some("no-store"), "{method} {path}");
+        // Oversized headers are refused before any handler runs.
+        let big = format!("X-Filler: {}\r\n", "a".repeat(20 * 1024));
+        let r =
+            send(api, &format!("{method} {concrete} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n{big}\r\n")).await;
+        assert_eq!(r.status, 431, "{method} {path} with 20 KB of headers");
+        assert!(r.error().contains("headers larger than"));
     }
     let tcp = get_json(api, "/tcp-check").await;
     let b1 = find(&tcp, "name", "broker1");

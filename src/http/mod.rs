@@ -54,6 +54,9 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// client from making the server buffer one.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
+/// Largest total size of a request's headers.
+pub const HEADER_LIMIT: usize = 16 * 1024;
+
 /// The handler of one [`ROUTES`] entry. `feed` is the dashboard state its viewers share.
 fn endpoint(method: &str, path: &str, feed: &Arc<dashboard::Feed>) -> MethodRouter<AppState> {
     match (method, path) {
@@ -112,6 +115,8 @@ pub enum ApiError {
     MethodNotAllowed { method: Method, path: String },
     #[error("request body larger than {BODY_LIMIT} bytes")]
     BodyTooLarge,
+    #[error("request headers larger than {HEADER_LIMIT} bytes")]
+    HeadersTooLarge,
 }
 
 impl ApiError {
@@ -123,6 +128,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 }
@@ -151,7 +157,10 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 /// would never fire) and marks every answer uncacheable: it is live state.
 async fn guard(req: Request, next: Next) -> Response {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // hyper itself stops reading headers at about 400 KB; nothing here needs more than a few.
+    let header_bytes: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
     let mut res = match declared {
+        _ if header_bytes > HEADER_LIMIT => ApiError::HeadersTooLarge.into_response(),
         Some(n) if n > BODY_LIMIT as u64 => ApiError::BodyTooLarge.into_response(),
         _ => next.run(req).await,
     };
@@ -193,6 +202,7 @@ mod tests {
             (ApiError::NotFound { method: Method::GET, path: "/x".into() }, 404),
             (ApiError::MethodNotAllowed { method: Method::PUT, path: "/x".into() }, 405),
             (ApiError::BodyTooLarge, 413),
+            (ApiError::HeadersTooLarge, 431),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");
