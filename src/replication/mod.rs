@@ -104,6 +104,8 @@ impl Metrics {
 pub struct Link {
     pub name: String,
     pub address: String,
+    /// The pool's view of this broker, looked up once: its probe state is read per copy.
+    broker: Option<Arc<crate::pool::Broker>>,
     client: AsyncClient,
     connected: AtomicBool,
     /// Copies were dropped while probes said the broker was down but the link stayed up (a
@@ -166,6 +168,7 @@ impl Replication {
             links.push(Arc::new(Link {
                 name: b.name.clone(),
                 address: b.address.clone(),
+                broker: pool.broker(&b.name),
                 client,
                 connected: AtomicBool::new(false),
                 needs_repair: AtomicBool::new(false),
@@ -336,7 +339,7 @@ impl Replication {
         let Copy { topic, qos, retain, payload, props } = copy;
         // The health probes notice a dead or hung broker well before the link's keepalive
         // does; copies sent into such a link would only be lost.
-        let probed_down = self.pool.broker(&to.name).is_some_and(|b| b.probe_up() == Some(false));
+        let probed_down = to.broker.as_ref().is_some_and(|b| b.probe_up() == Some(false));
         if probed_down {
             to.needs_repair.store(true, Ordering::Relaxed);
         }
@@ -529,7 +532,7 @@ impl Replication {
                     next = Instant::now() + self.cfg.lag_interval;
                     // This probe client just reached the broker: if copies were dropped while
                     // it looked down, bring its retained state up to date now.
-                    let up = self.pool.broker(&me.name).is_none_or(|b| b.probe_up() != Some(false));
+                    let up = me.broker.as_ref().is_none_or(|b| b.probe_up() != Some(false));
                     if up && me.connected.load(Ordering::Relaxed) && me.needs_repair.swap(false, Ordering::Relaxed) {
                         tokio::spawn(self.clone().reconcile(i));
                     }
