@@ -532,7 +532,7 @@ async fn drain_moves_sessions_off_at_the_failback_rate() {
     for i in 0..5 {
         let (s, on) = connect_located(&net, &mg, &format!("dr-{i}")).await;
         assert_eq!(on, "broker1");
-        open.push(Some(s));
+        open.push(s);
     }
 
     let r = http(api, "POST", "/brokers/broker1/drain", Some(TOKEN)).await;
@@ -546,17 +546,7 @@ async fn drain_moves_sessions_off_at_the_failback_rate() {
     let (_s, on) = connect_located(&net, &mg, "dr-new").await;
     assert_eq!(on, "broker2", "a draining broker takes no new sessions");
 
-    let mut closed_at = Vec::new();
-    while closed_at.len() < 5 && drained.elapsed() < 5 * SECOND {
-        for slot in open.iter_mut() {
-            if let Some(s) = slot {
-                if raw::closed_within(s, Duration::from_millis(5)).await {
-                    closed_at.push(drained.elapsed());
-                    *slot = None;
-                }
-            }
-        }
-    }
+    let closed_at = common::close_times(open, 5, drained, 5 * SECOND).await;
     assert_eq!(closed_at.len(), 5, "every session moved off within 5 s");
     let spread = closed_at[4] - closed_at[0];
     eprintln!("5 sessions drained over {spread:?}");

@@ -210,19 +210,7 @@ async fn failback_goes_to_the_primary_and_drains_at_the_configured_rate() {
     assert_eq!(broker, "broker1");
 
     // The ten lower-tier sessions are closed gradually: 5 per second, never all at once.
-    let mut closed_at = Vec::new();
-    let start = Instant::now();
-    let mut open: Vec<_> = lower.into_iter().map(Some).collect();
-    while closed_at.len() < 10 && start.elapsed() < 6 * SECOND {
-        for slot in open.iter_mut() {
-            if let Some(s) = slot {
-                if raw::closed_within(s, Duration::from_millis(5)).await {
-                    closed_at.push(back.elapsed());
-                    *slot = None;
-                }
-            }
-        }
-    }
+    let closed_at = common::close_times(lower, 10, back, back.elapsed() + 6 * SECOND).await;
     assert_eq!(closed_at.len(), 10, "all lower-tier sessions moved within 6 s");
     let spread = closed_at[9] - closed_at[0];
     eprintln!("10 lower-tier sessions drained over {spread:?}");

@@ -85,29 +85,20 @@ pub async fn start(conf: &Path, prefix: &Path, listen: &str) -> Result<Child, Cl
     let bin = nginx_binary()?;
     std::fs::create_dir_all(prefix.join("logs")).map_err(io("cannot create", prefix))?;
     let error_log = prefix.join("logs").join("error.log");
-    let test = Command::new(&bin)
-        .arg("-t")
-        .arg("-q")
-        .arg("-p")
-        .arg(prefix)
-        .arg("-c")
-        .arg(conf)
-        .arg("-e")
-        .arg(&error_log)
-        .output()
-        .map_err(io("cannot run", &bin))?;
+    // Every nginx invocation names its own prefix, config and error log, so nothing touches
+    // the system service's files.
+    let nginx = || {
+        let mut c = Command::new(&bin);
+        c.arg("-p").arg(prefix).arg("-c").arg(conf).arg("-e").arg(&error_log);
+        c
+    };
+    let test = nginx().arg("-t").arg("-q").output().map_err(io("cannot run", &bin))?;
     if !test.status.success() {
         let msg = String::from_utf8_lossy(&test.stderr);
         let line = msg.lines().find(|l| l.contains("emerg") || l.contains("error")).unwrap_or(msg.trim());
         return Err(ClusterError::NginxConfig { conf: conf.display().to_string(), message: line.to_string() });
     }
-    let mut child = Command::new(&bin)
-        .arg("-p")
-        .arg(prefix)
-        .arg("-c")
-        .arg(conf)
-        .arg("-e")
-        .arg(&error_log)
+    let mut child = nginx()
         .arg("-g")
         .arg("daemon off;")
         .stdin(Stdio::null())

@@ -83,6 +83,30 @@ pub fn slot_config_text(slot: &Slot, brokers: usize, extra: &str, broker_extra: 
     text
 }
 
+/// Watches open client streams until `n` of them are closed by the peer or `limit` passes;
+/// returns when each closed, measured from `since`, in closing order.
+pub async fn close_times(
+    streams: Vec<tokio::net::TcpStream>,
+    n: usize,
+    since: impl Into<tokio::time::Instant>,
+    limit: Duration,
+) -> Vec<Duration> {
+    let since: tokio::time::Instant = since.into();
+    let mut open: Vec<_> = streams.into_iter().map(Some).collect();
+    let mut closed_at = Vec::new();
+    while closed_at.len() < n && since.elapsed() < limit {
+        for slot in open.iter_mut() {
+            if let Some(s) = slot {
+                if mqtt::closed_within(s, Duration::from_millis(5)).await {
+                    closed_at.push(since.elapsed());
+                    *slot = None;
+                }
+            }
+        }
+    }
+    closed_at
+}
+
 /// Runs a blocking harness call (start, restart, hang) without stalling the test's runtime.
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
