@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod durable;
 pub mod events;
 pub mod health;
 pub mod http;
@@ -142,6 +143,9 @@ impl Meshgate {
         if let Some(mqtts) = mqtts {
             tracker.spawn(proxy::accept_loop(mqtts, pool.clone(), tracker.clone(), stop.clone(), true));
         }
+        if parts.proxy {
+            tracker.spawn(durable::maintain(pool.clone(), stop.clone()));
+        }
         let replication = parts.replication.then(|| replication::Replication::start(&config, &pool, &tracker, &stop));
         if let Some(listener) = http {
             let app = http::router(http::AppState {
@@ -211,6 +215,9 @@ impl Meshgate {
         let mut current = self.config.lock().unwrap();
         if new.listen != current.listen {
             warn!("listen addresses changed in the new config; they take effect only after a restart");
+        }
+        if new.sessions != current.sessions {
+            warn!("[sessions] settings changed in the new config; they take effect only after a restart");
         }
         if new.replication != current.replication {
             warn!("replication settings changed in the new config; they take effect only after a restart");

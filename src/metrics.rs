@@ -22,6 +22,9 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub client_sessions: IntGauge,
+    pub durable_sessions: IntGauge,
+    pub durable_ops: IntCounterVec,
+    pub standby_trimmed: IntCounter,
 }
 
 const PROBE_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -97,6 +100,24 @@ impl Metrics {
                 &registry,
                 IntGauge::new("meshgate_client_connections", "Client TCP connections open now, established or not")
                     .unwrap(),
+            ),
+            durable_sessions: reg(
+                &registry,
+                IntGauge::new("meshgate_persistent_sessions", "Persistent sessions recorded (with their subscriptions)")
+                    .unwrap(),
+            ),
+            durable_ops: counter(
+                "meshgate_session_operations_total",
+                "Work on persistent sessions: restore (subscriptions put back before the CONNACK), migrate (session recreated on the broker that takes over), standby (offline copy made), by result",
+                &["op", "result"],
+            ),
+            standby_trimmed: reg(
+                &registry,
+                IntCounter::new(
+                    "meshgate_standby_messages_trimmed_total",
+                    "Messages a standby copy had queued and meshgate acknowledged while the client was connected elsewhere",
+                )
+                .unwrap(),
             ),
             registry,
         };

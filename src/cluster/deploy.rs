@@ -36,6 +36,8 @@ pub const CONFIG_PATH: &str = "/etc/meshgate/meshgate.toml";
 pub const BINARY_PATH: &str = "/usr/local/bin/meshgate";
 /// The unit's `StateDirectory=meshgate`: the only place the hardened service may write.
 pub const STATE_FILE: &str = "/var/lib/meshgate/replication-state.json";
+/// Where a deployed meshgate keeps its persistent-session record (same StateDirectory).
+pub const SESSIONS_FILE: &str = "/var/lib/meshgate/sessions-state.json";
 const MQTT_PORT: u16 = 1883;
 const HTTP_PORT: u16 = 8080;
 
@@ -185,6 +187,7 @@ pub fn deploy_config(base: &Config, net: &Network) -> Result<Config, DeployError
     c.listen.mqtt = format!("0.0.0.0:{}", port(Some(&base.listen.mqtt), MQTT_PORT));
     c.listen.http = Some(std::net::SocketAddr::new(front, port(base.listen.http.as_deref(), HTTP_PORT)).to_string());
     c.replication.state_file = Some(PathBuf::from(STATE_FILE));
+    c.sessions.state_file = c.sessions.enabled.then(|| PathBuf::from(SESSIONS_FILE));
     // A token does not belong in a checked-in example; the file says where to add one.
     c.admin = crate::config::AdminConfig::default();
     c.brokers = hosts.iter().map(|h| BrokerConfig { address: h.address(), ..h.settings.clone() }).collect();
@@ -288,6 +291,18 @@ pub fn render_meshgate(target: Target, base: &Config, net: &Network) -> Result<S
         duration(r.lag_interval),
         duration(r.tombstone_ttl),
         r.queue
+    ));
+    let se = &c.sessions;
+    t.push_str(&format!(
+        "\n[sessions]\nenabled = {}\nstate_file = {:?}   # the unit's StateDirectory\nmax_sessions = {}\n\
+         max_subscriptions = {}\nexpiry = {:?}\nstandby = {}\nstandby_trim = {:?}\n",
+        se.enabled,
+        SESSIONS_FILE,
+        se.max_sessions,
+        se.max_subscriptions,
+        duration(se.expiry),
+        se.standby,
+        duration(se.standby_trim),
     ));
     let tls = &c.tls;
     if tls.cert.is_some() || tls.key.is_some() || tls.client_ca.is_some() || tls.broker_ca.is_some() {

@@ -21,7 +21,27 @@ pub struct Config {
     pub admin: AdminConfig,
     pub tls: TlsConfig,
     pub replication: ReplicationConfig,
+    pub sessions: SessionsConfig,
     pub brokers: Vec<BrokerConfig>,
+}
+
+/// Persistent client sessions that survive a broker failure (see `durable`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionsConfig {
+    /// Record acknowledged subscriptions of persistent sessions, restore them and migrate them.
+    pub enabled: bool,
+    /// Where the record is kept so it survives a meshgate restart (`None`: memory only).
+    pub state_file: Option<std::path::PathBuf>,
+    /// Sessions recorded at most; the one seen longest ago gives way.
+    pub max_sessions: usize,
+    /// Subscriptions recorded per session at most; beyond, the session is marked incomplete.
+    pub max_subscriptions: usize,
+    /// How long a disconnected MQTT 3.x persistent session is kept (5: its own expiry, capped by this).
+    pub expiry: Duration,
+    /// Keep each persistent session mirrored, offline, on the next broker in priority order.
+    pub standby: bool,
+    /// How often a standby's queue is emptied while its client is connected elsewhere.
+    pub standby_trim: Duration,
 }
 
 /// Certificates: the TLS listener's, the CA that client certificates must chain to, and the CA
@@ -194,6 +214,8 @@ struct FileConfig {
     #[serde(default)]
     replication: FileReplication,
     #[serde(default)]
+    sessions: FileSessions,
+    #[serde(default)]
     broker: Vec<FileBroker>,
 }
 
@@ -217,6 +239,18 @@ struct FileReplication {
     lag_interval: Option<String>,
     tombstone_ttl: Option<String>,
     queue: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSessions {
+    enabled: Option<bool>,
+    state_file: Option<String>,
+    max_sessions: Option<usize>,
+    max_subscriptions: Option<usize>,
+    expiry: Option<String>,
+    standby: Option<bool>,
+    standby_trim: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -561,6 +595,25 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         return Err(c.err("replication.queue", "must be at least 1"));
     }
 
+    let se = file.sessions;
+    let sessions = SessionsConfig {
+        enabled: se.enabled.unwrap_or(true),
+        state_file: se.state_file.filter(|s| !s.is_empty()).map(std::path::PathBuf::from),
+        max_sessions: se.max_sessions.unwrap_or(100_000),
+        max_subscriptions: se.max_subscriptions.unwrap_or(100),
+        expiry: c.positive_duration("sessions.expiry", se.expiry.as_ref(), Duration::from_secs(24 * 3600))?,
+        standby: se.standby.unwrap_or(false),
+        standby_trim: c.positive_duration(
+            "sessions.standby_trim",
+            se.standby_trim.as_ref(),
+            Duration::from_secs(10),
+        )?,
+    };
+    if sessions.max_sessions == 0 || sessions.max_subscriptions == 0 {
+        let key = if sessions.max_sessions == 0 { "sessions.max_sessions" } else { "sessions.max_subscriptions" };
+        return Err(c.err(key, "must be at least 1 (set sessions.enabled = false to record nothing)"));
+    }
+
     let brokers = match nginx {
         Some((stream, nginx_path)) => {
             if !file.broker.is_empty() {
@@ -584,7 +637,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
             ));
         }
     }
-    Ok(Config { listen: Listen { mqtt, mqtts, http }, proxy, health, admin, tls, replication, brokers })
+    Ok(Config { listen: Listen { mqtt, mqtts, http }, proxy, health, admin, tls, replication, sessions, brokers })
 }
 
 fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerConfig>, ConfigError> {

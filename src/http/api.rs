@@ -93,9 +93,14 @@ pub async fn clients(
         .iter()
         .filter(|x| q.broker.as_ref().is_none_or(|b| &x.broker.name == b))
         .take(limit)
-        .map(|x| ClientView::new(x))
+        .map(|x| ClientView::new(x, &s.pool.durable))
         .collect();
     Ok(Json(list))
+}
+
+/// Every persistent session meshgate has recorded, connected or not.
+pub async fn sessions(State(s): State<AppState>) -> Json<Vec<crate::durable::SessionView>> {
+    Json(s.pool.durable.list())
 }
 
 pub async fn tcp_check(State(s): State<AppState>) -> Json<Vec<TcpCheckView>> {

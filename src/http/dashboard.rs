@@ -110,7 +110,7 @@ impl DashboardState {
             process: ProcessView::read(),
             brokers: s.pool.brokers().iter().map(|b| BrokerView::new(b, current.as_ref())).collect(),
             clients_total: sessions.len(),
-            clients: sessions[skip..].iter().map(|x| ClientView::new(x)).collect(),
+            clients: sessions[skip..].iter().map(|x| ClientView::new(x, &s.pool.durable)).collect(),
             replication: s.replication.as_ref().map(|r| r.view()),
         }
     }

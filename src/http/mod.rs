@@ -9,6 +9,7 @@ mod admin;
 mod api;
 mod dashboard;
 mod views;
+pub use views::protocol_name;
 
 use std::sync::Arc;
 
@@ -41,6 +42,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/brokers"),
     ("GET", "/brokers/{name}"),
     ("GET", "/clients"),
+    ("GET", "/sessions"),
     ("GET", "/tcp-check"),
     ("GET", "/events"),
     ("GET", "/metrics"),
@@ -69,6 +71,7 @@ fn endpoint(method: &str, path: &str, feed: &Arc<dashboard::Feed>) -> MethodRout
         ("GET", "/brokers") => get(api::brokers),
         ("GET", "/brokers/{name}") => get(api::broker),
         ("GET", "/clients") => get(api::clients),
+        ("GET", "/sessions") => get(api::sessions),
         ("GET", "/tcp-check") => get(api::tcp_check),
         ("GET", "/events") => get(api::events),
         ("GET", "/metrics") => get(api::metrics),

@@ -124,6 +124,11 @@ pub struct ClientView {
     pub packets_out: u64,
     /// meshgate has asked this session to close (drain, failback, broker down).
     pub closing: bool,
+    /// Persistent sessions: the broker that holds the session (after a migration, where it
+    /// was recreated), its standby copy and how many subscriptions meshgate has recorded.
+    pub session_home: Option<String>,
+    pub standby: Option<String>,
+    pub subscriptions: Option<usize>,
 }
 
 pub fn protocol_name(level: u8) -> &'static str {
@@ -136,8 +141,9 @@ pub fn protocol_name(level: u8) -> &'static str {
 }
 
 impl ClientView {
-    pub fn new(s: &Session) -> ClientView {
+    pub fn new(s: &Session, durable: &crate::durable::Durable) -> ClientView {
         let i = &s.info;
+        let placement = if i.persistent { durable.placement(&i.client_id) } else { None };
         ClientView {
             session: s.id,
             client_id: i.client_id.clone(),
@@ -155,6 +161,9 @@ impl ClientView {
             packets_in: s.packets_in.load(Relaxed),
             packets_out: s.packets_out.load(Relaxed),
             closing: s.is_closing(),
+            session_home: placement.as_ref().and_then(|p| p.home.clone()),
+            standby: placement.as_ref().and_then(|p| p.standby.clone()),
+            subscriptions: placement.map(|p| p.subscriptions),
         }
     }
 }

@@ -53,6 +53,16 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Connack, usize)>, ConnackError> {
     }
 }
 
+/// Sets the session-present flag of the CONNACK at the start of `buf` (after meshgate put a
+/// persistent session's subscriptions back).
+pub fn set_session_present(buf: &mut [u8]) {
+    if let Length::Done(_, n) = decode_length(buf.get(1..).unwrap_or(&[])) {
+        if let Some(flags) = buf.get_mut(1 + n) {
+            *flags |= 1;
+        }
+    }
+}
+
 /// What meshgate sends a client when no broker could take it: exactly one CONNACK saying
 /// "server unavailable" in the client's protocol version.
 pub fn unavailable(version: u8) -> &'static [u8] {

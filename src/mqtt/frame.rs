@@ -30,6 +30,28 @@ impl Header {
     }
 }
 
+enum Scanned<'a> {
+    Header(Header),
+    /// Part of the current packet's body; `true` on its last part.
+    Body(&'a [u8], bool),
+}
+
+/// A packet body being assembled by `FrameScanner::feed_capture`.
+#[derive(Debug)]
+pub struct Capture {
+    current: Option<Header>,
+    buf: Vec<u8>,
+    overflow: bool,
+    limit: usize,
+}
+
+impl Capture {
+    /// Bodies longer than `limit` are reported as `None` instead of being kept.
+    pub fn new(limit: usize) -> Capture {
+        Capture { current: None, buf: Vec::new(), overflow: false, limit }
+    }
+}
+
 #[derive(Debug)]
 pub struct FrameScanner {
     header: [u8; 5],
@@ -46,11 +68,55 @@ impl FrameScanner {
 
     /// Feeds forwarded bytes; calls `on_packet` once per packet header completed in them.
     /// An error means the stream is not MQTT any more and the session must close.
-    pub fn feed(&mut self, mut data: &[u8], mut on_packet: impl FnMut(Header)) -> Result<(), FrameError> {
+    pub fn feed(&mut self, data: &[u8], mut on_packet: impl FnMut(Header)) -> Result<(), FrameError> {
+        self.scan(data, |e| {
+            if let Scanned::Header(h) = e {
+                on_packet(h)
+            }
+        })
+    }
+
+    /// Like `feed`, and also hands `on_captured` the whole body of every packet whose type
+    /// `want` accepts, assembled in `cap` across reads. Used only for the few packet types
+    /// meshgate must read (a persistent session's SUBSCRIBE and SUBACK), so ordinary traffic
+    /// is still only counted.
+    pub fn feed_capture(
+        &mut self,
+        data: &[u8],
+        want: impl Fn(u8) -> bool,
+        cap: &mut Capture,
+        mut on_packet: impl FnMut(Header),
+        mut on_captured: impl FnMut(Header, Option<&[u8]>),
+    ) -> Result<(), FrameError> {
+        self.scan(data, |e| match e {
+            Scanned::Header(h) => {
+                on_packet(h);
+                cap.current = want(h.kind()).then_some(h);
+                cap.buf.clear();
+                cap.overflow = false;
+            }
+            Scanned::Body(chunk, last) => {
+                let Some(h) = cap.current else { return };
+                if cap.buf.len() + chunk.len() > cap.limit {
+                    cap.overflow = true;
+                } else if !cap.overflow {
+                    cap.buf.extend_from_slice(chunk);
+                }
+                if last {
+                    on_captured(h, (!cap.overflow).then_some(&cap.buf[..]));
+                    cap.current = None;
+                    cap.buf = Vec::new();
+                }
+            }
+        })
+    }
+
+    fn scan(&mut self, mut data: &[u8], mut on: impl FnMut(Scanned<'_>)) -> Result<(), FrameError> {
         while !data.is_empty() {
             if self.header_len == 0 && self.body_left > 0 {
                 let n = (self.body_left as usize).min(data.len());
                 self.body_left -= n as u32;
+                on(Scanned::Body(&data[..n], self.body_left == 0));
                 data = &data[n..];
                 continue;
             }
@@ -82,7 +148,10 @@ impl FrameScanner {
                     }
                     self.header_len = 0;
                     self.body_left = len;
-                    on_packet(h);
+                    on(Scanned::Header(h));
+                    if len == 0 {
+                        on(Scanned::Body(&[], true));
+                    }
                 }
             }
         }
@@ -150,6 +219,49 @@ mod tests {
         // 256 MB announced; rejected after 5 bytes, nothing buffered.
         let (r, _) = scan(&[&[0x30, 0xff, 0xff, 0xff, 0x7f]], 1 << 20);
         assert!(matches!(r, Err(FrameError::TooLarge { len: 268_435_460, .. })), "{r:?}");
+    }
+
+    #[test]
+    fn captures_wanted_bodies_across_reads() {
+        // PINGREQ, SUBSCRIBE id 1 "a/b" QoS 1, PUBLISH "a" "hi", UNSUBACK id 7 (empty-bodied
+        // types are reported too).
+        let bytes = [
+            0xc0, 0x00, 0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'a', b'/', b'b', 0x01, 0x30, 0x05, 0x00, 0x01, b'a', b'h',
+            b'i', 0xb0, 0x02, 0x00, 0x07,
+        ];
+        for split in [1usize, 3, 7, bytes.len()] {
+            let mut s = FrameScanner::new(1024);
+            let mut cap = Capture::new(64);
+            let mut got: Vec<(u8, Vec<u8>)> = Vec::new();
+            let mut headers = 0;
+            for chunk in bytes.chunks(split) {
+                s.feed_capture(
+                    chunk,
+                    |k| k == 8 || k == 11 || k == 12,
+                    &mut cap,
+                    |_| headers += 1,
+                    |h, b| got.push((h.kind(), b.unwrap().to_vec())),
+                )
+                .unwrap();
+            }
+            assert_eq!(headers, 4);
+            assert_eq!(
+                got,
+                vec![(12, vec![]), (8, vec![0, 1, 0, 3, b'a', b'/', b'b', 1]), (11, vec![0, 7])],
+                "split {split}"
+            );
+        }
+    }
+
+    #[test]
+    fn capture_over_limit_is_reported_as_none() {
+        let mut s = FrameScanner::new(1024);
+        let mut cap = Capture::new(4);
+        let mut got = Vec::new();
+        let bytes = [0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'a', b'/', b'b', 0x01, 0xc0, 0x00];
+        s.feed_capture(&bytes, |k| k == 8 || k == 12, &mut cap, |_| {}, |h, b| got.push((h.kind(), b.is_some())))
+            .unwrap();
+        assert_eq!(got, vec![(8, false), (12, true)]);
     }
 
     #[test]

@@ -9,10 +9,11 @@ pub mod connack;
 pub mod connect;
 pub mod encode;
 pub mod frame;
+pub mod subscribe;
 
 pub use connack::{Connack, ConnackError};
 pub use connect::{Connect, ConnectError};
-pub use frame::{FrameError, FrameScanner};
+pub use frame::{Capture, FrameError, FrameScanner};
 
 /// The largest value the four-byte remaining-length field can carry (256 MB).
 pub const MAX_REMAINING_LENGTH: u32 = 268_435_455;
@@ -25,6 +26,7 @@ pub mod kind {
     pub const SUBSCRIBE: u8 = 8;
     pub const SUBACK: u8 = 9;
     pub const UNSUBSCRIBE: u8 = 10;
+    pub const UNSUBACK: u8 = 11;
     pub const PINGREQ: u8 = 12;
     pub const DISCONNECT: u8 = 14;
     pub const AUTH: u8 = 15;

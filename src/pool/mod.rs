@@ -191,6 +191,8 @@ pub struct Pool {
     /// The TLS listener's acceptor and the connector for `tls = true` brokers; swapped whole on reload.
     pub tls_acceptor: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
     pub tls_connector: arc_swap::ArcSwapOption<tokio_rustls::TlsConnector>,
+    /// Persistent sessions: recorded subscriptions, restore, migration, standby copies.
+    pub durable: Arc<crate::durable::Durable>,
 }
 
 /// A registered session; unregisters on drop.
@@ -229,6 +231,7 @@ impl Pool {
             tls_acceptor: Default::default(),
             tls_connector: Default::default(),
             started: SystemTime::now(),
+            durable: Arc::new(crate::durable::Durable::new(&config.sessions)),
         };
         pool.refresh();
         pool
@@ -315,6 +318,7 @@ impl Pool {
             self.events.push("state_change", Some(&broker.name), format!("{} is up ({why})", broker.name));
         } else {
             self.events.push("state_change", Some(&broker.name), format!("{} is down: {why}", broker.name));
+            self.durable.hold_new_sessions(&broker.name);
             if self.proxy.load().on_down == crate::config::OnDown::Close {
                 self.close_sessions(&broker.name, "broker_down");
             }
@@ -349,6 +353,7 @@ impl Pool {
     fn after_change(&self) {
         self.refresh();
         self.changed.notify_one();
+        self.durable.wake.notify_one();
     }
 
     // ---- admin ----------------------------------------------------------
@@ -367,6 +372,7 @@ impl Pool {
             format!("{name} {what} by admin"),
         );
         if state == AdminState::Disabled {
+            self.durable.hold_new_sessions(name);
             self.close_sessions(name, "broker_disabled");
         }
         self.after_change();
@@ -383,13 +389,31 @@ impl Pool {
         broker.total.fetch_add(1, Ordering::Relaxed);
         self.metrics.sessions_total.with_label_values(&[&broker.name]).inc();
         self.metrics.sessions_active.with_label_values(&[&broker.name]).inc();
-        let s = Arc::new(Session::new(id, broker, info));
-        self.sessions.lock().unwrap().insert(id, s.clone());
+        let s = Arc::new(Session::new(id, broker, info, &self.closing));
+        let mut sessions = self.sessions.lock().unwrap();
+        // One client id across the pool, as within one broker: a newer connection takes over
+        // from an older one on another broker (the broker itself handles its own).
+        for other in sessions.values() {
+            if other.info.client_id == s.info.client_id && !Arc::ptr_eq(&other.broker, &s.broker) && !other.is_closing()
+            {
+                tracing::info!(client_id = %s.info.client_id, old = %other.broker.name, new = %s.broker.name, "client id connected on another broker: closing its older session");
+                other.close("duplicate_client_id");
+                self.metrics.sessions_closed.with_label_values(&["duplicate_client_id"]).inc();
+            }
+        }
+        sessions.insert(id, s.clone());
+        drop(sessions);
         Registered { pool: self.clone(), session: s }
     }
 
     fn unregister(&self, s: &Session) {
-        self.sessions.lock().unwrap().remove(&s.id);
+        let mut sessions = self.sessions.lock().unwrap();
+        sessions.remove(&s.id);
+        let last = s.info.persistent && !sessions.values().any(|o| o.info.client_id == s.info.client_id);
+        drop(sessions);
+        if last {
+            self.durable.on_disconnected(&s.info.client_id);
+        }
         s.broker.active.fetch_sub(1, Ordering::Relaxed);
         self.metrics.sessions_active.with_label_values(&[&s.broker.name]).dec();
     }

@@ -66,12 +66,14 @@ pub struct Session {
 }
 
 impl Session {
-    pub(super) fn new(id: u64, broker: Arc<Broker>, info: SessionInfo) -> Session {
+    /// `closing` is the pool's shutdown switch: the session's own switch is its child, so a
+    /// session task waits on one token for both (an idle session then holds one waiter, not two).
+    pub(super) fn new(id: u64, broker: Arc<Broker>, info: SessionInfo, closing: &CancellationToken) -> Session {
         Session {
             id,
             broker,
             info,
-            cancel: CancellationToken::new(),
+            cancel: closing.child_token(),
             close_reason: Mutex::new(None),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),

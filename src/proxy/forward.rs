@@ -50,6 +50,9 @@ pub struct Tally<'a> {
 pub struct Side<'a> {
     pub scanner: Option<&'a mut FrameScanner>,
     pub tally: Tally<'a>,
+    /// A persistent session's subscription tracking, shared by both directions; `true` when
+    /// this direction carries the client's packets.
+    pub tap: Option<(&'a crate::durable::SharedTap, bool)>,
 }
 
 /// How forwarding ended.
@@ -177,7 +180,12 @@ impl Direction<'_> {
         }
         let mut packets = 0u64;
         if let Some(scanner) = self.side.scanner.as_deref_mut() {
-            scanner.feed(data, |_| packets += 1)?;
+            match self.side.tap {
+                None => scanner.feed(data, |_| packets += 1)?,
+                Some((tap, from_client)) => {
+                    tap.lock().unwrap_or_else(|p| p.into_inner()).feed(from_client, scanner, data, &mut packets)?
+                }
+            }
         }
         let tally = &self.side.tally;
         tally.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);

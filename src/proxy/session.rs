@@ -138,6 +138,8 @@ struct Live {
     /// `meshgate_bytes_total` by direction, looked up once per session.
     up_total: prometheus::IntCounter,
     down_total: prometheus::IntCounter,
+    /// Persistent sessions only: their subscriptions are recorded as they pass.
+    tap: Option<Box<crate::durable::SharedTap>>,
 }
 
 async fn setup_in_span(pool: Arc<Pool>, client: Conn, peer: SocketAddr) -> Option<Live> {
@@ -157,15 +159,20 @@ async fn forward_session(pool: &Pool, live: &mut Live) {
             forward::Side {
                 scanner: Some(&mut live.scanner),
                 tally: Tally { bytes: &session.bytes_in, packets: &session.packets_in, total_bytes: &live.up_total },
+                tap: live.tap.as_deref().map(|t| (t, true)),
             },
             forward::Side {
                 scanner: Some(&mut live.down_scanner),
                 tally: Tally { bytes: &session.bytes_out, packets: &session.packets_out, total_bytes: &live.down_total },
+                tap: live.tap.as_deref().map(|t| (t, false)),
             },
         ) => Some(e),
+        // Also fires when meshgate shuts down: the session's token is a child of the pool's.
         _ = session.cancelled() => None,
-        _ = pool.closing.cancelled() => return,
     };
+    if ended.is_none() && pool.closing.is_cancelled() {
+        return;
+    }
     if let Some(Ended::ClientSide(ForwardError::Malformed(_))) = &ended {
         pool.metrics.sessions_closed.with_label_values(&["malformed"]).inc();
     }
@@ -211,8 +218,18 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
         }
     };
     tracing::Span::current().record("client_id", connect.client_id.as_str());
+    let persistent = connect.persistent();
+    let durable = pool.durable.clone();
+    durable.on_connect(&connect.client_id, connect.clean, persistent);
+    // A persistent client's setup takes its client id's turn with meshgate's own work on that
+    // session (migration, standby), so the two never meet on one broker.
+    durable.pass_barrier().await;
+    let turn = match persistent && durable.enabled() {
+        true => Some(durable.lock(&connect.client_id).await),
+        false => None,
+    };
 
-    let Some((mut upstream, lease, ack, after_connack)) = establish(pool, &packet, &connect).await else {
+    let Some((mut upstream, lease, ack, mut after_connack)) = establish(pool, &packet, &connect).await else {
         pool.reject("no_broker", format_args!("client {:?}: every broker tried failed", connect.client_id));
         let _ = timeout(Duration::from_secs(1), forward::write_all(&mut client, connack::unavailable(connect.version)))
             .await;
@@ -220,6 +237,10 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
     };
     tracing::Span::current().record("broker", lease.broker().name.as_str());
     pool.metrics.connack_duration.observe(accepted.elapsed().as_secs_f64());
+
+    if turn.is_some() && ack.code == 0 && !ack.session_present && !connect.clean {
+        restore(pool, &connect, lease.broker(), &mut upstream, &mut after_connack).await;
+    }
 
     // The CONNACK and whatever the broker sent right behind it (queued messages of a
     // persistent session) go to the client first; then what the client pipelined.
@@ -232,7 +253,14 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
         return None;
     }
 
-    let persistent = connect.persistent();
+    let tap = turn.as_ref().map(|_| {
+        durable.on_established(&connect, &packet, &lease.broker().name, &pool.metrics);
+        Box::new(std::sync::Mutex::new(crate::durable::Tap::new(
+            durable.clone(),
+            connect.client_id.clone(),
+            connect.version,
+        )))
+    });
     let info = SessionInfo {
         client_id: connect.client_id,
         username: connect.username,
@@ -244,6 +272,7 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
         connected_at: SystemTime::now(),
     };
     let session = pool.register(lease, info);
+    drop(turn);
     debug!("session established");
     // Both scanners start where the setup left off, so packet boundaries stay in step with
     // the bytes already sent each way.
@@ -266,7 +295,37 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
     let down_total = pool.metrics.bytes.with_label_values(&["broker_to_client"]);
     up_total.inc_by(extra.len() as u64);
     down_total.inc_by(after_connack.len() as u64);
-    Some(Live { client, upstream, session, scanner, down_scanner, up_total, down_total })
+    Some(Live { client, upstream, session, scanner, down_scanner, up_total, down_total, tap })
+}
+
+/// A persistent client landed on a broker without its session: subscribes what the record
+/// holds before the client sees its CONNACK, then marks the CONNACK "session present".
+/// Whatever the broker sent meanwhile follows the CONNACK. When the restore fails the client
+/// gets the broker's CONNACK unchanged (session present 0), so it knows to subscribe itself.
+async fn restore(pool: &Pool, connect: &Connect, broker: &Broker, upstream: &mut Conn, after_connack: &mut Vec<u8>) {
+    let subs = pool.durable.to_restore(&connect.client_id);
+    if subs.is_empty() {
+        return;
+    }
+    let Ok(Some((_, n))) = connack::parse(after_connack) else { return };
+    let rest = after_connack.split_off(n);
+    let deadline = Instant::now() + pool.proxy_config().connack_timeout;
+    let mut packets = crate::durable::remote::Packets::new(upstream, rest);
+    let restored = crate::durable::remote::subscribe_all(&mut packets, connect.version, &subs, deadline).await;
+    let leftover = packets.leftover();
+    match restored {
+        Ok((granted, passed)) => {
+            info!(broker = %broker.name, subscriptions = subs.len(), granted, "restored a persistent session's subscriptions");
+            pool.metrics.durable_ops.with_label_values(&["restore", "ok"]).inc();
+            connack::set_session_present(after_connack);
+            after_connack.extend_from_slice(&passed);
+        }
+        Err(e) => {
+            warn!(broker = %broker.name, "restoring the session's subscriptions failed: {e}");
+            pool.metrics.durable_ops.with_label_values(&["restore", "error"]).inc();
+        }
+    }
+    after_connack.extend_from_slice(&leftover);
 }
 
 /// Reads exactly one CONNECT (plus whatever the client pipelined behind it).
@@ -357,7 +416,7 @@ fn handshake_gate(address: &str) -> Arc<tokio::sync::Semaphore> {
         .clone()
 }
 
-async fn try_broker(
+pub(crate) async fn try_broker(
     address: &str,
     tls: Option<(&tokio_rustls::TlsConnector, Option<&str>)>,
     packet: &[u8],

@@ -1,0 +1,165 @@
+//! The record of persistent sessions: acknowledged subscriptions, where each session lives and where its standby is; bounded, expiring, kept in a file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// One subscription as the broker acknowledged it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sub {
+    /// The SUBSCRIBE options byte (QoS; in MQTT 5 also No Local, Retain As Published,
+    /// Retain Handling).
+    pub options: u8,
+    /// MQTT 5 SUBSCRIBE properties, raw (a subscription identifier, user properties).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub properties: Vec<u8>,
+}
+
+/// What meshgate knows of one client id's persistent session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Protocol level of the client's last CONNECT (3, 4 or 5).
+    pub version: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    pub subscriptions: BTreeMap<String, Sub>,
+    /// The broker that holds the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
+    /// The broker that holds an offline copy (`sessions.standby`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
+    /// Subscriptions changed since the standby copy was made.
+    #[serde(default)]
+    pub standby_stale: bool,
+    /// Seconds the session outlives its client's disconnect.
+    pub expiry_secs: u64,
+    /// A client connection with this id is open through meshgate.
+    #[serde(default)]
+    pub connected: bool,
+    /// Unix milliseconds of the last connect or disconnect.
+    pub last_seen_ms: u64,
+    /// Some subscription could not be recorded (too many, or a SUBSCRIBE too large to read):
+    /// restoring would be partial, so the session is restored as far as it is known and this
+    /// is shown in the API.
+    #[serde(default)]
+    pub incomplete: bool,
+}
+
+impl Record {
+    pub fn new(version: u8, username: Option<String>, expiry_secs: u64, now_ms: u64) -> Record {
+        Record {
+            version,
+            username,
+            subscriptions: BTreeMap::new(),
+            home: None,
+            standby: None,
+            standby_stale: false,
+            expiry_secs,
+            connected: false,
+            last_seen_ms: now_ms,
+            incomplete: false,
+        }
+    }
+
+    /// A disconnected session whose expiry has passed is gone on its broker too.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        !self.connected && now_ms.saturating_sub(self.last_seen_ms) >= self.expiry_secs.saturating_mul(1000)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Store {
+    pub sessions: HashMap<String, Record>,
+}
+
+impl Store {
+    /// Inserts or replaces, making room by dropping the record seen longest ago (connected
+    /// sessions last) when `max` is reached. Returns the id dropped, if any.
+    pub fn put(&mut self, client_id: &str, rec: Record, max: usize) -> Option<String> {
+        let mut dropped = None;
+        if !self.sessions.contains_key(client_id) && self.sessions.len() >= max {
+            let victim =
+                self.sessions.iter().min_by_key(|(_, r)| (r.connected, r.last_seen_ms)).map(|(k, _)| k.clone());
+            if let Some(v) = victim {
+                self.sessions.remove(&v);
+                dropped = Some(v);
+            }
+        }
+        self.sessions.insert(client_id.to_string(), rec);
+        dropped
+    }
+
+    /// Forgets expired sessions; returns how many.
+    pub fn expire(&mut self, now_ms: u64) -> usize {
+        let before = self.sessions.len();
+        self.sessions.retain(|_, r| !r.expired(now_ms));
+        before - self.sessions.len()
+    }
+
+    pub fn load(path: &Path) -> Result<Store, String> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Store::default()),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Writes a temporary file and renames it, so a crash never leaves half a record.
+    pub fn save(&self, path: &Path) -> Result<(), String> {
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_string(self).map_err(|e| e.to_string())?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_store_drops_the_session_seen_longest_ago_and_keeps_connected_ones() {
+        let mut s = Store::default();
+        let mut a = Record::new(4, None, 60, 100);
+        a.connected = true;
+        s.put("a", a, 2);
+        s.put("b", Record::new(4, None, 60, 200), 2);
+        assert_eq!(s.put("c", Record::new(4, None, 60, 300), 2), Some("b".into()));
+        assert!(s.sessions.contains_key("a") && s.sessions.contains_key("c"));
+        // Replacing an existing id never evicts.
+        assert_eq!(s.put("c", Record::new(4, None, 60, 400), 2), None);
+    }
+
+    #[test]
+    fn expiry_counts_from_the_disconnect_and_never_while_connected() {
+        let mut s = Store::default();
+        s.put("gone", Record::new(4, None, 10, 1_000), 10);
+        let mut on = Record::new(4, None, 10, 1_000);
+        on.connected = true;
+        s.put("on", on, 10);
+        assert_eq!(s.expire(10_999), 0);
+        assert_eq!(s.expire(11_000), 1);
+        assert!(s.sessions.contains_key("on"));
+    }
+
+    #[test]
+    fn survives_a_save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.json");
+        let mut s = Store::default();
+        let mut r = Record::new(5, Some("u".into()), 3600, 5);
+        r.subscriptions.insert("a/#".into(), Sub { options: 1, properties: vec![0x0b, 3] });
+        r.home = Some("broker2".into());
+        s.put("c1", r.clone(), 10);
+        s.save(&path).unwrap();
+        assert_eq!(Store::load(&path).unwrap().sessions.get("c1"), Some(&r));
+        assert!(Store::load(&dir.path().join("none.json")).unwrap().sessions.is_empty());
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(Store::load(&path).unwrap_err().contains("sessions.json"));
+    }
+}
