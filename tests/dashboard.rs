@@ -189,21 +189,28 @@ async fn a_client_connected_through_meshgate_appears_in_the_clients_table() {
     let sneaky = "<img src=x id=injected>";
     let (_sneaky, ack) = raw::connect(net.mqtt_addr(), 4, sneaky, 5 * SECOND).await.expect("second client connects");
     assert_eq!(ack.code, 0);
+    let (_bob, ack) = raw::connect_with(net.mqtt_addr(), 4, "dashboard-bob", false, None, None, 5 * SECOND)
+        .await
+        .expect("a persistent client connects");
+    assert_eq!(ack.code, 0);
     const ROWS: &str = r#"
         return [...document.querySelectorAll('#clients tbody tr')]
             .map(r => ({ id: r.dataset.clientId, cells: [...r.cells].map(c => c.textContent) }));
     "#;
     let rows = browser
         .wait_for(
-            "both clients in the table",
+            "the three clients in the table",
             3 * SECOND,
-            &format!("const rows = (() => {{ {ROWS} }})(); return rows.length === 2 ? rows : null;"),
+            &format!("const rows = (() => {{ {ROWS} }})(); return rows.length === 3 ? rows : null;"),
         )
         .await;
     let alice = rows.as_array().unwrap().iter().find(|r| r["id"] == "dashboard-alice").expect("alice's row");
     assert_eq!(alice["cells"][0], "dashboard-alice");
     assert_eq!(alice["cells"][1], "broker1", "the broker it landed on: {alice}");
     assert_eq!(alice["cells"][3], "3.1.1", "{alice}");
+    assert_eq!(alice["cells"][8], "clean", "{alice}");
+    let bob = rows.as_array().unwrap().iter().find(|r| r["id"] == "dashboard-bob").expect("bob's row");
+    assert_eq!(bob["cells"][8], "kept on broker1", "where its persistent session lives: {bob}");
     assert!(rows.as_array().unwrap().iter().any(|r| r["cells"][0] == sneaky), "shown as text: {rows}");
     let injected = browser.js("return document.getElementById('injected') !== null;", json!([])).await;
     assert_eq!(injected, false, "a client id became markup");
@@ -224,9 +231,9 @@ async fn a_client_connected_through_meshgate_appears_in_the_clients_table() {
     assert_eq!(browser.js(set_broker, json!(["broker2"])).await, "broker2");
     assert_eq!(browser.js(ROWS, json!([])).await, json!([]), "nobody is on broker2");
     assert_eq!(browser.js(set_broker, json!(["broker1"])).await, "broker1");
-    assert_eq!(browser.js(ROWS, json!([])).await.as_array().unwrap().len(), 2);
+    assert_eq!(browser.js(ROWS, json!([])).await.as_array().unwrap().len(), 3);
     let count = browser.js("return document.getElementById('clients-count').textContent;", json!([])).await;
-    assert_eq!(count, "2 of 2");
+    assert_eq!(count, "3 of 3");
 
     assert_no_console_errors(&browser.console_errors().await);
     browser.quit().await;

@@ -82,7 +82,7 @@ struct PahoSub {
 }
 
 impl PahoSub {
-    async fn start(addr: std::net::SocketAddr, id: &str) -> PahoSub {
+    async fn start(addr: std::net::SocketAddr, id: &str, version: &str) -> PahoSub {
         let ok = std::process::Command::new("python3")
             .args(["-c", "import paho.mqtt.client"])
             .stderr(Stdio::null())
@@ -91,7 +91,7 @@ impl PahoSub {
         assert!(ok, "paho-mqtt is not installed for python3: run `scripts/deps test`");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sessions/paho_sub.py");
         let mut child = tokio::process::Command::new("python3")
-            .args([script, &addr.ip().to_string(), &addr.port().to_string(), id, "data/#"])
+            .args([script, &addr.ip().to_string(), &addr.port().to_string(), id, "data/#", version])
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -195,15 +195,18 @@ async fn persistent_subscribers_keep_receiving_through_a_hang_and_a_kill_without
     let pool = mg.pool().clone();
     let addr = mg.mqtt_addr();
     let rumq = RumqttSub::start(addr, "rumqttc-sub").await;
-    let paho = PahoSub::start(addr, "paho-sub").await;
-    let subs = [("rumqttc", &rumq.seen), ("paho", &paho.seen)];
+    let paho = PahoSub::start(addr, "paho-sub", "4").await;
+    let paho5 = PahoSub::start(addr, "paho5-sub", "5").await;
+    let subs = [("rumqttc", &rumq.seen), ("paho", &paho.seen), ("paho MQTT 5", &paho5.seen)];
     // Both sessions and their subscription are recorded.
     let pl = pool.clone();
     wait_until(5 * SECOND, || {
-        ["rumqttc-sub", "paho-sub"].iter().all(|id| pl.durable.placement(id).is_some_and(|p| p.subscriptions == 1))
+        ["rumqttc-sub", "paho-sub", "paho5-sub"]
+            .iter()
+            .all(|id| pl.durable.placement(id).is_some_and(|p| p.subscriptions == 1))
     })
     .await
-    .expect("both subscriptions recorded");
+    .expect("every subscription recorded");
 
     let publisher = Publisher::start(addr, Duration::from_millis(5));
     tokio::time::sleep(SECOND).await;
@@ -256,7 +259,7 @@ async fn persistent_subscribers_keep_receiving_through_a_hang_and_a_kill_without
     }
     // The sessions now live on broker2, which the API shows per client and per session.
     let clients = get_json(net.http_addr(), "/clients").await;
-    for id in ["rumqttc-sub", "paho-sub"] {
+    for id in ["rumqttc-sub", "paho-sub", "paho5-sub"] {
         let c = clients.as_array().unwrap().iter().find(|c| c["client_id"] == id).expect("client listed");
         assert_eq!(
             (c["persistent"].as_bool(), c["session_home"].as_str(), c["broker"].as_str()),
@@ -266,13 +269,16 @@ async fn persistent_subscribers_keep_receiving_through_a_hang_and_a_kill_without
         assert_eq!(c["subscriptions"], 1);
     }
     let sessions = get_json(net.http_addr(), "/sessions").await;
-    let rec = sessions.as_array().unwrap().iter().find(|s| s["client_id"] == "paho-sub").unwrap();
-    assert_eq!(rec["subscriptions"], serde_json::json!([{"filter": "data/#", "qos": 1}]), "{rec}");
-    assert_eq!(rec["home"], "broker2");
+    for (id, protocol) in [("paho-sub", "3.1.1"), ("paho5-sub", "5")] {
+        let rec = sessions.as_array().unwrap().iter().find(|s| s["client_id"] == id).unwrap();
+        assert_eq!(rec["subscriptions"], serde_json::json!([{"filter": "data/#", "qos": 1}]), "{rec}");
+        assert_eq!((rec["home"].as_str(), rec["protocol"].as_str()), (Some("broker2"), Some(protocol)), "{rec}");
+    }
     let migrated = pool.metrics.durable_ops.with_label_values(&["migrate", "ok"]).get()
         + pool.metrics.durable_ops.with_label_values(&["restore", "ok"]).get();
-    assert!(migrated >= 2, "both sessions were migrated or restored: {migrated}");
+    assert!(migrated >= 3, "every session was migrated or restored: {migrated}");
     drop(paho.child);
+    drop(paho5.child);
     mg.shutdown().await;
 }
 
@@ -427,9 +433,10 @@ async fn one_client_id_across_the_pool_closes_the_older_session() {
     );
     assert_eq!(pool.metrics.sessions_closed.with_label_values(&["duplicate_client_id"]).get(), 1);
     assert_eq!(pool.metrics.sessions_closed.with_label_values(&["drain"]).get(), 1, "the drain closed only the filler");
-    let sessions = pool.sessions();
-    assert_eq!(sessions.len(), 1);
-    assert_eq!(sessions[0].broker.name, "broker2");
+    // The closed sessions' tasks unregister as they end.
+    let pl = pool.clone();
+    wait_until(2 * SECOND, || pl.session_count() == 1).await.expect("only the newer session is left");
+    assert_eq!(pool.sessions()[0].broker.name, "broker2");
     // The newer one still works.
     second.write_all(&raw::pingreq_packet()).await.unwrap();
     assert_eq!(raw::read_packet(&mut second, 2 * SECOND).await.unwrap().0, 0xd0);

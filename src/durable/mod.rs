@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::SessionsConfig;
 use crate::mqtt::frame::Header;
-use crate::mqtt::subscribe::{granted, parse_ack, parse_subscribe, parse_unsubscribe};
+use crate::mqtt::subscribe::{disconnect_expiry, granted, parse_ack, parse_subscribe, parse_unsubscribe};
 use crate::mqtt::{kind, Capture, FrameError, FrameScanner};
 use crate::pool::{Broker, Pool};
 use store::{Record, Store, Sub};
@@ -128,7 +128,13 @@ impl Durable {
         if !self.cfg.enabled {
             return;
         }
-        let homed = self.store.lock().unwrap().sessions.values().any(|r| r.home.as_deref() == Some(broker));
+        let homed = self
+            .store
+            .lock()
+            .unwrap()
+            .sessions
+            .values()
+            .any(|r| r.home.as_deref() == Some(broker) && !r.subscriptions.is_empty());
         if !homed {
             return;
         }
@@ -313,6 +319,14 @@ impl Durable {
         self.changed();
     }
 
+    /// The client ended its session (MQTT 5 DISCONNECT with session expiry 0).
+    fn forget(&self, client_id: &str) {
+        if self.store.lock().unwrap().sessions.remove(client_id).is_some() {
+            self.connects.lock().unwrap().remove(client_id);
+            self.changed();
+        }
+    }
+
     fn mark_incomplete(&self, client_id: &str) {
         if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
             r.incomplete = true;
@@ -333,10 +347,21 @@ impl Durable {
 
     /// The session's home and standby as the record has them, and what meshgate needs to
     /// connect on the client's behalf.
-    fn snapshot(&self) -> Vec<(String, Record, Option<Vec<u8>>)> {
+    /// Only the records `pick` accepts are copied: with many sessions, a pass that finds
+    /// nothing to do costs a walk over the map and no allocation.
+    fn select(&self, pick: impl Fn(&str, &Record) -> bool) -> Vec<(String, Record, Option<Vec<u8>>)> {
         let store = self.store.lock().unwrap();
         let connects = self.connects.lock().unwrap();
-        store.sessions.iter().map(|(id, r)| (id.clone(), r.clone(), connects.get(id).cloned())).collect()
+        store
+            .sessions
+            .iter()
+            .filter(|(id, r)| pick(id, r))
+            .map(|(id, r)| (id.clone(), r.clone(), connects.get(id).cloned()))
+            .collect()
+    }
+
+    fn holding(&self) -> bool {
+        self.held.lock().unwrap().is_some()
     }
 
     fn set_home(&self, client_id: &str, home: &str) {
@@ -408,7 +433,8 @@ impl Tap {
         if from_client {
             scanner.feed_capture(
                 data,
-                |k| k == kind::SUBSCRIBE || k == kind::UNSUBSCRIBE,
+                // MQTT 5 DISCONNECT can end the session (Session Expiry Interval 0).
+                |k| k == kind::SUBSCRIBE || k == kind::UNSUBSCRIBE || (version == 5 && k == kind::DISCONNECT),
                 up,
                 |_| *packets += 1,
                 |h: Header, body| {
@@ -416,6 +442,12 @@ impl Tap {
                         durable.mark_incomplete(client_id);
                         return;
                     };
+                    if h.kind() == kind::DISCONNECT {
+                        if disconnect_expiry(body) == Some(0) {
+                            durable.forget(client_id);
+                        }
+                        return;
+                    }
                     if pending.len() >= MAX_PENDING {
                         return;
                     }
@@ -477,11 +509,34 @@ pub type SharedTap = Mutex<Tap>;
 /// Keeps the record on disk, migrates sessions off brokers that became unavailable, and
 /// keeps standby copies current. Runs until `stop`.
 pub async fn maintain(pool: Arc<Pool>, stop: CancellationToken) {
-    let durable = pool.durable.clone();
-    if !durable.enabled() {
+    if !pool.durable.enabled() {
+        return;
+    }
+    // Standby work (copies, trims) runs beside migration, so a long trim pass never delays
+    // moving sessions off a failed broker.
+    tokio::join!(migrate_loop(pool.clone(), stop.clone()), standby_loop(pool.clone(), stop.clone()));
+}
+
+async fn standby_loop(pool: Arc<Pool>, stop: CancellationToken) {
+    if !pool.durable.cfg.standby {
         return;
     }
     loop {
+        standby_all(&pool).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+async fn migrate_loop(pool: Arc<Pool>, stop: CancellationToken) {
+    let durable = pool.durable.clone();
+    // A pass at most every 200 ms however often sessions change, except when a failure holds
+    // new sessions: then at once.
+    const PACE: Duration = Duration::from_millis(200);
+    loop {
+        let pass = Instant::now();
         durable.save_if_dirty();
         let expired = durable.store.lock().unwrap().expire(now_ms());
         if expired > 0 {
@@ -491,9 +546,6 @@ pub async fn maintain(pool: Arc<Pool>, stop: CancellationToken) {
         pool.metrics.durable_sessions.set(durable.count() as i64);
         migrate_all(&pool).await;
         durable.release_new_sessions();
-        if durable.cfg.standby {
-            standby_all(&pool).await;
-        }
         tokio::select! {
             _ = stop.cancelled() => {
                 durable.save_if_dirty();
@@ -502,10 +554,28 @@ pub async fn maintain(pool: Arc<Pool>, stop: CancellationToken) {
             _ = durable.wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+        let rest = PACE.saturating_sub(pass.elapsed());
+        if !durable.holding() && !rest.is_zero() {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(rest) => {}
+                _ = wait_for_hold(&durable) => {}
+            }
+        }
     }
 }
 
-/// The broker a new client would get, if it is not `except`.
+/// Resolves when a failure starts holding new sessions.
+async fn wait_for_hold(durable: &Durable) {
+    loop {
+        durable.wake.notified().await;
+        if durable.holding() {
+            return;
+        }
+    }
+}
+
+/// The broker a new client would get now.
 fn taker(pool: &Pool) -> Option<Arc<Broker>> {
     pool.current_broker()
 }
@@ -517,6 +587,18 @@ fn available(pool: &Pool, name: &str) -> bool {
 async fn migrate_all(pool: &Arc<Pool>) {
     let durable = &pool.durable;
     let Some(target) = taker(pool) else { return };
+    let now = tokio::time::Instant::now();
+    let lost: Vec<String> = pool.brokers().iter().filter(|b| !b.available(now)).map(|b| b.name.clone()).collect();
+    if lost.is_empty() {
+        return;
+    }
+    // A session without subscriptions queues nothing: there is nothing to move.
+    let candidates = durable.select(|_, r| {
+        !r.subscriptions.is_empty() && r.home.as_ref().is_some_and(|h| *h != target.name && lost.contains(h))
+    });
+    if candidates.is_empty() {
+        return;
+    }
     // A client still connected to an unavailable broker is being closed; one connected to an
     // available broker has its session there.
     let live: HashMap<String, String> = pool
@@ -525,14 +607,8 @@ async fn migrate_all(pool: &Arc<Pool>) {
         .filter(|s| !s.is_closing())
         .map(|s| (s.info.client_id.clone(), s.broker.name.clone()))
         .collect();
-    let work: Vec<_> = durable
-        .snapshot()
-        .into_iter()
-        .filter(|(id, r, _)| {
-            let home_lost = r.home.as_deref().is_some_and(|h| h != target.name && !available(pool, h));
-            home_lost && live.get(id).is_none_or(|b| !available(pool, b))
-        })
-        .collect();
+    let work: Vec<_> =
+        candidates.into_iter().filter(|(id, _, _)| live.get(id).is_none_or(|b| lost.contains(b))).collect();
     if work.is_empty() {
         return;
     }
@@ -611,19 +687,26 @@ async fn standby_all(pool: &Arc<Pool>) {
         }
         due
     };
-    let mut work = Vec::new();
-    for (id, r, own) in durable.snapshot() {
-        let Some(home) = r.home.clone() else { continue };
+    // Where each home's standby belongs now, worked out once per pass.
+    let want_for: HashMap<String, Arc<Broker>> =
+        pool.brokers().iter().filter_map(|b| Some((b.name.clone(), standby_for(pool, &b.name)?))).collect();
+    let needs = |r: &Record| -> Option<(Arc<Broker>, bool)> {
+        let want = want_for.get(r.home.as_deref()?)?;
         if r.subscriptions.is_empty() {
-            continue;
+            return None;
         }
-        let Some(want) = standby_for(pool, &home) else { continue };
         let make = r.standby.as_deref() != Some(want.name.as_str()) || r.standby_stale;
         let trim = !make && trim_due && r.connected;
-        if make || trim {
-            work.push((id, r, own, want, make));
-        }
-    }
+        (make || trim).then(|| (want.clone(), make))
+    };
+    let work: Vec<_> = durable
+        .select(|_, r| needs(r).is_some())
+        .into_iter()
+        .filter_map(|(id, r, own)| {
+            let (want, make) = needs(&r)?;
+            Some((id, r, own, want, make))
+        })
+        .collect();
     if work.is_empty() {
         return;
     }
@@ -677,4 +760,60 @@ where
 {
     use futures_util::stream::{self, StreamExt};
     stream::iter(items.into_iter().map(f)).buffer_unordered(PARALLEL).collect().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::subscribe::encode_subscribe;
+
+    fn durable() -> Arc<Durable> {
+        let cfg = crate::Config::from_toml("[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n", "t").unwrap();
+        Arc::new(Durable::new(&cfg.sessions))
+    }
+
+    fn connect(version: u8, id: &str) -> crate::mqtt::Connect {
+        let p = remote::session_connect(None, version, id, None, 600);
+        crate::mqtt::connect::parse(&p).unwrap()
+    }
+
+    #[test]
+    fn only_what_the_broker_granted_is_recorded_and_unsubscribe_removes_it() {
+        let d = durable();
+        let m = crate::metrics::Metrics::new();
+        d.on_established(&connect(4, "c"), &[], "b1", &m);
+        let mut tap = Tap::new(d.clone(), "c".into(), 4);
+        let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
+        let mut n = 0;
+        // Split mid-packet: the capture spans reads.
+        let sub = encode_subscribe(4, 5, &[], &[("a/#", 1), ("secret", 1)]);
+        tap.feed(true, &mut up, &sub[..4], &mut n).unwrap();
+        tap.feed(true, &mut up, &sub[4..], &mut n).unwrap();
+        assert_eq!(d.placement("c").unwrap().subscriptions, 0, "nothing before the SUBACK");
+        // SUBACK id 5: granted QoS 1, refused 0x80.
+        tap.feed(false, &mut down, &[0x90, 0x04, 0, 5, 1, 0x80], &mut n).unwrap();
+        assert_eq!(d.to_restore("c"), vec![("a/#".to_string(), Sub { options: 1, properties: vec![] })]);
+        // UNSUBSCRIBE id 6 "a/#", UNSUBACK id 6.
+        tap.feed(true, &mut up, &[0xa2, 0x07, 0, 6, 0, 3, b'a', b'/', b'#'], &mut n).unwrap();
+        tap.feed(false, &mut down, &[0xb0, 0x02, 0, 6], &mut n).unwrap();
+        assert!(d.to_restore("c").is_empty());
+        assert_eq!(n, 4, "every packet counted");
+    }
+
+    #[test]
+    fn mqtt5_disconnect_with_expiry_zero_forgets_the_session_and_clean_connect_too() {
+        let d = durable();
+        let m = crate::metrics::Metrics::new();
+        d.on_established(&connect(5, "v5"), &[], "b1", &m);
+        let mut tap = Tap::new(d.clone(), "v5".into(), 5);
+        let mut up = FrameScanner::new(1 << 20);
+        let mut n = 0;
+        // DISCONNECT reason 0, session expiry 0.
+        tap.feed(true, &mut up, &[0xe0, 0x07, 0, 5, 0x11, 0, 0, 0, 0], &mut n).unwrap();
+        assert!(d.placement("v5").is_none());
+
+        d.on_established(&connect(4, "c4"), &[], "b1", &m);
+        d.on_connect("c4", true, false);
+        assert!(d.placement("c4").is_none(), "a clean 3.1.1 CONNECT ends the old session");
+    }
 }

@@ -92,6 +92,33 @@ pub fn encode_subscribe(version: u8, packet_id: u16, properties: &[u8], filters:
     out
 }
 
+/// The Session Expiry Interval an MQTT 5 client's DISCONNECT sets, if any (0 ends the
+/// session with the connection). `None` also for a body that does not parse.
+pub fn disconnect_expiry(body: &[u8]) -> Option<u32> {
+    let mut r = Reader::new(body);
+    r.u8()?; // reason code
+    let n = r.varint()? as usize;
+    let mut p = Reader::new(r.take(n)?);
+    while p.remaining() > 0 {
+        match p.varint()? {
+            0x11 => {
+                let v = p.take(4)?;
+                return Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+            }
+            // Reason String, Server Reference.
+            0x1f | 0x1c => {
+                p.binary()?;
+            }
+            0x26 => {
+                p.binary()?;
+                p.binary()?;
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
 /// A SUBACK code that means the subscription was granted.
 pub fn granted(code: u8) -> bool {
     code < 0x80
@@ -130,5 +157,14 @@ mod tests {
         assert_eq!(parse_ack(4, &[0, 9]), Some(Ack { packet_id: 9, codes: vec![] }));
         assert!(parse_subscribe(4, &[0, 1, 0, 5, b'a']).is_none(), "truncated filter");
         assert!(parse_subscribe(4, &[0, 1]).is_none(), "no filter");
+    }
+
+    #[test]
+    fn disconnect_expiry_is_found_among_other_properties() {
+        // Reason 0, properties: reason string "x", session expiry 0.
+        assert_eq!(disconnect_expiry(&[0, 9, 0x1f, 0, 1, b'x', 0x11, 0, 0, 0, 0]), Some(0));
+        assert_eq!(disconnect_expiry(&[0, 5, 0x11, 0, 0, 0x0e, 0x10]), Some(3600));
+        assert_eq!(disconnect_expiry(&[0, 0]), None);
+        assert_eq!(disconnect_expiry(&[]), None);
     }
 }

@@ -412,6 +412,19 @@
 
   // ---- clients ---------------------------------------------------------------------
 
+  /** A persistent session: where it lives (after a failover, where meshgate recreated it). */
+  function sessionText(c) {
+    if (!c.persistent) return "clean";
+    let t = `kept on ${c.session_home ?? c.broker}`;
+    if (c.standby) t += ` · standby ${c.standby}`;
+    return t;
+  }
+
+  function sessionTitle(c) {
+    if (!c.persistent) return "clean session: nothing is kept after it disconnects";
+    return `persistent session, ${c.subscriptions ?? 0} subscription(s) recorded by meshgate`;
+  }
+
   function brokerOptions(brokers) {
     const sel = $("client-broker");
     const keep = sel.value;
@@ -441,7 +454,8 @@
         h("td", {}, c.peer),
         h("td", { class: "r", title: c.connected_at }, duration((now - c.connected_at_ms) / 1000)),
         h("td", { class: "r" }, bytes(c.bytes_in)),
-        h("td", { class: "r" }, bytes(c.bytes_out))));
+        h("td", { class: "r" }, bytes(c.bytes_out)),
+        h("td", { title: sessionTitle(c) }, sessionText(c))));
     }
     $("clients").tBodies[0].replaceChildren(...rows);
     const total = state.clients_total;
