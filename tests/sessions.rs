@@ -567,3 +567,65 @@ async fn standby_copies_are_trimmed_while_their_clients_are_connected() {
     assert_eq!(delivered, CLIENTS * MESSAGES, "the clients got everything on their own broker");
     mg.shutdown().await;
 }
+
+/// A standby copy follows the subscriptions: one dropped after the copy was made must not
+/// deliver after a failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_copy_is_remade_when_subscriptions_change() {
+    let mut net = Net::start(2);
+    let extra =
+        "[replication]\nenabled = true\nlag_interval = \"200ms\"\n[sessions]\nstandby = true\nstandby_trim = \"1h\"\n";
+    let mg = net.meshgate(extra).await;
+    let pool = mg.pool().clone();
+    let repl = mg.replication().unwrap().clone();
+    wait_until(10 * SECOND, || repl.view().lag.len() == 2).await.expect("replication links up");
+    let addr = mg.mqtt_addr();
+    let (mut s, _) = raw::connect_with(addr, 4, "changer", false, None, None, 2 * SECOND).await.unwrap();
+    for (id, filter) in [(1u16, "keep/#"), (2, "drop/#")] {
+        s.write_all(&raw::subscribe_packet(id, filter, 1)).await.unwrap();
+        assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0x90);
+    }
+    let ops = |p: &meshgate::pool::Pool| p.metrics.durable_ops.with_label_values(&["standby", "ok"]).get();
+    let pl = pool.clone();
+    wait_until(5 * SECOND, || {
+        pl.durable.placement("changer").is_some_and(|p| p.standby.is_some() && p.subscriptions == 2)
+    })
+    .await
+    .expect("standby made");
+    let made = ops(&pool);
+    // UNSUBSCRIBE "drop/#" (id 3), acknowledged.
+    s.write_all(&raw::packet(0xa2, &[0, 3, 0, 6, b'd', b'r', b'o', b'p', b'/', b'#'])).await.unwrap();
+    assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0xb0);
+    let pl = pool.clone();
+    wait_until(5 * SECOND, || ops(&pl) > made).await.expect("the standby copy was made again");
+    s.write_all(&raw::disconnect_packet()).await.unwrap();
+    drop(s);
+    // While the client is away: one message on each filter, then broker1 dies.
+    let (mut w, _) = raw::connect(net.brokers[1].addr, 4, "watch-changer", 2 * SECOND).await.unwrap();
+    w.write_all(&raw::subscribe_packet(1, "#", 0)).await.unwrap();
+    assert_eq!(raw::read_packet(&mut w, 2 * SECOND).await.unwrap().0, 0x90);
+    let (mut p, _) = raw::connect(addr, 4, "pub-changer", 2 * SECOND).await.unwrap();
+    for (i, topic) in [(1u16, "drop/x"), (2, "keep/x")] {
+        p.write_all(&raw::publish_packet(topic, topic.as_bytes(), 1, i, false)).await.unwrap();
+        assert_eq!(raw::read_packet(&mut p, 2 * SECOND).await.unwrap().0, 0x40);
+    }
+    let mut replicated = 0;
+    while replicated < 2 {
+        if raw::read_packet(&mut w, 5 * SECOND).await.expect("replicated to broker2").0 >> 4 == 3 {
+            replicated += 1;
+        }
+    }
+    blocking(|| net.broker("broker1").kill());
+    let b1 = pool.broker("broker1").unwrap();
+    wait_until(5 * SECOND, || b1.probe_up() == Some(false)).await.expect("broker1 marked down");
+    let (mut s, ack) = raw::connect_with(addr, 4, "changer", false, None, None, 3 * SECOND).await.unwrap();
+    assert!(ack.session_present);
+    let mut topics = Vec::new();
+    while let Ok((first, body)) = raw::read_packet(&mut s, Duration::from_millis(700)).await {
+        if let Some(m) = raw::parse_publish(first, &body) {
+            topics.push(m.topic);
+        }
+    }
+    assert_eq!(topics, vec!["keep/x".to_string()], "only what the session still subscribes to");
+    mg.shutdown().await;
+}

@@ -270,7 +270,15 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let started = Instant::now();
     let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let result = rt.block_on(Comparison { s: settings, bin, work: work.clone(), extra, runs: Vec::new() }.run());
+    // On SIGINT or SIGTERM the comparison is dropped, and with it every process it started
+    // (brokers, front ends, load generators), so a stopped run leaves nothing behind.
+    let result = rt.block_on(async {
+        let run = Comparison { s: settings, bin, work: work.clone(), extra, runs: Vec::new() }.run();
+        tokio::select! {
+            r = run => r,
+            sig = stop_signal() => Err(anyhow::anyhow!("stopped by {}; every process it started was stopped", sig?)),
+        }
+    });
     if a.keep_logs {
         eprintln!("configs and logs kept in {}", work.display());
     } else {
@@ -305,6 +313,16 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         eprintln!("smoke: every front end answered every load and produced numbers");
     }
     Ok(())
+}
+
+async fn stop_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
 }
 
 fn preflight(s: &Settings) -> anyhow::Result<()> {

@@ -53,6 +53,26 @@ pub struct Placement {
     pub incomplete: bool,
 }
 
+/// A client id's turn; the last one out removes the id's lock, so the map holds only ids
+/// someone is working on.
+pub struct Turn {
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    client_id: String,
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by the map and by this turn only: nobody is waiting.
+        if Arc::strong_count(&self.mutex) == 2 {
+            locks.remove(&self.client_id);
+        }
+    }
+}
+
 /// One recorded persistent session, for `GET /sessions`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SessionView {
@@ -79,7 +99,7 @@ pub struct Durable {
     /// Each client's own last CONNECT, so meshgate's connections on its behalf carry its
     /// credentials. Memory only: it may hold a password.
     connects: Mutex<HashMap<String, Vec<u8>>>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     dirty: AtomicBool,
     /// Wakes the maintenance loop: a broker's availability or a session changed.
     pub wake: tokio::sync::Notify,
@@ -109,7 +129,7 @@ impl Durable {
             cfg: cfg.clone(),
             store: Mutex::new(store),
             connects: Mutex::new(HashMap::new()),
-            locks: Mutex::new(HashMap::new()),
+            locks: Arc::default(),
             dirty: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
             last_trim: Mutex::new(None),
@@ -158,9 +178,10 @@ impl Durable {
     }
 
     /// Takes this client id's turn (see the module comment).
-    pub async fn lock(&self, client_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub async fn lock(&self, client_id: &str) -> Turn {
         let m = self.locks.lock().unwrap().entry(client_id.to_string()).or_default().clone();
-        m.lock_owned().await
+        let guard = m.clone().lock_owned().await;
+        Turn { guard: Some(guard), mutex: m, client_id: client_id.to_string(), locks: self.locks.clone() }
     }
 
     fn changed(&self) {
@@ -270,12 +291,16 @@ impl Durable {
             // Its standby copy is now its home: a new standby is made elsewhere.
             rec.standby = None;
         }
-        if let Some(gone) = store.put(&connect.client_id, rec, self.cfg.max_sessions) {
-            warn!(client_id = %gone, "persistent-session record full (sessions.max_sessions): forgot the session seen longest ago");
-        }
+        let gone = store.put(&connect.client_id, rec, self.cfg.max_sessions);
         metrics.durable_sessions.set(store.sessions.len() as i64);
         drop(store);
-        self.connects.lock().unwrap().insert(connect.client_id.clone(), packet.to_vec());
+        let mut connects = self.connects.lock().unwrap();
+        if let Some(gone) = gone {
+            warn!(client_id = %gone, "persistent-session record full (sessions.max_sessions): forgot the session seen longest ago");
+            connects.remove(&gone);
+        }
+        connects.insert(connect.client_id.clone(), packet.to_vec());
+        drop(connects);
         self.changed();
     }
 
@@ -542,6 +567,8 @@ async fn migrate_loop(pool: Arc<Pool>, stop: CancellationToken) {
         if expired > 0 {
             debug!(expired, "persistent sessions expired");
             durable.dirty.store(true, Ordering::Relaxed);
+            let store = durable.store.lock().unwrap();
+            durable.connects.lock().unwrap().retain(|id, _| store.sessions.contains_key(id));
         }
         pool.metrics.durable_sessions.set(durable.count() as i64);
         migrate_all(&pool).await;

@@ -123,7 +123,7 @@ pub fn session_connect(
     username: Option<&str>,
     expiry_secs: u64,
 ) -> Vec<u8> {
-    if let Some(p) = own.and_then(without_clean) {
+    if let Some(p) = own.and_then(|p| set_clean(p, false)) {
         return p;
     }
     let mut b = Vec::with_capacity(32 + client_id.len());
@@ -149,14 +149,15 @@ pub fn session_connect(
     out
 }
 
-/// The client's CONNECT with the clean session / clean start flag cleared; `None` when it
-/// does not parse as far as the flags.
-fn without_clean(packet: &[u8]) -> Option<Vec<u8>> {
+/// A CONNECT with the clean session / clean start flag set or cleared; `None` when it does not
+/// parse as far as the flags.
+fn set_clean(packet: &[u8], clean: bool) -> Option<Vec<u8>> {
     let Length::Done(_, n) = decode_length(packet.get(1..)?) else { return None };
     let name_len = u16::from_be_bytes([*packet.get(1 + n)?, *packet.get(2 + n)?]) as usize;
     let flags_at = 1 + n + 2 + name_len + 1;
     let mut p = packet.to_vec();
-    *p.get_mut(flags_at)? &= !0x02;
+    let flags = p.get_mut(flags_at)?;
+    *flags = if clean { *flags | 0x02 } else { *flags & !0x02 };
     Some(p)
 }
 
@@ -183,9 +184,11 @@ async fn open(pool: &Pool, broker: &Broker, connect: &[u8], version: u8) -> Resu
     Ok((conn, ack.session_present, bytes[n..].to_vec()))
 }
 
-/// Creates (or refreshes) the session on `broker`: connect as the client without clean
-/// session, subscribe everything recorded, disconnect. The broker then queues the client's
-/// QoS 1 and 2 messages until it connects.
+/// Creates the session on `broker` afresh: whatever an older session of this client id held
+/// there (subscriptions since dropped, a queue from before a failback) is discarded, then
+/// everything recorded is subscribed, and meshgate disconnects. The broker then queues the
+/// client's QoS 1 and 2 messages until it connects. `connect` is the session's CONNECT
+/// without clean session (`session_connect`).
 pub async fn create_session(
     pool: &Pool,
     broker: &Broker,
@@ -195,7 +198,20 @@ pub async fn create_session(
     limit: Duration,
 ) -> Result<usize, String> {
     let deadline = Instant::now() + limit;
-    let (mut conn, _present, rest) = timeout_at(deadline, open(pool, broker, connect, version))
+    let fresh = set_clean(connect, true).ok_or("the session's CONNECT does not parse")?;
+    let first = match version {
+        // Clean start with a session expiry: a new, empty persistent session in one step.
+        5 => fresh,
+        // 3.x: a clean connection discards the old session, then the persistent one begins.
+        _ => {
+            let (mut conn, _, _) = timeout_at(deadline, open(pool, broker, &fresh, version))
+                .await
+                .map_err(|_| "no CONNACK in time".to_string())??;
+            let _ = timeout_at(deadline, write_all(&mut conn, &[0xe0, 0x00])).await;
+            connect.to_vec()
+        }
+    };
+    let (mut conn, _present, rest) = timeout_at(deadline, open(pool, broker, &first, version))
         .await
         .map_err(|_| "no CONNACK in time".to_string())??;
     let mut packets = Packets::new(&mut conn, rest);
@@ -273,6 +289,15 @@ mod tests {
         assert!(!parsed.clean);
         assert_eq!(parsed.username.as_deref(), Some("u"));
         assert_eq!(p.len(), own.len());
+    }
+
+    #[test]
+    fn clean_flag_is_set_and_cleared_in_place() {
+        let own = crate::mqtt::encode::connect(5, "c", false, 30, None, None);
+        let fresh = set_clean(&own, true).unwrap();
+        assert!(crate::mqtt::connect::parse(&fresh).unwrap().clean);
+        assert!(!crate::mqtt::connect::parse(&set_clean(&fresh, false).unwrap()).unwrap().clean);
+        assert_eq!(set_clean(&[0x10], true), None, "truncated");
     }
 
     #[test]

@@ -220,7 +220,6 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
     tracing::Span::current().record("client_id", connect.client_id.as_str());
     let persistent = connect.persistent();
     let durable = pool.durable.clone();
-    durable.on_connect(&connect.client_id, connect.clean, persistent);
     // A persistent client's setup takes its client id's turn with meshgate's own work on that
     // session (migration, standby), so the two never meet on one broker.
     durable.pass_barrier().await;
@@ -238,6 +237,10 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
     tracing::Span::current().record("broker", lease.broker().name.as_str());
     pool.metrics.connack_duration.observe(accepted.elapsed().as_secs_f64());
 
+    if ack.code == 0 {
+        // Accepted: a clean CONNECT has now ended the old session on the broker.
+        durable.on_connect(&connect.client_id, connect.clean, persistent);
+    }
     if turn.is_some() && ack.code == 0 && !ack.session_present && !connect.clean {
         restore(pool, &connect, lease.broker(), &mut upstream, &mut after_connack).await;
     }
