@@ -108,7 +108,7 @@ impl Metrics {
             ),
             durable_ops: counter(
                 "meshgate_session_operations_total",
-                "Work on persistent sessions: restore (subscriptions put back before the CONNACK), migrate (session recreated on the broker that takes over), standby (offline copy made), by result",
+                "Work on persistent sessions: restore (subscriptions put back before the CONNACK), migrate (session recreated on the broker that takes over), standby (offline copy made), wipe (outdated copy ended), by result",
                 &["op", "result"],
             ),
             standby_trimmed: reg(

@@ -629,3 +629,56 @@ async fn a_standby_copy_is_remade_when_subscriptions_change() {
     assert_eq!(topics, vec!["keep/x".to_string()], "only what the session still subscribes to");
     mg.shutdown().await;
 }
+
+/// A broker that comes back from a hang still holds the session as it was before the
+/// failover; it is wiped before the broker takes sessions again, so a client failed back there
+/// gets its current subscriptions, not the old ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_broker_loses_its_outdated_copy_before_clients_fail_back() {
+    let mut net = Net::start(2);
+    let mg = net.meshgate("").await;
+    let pool = mg.pool().clone();
+    let addr = mg.mqtt_addr();
+    let (mut s, _) = raw::connect_with(addr, 4, "returner", false, None, None, 2 * SECOND).await.unwrap();
+    for (id, filter) in [(1u16, "keep/#"), (2, "drop/#")] {
+        s.write_all(&raw::subscribe_packet(id, filter, 1)).await.unwrap();
+        assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0x90);
+    }
+    blocking(|| net.broker("broker1").hang());
+    let b1 = pool.broker("broker1").unwrap();
+    wait_until(5 * SECOND, || b1.probe_up() == Some(false)).await.expect("broker1 marked down");
+    assert!(raw::closed_within(&mut s, 2 * SECOND).await, "its session on broker1 was closed");
+    let (mut s, ack) = raw::connect_with(addr, 4, "returner", false, None, None, 2 * SECOND).await.unwrap();
+    assert!(ack.session_present, "migrated to broker2");
+    assert_eq!(pool.broker_of("returner").as_deref(), Some("broker2"));
+    // On broker2 the client drops one subscription.
+    s.write_all(&raw::packet(0xa2, &[0, 3, 0, 6, b'd', b'r', b'o', b'p', b'/', b'#'])).await.unwrap();
+    assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0xb0);
+    // broker1 resumes with its old session of "returner" (both filters) in memory; failback
+    // (drain) closes the session on broker2 and the client comes back to broker1.
+    let wiped_before = pool.metrics.durable_ops.with_label_values(&["wipe", "ok"]).get();
+    blocking(|| net.broker("broker1").resume());
+    assert!(raw::closed_within(&mut s, 5 * SECOND).await, "failback closed the session on broker2");
+    // New sessions wait while the returning broker's outdated copies are wiped.
+    let (mut s, ack) = raw::connect_with(addr, 4, "returner", false, None, None, 3 * SECOND).await.unwrap();
+    assert_eq!(
+        pool.metrics.durable_ops.with_label_values(&["wipe", "ok"]).get(),
+        wiped_before + 1,
+        "the old copy was wiped first"
+    );
+    assert!(ack.session_present, "restored on broker1");
+    assert_eq!(pool.broker_of("returner").as_deref(), Some("broker1"));
+    let (mut p, _) = raw::connect(addr, 4, "pub-returner", 2 * SECOND).await.unwrap();
+    for (i, topic) in [(1u16, "drop/x"), (2, "keep/x")] {
+        p.write_all(&raw::publish_packet(topic, topic.as_bytes(), 1, i, false)).await.unwrap();
+        assert_eq!(raw::read_packet(&mut p, 2 * SECOND).await.unwrap().0, 0x40);
+    }
+    let mut topics = Vec::new();
+    while let Ok((first, body)) = raw::read_packet(&mut s, Duration::from_millis(700)).await {
+        if let Some(m) = raw::parse_publish(first, &body) {
+            topics.push(m.topic);
+        }
+    }
+    assert_eq!(topics, vec!["keep/x".to_string()], "the subscription dropped on broker2 stays dropped");
+    mg.shutdown().await;
+}

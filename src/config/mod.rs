@@ -609,6 +609,9 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
             Duration::from_secs(10),
         )?,
     };
+    if sessions.max_subscriptions > 10_000 {
+        return Err(c.err("sessions.max_subscriptions", "must be at most 10000"));
+    }
     if sessions.max_sessions == 0 || sessions.max_subscriptions == 0 {
         let key = if sessions.max_sessions == 0 { "sessions.max_sessions" } else { "sessions.max_subscriptions" };
         return Err(c.err(key, "must be at least 1 (set sessions.enabled = false to record nothing)"));

@@ -2,43 +2,46 @@
 //!
 //! A broker's sessions die with it. meshgate sees every SUBSCRIBE and UNSUBSCRIBE of a
 //! persistent session and the broker's answer, so it keeps what was acknowledged (`store`) and
-//! can rebuild the session elsewhere (`remote`):
+//! can rebuild the session elsewhere (`remote`, driven by `upkeep`):
 //! - restore: a persistent client that lands on a broker without its session gets its
 //!   subscriptions back before its CONNACK, which then says "session present";
-//! - migrate: when a session's broker becomes unavailable, the session is created at once on
-//!   the broker that now takes new clients, so it queues the client's messages from then on;
+//! - migrate: when a session's broker fails (probes down, disabled, removed), the session is
+//!   created at once on the broker that now takes new clients, so it queues the client's
+//!   messages from then on;
 //! - standby (`sessions.standby`): an offline copy on the next broker in priority order, made
 //!   ahead of any failure, so with replication on it already holds what was published before
 //!   the failure; meshgate empties its queue every `standby_trim` while the client is
-//!   connected elsewhere, which bounds what it costs the broker.
+//!   connected elsewhere, which bounds what it costs the broker;
+//! - wipe: copies that became outdated (a former home or standby) or belong to a session
+//!   that ended are removed when their broker is available, before it takes new sessions.
 //!
 //! Per client id, every one of these and the client's own session setup take turns (`lock`),
-//! so meshgate never connects as a client to a broker where the client is connecting.
+//! and meshgate never connects as a client id to a broker where that client is connected.
 
 pub mod remote;
 pub mod store;
+mod upkeep;
+
+pub use upkeep::maintain;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use crate::config::SessionsConfig;
 use crate::mqtt::frame::Header;
 use crate::mqtt::subscribe::{disconnect_expiry, granted, parse_ack, parse_subscribe, parse_unsubscribe};
 use crate::mqtt::{kind, Capture, FrameError, FrameScanner};
-use crate::pool::{Broker, Pool};
-use store::{Record, Store, Sub};
+use store::{Orphan, Record, Store, Sub};
 
 /// Largest SUBSCRIBE or UNSUBSCRIBE body meshgate reads to record it.
 const CAPTURE_LIMIT: usize = 64 * 1024;
-/// Time for one restore, migration or standby operation on a broker.
+/// Time for one restore, migration, standby or wipe operation on a broker, and the longest a
+/// new client session waits while a failure holds new sessions.
 const OP_LIMIT: Duration = Duration::from_secs(2);
-/// Migrations and standby copies run at most this many at once.
-const PARALLEL: usize = 32;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -53,13 +56,15 @@ pub struct Placement {
     pub incomplete: bool,
 }
 
+type Locks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
 /// A client id's turn; the last one out removes the id's lock, so the map holds only ids
 /// someone is working on.
 pub struct Turn {
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
     mutex: Arc<tokio::sync::Mutex<()>>,
     client_id: String,
-    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    locks: Locks,
 }
 
 impl Drop for Turn {
@@ -99,31 +104,38 @@ pub struct Durable {
     /// Each client's own last CONNECT, so meshgate's connections on its behalf carry its
     /// credentials. Memory only: it may hold a password.
     connects: Mutex<HashMap<String, Vec<u8>>>,
-    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    locks: Locks,
     dirty: AtomicBool,
     /// Wakes the maintenance loop: a broker's availability or a session changed.
     pub wake: tokio::sync::Notify,
     last_trim: Mutex<Option<Instant>>,
-    /// New client sessions wait at this while sessions are migrated off a broker that just
-    /// failed, so nothing a publisher is told was accepted after the failure can reach the
-    /// new broker before the sessions that should queue it.
+    /// New client sessions wait at this while sessions are moved off a broker that just failed
+    /// (or outdated copies are wiped from one that came back), so nothing a publisher is told
+    /// was accepted after the change can reach a broker before the sessions that should queue
+    /// it are there.
     barrier: Arc<tokio::sync::RwLock<()>>,
-    held: Mutex<Option<(tokio::sync::OwnedRwLockWriteGuard<()>, Instant)>>,
+    held: Mutex<Option<tokio::sync::OwnedRwLockWriteGuard<()>>>,
+    /// Counts holds, so a pass that began before a hold does not release it.
+    hold_gen: AtomicU64,
 }
 
 impl Durable {
     pub fn new(cfg: &SessionsConfig) -> Durable {
-        let store = match &cfg.state_file {
+        let mut store = match &cfg.state_file {
             Some(path) if cfg.enabled => Store::load(path).unwrap_or_else(|e| {
                 warn!("persistent-session record unreadable, starting empty: {e}");
                 Store::default()
             }),
             _ => Store::default(),
         };
-        let mut store = store;
-        // Nobody is connected through a meshgate that has just started.
+        // Nobody is connected through a meshgate that has just started; a session whose
+        // client was connected until now starts its expiry now, not at its last connect.
+        let now = now_ms();
         for r in store.sessions.values_mut() {
-            r.connected = false;
+            if r.connected {
+                r.connected = false;
+                r.last_seen_ms = now;
+            }
         }
         Durable {
             cfg: cfg.clone(),
@@ -135,6 +147,7 @@ impl Durable {
             last_trim: Mutex::new(None),
             barrier: Arc::new(tokio::sync::RwLock::new(())),
             held: Mutex::new(None),
+            hold_gen: AtomicU64::new(0),
         }
     }
 
@@ -142,37 +155,46 @@ impl Durable {
         self.cfg.enabled
     }
 
-    /// Called the moment `broker` stops taking sessions: when persistent sessions live there,
-    /// new client sessions wait (at most `OP_LIMIT`) until they have been migrated.
-    pub fn hold_new_sessions(&self, broker: &str) {
+    /// Called the moment `broker` stops taking sessions (`lost`) or takes them again: when
+    /// persistent sessions live there (lost) or outdated copies wait to be wiped there (back),
+    /// new client sessions wait, at most `OP_LIMIT`, until that work is done.
+    pub fn hold_new_sessions(&self, broker: &str, lost: bool) {
         if !self.cfg.enabled {
             return;
         }
-        let homed = self
-            .store
-            .lock()
-            .unwrap()
-            .sessions
-            .values()
-            .any(|r| r.home.as_deref() == Some(broker) && !r.subscriptions.is_empty());
-        if !homed {
+        let store = self.store.lock().unwrap();
+        let relevant = if lost {
+            store.sessions.values().any(|r| r.home.as_deref() == Some(broker) && !r.subscriptions.is_empty())
+        } else {
+            store.sessions.values().any(|r| r.stale_copies.iter().any(|b| b == broker))
+                || store.orphans.iter().any(|o| o.broker == broker)
+        };
+        drop(store);
+        if !relevant {
             return;
         }
         let mut held = self.held.lock().unwrap();
+        self.hold_gen.fetch_add(1, Ordering::SeqCst);
         if held.is_none() {
-            if let Ok(g) = self.barrier.clone().try_write_owned() {
-                *held = Some((g, Instant::now()));
-            }
+            *held = self.barrier.clone().try_write_owned().ok();
         }
         drop(held);
         self.wake.notify_one();
     }
 
-    fn release_new_sessions(&self) {
-        self.held.lock().unwrap().take();
+    /// Ends the hold, unless another began after `gen` was read.
+    fn release_new_sessions(&self, gen: u64) {
+        let mut held = self.held.lock().unwrap();
+        if self.hold_gen.load(Ordering::SeqCst) == gen {
+            held.take();
+        }
     }
 
-    /// Where a new client session waits while a migration holds new sessions.
+    fn holding(&self) -> bool {
+        self.held.lock().unwrap().is_some()
+    }
+
+    /// Where a new client session waits while a hold is on.
     pub async fn pass_barrier(&self) {
         let _ = tokio::time::timeout(OP_LIMIT, self.barrier.read()).await;
     }
@@ -184,9 +206,19 @@ impl Durable {
         Turn { guard: Some(guard), mutex: m, client_id: client_id.to_string(), locks: self.locks.clone() }
     }
 
+    /// The turn, for background work: gives up after `OP_LIMIT`, so one stuck client cannot
+    /// stall the work on every other session.
+    async fn try_lock(&self, client_id: &str) -> Option<Turn> {
+        tokio::time::timeout(OP_LIMIT, self.lock(client_id)).await.ok()
+    }
+
     fn changed(&self) {
         self.dirty.store(true, Ordering::Relaxed);
         self.wake.notify_one();
+    }
+
+    pub fn has_record(&self, client_id: &str) -> bool {
+        self.store.lock().unwrap().sessions.contains_key(client_id)
     }
 
     pub fn placement(&self, client_id: &str) -> Option<Placement> {
@@ -229,25 +261,28 @@ impl Durable {
         self.store.lock().unwrap().sessions.len()
     }
 
-    /// A client's CONNECT arrived. A clean CONNECT ends the old session on the broker, so its
-    /// record goes too (5: a clean start that stays persistent begins a new, empty record).
-    pub fn on_connect(&self, client_id: &str, clean: bool, persistent: bool) {
-        if !self.cfg.enabled || !clean {
+    /// `broker` accepted a CONNECT of a client id meshgate has a record of (or a persistent
+    /// one). A session that is not persistent any more ends the record: its copies elsewhere
+    /// become orphans to wipe. A clean start of a persistent session empties it.
+    pub fn on_connect(&self, client_id: &str, clean: bool, persistent: bool, broker: &str) {
+        if !self.cfg.enabled {
             return;
         }
         let mut store = self.store.lock().unwrap();
         if !persistent {
-            if store.sessions.remove(client_id).is_some() {
+            if store.remove(client_id, Some(broker), self.cfg.max_sessions).is_some() {
                 drop(store);
                 self.connects.lock().unwrap().remove(client_id);
                 self.changed();
             }
-        } else if let Some(r) = store.sessions.get_mut(client_id) {
-            r.subscriptions.clear();
-            r.incomplete = false;
-            r.standby_stale = true;
-            drop(store);
-            self.changed();
+        } else if clean {
+            if let Some(r) = store.sessions.get_mut(client_id) {
+                r.subscriptions.clear();
+                r.incomplete = false;
+                r.generation += 1;
+                drop(store);
+                self.changed();
+            }
         }
     }
 
@@ -284,12 +319,15 @@ impl Durable {
         rec.version = connect.version;
         rec.username = connect.username.clone();
         rec.expiry_secs = expiry;
-        rec.home = Some(broker.to_string());
         rec.connected = true;
         rec.last_seen_ms = now;
+        // Where the client is now is its session, whatever copy was there before.
+        rec.stale_copies.retain(|b| b != broker);
         if rec.standby.as_deref() == Some(broker) {
-            // Its standby copy is now its home: a new standby is made elsewhere.
             rec.standby = None;
+        }
+        if let Some(old) = rec.home.replace(broker.to_string()) {
+            rec.mark_stale(&old);
         }
         let gone = store.put(&connect.client_id, rec, self.cfg.max_sessions);
         metrics.durable_sessions.set(store.sessions.len() as i64);
@@ -302,6 +340,13 @@ impl Durable {
         connects.insert(connect.client_id.clone(), packet.to_vec());
         drop(connects);
         self.changed();
+    }
+
+    /// A connection of this persistent client id is registered (and so counts as connected).
+    pub fn on_registered(&self, client_id: &str) {
+        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+            r.connected = true;
+        }
     }
 
     /// The last connection of a persistent client id through meshgate ended.
@@ -328,7 +373,7 @@ impl Durable {
             }
             r.subscriptions.insert(f, s);
         }
-        r.standby_stale = true;
+        r.generation += 1;
         drop(store);
         self.changed();
     }
@@ -339,14 +384,16 @@ impl Durable {
         for f in filters {
             r.subscriptions.remove(f);
         }
-        r.standby_stale = true;
+        r.generation += 1;
         drop(store);
         self.changed();
     }
 
-    /// The client ended its session (MQTT 5 DISCONNECT with session expiry 0).
-    fn forget(&self, client_id: &str) {
-        if self.store.lock().unwrap().sessions.remove(client_id).is_some() {
+    /// The client ended its session (MQTT 5 DISCONNECT with session expiry 0) on `broker`,
+    /// which ends it there; copies elsewhere become orphans.
+    fn forget(&self, client_id: &str, broker: &str) {
+        let removed = self.store.lock().unwrap().remove(client_id, Some(broker), self.cfg.max_sessions).is_some();
+        if removed {
             self.connects.lock().unwrap().remove(client_id);
             self.changed();
         }
@@ -370,45 +417,83 @@ impl Durable {
         }
     }
 
-    /// The session's home and standby as the record has them, and what meshgate needs to
-    /// connect on the client's behalf.
+    /// Forgets expired sessions (and what meshgate held for them); returns how many.
+    fn expire(&self) -> usize {
+        let mut store = self.store.lock().unwrap();
+        let n = store.expire(now_ms());
+        if n > 0 {
+            self.connects.lock().unwrap().retain(|id, _| store.sessions.contains_key(id));
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        // Turns whose waiter gave up (a cancelled `lock`) leave an entry nobody holds.
+        self.locks.lock().unwrap().retain(|_, m| Arc::strong_count(m) > 1);
+        n
+    }
+
     /// Only the records `pick` accepts are copied: with many sessions, a pass that finds
     /// nothing to do costs a walk over the map and no allocation.
-    fn select(&self, pick: impl Fn(&str, &Record) -> bool) -> Vec<(String, Record, Option<Vec<u8>>)> {
+    fn select(&self, pick: impl Fn(&str, &Record) -> bool) -> Vec<(String, Record)> {
         let store = self.store.lock().unwrap();
-        let connects = self.connects.lock().unwrap();
-        store
-            .sessions
-            .iter()
-            .filter(|(id, r)| pick(id, r))
-            .map(|(id, r)| (id.clone(), r.clone(), connects.get(id).cloned()))
-            .collect()
+        store.sessions.iter().filter(|(id, r)| pick(id, r)).map(|(id, r)| (id.clone(), r.clone())).collect()
     }
 
-    fn holding(&self) -> bool {
-        self.held.lock().unwrap().is_some()
+    fn orphans(&self, pick: impl Fn(&Orphan) -> bool) -> Vec<Orphan> {
+        self.store.lock().unwrap().orphans.iter().filter(|o| pick(o)).cloned().collect()
     }
 
+    fn record(&self, client_id: &str) -> Option<Record> {
+        self.store.lock().unwrap().sessions.get(client_id).cloned()
+    }
+
+    /// The client's own last CONNECT, if meshgate has seen one since it started.
+    fn own_connect(&self, client_id: &str) -> Option<Vec<u8>> {
+        self.connects.lock().unwrap().get(client_id).cloned()
+    }
+
+    /// The session was recreated on `home` (migration, or a standby copy taking over).
     fn set_home(&self, client_id: &str, home: &str) {
         if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
-            r.home = Some(home.to_string());
+            r.stale_copies.retain(|b| b != home);
             if r.standby.as_deref() == Some(home) {
                 r.standby = None;
+            }
+            if let Some(old) = r.home.replace(home.to_string()) {
+                r.mark_stale(&old);
             }
         }
         self.changed();
     }
 
-    fn set_standby(&self, client_id: &str, standby: Option<&str>) {
+    /// A standby copy made on `standby` from the subscriptions of `generation`.
+    fn set_standby(&self, client_id: &str, standby: &str, generation: u64) {
         if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
-            r.standby = standby.map(str::to_string);
-            r.standby_stale = false;
+            r.stale_copies.retain(|b| b != standby);
+            if let Some(old) = r.standby.replace(standby.to_string()) {
+                r.mark_stale(&old);
+            }
+            r.standby_generation = generation;
         }
         self.changed();
     }
 
-    fn record(&self, client_id: &str) -> Option<Record> {
-        self.store.lock().unwrap().sessions.get(client_id).cloned()
+    /// The standby copy is not what it should be (its broker lost it): make it again.
+    fn standby_lost(&self, client_id: &str) {
+        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+            r.standby_generation = u64::MAX;
+        }
+        self.changed();
+    }
+
+    fn copy_wiped(&self, client_id: &str, broker: &str) {
+        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+            r.stale_copies.retain(|b| b != broker);
+        }
+        self.changed();
+    }
+
+    fn orphan_done(&self, orphan: &Orphan) {
+        self.store.lock().unwrap().orphans.retain(|o| o != orphan);
+        self.changed();
     }
 }
 
@@ -418,9 +503,12 @@ pub struct Tap {
     durable: Arc<Durable>,
     client_id: String,
     version: u8,
+    /// The broker the session is connected to.
+    broker: String,
     up: Capture,
     down: Capture,
     pending: HashMap<u16, Pending>,
+    pending_bytes: usize,
 }
 
 enum Pending {
@@ -428,19 +516,22 @@ enum Pending {
     Unsubscribe(Vec<String>),
 }
 
-/// Client-side requests awaiting an answer, at most; a client that never reads its SUBACKs
-/// cannot grow this.
-const MAX_PENDING: usize = 1024;
+/// Client-side requests awaiting an answer, at most, and their size: a client that never
+/// reads its SUBACKs cannot grow this; what does not fit makes the record incomplete.
+const MAX_PENDING: usize = 256;
+const MAX_PENDING_BYTES: usize = 1 << 20;
 
 impl Tap {
-    pub fn new(durable: Arc<Durable>, client_id: String, version: u8) -> Tap {
+    pub fn new(durable: Arc<Durable>, client_id: String, version: u8, broker: String) -> Tap {
         Tap {
             durable,
             client_id,
             version,
+            broker,
             up: Capture::new(CAPTURE_LIMIT),
             down: Capture::new(CAPTURE_LIMIT),
             pending: HashMap::new(),
+            pending_bytes: 0,
         }
     }
 
@@ -453,7 +544,7 @@ impl Tap {
         data: &[u8],
         packets: &mut u64,
     ) -> Result<(), FrameError> {
-        let Tap { durable, client_id, version, up, down, pending } = self;
+        let Tap { durable, client_id, version, broker, up, down, pending, pending_bytes } = self;
         let version = *version;
         if from_client {
             scanner.feed_capture(
@@ -469,13 +560,15 @@ impl Tap {
                     };
                     if h.kind() == kind::DISCONNECT {
                         if disconnect_expiry(body) == Some(0) {
-                            durable.forget(client_id);
+                            durable.forget(client_id, broker);
                         }
                         return;
                     }
-                    if pending.len() >= MAX_PENDING {
+                    if pending.len() >= MAX_PENDING || *pending_bytes + body.len() > MAX_PENDING_BYTES {
+                        durable.mark_incomplete(client_id);
                         return;
                     }
+                    *pending_bytes += body.len();
                     if h.kind() == kind::SUBSCRIBE {
                         if let Some(s) = parse_subscribe(version, body) {
                             let subs = s
@@ -498,7 +591,11 @@ impl Tap {
                 |_| *packets += 1,
                 |_h: Header, body| {
                     let Some(ack) = body.and_then(|b| parse_ack(version, b)) else { return };
-                    match pending.remove(&ack.packet_id) {
+                    let answered = pending.remove(&ack.packet_id);
+                    if answered.is_some() && pending.is_empty() {
+                        *pending_bytes = 0;
+                    }
+                    match answered {
                         Some(Pending::Subscribe(subs)) => {
                             let ok = subs
                                 .into_iter()
@@ -531,264 +628,6 @@ impl Tap {
 /// so the lock is never contended (a `RefCell` would make the session future not `Send`).
 pub type SharedTap = Mutex<Tap>;
 
-/// Keeps the record on disk, migrates sessions off brokers that became unavailable, and
-/// keeps standby copies current. Runs until `stop`.
-pub async fn maintain(pool: Arc<Pool>, stop: CancellationToken) {
-    if !pool.durable.enabled() {
-        return;
-    }
-    // Standby work (copies, trims) runs beside migration, so a long trim pass never delays
-    // moving sessions off a failed broker.
-    tokio::join!(migrate_loop(pool.clone(), stop.clone()), standby_loop(pool.clone(), stop.clone()));
-}
-
-async fn standby_loop(pool: Arc<Pool>, stop: CancellationToken) {
-    if !pool.durable.cfg.standby {
-        return;
-    }
-    loop {
-        standby_all(&pool).await;
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-        }
-    }
-}
-
-async fn migrate_loop(pool: Arc<Pool>, stop: CancellationToken) {
-    let durable = pool.durable.clone();
-    // A pass at most every 200 ms however often sessions change, except when a failure holds
-    // new sessions: then at once.
-    const PACE: Duration = Duration::from_millis(200);
-    loop {
-        let pass = Instant::now();
-        durable.save_if_dirty();
-        let expired = durable.store.lock().unwrap().expire(now_ms());
-        if expired > 0 {
-            debug!(expired, "persistent sessions expired");
-            durable.dirty.store(true, Ordering::Relaxed);
-            let store = durable.store.lock().unwrap();
-            durable.connects.lock().unwrap().retain(|id, _| store.sessions.contains_key(id));
-        }
-        pool.metrics.durable_sessions.set(durable.count() as i64);
-        migrate_all(&pool).await;
-        durable.release_new_sessions();
-        tokio::select! {
-            _ = stop.cancelled() => {
-                durable.save_if_dirty();
-                return;
-            }
-            _ = durable.wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        let rest = PACE.saturating_sub(pass.elapsed());
-        if !durable.holding() && !rest.is_zero() {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(rest) => {}
-                _ = wait_for_hold(&durable) => {}
-            }
-        }
-    }
-}
-
-/// Resolves when a failure starts holding new sessions.
-async fn wait_for_hold(durable: &Durable) {
-    loop {
-        durable.wake.notified().await;
-        if durable.holding() {
-            return;
-        }
-    }
-}
-
-/// The broker a new client would get now.
-fn taker(pool: &Pool) -> Option<Arc<Broker>> {
-    pool.current_broker()
-}
-
-fn available(pool: &Pool, name: &str) -> bool {
-    pool.broker(name).is_some_and(|b| b.available(tokio::time::Instant::now()))
-}
-
-async fn migrate_all(pool: &Arc<Pool>) {
-    let durable = &pool.durable;
-    let Some(target) = taker(pool) else { return };
-    let now = tokio::time::Instant::now();
-    let lost: Vec<String> = pool.brokers().iter().filter(|b| !b.available(now)).map(|b| b.name.clone()).collect();
-    if lost.is_empty() {
-        return;
-    }
-    // A session without subscriptions queues nothing: there is nothing to move.
-    let candidates = durable.select(|_, r| {
-        !r.subscriptions.is_empty() && r.home.as_ref().is_some_and(|h| *h != target.name && lost.contains(h))
-    });
-    if candidates.is_empty() {
-        return;
-    }
-    // A client still connected to an unavailable broker is being closed; one connected to an
-    // available broker has its session there.
-    let live: HashMap<String, String> = pool
-        .sessions()
-        .iter()
-        .filter(|s| !s.is_closing())
-        .map(|s| (s.info.client_id.clone(), s.broker.name.clone()))
-        .collect();
-    let work: Vec<_> =
-        candidates.into_iter().filter(|(id, _, _)| live.get(id).is_none_or(|b| lost.contains(b))).collect();
-    if work.is_empty() {
-        return;
-    }
-    let started = std::time::Instant::now();
-    let n = work.len();
-    let results = for_each_limited(work, |(id, _, _)| {
-        let pool = pool.clone();
-        let target = target.clone();
-        async move { migrate_one(&pool, &id, &target).await }
-    })
-    .await;
-    let ok = results.iter().filter(|r| **r).count();
-    info!(
-        sessions = n,
-        migrated = ok,
-        to = %target.name,
-        took_ms = started.elapsed().as_millis() as u64,
-        "persistent sessions migrated off an unavailable broker"
-    );
-    pool.events.push(
-        "session_migration",
-        Some(&target.name),
-        format!("{ok} of {n} persistent session(s) recreated on {}", target.name),
-    );
-}
-
-async fn migrate_one(pool: &Pool, client_id: &str, target: &Broker) -> bool {
-    let durable = &pool.durable;
-    let _turn = durable.lock(client_id).await;
-    // Checked again in our turn: the client may have reconnected meanwhile (and its setup
-    // restored the session where it landed).
-    let Some(rec) = durable.record(client_id) else { return false };
-    if rec.home.as_deref().is_none_or(|h| h == target.name || available(pool, h)) {
-        return false;
-    }
-    if rec.standby.as_deref() == Some(target.name.as_str()) && !rec.standby_stale {
-        // The standby copy is current and has queued everything since it was made: it
-        // becomes the home as it is (connecting to it would only take its queue).
-        durable.set_home(client_id, &target.name);
-        pool.metrics.durable_ops.with_label_values(&["migrate", "standby"]).inc();
-        return true;
-    }
-    let own = durable.connects.lock().unwrap().get(client_id).cloned();
-    let connect =
-        remote::session_connect(own.as_deref(), rec.version, client_id, rec.username.as_deref(), rec.expiry_secs);
-    let subs: Vec<_> = rec.subscriptions.into_iter().collect();
-    match remote::create_session(pool, target, &connect, rec.version, &subs, OP_LIMIT).await {
-        Ok(_) => {
-            durable.set_home(client_id, &target.name);
-            pool.metrics.durable_ops.with_label_values(&["migrate", "ok"]).inc();
-            true
-        }
-        Err(e) => {
-            warn!(client_id, broker = %target.name, "session migration failed: {e}");
-            pool.metrics.durable_ops.with_label_values(&["migrate", "error"]).inc();
-            false
-        }
-    }
-}
-
-/// The broker that would take a session's client if its home failed now: the best
-/// available broker other than `home`, in priority order.
-fn standby_for(pool: &Pool, home: &str) -> Option<Arc<Broker>> {
-    let now = tokio::time::Instant::now();
-    let brokers = pool.brokers();
-    brokers.iter().filter(|b| b.name != home && b.available(now)).min_by_key(|b| b.priority()).cloned()
-}
-
-async fn standby_all(pool: &Arc<Pool>) {
-    let durable = &pool.durable;
-    let trim_due = {
-        let mut last = durable.last_trim.lock().unwrap();
-        let due = last.is_none_or(|t| t.elapsed() >= durable.cfg.standby_trim);
-        if due {
-            *last = Some(Instant::now());
-        }
-        due
-    };
-    // Where each home's standby belongs now, worked out once per pass.
-    let want_for: HashMap<String, Arc<Broker>> =
-        pool.brokers().iter().filter_map(|b| Some((b.name.clone(), standby_for(pool, &b.name)?))).collect();
-    let needs = |r: &Record| -> Option<(Arc<Broker>, bool)> {
-        let want = want_for.get(r.home.as_deref()?)?;
-        if r.subscriptions.is_empty() {
-            return None;
-        }
-        let make = r.standby.as_deref() != Some(want.name.as_str()) || r.standby_stale;
-        let trim = !make && trim_due && r.connected;
-        (make || trim).then(|| (want.clone(), make))
-    };
-    let work: Vec<_> = durable
-        .select(|_, r| needs(r).is_some())
-        .into_iter()
-        .filter_map(|(id, r, own)| {
-            let (want, make) = needs(&r)?;
-            Some((id, r, own, want, make))
-        })
-        .collect();
-    if work.is_empty() {
-        return;
-    }
-    for_each_limited(work, |(id, r, own, want, make)| {
-        let pool = pool.clone();
-        async move {
-            let durable = &pool.durable;
-            let _turn = durable.lock(&id).await;
-            // The client's own connection must never be on the broker meshgate connects to.
-            let current = durable.record(&id);
-            if current.as_ref().and_then(|c| c.home.as_deref()) == Some(want.name.as_str()) {
-                return false;
-            }
-            let connect = remote::session_connect(own.as_deref(), r.version, &id, r.username.as_deref(), r.expiry_secs);
-            if make {
-                let subs: Vec<_> = r.subscriptions.into_iter().collect();
-                match remote::create_session(&pool, &want, &connect, r.version, &subs, OP_LIMIT).await {
-                    Ok(_) => {
-                        durable.set_standby(&id, Some(&want.name));
-                        pool.metrics.durable_ops.with_label_values(&["standby", "ok"]).inc();
-                        true
-                    }
-                    Err(e) => {
-                        warn!(client_id = %id, broker = %want.name, "standby copy failed: {e}");
-                        pool.metrics.durable_ops.with_label_values(&["standby", "error"]).inc();
-                        false
-                    }
-                }
-            } else {
-                match remote::trim(&pool, &want, &connect, r.version, Duration::from_millis(50), OP_LIMIT).await {
-                    Ok(n) => {
-                        pool.metrics.standby_trimmed.inc_by(n);
-                        true
-                    }
-                    Err(e) => {
-                        debug!(client_id = %id, broker = %want.name, "standby trim failed: {e}");
-                        false
-                    }
-                }
-            }
-        }
-    })
-    .await;
-}
-
-/// Runs `f` over `items`, at most `PARALLEL` at once.
-async fn for_each_limited<T, F, Fut>(items: Vec<T>, f: F) -> Vec<bool>
-where
-    F: Fn(T) -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    use futures_util::stream::{self, StreamExt};
-    stream::iter(items.into_iter().map(f)).buffer_unordered(PARALLEL).collect().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,7 +648,7 @@ mod tests {
         let d = durable();
         let m = crate::metrics::Metrics::new();
         d.on_established(&connect(4, "c"), &[], "b1", &m);
-        let mut tap = Tap::new(d.clone(), "c".into(), 4);
+        let mut tap = Tap::new(d.clone(), "c".into(), 4, "b1".into());
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         // Split mid-packet: the capture spans reads.
@@ -832,7 +671,7 @@ mod tests {
         let d = durable();
         let m = crate::metrics::Metrics::new();
         d.on_established(&connect(5, "v5"), &[], "b1", &m);
-        let mut tap = Tap::new(d.clone(), "v5".into(), 5);
+        let mut tap = Tap::new(d.clone(), "v5".into(), 5, "b1".into());
         let mut up = FrameScanner::new(1 << 20);
         let mut n = 0;
         // DISCONNECT reason 0, session expiry 0.
@@ -840,7 +679,8 @@ mod tests {
         assert!(d.placement("v5").is_none());
 
         d.on_established(&connect(4, "c4"), &[], "b1", &m);
-        d.on_connect("c4", true, false);
+        d.on_connect("c4", true, false, "b1");
         assert!(d.placement("c4").is_none(), "a clean 3.1.1 CONNECT ends the old session");
+        assert!(d.store.lock().unwrap().orphans.is_empty(), "its only copy was on b1, where it connected clean");
     }
 }

@@ -11,7 +11,7 @@ use tokio::time::{timeout_at, Instant};
 
 use super::store::Sub;
 use crate::mqtt::subscribe::{encode_subscribe, granted, parse_ack};
-use crate::mqtt::{decode_length, encode_length, kind, Length};
+use crate::mqtt::{decode_length, encode_length, kind, Length, Reader};
 use crate::pool::{Broker, Pool};
 use crate::proxy::conn::Conn;
 use crate::proxy::forward::write_all;
@@ -63,11 +63,12 @@ impl<'a> Packets<'a> {
 
 /// The options a restore subscribes with: the client's own, but in MQTT 5 without retained
 /// messages on subscribe (Retain Handling 2), because for the client the subscription never
-/// went away.
+/// went away. In 3.x only the QoS bits exist (a record made while the client spoke 5 may
+/// carry more).
 fn restore_options(version: u8, options: u8) -> u8 {
     match version {
         5 => (options & !0x30) | 0x20,
-        _ => options,
+        _ => options & 3,
     }
 }
 
@@ -123,7 +124,7 @@ pub fn session_connect(
     username: Option<&str>,
     expiry_secs: u64,
 ) -> Vec<u8> {
-    if let Some(p) = own.and_then(|p| set_clean(p, false)) {
+    if let Some(p) = own.and_then(without_will).and_then(|p| set_clean(&p, false)) {
         return p;
     }
     let mut b = Vec::with_capacity(32 + client_id.len());
@@ -147,6 +148,55 @@ pub fn session_connect(
     encode_length(b.len(), &mut out);
     out.extend_from_slice(&b);
     out
+}
+
+/// The CONNECT of a connection that ends the session: clean, and in MQTT 5 with a session
+/// expiry of 0 (the client's own CONNECT carries its expiry, so 5 uses a built one, which has
+/// no password).
+pub fn wipe_connect(own: Option<&[u8]>, version: u8, client_id: &str, username: Option<&str>) -> Vec<u8> {
+    let keep = match version {
+        5 => session_connect(None, version, client_id, username, 0),
+        _ => session_connect(own, version, client_id, username, 0),
+    };
+    set_clean(&keep, true).unwrap_or(keep)
+}
+
+/// The client's CONNECT without its will (flags and fields): meshgate's own connections must
+/// never make a broker publish the will of a client that is alive. `None` when it does not
+/// parse.
+fn without_will(packet: &[u8]) -> Option<Vec<u8>> {
+    let Length::Done(_, n) = decode_length(packet.get(1..)?) else { return None };
+    let body = packet.get(1 + n..)?;
+    let mut r = Reader::new(body);
+    r.binary()?; // protocol name
+    let level = r.u8()?;
+    let flags = r.u8()?;
+    r.u16()?; // keepalive
+    let flags_at = r.position() - 3;
+    if level == 5 {
+        let len = r.varint()? as usize;
+        r.take(len)?;
+    }
+    r.binary()?; // client id
+    if flags & 0x04 == 0 {
+        return Some(packet.to_vec());
+    }
+    let id_end = r.position();
+    if level == 5 {
+        let len = r.varint()? as usize;
+        r.take(len)?;
+    }
+    r.binary()?; // will topic
+    r.binary()?; // will payload
+    let will_end = r.position();
+    let mut b = Vec::with_capacity(body.len());
+    b.extend_from_slice(&body[..id_end]);
+    b[flags_at] &= !(0x04 | 0x18 | 0x20);
+    b.extend_from_slice(&body[will_end..]);
+    let mut out = vec![0x10];
+    encode_length(b.len(), &mut out);
+    out.extend_from_slice(&b);
+    Some(out)
 }
 
 /// A CONNECT with the clean session / clean start flag set or cleared; `None` when it does not
@@ -232,9 +282,9 @@ pub async fn trim(
     version: u8,
     quiet: Duration,
     limit: Duration,
-) -> Result<u64, String> {
+) -> Result<(u64, bool), String> {
     let deadline = Instant::now() + limit;
-    let (mut conn, _present, rest) = timeout_at(deadline, open(pool, broker, connect, version))
+    let (mut conn, present, rest) = timeout_at(deadline, open(pool, broker, connect, version))
         .await
         .map_err(|_| "no CONNACK in time".to_string())??;
     let mut taken = 0u64;
@@ -270,11 +320,27 @@ pub async fn trim(
         }
         if !replies.is_empty() {
             let data = std::mem::take(&mut replies);
-            write_all(packets.conn, &data).await.map_err(|e| e.to_string())?;
+            timeout_at(deadline, write_all(packets.conn, &data))
+                .await
+                .map_err(|_| "write timed out".to_string())?
+                .map_err(|e| e.to_string())?;
         }
     }
     let _ = timeout_at(deadline, write_all(&mut conn, &[0xe0, 0x00])).await;
-    Ok(taken)
+    Ok((taken, present))
+}
+
+/// Ends whatever session of this client id `broker` holds: one clean connection (`connect`
+/// from `wipe_connect`), then DISCONNECT.
+pub async fn wipe(pool: &Pool, broker: &Broker, connect: &[u8], version: u8, limit: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    let (mut conn, _, _) = timeout_at(deadline, open(pool, broker, connect, version))
+        .await
+        .map_err(|_| "no CONNACK in time".to_string())??;
+    timeout_at(deadline, write_all(&mut conn, &[0xe0, 0x00]))
+        .await
+        .map_err(|_| "write timed out".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -289,6 +355,40 @@ mod tests {
         assert!(!parsed.clean);
         assert_eq!(parsed.username.as_deref(), Some("u"));
         assert_eq!(p.len(), own.len());
+    }
+
+    #[test]
+    fn the_will_is_removed_from_the_clients_connect() {
+        for version in [4u8, 5] {
+            // CONNECT with a will "w/t" = "bye" (QoS 1, retained), user "u", password "p".
+            let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', version, 0x80 | 0x40 | 0x20 | 0x08 | 0x04, 0, 30];
+            if version == 5 {
+                body.extend_from_slice(&[5, 0x11, 0, 0, 0x0e, 0x10]); // session expiry 3600
+            }
+            body.extend_from_slice(&[0, 1, b'c']);
+            if version == 5 {
+                body.push(0); // will properties
+            }
+            body.extend_from_slice(&[0, 3, b'w', b'/', b't', 0, 3, b'b', b'y', b'e', 0, 1, b'u', 0, 1, b'p']);
+            let mut pkt = vec![0x10];
+            encode_length(body.len(), &mut pkt);
+            pkt.extend_from_slice(&body);
+            let before = crate::mqtt::connect::parse(&pkt).unwrap();
+            assert!(before.will);
+            let after = crate::mqtt::connect::parse(&session_connect(Some(&pkt), version, "c", None, 0)).unwrap();
+            assert!(!after.will && !after.clean, "{after:?}");
+            assert_eq!((after.client_id.as_str(), after.username.as_deref()), ("c", Some("u")));
+            assert_eq!(after.session_expiry, before.session_expiry);
+        }
+    }
+
+    #[test]
+    fn wiping_connects_clean_and_in_mqtt5_with_no_expiry() {
+        let own = crate::mqtt::encode::connect(4, "c", false, 30, Some("u"), Some("p"));
+        let w = crate::mqtt::connect::parse(&wipe_connect(Some(&own), 4, "c", Some("u"))).unwrap();
+        assert!(w.clean && !w.persistent());
+        let w5 = crate::mqtt::connect::parse(&wipe_connect(None, 5, "c", None)).unwrap();
+        assert!(w5.clean && !w5.persistent(), "{w5:?}");
     }
 
     #[test]
@@ -316,5 +416,6 @@ mod tests {
         assert_eq!(restore_options(5, 0x01), 0x21);
         assert_eq!(restore_options(5, 0x1d), 0x2d);
         assert_eq!(restore_options(4, 0x01), 0x01);
+        assert_eq!(restore_options(4, 0x25), 0x01, "5-only bits never reach a 3.1.1 broker");
     }
 }

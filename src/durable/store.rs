@@ -30,9 +30,16 @@ pub struct Record {
     /// The broker that holds an offline copy (`sessions.standby`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<String>,
-    /// Subscriptions changed since the standby copy was made.
+    /// Counts changes of `subscriptions`; a standby copy made from an older count is stale.
     #[serde(default)]
-    pub standby_stale: bool,
+    pub generation: u64,
+    /// The `generation` the standby copy was made from.
+    #[serde(default)]
+    pub standby_generation: u64,
+    /// Brokers that may still hold an outdated copy of this session (a former home or
+    /// standby); wiped when they are available, before they take new sessions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale_copies: Vec<String>,
     /// Seconds the session outlives its client's disconnect.
     pub expiry_secs: u64,
     /// A client connection with this id is open through meshgate.
@@ -55,7 +62,9 @@ impl Record {
             subscriptions: BTreeMap::new(),
             home: None,
             standby: None,
-            standby_stale: false,
+            generation: 0,
+            standby_generation: 0,
+            stale_copies: Vec::new(),
             expiry_secs,
             connected: false,
             last_seen_ms: now_ms,
@@ -67,11 +76,52 @@ impl Record {
     pub fn expired(&self, now_ms: u64) -> bool {
         !self.connected && now_ms.saturating_sub(self.last_seen_ms) >= self.expiry_secs.saturating_mul(1000)
     }
+
+    /// The standby copy lacks a change of the subscriptions.
+    pub fn standby_stale(&self) -> bool {
+        self.standby_generation != self.generation
+    }
+
+    /// `broker` may hold an outdated copy (unless it is where the session lives or is mirrored).
+    pub fn mark_stale(&mut self, broker: &str) {
+        if self.home.as_deref() != Some(broker)
+            && self.standby.as_deref() != Some(broker)
+            && !self.stale_copies.iter().any(|b| b == broker)
+        {
+            self.stale_copies.push(broker.to_string());
+        }
+    }
+
+    /// Every broker that holds some copy of this session: where it lives, its standby and
+    /// outdated copies.
+    pub fn copies(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.home.iter().chain(self.standby.iter()).cloned().collect();
+        for b in &self.stale_copies {
+            if !v.contains(b) {
+                v.push(b.clone());
+            }
+        }
+        v
+    }
+}
+
+/// A copy of a session that no longer exists for meshgate (ended or evicted), left on a
+/// broker: removed when the broker is available, so it neither queues nor answers
+/// "session present" later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Orphan {
+    pub client_id: String,
+    pub broker: String,
+    pub version: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Store {
     pub sessions: HashMap<String, Record>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphans: Vec<Orphan>,
 }
 
 impl Store {
@@ -83,7 +133,7 @@ impl Store {
             let victim =
                 self.sessions.iter().min_by_key(|(_, r)| (r.connected, r.last_seen_ms)).map(|(k, _)| k.clone());
             if let Some(v) = victim {
-                self.sessions.remove(&v);
+                self.remove(&v, None, max);
                 dropped = Some(v);
             }
         }
@@ -91,7 +141,31 @@ impl Store {
         dropped
     }
 
-    /// Forgets expired sessions; returns how many.
+    /// Forgets a session; its copies on brokers other than `except` (where the client has just
+    /// connected clean) become orphans to remove. At most `max` orphans are kept, the oldest
+    /// giving way.
+    pub fn remove(&mut self, client_id: &str, except: Option<&str>, max: usize) -> Option<Record> {
+        let rec = self.sessions.remove(client_id)?;
+        for b in rec.copies() {
+            if except != Some(b.as_str()) && !self.orphans.iter().any(|o| o.client_id == client_id && o.broker == b) {
+                self.orphans.push(Orphan {
+                    client_id: client_id.to_string(),
+                    broker: b,
+                    version: rec.version,
+                    username: rec.username.clone(),
+                });
+            }
+        }
+        if self.orphans.len() > max {
+            let extra = self.orphans.len() - max;
+            self.orphans.drain(..extra);
+        }
+        Some(rec)
+    }
+
+    /// Forgets expired sessions; returns how many. A session that expired on meshgate's clock
+    /// has expired on its brokers too (they count from the same disconnect), so its copies are
+    /// not orphans.
     pub fn expire(&mut self, now_ms: u64) -> usize {
         let before = self.sessions.len();
         self.sessions.retain(|_, r| !r.expired(now_ms));
@@ -133,6 +207,21 @@ mod tests {
         assert!(s.sessions.contains_key("a") && s.sessions.contains_key("c"));
         // Replacing an existing id never evicts.
         assert_eq!(s.put("c", Record::new(4, None, 60, 400), 2), None);
+    }
+
+    #[test]
+    fn a_forgotten_session_leaves_its_other_copies_as_orphans() {
+        let mut s = Store::default();
+        let mut r = Record::new(4, None, 60, 0);
+        r.home = Some("b1".into());
+        r.standby = Some("b2".into());
+        r.mark_stale("b3");
+        r.mark_stale("b1"); // the home is never stale
+        assert_eq!(r.copies(), vec!["b1", "b2", "b3"]);
+        s.put("c", r, 10);
+        s.remove("c", Some("b1"), 10);
+        let orphans: Vec<&str> = s.orphans.iter().map(|o| o.broker.as_str()).collect();
+        assert_eq!(orphans, vec!["b2", "b3"], "b1 is where the client connected clean");
     }
 
     #[test]

@@ -316,9 +316,11 @@ impl Pool {
             // Probes proved the broker healthy again: stale passive failures must not keep it out.
             broker.passive.lock().unwrap().reset();
             self.events.push("state_change", Some(&broker.name), format!("{} is up ({why})", broker.name));
+            // Outdated session copies there are wiped before it takes new sessions.
+            self.durable.hold_new_sessions(&broker.name, false);
         } else {
             self.events.push("state_change", Some(&broker.name), format!("{} is down: {why}", broker.name));
-            self.durable.hold_new_sessions(&broker.name);
+            self.durable.hold_new_sessions(&broker.name, true);
             if self.proxy.load().on_down == crate::config::OnDown::Close {
                 self.close_sessions(&broker.name, "broker_down");
             }
@@ -371,8 +373,11 @@ impl Pool {
             Some(name),
             format!("{name} {what} by admin"),
         );
+        if state == AdminState::Enabled {
+            self.durable.hold_new_sessions(name, false);
+        }
         if state == AdminState::Disabled {
-            self.durable.hold_new_sessions(name);
+            self.durable.hold_new_sessions(name, true);
             self.close_sessions(name, "broker_disabled");
         }
         self.after_change();
@@ -403,6 +408,9 @@ impl Pool {
         }
         sessions.insert(id, s.clone());
         drop(sessions);
+        if s.info.persistent {
+            self.durable.on_registered(&s.info.client_id);
+        }
         Registered { pool: self.clone(), session: s }
     }
 
@@ -426,6 +434,17 @@ impl Pool {
 
     pub fn session_count(&self) -> usize {
         self.sessions.lock().unwrap().len()
+    }
+
+    /// The brokers (by name) where `client_id` has an open session that is not closing.
+    pub fn live_brokers(&self, client_id: &str) -> Vec<String> {
+        self.sessions
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.info.client_id == client_id && !s.is_closing())
+            .map(|s| s.broker.name.clone())
+            .collect()
     }
 
     /// The broker (by name) that holds the open session of `client_id`, if any.

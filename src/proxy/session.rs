@@ -220,10 +220,11 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
     tracing::Span::current().record("client_id", connect.client_id.as_str());
     let persistent = connect.persistent();
     let durable = pool.durable.clone();
-    // A persistent client's setup takes its client id's turn with meshgate's own work on that
-    // session (migration, standby), so the two never meet on one broker.
     durable.pass_barrier().await;
-    let turn = match persistent && durable.enabled() {
+    // The setup of a client id meshgate keeps a session for takes that id's turn with
+    // meshgate's own work on the session (migration, standby, wipes), so the two never meet
+    // on one broker.
+    let turn = match durable.enabled() && (persistent || durable.has_record(&connect.client_id)) {
         true => Some(durable.lock(&connect.client_id).await),
         false => None,
     };
@@ -237,17 +238,38 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
     tracing::Span::current().record("broker", lease.broker().name.as_str());
     pool.metrics.connack_duration.observe(accepted.elapsed().as_secs_f64());
 
-    if ack.code == 0 {
-        // Accepted: a clean CONNECT has now ended the old session on the broker.
-        durable.on_connect(&connect.client_id, connect.clean, persistent);
+    let mut tap = None;
+    if turn.is_some() && ack.code == 0 {
+        let broker = &lease.broker().name;
+        // Accepted: a clean CONNECT has now ended the old session on this broker.
+        durable.on_connect(&connect.client_id, connect.clean, persistent, broker);
+        if persistent {
+            if !ack.session_present
+                && !connect.clean
+                && !restore(pool, &connect, lease.broker(), &mut upstream, &mut after_connack).await
+            {
+                // The broker's side is in an unknown state (SUBACKs may still come): the
+                // client reconnects and gets a clean try.
+                return None;
+            }
+            durable.on_established(&connect, &packet, broker, &pool.metrics);
+            tap = Some(Box::new(std::sync::Mutex::new(crate::durable::Tap::new(
+                durable.clone(),
+                connect.client_id.clone(),
+                connect.version,
+                broker.clone(),
+            ))));
+        }
     }
-    if turn.is_some() && ack.code == 0 && !ack.session_present && !connect.clean {
-        restore(pool, &connect, lease.broker(), &mut upstream, &mut after_connack).await;
-    }
+    // The record says where the session is now; the client may take its time reading.
+    drop(turn);
 
     // The CONNACK and whatever the broker sent right behind it (queued messages of a
     // persistent session) go to the client first; then what the client pipelined.
     if forward::write_all(&mut client, &after_connack).await.is_err() {
+        if tap.is_some() && pool.broker_of(&connect.client_id).is_none() {
+            durable.on_disconnected(&connect.client_id);
+        }
         return None;
     }
     if ack.code != 0 {
@@ -256,14 +278,6 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
         return None;
     }
 
-    let tap = turn.as_ref().map(|_| {
-        durable.on_established(&connect, &packet, &lease.broker().name, &pool.metrics);
-        Box::new(std::sync::Mutex::new(crate::durable::Tap::new(
-            durable.clone(),
-            connect.client_id.clone(),
-            connect.version,
-        )))
-    });
     let info = SessionInfo {
         client_id: connect.client_id,
         username: connect.username,
@@ -275,14 +289,17 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
         connected_at: SystemTime::now(),
     };
     let session = pool.register(lease, info);
-    drop(turn);
     debug!("session established");
     // Both scanners start where the setup left off, so packet boundaries stay in step with
-    // the bytes already sent each way.
+    // the bytes already sent each way; a SUBSCRIBE pipelined behind the CONNECT is recorded.
     let mut scanner = FrameScanner::new(cfg.max_packet_size);
     let mut down_scanner = FrameScanner::new(u32::MAX);
     let (mut n_in, mut n_out) = (0, 0);
-    let primed = scanner.feed(&extra, |_| n_in += 1).and_then(|_| down_scanner.feed(&after_connack, |_| n_out += 1));
+    let primed_up = match &tap {
+        Some(t) => t.lock().unwrap_or_else(|p| p.into_inner()).feed(true, &mut scanner, &extra, &mut n_in),
+        None => scanner.feed(&extra, |_| n_in += 1),
+    };
+    let primed = primed_up.and_then(|_| down_scanner.feed(&after_connack, |_| n_out += 1));
     session.packets_in.fetch_add(n_in, Ordering::Relaxed);
     session.packets_out.fetch_add(n_out, Ordering::Relaxed);
     session.bytes_in.fetch_add(extra.len() as u64, Ordering::Relaxed);
@@ -302,15 +319,21 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
 }
 
 /// A persistent client landed on a broker without its session: subscribes what the record
-/// holds before the client sees its CONNACK, then marks the CONNACK "session present".
-/// Whatever the broker sent meanwhile follows the CONNACK. When the restore fails the client
-/// gets the broker's CONNACK unchanged (session present 0), so it knows to subscribe itself.
-async fn restore(pool: &Pool, connect: &Connect, broker: &Broker, upstream: &mut Conn, after_connack: &mut Vec<u8>) {
+/// holds before the client sees its CONNACK, then marks the CONNACK "session present" (MQTT
+/// 3.1 has no such flag). Whatever the broker sent meanwhile follows the CONNACK. `false`
+/// when the restore failed and the connection must close.
+async fn restore(
+    pool: &Pool,
+    connect: &Connect,
+    broker: &Broker,
+    upstream: &mut Conn,
+    after_connack: &mut Vec<u8>,
+) -> bool {
     let subs = pool.durable.to_restore(&connect.client_id);
     if subs.is_empty() {
-        return;
+        return true;
     }
-    let Ok(Some((_, n))) = connack::parse(after_connack) else { return };
+    let Ok(Some((_, n))) = connack::parse(after_connack) else { return false };
     let rest = after_connack.split_off(n);
     let deadline = Instant::now() + pool.proxy_config().connack_timeout;
     let mut packets = crate::durable::remote::Packets::new(upstream, rest);
@@ -320,15 +343,19 @@ async fn restore(pool: &Pool, connect: &Connect, broker: &Broker, upstream: &mut
         Ok((granted, passed)) => {
             info!(broker = %broker.name, subscriptions = subs.len(), granted, "restored a persistent session's subscriptions");
             pool.metrics.durable_ops.with_label_values(&["restore", "ok"]).inc();
-            connack::set_session_present(after_connack);
+            if connect.version != 3 {
+                connack::set_session_present(after_connack);
+            }
             after_connack.extend_from_slice(&passed);
+            after_connack.extend_from_slice(&leftover);
+            true
         }
         Err(e) => {
-            warn!(broker = %broker.name, "restoring the session's subscriptions failed: {e}");
+            warn!(broker = %broker.name, "restoring the session's subscriptions failed, closing: {e}");
             pool.metrics.durable_ops.with_label_values(&["restore", "error"]).inc();
+            false
         }
     }
-    after_connack.extend_from_slice(&leftover);
 }
 
 /// Reads exactly one CONNECT (plus whatever the client pipelined behind it).
