@@ -113,8 +113,7 @@ pub struct Durable {
     /// (or outdated copies are wiped from one that came back), so nothing a publisher is told
     /// was accepted after the change can reach a broker before the sessions that should queue
     /// it are there.
-    barrier: Arc<tokio::sync::RwLock<()>>,
-    held: Mutex<Option<tokio::sync::OwnedRwLockWriteGuard<()>>>,
+    held: tokio::sync::watch::Sender<bool>,
     /// Counts holds, so a pass that began before a hold does not release it.
     hold_gen: AtomicU64,
 }
@@ -145,8 +144,7 @@ impl Durable {
             dirty: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
             last_trim: Mutex::new(None),
-            barrier: Arc::new(tokio::sync::RwLock::new(())),
-            held: Mutex::new(None),
+            held: tokio::sync::watch::Sender::new(false),
             hold_gen: AtomicU64::new(0),
         }
     }
@@ -173,30 +171,35 @@ impl Durable {
         if !relevant {
             return;
         }
-        let mut held = self.held.lock().unwrap();
         self.hold_gen.fetch_add(1, Ordering::SeqCst);
-        if held.is_none() {
-            *held = self.barrier.clone().try_write_owned().ok();
-        }
-        drop(held);
+        self.held.send_replace(true);
         self.wake.notify_one();
     }
 
     /// Ends the hold, unless another began after `gen` was read.
     fn release_new_sessions(&self, gen: u64) {
-        let mut held = self.held.lock().unwrap();
-        if self.hold_gen.load(Ordering::SeqCst) == gen {
-            held.take();
-        }
+        // The check and the release under one borrow of the channel, so a hold that begins
+        // in between is not lost.
+        self.held.send_if_modified(|held| {
+            let release = *held && self.hold_gen.load(Ordering::SeqCst) == gen;
+            if release {
+                *held = false;
+            }
+            release
+        });
     }
 
     fn holding(&self) -> bool {
-        self.held.lock().unwrap().is_some()
+        *self.held.borrow()
     }
 
     /// Where a new client session waits while a hold is on.
     pub async fn pass_barrier(&self) {
-        let _ = tokio::time::timeout(OP_LIMIT, self.barrier.read()).await;
+        if !*self.held.borrow() {
+            return;
+        }
+        let mut rx = self.held.subscribe();
+        let _ = tokio::time::timeout(OP_LIMIT, rx.wait_for(|held| !*held)).await;
     }
 
     /// Takes this client id's turn (see the module comment).
@@ -217,8 +220,10 @@ impl Durable {
         self.wake.notify_one();
     }
 
-    pub fn has_record(&self, client_id: &str) -> bool {
-        self.store.lock().unwrap().sessions.contains_key(client_id)
+    /// meshgate keeps a session of this client id, or a copy of one to wipe.
+    pub fn knows(&self, client_id: &str) -> bool {
+        let store = self.store.lock().unwrap();
+        store.sessions.contains_key(client_id) || store.orphans.iter().any(|o| o.client_id == client_id)
     }
 
     pub fn placement(&self, client_id: &str) -> Option<Placement> {
@@ -321,6 +326,13 @@ impl Durable {
         rec.expiry_secs = expiry;
         rec.connected = true;
         rec.last_seen_ms = now;
+        // Copies of an earlier, ended session of this id are this session's outdated copies now.
+        let orphans: Vec<String> =
+            store.orphans.iter().filter(|o| o.client_id == connect.client_id).map(|o| o.broker.clone()).collect();
+        store.orphans.retain(|o| o.client_id != connect.client_id);
+        for b in orphans {
+            rec.mark_stale(&b);
+        }
         // Where the client is now is its session, whatever copy was there before.
         rec.stale_copies.retain(|b| b != broker);
         if rec.standby.as_deref() == Some(broker) {
@@ -489,6 +501,11 @@ impl Durable {
             r.stale_copies.retain(|b| b != broker);
         }
         self.changed();
+    }
+
+    fn orphan_listed(&self, orphan: &Orphan) -> bool {
+        let store = self.store.lock().unwrap();
+        store.orphans.contains(orphan) && !store.sessions.contains_key(&orphan.client_id)
     }
 
     fn orphan_done(&self, orphan: &Orphan) {
@@ -664,6 +681,43 @@ mod tests {
         tap.feed(false, &mut down, &[0xb0, 0x02, 0, 6], &mut n).unwrap();
         assert!(d.to_restore("c").is_empty());
         assert_eq!(n, 4, "every packet counted");
+    }
+
+    #[test]
+    fn a_returning_client_takes_over_the_copies_of_its_ended_session() {
+        let d = durable();
+        let m = crate::metrics::Metrics::new();
+        d.on_established(&connect(4, "c"), &[], "b1", &m);
+        // A clean CONNECT through b2 ends the session; its copy on b1 is an orphan ...
+        d.on_connect("c", true, false, "b2");
+        assert_eq!(d.store.lock().unwrap().orphans.len(), 1);
+        assert!(d.knows("c"), "the orphan makes the id's setup take its turn");
+        // ... until the client is persistent again, on b2: then b1 holds an outdated copy of
+        // this session, which a wipe checks against the record.
+        d.on_established(&connect(4, "c"), &[], "b2", &m);
+        let store = d.store.lock().unwrap();
+        assert!(store.orphans.is_empty());
+        assert_eq!(store.sessions["c"].stale_copies, vec!["b1".to_string()]);
+        assert_eq!(store.sessions["c"].home.as_deref(), Some("b2"));
+    }
+
+    #[test]
+    fn holds_end_only_with_the_pass_that_saw_them() {
+        let d = durable();
+        let m = crate::metrics::Metrics::new();
+        d.on_established(&connect(4, "c"), &[], "b1", &m);
+        d.add("c", vec![("a".into(), Sub { options: 1, properties: vec![] })]);
+        let gen = d.hold_gen.load(Ordering::SeqCst);
+        d.hold_new_sessions("b1", true);
+        assert!(d.holding());
+        // A pass that began before the hold does not end it.
+        d.release_new_sessions(gen);
+        assert!(d.holding());
+        d.release_new_sessions(d.hold_gen.load(Ordering::SeqCst));
+        assert!(!d.holding());
+        // Nothing lives on b2: no hold.
+        d.hold_new_sessions("b2", true);
+        assert!(!d.holding());
     }
 
     #[test]

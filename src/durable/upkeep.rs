@@ -185,17 +185,24 @@ async fn wipe_all(pool: &Arc<Pool>) {
             let durable = &pool.durable;
             let Some(_turn) = durable.try_lock(&id).await else { return false };
             let Some(b) = pool.broker(&broker) else { return false };
-            // The client is connected there now: that session is its own, not a copy.
-            let done = if pool.live_brokers(&id).contains(&broker) {
+            // Checked again in our turn: the session may have changed meanwhile.
+            let still = match &orphan {
+                Some(o) => durable.orphan_listed(o),
+                None => durable.record(&id).is_some_and(|r| {
+                    r.stale_copies.contains(&broker)
+                        && r.home.as_deref() != Some(broker.as_str())
+                        && r.standby.as_deref() != Some(broker.as_str())
+                }),
+            };
+            if !still {
+                return false;
+            }
+            let live_there = pool.live_brokers(&id).contains(&broker);
+            let done = if live_there && orphan.is_some() {
+                // The client connected there clean: that ended the old session.
                 true
-            } else if orphan.is_none()
-                && durable.record(&id).is_none_or(|r| {
-                    !r.stale_copies.contains(&broker)
-                        || r.home.as_deref() == Some(broker.as_str())
-                        || r.standby.as_deref() == Some(broker.as_str())
-                })
-            {
-                // Changed meanwhile: no longer a stale copy.
+            } else if live_there {
+                // A connection that is about to be closed (a duplicate): try again later.
                 return false;
             } else {
                 let own = durable.own_connect(&id);

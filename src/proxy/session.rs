@@ -224,7 +224,7 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
     // The setup of a client id meshgate keeps a session for takes that id's turn with
     // meshgate's own work on the session (migration, standby, wipes), so the two never meet
     // on one broker.
-    let turn = match durable.enabled() && (persistent || durable.has_record(&connect.client_id)) {
+    let turn = match durable.enabled() && (persistent || durable.knows(&connect.client_id)) {
         true => Some(durable.lock(&connect.client_id).await),
         false => None,
     };
@@ -261,23 +261,13 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
             ))));
         }
     }
-    // The record says where the session is now; the client may take its time reading.
-    drop(turn);
-
-    // The CONNACK and whatever the broker sent right behind it (queued messages of a
-    // persistent session) go to the client first; then what the client pipelined.
-    if forward::write_all(&mut client, &after_connack).await.is_err() {
-        if tap.is_some() && pool.broker_of(&connect.client_id).is_none() {
-            durable.on_disconnected(&connect.client_id);
-        }
-        return None;
-    }
     if ack.code != 0 {
         // A refusal the client must see; the broker closes its side.
+        drop(turn);
         debug!(code = ack.code, "broker refused the client; passed through");
+        let _ = forward::write_all(&mut client, &after_connack).await;
         return None;
     }
-
     let info = SessionInfo {
         client_id: connect.client_id,
         username: connect.username,
@@ -288,7 +278,17 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
         peer,
         connected_at: SystemTime::now(),
     };
+    // Registered within the turn, so meshgate's own work on this client id sees where it is
+    // connected before the turn passes on; the client may then take its time reading.
     let session = pool.register(lease, info);
+    drop(turn);
+
+    // The CONNACK and whatever the broker sent right behind it (queued messages of a
+    // persistent session) go to the client first; then what the client pipelined. If that
+    // fails, dropping `session` unregisters it.
+    if forward::write_all(&mut client, &after_connack).await.is_err() {
+        return None;
+    }
     debug!("session established");
     // Both scanners start where the setup left off, so packet boundaries stay in step with
     // the bytes already sent each way; a SUBSCRIBE pipelined behind the CONNECT is recorded.
