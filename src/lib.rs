@@ -28,6 +28,7 @@ pub mod pool;
 pub mod proxy;
 pub mod replication;
 pub mod sidecar;
+pub mod statefile;
 pub mod suite;
 
 use std::future::Future;

@@ -170,6 +170,43 @@ impl Publisher {
     }
 }
 
+type Stream = tokio::net::TcpStream;
+
+/// SUBSCRIBE and its SUBACK.
+async fn subscribe(s: &mut Stream, id: u16, filter: &str, qos: u8) {
+    s.write_all(&raw::subscribe_packet(id, filter, qos)).await.unwrap();
+    assert_eq!(raw::read_packet(s, 2 * SECOND).await.unwrap().0, 0x90, "SUBACK for {filter}");
+}
+
+/// UNSUBSCRIBE (3.1.1) and its UNSUBACK.
+async fn unsubscribe(s: &mut Stream, id: u16, filter: &str) {
+    let mut body = id.to_be_bytes().to_vec();
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    s.write_all(&raw::packet(0xa2, &body)).await.unwrap();
+    assert_eq!(raw::read_packet(s, 2 * SECOND).await.unwrap().0, 0xb0, "UNSUBACK for {filter}");
+}
+
+/// A QoS 1 PUBLISH and its PUBACK.
+async fn publish_acked(p: &mut Stream, topic: &str, payload: &[u8], id: u16) {
+    p.write_all(&raw::publish_packet(topic, payload, 1, id, false)).await.unwrap();
+    assert_eq!(raw::read_packet(p, 2 * SECOND).await.unwrap().0, 0x40, "PUBACK");
+}
+
+/// The topics of the messages that arrive until none has for 700 ms, acknowledged.
+async fn topics_until_quiet(s: &mut Stream) -> Vec<String> {
+    let mut topics = Vec::new();
+    while let Ok((first, body)) = raw::read_packet(s, Duration::from_millis(700)).await {
+        if let Some(m) = raw::parse_publish(first, &body) {
+            if let Some(id) = m.packet_id {
+                s.write_all(&raw::puback_packet(id)).await.unwrap();
+            }
+            topics.push(m.topic);
+        }
+    }
+    topics
+}
+
 async fn get_json(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
     let url = format!("http://{addr}{path}");
     let body = blocking(|| {
@@ -310,8 +347,7 @@ async fn offline_subscriber_loses(standby: bool) -> (usize, Vec<bool>) {
     .expect("session recorded (and its standby made)");
     // A watcher directly on broker2 shows when replication has carried the messages there.
     let (mut watch, _) = raw::connect(net.brokers[1].addr, 4, "watch-b2", 2 * SECOND).await.unwrap();
-    watch.write_all(&raw::subscribe_packet(1, "data/#", 0)).await.unwrap();
-    assert_eq!(raw::read_packet(&mut watch, 2 * SECOND).await.unwrap().0, 0x90);
+    subscribe(&mut watch, 1, "data/#", 0).await;
     // 200 messages acknowledged by broker1 while the subscriber is away.
     let (mut p, _) = raw::connect(addr, 4, "pub-offline", 2 * SECOND).await.unwrap();
     for i in 0..200u16 {
@@ -376,8 +412,7 @@ async fn a_broker_that_lost_the_session_gets_its_subscriptions_back_before_the_c
     let addr = mg.mqtt_addr();
     let (mut s, ack) = raw::connect_with(addr, 4, "restore-me", false, None, None, 2 * SECOND).await.unwrap();
     assert!(!ack.session_present);
-    s.write_all(&raw::subscribe_packet(7, "data/#", 1)).await.unwrap();
-    assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0x90);
+    subscribe(&mut s, 7, "data/#", 1).await;
     s.write_all(&raw::disconnect_packet()).await.unwrap();
     drop(s);
     // Mosquitto without persistence forgets every session when it restarts.
@@ -400,7 +435,7 @@ async fn a_broker_that_lost_the_session_gets_its_subscriptions_back_before_the_c
     let m = got.expect("the restored subscription delivers without a SUBSCRIBE from the client");
     assert_eq!((m.topic.as_str(), m.payload.as_slice(), m.qos), (TOPIC, &b"hello"[..], 1));
     // An UNSUBSCRIBE acknowledged by the broker leaves the record too.
-    s.write_all(&raw::packet(0xa2, &[0, 9, 0, 6, b'd', b'a', b't', b'a', b'/', b'#'])).await.unwrap();
+    unsubscribe(&mut s, 9, "data/#").await;
     let pl = pool.clone();
     wait_until(2 * SECOND, || pl.durable.placement("restore-me").is_some_and(|p| p.subscriptions == 0))
         .await
@@ -452,8 +487,7 @@ async fn migration_still_happens_after_a_meshgate_restart() {
     let mg = net.meshgate(&extra).await;
     let addr = mg.mqtt_addr();
     let (mut s, _) = raw::connect_with(addr, 4, "survivor", false, None, None, 2 * SECOND).await.unwrap();
-    s.write_all(&raw::subscribe_packet(1, "data/#", 1)).await.unwrap();
-    assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0x90);
+    subscribe(&mut s, 1, "data/#", 1).await;
     s.write_all(&raw::disconnect_packet()).await.unwrap();
     drop(s);
     let pool = mg.pool().clone();
@@ -474,8 +508,7 @@ async fn migration_still_happens_after_a_meshgate_restart() {
         .expect("the session was migrated from the saved record");
     // Published while the client is away: queued for it on broker2.
     let (mut p, _) = raw::connect(addr, 4, "pub-restart", 2 * SECOND).await.unwrap();
-    p.write_all(&raw::publish_packet(TOPIC, b"while-away", 1, 1, false)).await.unwrap();
-    assert_eq!(raw::read_packet(&mut p, 2 * SECOND).await.unwrap().0, 0x40);
+    publish_acked(&mut p, TOPIC, b"while-away", 1).await;
     let (mut s, ack) = raw::connect_with(addr, 4, "survivor", false, None, None, 2 * SECOND).await.unwrap();
     assert!(ack.session_present, "the migrated session was there");
     let (first, body) = raw::read_packet(&mut s, 2 * SECOND).await.expect("the queued message arrives");
@@ -511,8 +544,7 @@ async fn standby_copies_are_trimmed_while_their_clients_are_connected() {
     for i in 0..CLIENTS {
         let (mut s, _) =
             raw::connect_with(addr, 4, &format!("standby-{i}"), false, None, None, 2 * SECOND).await.unwrap();
-        s.write_all(&raw::subscribe_packet(1, "data/#", 1)).await.unwrap();
-        assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0x90);
+        subscribe(&mut s, 1, "data/#", 1).await;
         clients.push(s);
     }
     let pl = pool.clone();
@@ -524,8 +556,7 @@ async fn standby_copies_are_trimmed_while_their_clients_are_connected() {
     // Every client reads its messages on broker1; broker2's copies queue them until trimmed.
     let (mut p, _) = raw::connect(addr, 4, "pub-standby", 2 * SECOND).await.unwrap();
     for i in 0..MESSAGES as u16 {
-        p.write_all(&raw::publish_packet(TOPIC, i.to_string().as_bytes(), 1, i + 1, false)).await.unwrap();
-        assert_eq!(raw::read_packet(&mut p, 2 * SECOND).await.unwrap().0, 0x40);
+        publish_acked(&mut p, TOPIC, i.to_string().as_bytes(), i + 1).await;
     }
     let drains: Vec<_> = clients
         .into_iter()
@@ -582,8 +613,7 @@ async fn a_standby_copy_is_remade_when_subscriptions_change() {
     let addr = mg.mqtt_addr();
     let (mut s, _) = raw::connect_with(addr, 4, "changer", false, None, None, 2 * SECOND).await.unwrap();
     for (id, filter) in [(1u16, "keep/#"), (2, "drop/#")] {
-        s.write_all(&raw::subscribe_packet(id, filter, 1)).await.unwrap();
-        assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0x90);
+        subscribe(&mut s, id, filter, 1).await;
     }
     let ops = |p: &meshgate::pool::Pool| p.metrics.durable_ops.with_label_values(&["standby", "ok"]).get();
     let pl = pool.clone();
@@ -593,21 +623,17 @@ async fn a_standby_copy_is_remade_when_subscriptions_change() {
     .await
     .expect("standby made");
     let made = ops(&pool);
-    // UNSUBSCRIBE "drop/#" (id 3), acknowledged.
-    s.write_all(&raw::packet(0xa2, &[0, 3, 0, 6, b'd', b'r', b'o', b'p', b'/', b'#'])).await.unwrap();
-    assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0xb0);
+    unsubscribe(&mut s, 3, "drop/#").await;
     let pl = pool.clone();
     wait_until(5 * SECOND, || ops(&pl) > made).await.expect("the standby copy was made again");
     s.write_all(&raw::disconnect_packet()).await.unwrap();
     drop(s);
     // While the client is away: one message on each filter, then broker1 dies.
     let (mut w, _) = raw::connect(net.brokers[1].addr, 4, "watch-changer", 2 * SECOND).await.unwrap();
-    w.write_all(&raw::subscribe_packet(1, "#", 0)).await.unwrap();
-    assert_eq!(raw::read_packet(&mut w, 2 * SECOND).await.unwrap().0, 0x90);
+    subscribe(&mut w, 1, "#", 0).await;
     let (mut p, _) = raw::connect(addr, 4, "pub-changer", 2 * SECOND).await.unwrap();
     for (i, topic) in [(1u16, "drop/x"), (2, "keep/x")] {
-        p.write_all(&raw::publish_packet(topic, topic.as_bytes(), 1, i, false)).await.unwrap();
-        assert_eq!(raw::read_packet(&mut p, 2 * SECOND).await.unwrap().0, 0x40);
+        publish_acked(&mut p, topic, topic.as_bytes(), i).await;
     }
     let mut replicated = 0;
     while replicated < 2 {
@@ -620,12 +646,7 @@ async fn a_standby_copy_is_remade_when_subscriptions_change() {
     wait_until(5 * SECOND, || b1.probe_up() == Some(false)).await.expect("broker1 marked down");
     let (mut s, ack) = raw::connect_with(addr, 4, "changer", false, None, None, 3 * SECOND).await.unwrap();
     assert!(ack.session_present);
-    let mut topics = Vec::new();
-    while let Ok((first, body)) = raw::read_packet(&mut s, Duration::from_millis(700)).await {
-        if let Some(m) = raw::parse_publish(first, &body) {
-            topics.push(m.topic);
-        }
-    }
+    let topics = topics_until_quiet(&mut s).await;
     assert_eq!(topics, vec!["keep/x".to_string()], "only what the session still subscribes to");
     mg.shutdown().await;
 }
@@ -641,8 +662,7 @@ async fn a_returning_broker_loses_its_outdated_copy_before_clients_fail_back() {
     let addr = mg.mqtt_addr();
     let (mut s, _) = raw::connect_with(addr, 4, "returner", false, None, None, 2 * SECOND).await.unwrap();
     for (id, filter) in [(1u16, "keep/#"), (2, "drop/#")] {
-        s.write_all(&raw::subscribe_packet(id, filter, 1)).await.unwrap();
-        assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0x90);
+        subscribe(&mut s, id, filter, 1).await;
     }
     blocking(|| net.broker("broker1").hang());
     let b1 = pool.broker("broker1").unwrap();
@@ -652,8 +672,7 @@ async fn a_returning_broker_loses_its_outdated_copy_before_clients_fail_back() {
     assert!(ack.session_present, "migrated to broker2");
     assert_eq!(pool.broker_of("returner").as_deref(), Some("broker2"));
     // On broker2 the client drops one subscription.
-    s.write_all(&raw::packet(0xa2, &[0, 3, 0, 6, b'd', b'r', b'o', b'p', b'/', b'#'])).await.unwrap();
-    assert_eq!(raw::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0xb0);
+    unsubscribe(&mut s, 3, "drop/#").await;
     // broker1 resumes with its old session of "returner" (both filters) in memory; failback
     // (drain) closes the session on broker2 and the client comes back to broker1.
     let wiped_before = pool.metrics.durable_ops.with_label_values(&["wipe", "ok"]).get();
@@ -670,15 +689,9 @@ async fn a_returning_broker_loses_its_outdated_copy_before_clients_fail_back() {
     assert_eq!(pool.broker_of("returner").as_deref(), Some("broker1"));
     let (mut p, _) = raw::connect(addr, 4, "pub-returner", 2 * SECOND).await.unwrap();
     for (i, topic) in [(1u16, "drop/x"), (2, "keep/x")] {
-        p.write_all(&raw::publish_packet(topic, topic.as_bytes(), 1, i, false)).await.unwrap();
-        assert_eq!(raw::read_packet(&mut p, 2 * SECOND).await.unwrap().0, 0x40);
+        publish_acked(&mut p, topic, topic.as_bytes(), i).await;
     }
-    let mut topics = Vec::new();
-    while let Ok((first, body)) = raw::read_packet(&mut s, Duration::from_millis(700)).await {
-        if let Some(m) = raw::parse_publish(first, &body) {
-            topics.push(m.topic);
-        }
-    }
+    let topics = topics_until_quiet(&mut s).await;
     assert_eq!(topics, vec!["keep/x".to_string()], "the subscription dropped on broker2 stays dropped");
     mg.shutdown().await;
 }

@@ -418,12 +418,20 @@ impl Durable {
         self.changed();
     }
 
-    fn save_if_dirty(&self) {
+    /// Serialised under the lock, written outside it on a blocking thread, so a large record
+    /// holds neither the sessions nor a runtime worker while it goes to disk.
+    async fn save_if_dirty(&self) {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
-        let Some(path) = &self.cfg.state_file else { return };
-        let result = self.store.lock().unwrap().save(path);
+        let Some(path) = self.cfg.state_file.clone() else { return };
+        let text = serde_json::to_string(&*self.store.lock().unwrap());
+        let result = match text {
+            Ok(text) => tokio::task::spawn_blocking(move || crate::statefile::write(&path, text))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
         if let Err(e) = result {
             warn!("cannot save the persistent-session record: {e}");
         }

@@ -173,22 +173,12 @@ impl Store {
     }
 
     pub fn load(path: &Path) -> Result<Store, String> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Store::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
-        }
+        crate::statefile::load(path)
     }
 
-    /// Writes a temporary file and renames it, so a crash never leaves half a record.
+    /// Written atomically (`statefile::write`).
     pub fn save(&self, path: &Path) -> Result<(), String> {
-        let tmp = path.with_extension("tmp");
-        let text = serde_json::to_string(self).map_err(|e| e.to_string())?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+        crate::statefile::save(self, path)
     }
 }
 

@@ -30,7 +30,7 @@ async fn reconcile_loop(pool: Arc<Pool>, stop: CancellationToken) {
     loop {
         let pass = Instant::now();
         let gen = durable.hold_gen.load(std::sync::atomic::Ordering::SeqCst);
-        durable.save_if_dirty();
+        durable.save_if_dirty().await;
         let expired = durable.expire();
         if expired > 0 {
             debug!(expired, "persistent sessions expired");
@@ -41,7 +41,7 @@ async fn reconcile_loop(pool: Arc<Pool>, stop: CancellationToken) {
         durable.release_new_sessions(gen);
         tokio::select! {
             _ = stop.cancelled() => {
-                durable.save_if_dirty();
+                durable.save_if_dirty().await;
                 return;
             }
             _ = durable.wake.notified() => {}
@@ -135,13 +135,7 @@ async fn migrate_one(pool: &Pool, client_id: &str, target: &Broker) -> bool {
         pool.metrics.durable_ops.with_label_values(&["migrate", "standby"]).inc();
         return true;
     }
-    let connect = remote::session_connect(
-        durable.own_connect(client_id).as_deref(),
-        rec.version,
-        client_id,
-        rec.username.as_deref(),
-        rec.expiry_secs,
-    );
+    let connect = session_connect(durable, client_id, &rec);
     let subs: Vec<_> = rec.subscriptions.into_iter().collect();
     match remote::create_session(pool, target, &connect, rec.version, &subs, OP_LIMIT).await {
         Ok(_) => {
@@ -303,13 +297,7 @@ async fn standby_one(pool: &Pool, id: &str, want: &Broker, make: bool) -> bool {
         // Never connect as the client where the client is.
         return false;
     }
-    let connect = remote::session_connect(
-        durable.own_connect(id).as_deref(),
-        r.version,
-        id,
-        r.username.as_deref(),
-        r.expiry_secs,
-    );
+    let connect = session_connect(durable, id, &r);
     if make {
         let generation = r.generation;
         let subs: Vec<_> = r.subscriptions.into_iter().collect();
@@ -341,6 +329,12 @@ async fn standby_one(pool: &Pool, id: &str, want: &Broker, make: bool) -> bool {
             }
         }
     }
+}
+
+/// The CONNECT meshgate sends as this session's client (`remote::session_connect`).
+fn session_connect(durable: &Durable, client_id: &str, r: &super::Record) -> Vec<u8> {
+    let own = durable.own_connect(client_id);
+    remote::session_connect(own.as_deref(), r.version, client_id, r.username.as_deref(), r.expiry_secs)
 }
 
 /// Runs `f` over `items`, at most `PARALLEL` at once.
