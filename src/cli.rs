@@ -334,6 +334,15 @@ fn print_summary(c: &Config) {
         c.health.rise,
         c.health.fall
     );
+    let s = &c.sessions;
+    match s.enabled {
+        true => println!(
+            "sessions persistent ones recorded{}, migrated and restored; standby {}",
+            s.state_file.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_else(|| " in memory".into()),
+            if s.standby { format!("on (trim every {:?})", s.standby_trim) } else { "off".into() }
+        ),
+        false => println!("sessions not recorded ([sessions] enabled = false)"),
+    }
     for b in &c.brokers {
         println!(
             "broker {:<10} {:<22} priority {} weight {} max_fails {} fail_timeout {:?} max_conns {}{}",
