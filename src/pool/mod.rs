@@ -505,6 +505,9 @@ impl Pool {
                     let prev = b.config();
                     if prev.enabled != c.enabled {
                         b.set_admin(if c.enabled { AdminState::Enabled } else { AdminState::Disabled });
+                        // As with the admin API: sessions move off a disabled broker before new
+                        // clients arrive, outdated copies go before a re-enabled one takes any.
+                        self.durable.hold_new_sessions(&c.name, !c.enabled);
                     }
                     b.passive.lock().unwrap().set_limits(c.max_fails, c.fail_timeout);
                     b.config.store(Arc::new(c.clone()));
@@ -516,6 +519,7 @@ impl Pool {
         for b in old.iter() {
             if !next.iter().any(|n| Arc::ptr_eq(n, b)) {
                 b.removed.store(true, Ordering::Relaxed);
+                self.durable.hold_new_sessions(&b.name, true);
             }
         }
         self.brokers.store(Arc::new(next));
