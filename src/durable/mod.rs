@@ -27,7 +27,7 @@ pub use upkeep::maintain;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
 
@@ -108,7 +108,6 @@ pub struct Durable {
     dirty: AtomicBool,
     /// Wakes the maintenance loop: a broker's availability or a session changed.
     pub wake: tokio::sync::Notify,
-    last_trim: Mutex<Option<Instant>>,
     /// New client sessions wait at this while sessions are moved off a broker that just failed
     /// (or outdated copies are wiped from one that came back), so nothing a publisher is told
     /// was accepted after the change can reach a broker before the sessions that should queue
@@ -143,7 +142,6 @@ impl Durable {
             locks: Arc::default(),
             dirty: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
-            last_trim: Mutex::new(None),
             held: tokio::sync::watch::Sender::new(false),
             hold_gen: AtomicU64::new(0),
         }
@@ -301,13 +299,7 @@ impl Durable {
     }
 
     /// A persistent client's session is established on `broker`.
-    pub fn on_established(
-        &self,
-        connect: &crate::mqtt::Connect,
-        packet: &[u8],
-        broker: &str,
-        metrics: &crate::metrics::Metrics,
-    ) {
+    pub fn on_established(&self, connect: &crate::mqtt::Connect, packet: &[u8], broker: &str) {
         if !self.cfg.enabled {
             return;
         }
@@ -342,7 +334,6 @@ impl Durable {
             rec.mark_stale(&old);
         }
         let gone = store.put(&connect.client_id, rec, self.cfg.max_sessions);
-        metrics.durable_sessions.set(store.sessions.len() as i64);
         drop(store);
         let mut connects = self.connects.lock().unwrap();
         if let Some(gone) = gone {
@@ -671,8 +662,7 @@ mod tests {
     #[test]
     fn only_what_the_broker_granted_is_recorded_and_unsubscribe_removes_it() {
         let d = durable();
-        let m = crate::metrics::Metrics::new();
-        d.on_established(&connect(4, "c"), &[], "b1", &m);
+        d.on_established(&connect(4, "c"), &[], "b1");
         let mut tap = Tap::new(d.clone(), "c".into(), 4, "b1".into());
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
@@ -694,15 +684,14 @@ mod tests {
     #[test]
     fn a_returning_client_takes_over_the_copies_of_its_ended_session() {
         let d = durable();
-        let m = crate::metrics::Metrics::new();
-        d.on_established(&connect(4, "c"), &[], "b1", &m);
+        d.on_established(&connect(4, "c"), &[], "b1");
         // A clean CONNECT through b2 ends the session; its copy on b1 is an orphan ...
         d.on_connect("c", true, false, "b2");
         assert_eq!(d.store.lock().unwrap().orphans.len(), 1);
         assert!(d.knows("c"), "the orphan makes the id's setup take its turn");
         // ... until the client is persistent again, on b2: then b1 holds an outdated copy of
         // this session, which a wipe checks against the record.
-        d.on_established(&connect(4, "c"), &[], "b2", &m);
+        d.on_established(&connect(4, "c"), &[], "b2");
         let store = d.store.lock().unwrap();
         assert!(store.orphans.is_empty());
         assert_eq!(store.sessions["c"].stale_copies, vec!["b1".to_string()]);
@@ -712,8 +701,7 @@ mod tests {
     #[test]
     fn holds_end_only_with_the_pass_that_saw_them() {
         let d = durable();
-        let m = crate::metrics::Metrics::new();
-        d.on_established(&connect(4, "c"), &[], "b1", &m);
+        d.on_established(&connect(4, "c"), &[], "b1");
         d.add("c", vec![("a".into(), Sub { options: 1, properties: vec![] })]);
         let gen = d.hold_gen.load(Ordering::SeqCst);
         d.hold_new_sessions("b1", true);
@@ -731,8 +719,7 @@ mod tests {
     #[test]
     fn mqtt5_disconnect_with_expiry_zero_forgets_the_session_and_clean_connect_too() {
         let d = durable();
-        let m = crate::metrics::Metrics::new();
-        d.on_established(&connect(5, "v5"), &[], "b1", &m);
+        d.on_established(&connect(5, "v5"), &[], "b1");
         let mut tap = Tap::new(d.clone(), "v5".into(), 5, "b1".into());
         let mut up = FrameScanner::new(1 << 20);
         let mut n = 0;
@@ -740,7 +727,7 @@ mod tests {
         tap.feed(true, &mut up, &[0xe0, 0x07, 0, 5, 0x11, 0, 0, 0, 0], &mut n).unwrap();
         assert!(d.placement("v5").is_none());
 
-        d.on_established(&connect(4, "c4"), &[], "b1", &m);
+        d.on_established(&connect(4, "c4"), &[], "b1");
         d.on_connect("c4", true, false, "b1");
         assert!(d.placement("c4").is_none(), "a clean 3.1.1 CONNECT ends the old session");
         assert!(d.store.lock().unwrap().orphans.is_empty(), "its only copy was on b1, where it connected clean");

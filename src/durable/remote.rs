@@ -212,20 +212,8 @@ fn set_clean(packet: &[u8], clean: bool) -> Option<Vec<u8>> {
 }
 
 async fn open(pool: &Pool, broker: &Broker, connect: &[u8], version: u8) -> Result<(Conn, bool, Vec<u8>), String> {
-    let cfg = pool.proxy_config();
-    let tls = broker.config().tls.then(|| pool.tls_connector.load_full()).flatten();
-    let tls_name = broker.config().tls_name.clone();
-    let attempt_tls = tls.as_deref().map(|c| (c, tls_name.as_deref()));
-    let (conn, ack, bytes) = crate::proxy::session::try_broker(
-        &broker.address,
-        attempt_tls,
-        connect,
-        version,
-        cfg.upstream_connect_timeout,
-        cfg.connack_timeout,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let (conn, ack, bytes) =
+        crate::proxy::session::connect_broker(pool, broker, connect, version).await.map_err(|e| e.to_string())?;
     if ack.code != 0 {
         return Err(format!("broker refused the session's CONNECT (code {:#04x})", ack.code));
     }

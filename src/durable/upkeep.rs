@@ -230,8 +230,14 @@ async fn standby_loop(pool: Arc<Pool>, stop: CancellationToken) {
     if !pool.durable.cfg.standby {
         return;
     }
+    let trim_every = pool.durable.cfg.standby_trim;
+    let mut last_trim: Option<Instant> = None;
     loop {
-        standby_all(&pool).await;
+        let trim_due = last_trim.is_none_or(|t| t.elapsed() >= trim_every);
+        if trim_due {
+            last_trim = Some(Instant::now());
+        }
+        standby_all(&pool, trim_due).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -247,16 +253,10 @@ fn standby_for(pool: &Pool, home: &str) -> Option<Arc<Broker>> {
     brokers.iter().filter(|b| b.name != home && b.available(now)).min_by_key(|b| b.priority()).cloned()
 }
 
-async fn standby_all(pool: &Arc<Pool>) {
+/// Makes the standby copies that are missing or stale, and with `trim_due` empties the
+/// current ones of sessions whose clients are connected.
+async fn standby_all(pool: &Arc<Pool>, trim_due: bool) {
     let durable = &pool.durable;
-    let trim_due = {
-        let mut last = durable.last_trim.lock().unwrap();
-        let due = last.is_none_or(|t| t.elapsed() >= durable.cfg.standby_trim);
-        if due {
-            *last = Some(Instant::now());
-        }
-        due
-    };
     // Where each home's standby belongs now, worked out once per pass.
     let want_for: HashMap<String, Arc<Broker>> =
         pool.brokers().iter().filter_map(|b| Some((b.name.clone(), standby_for(pool, &b.name)?))).collect();

@@ -252,7 +252,7 @@ async fn setup(pool: &Arc<Pool>, mut client: Conn, peer: SocketAddr) -> Option<L
                 // client reconnects and gets a clean try.
                 return None;
             }
-            durable.on_established(&connect, &packet, broker, &pool.metrics);
+            durable.on_established(&connect, &packet, broker);
             tap = Some(Box::new(std::sync::Mutex::new(crate::durable::Tap::new(
                 durable.clone(),
                 connect.client_id.clone(),
@@ -396,19 +396,7 @@ async fn establish(pool: &Arc<Pool>, packet: &[u8], connect: &Connect) -> Option
         if attempt > 0 {
             pool.metrics.connect_retries.inc();
         }
-        let tls = broker.config().tls.then(|| pool.tls_connector.load_full()).flatten();
-        let tls_name = broker.config().tls_name.clone();
-        let attempt_tls = tls.as_deref().map(|c| (c, tls_name.as_deref()));
-        match try_broker(
-            &broker.address,
-            attempt_tls,
-            packet,
-            connect.version,
-            cfg.upstream_connect_timeout,
-            cfg.connack_timeout,
-        )
-        .await
-        {
+        match connect_broker(pool, &broker, packet, connect.version).await {
             Ok((stream, ack, bytes)) => {
                 pool.record_success(&broker);
                 if attempt > 0 {
@@ -424,6 +412,22 @@ async fn establish(pool: &Arc<Pool>, packet: &[u8], connect: &Connect) -> Option
         }
     }
     None
+}
+
+/// One CONNECT to `broker` over TCP or, for `tls = true` brokers, TLS, with the proxy's
+/// connect and CONNACK timeouts: the client's own attempts and meshgate's on a client's behalf
+/// (session migration, standby copies).
+pub(crate) async fn connect_broker(
+    pool: &Pool,
+    broker: &Broker,
+    packet: &[u8],
+    version: u8,
+) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
+    let cfg = pool.proxy_config();
+    let tls = broker.config().tls.then(|| pool.tls_connector.load_full()).flatten();
+    let tls_name = broker.config().tls_name.clone();
+    let attempt_tls = tls.as_deref().map(|c| (c, tls_name.as_deref()));
+    try_broker(&broker.address, attempt_tls, packet, version, cfg.upstream_connect_timeout, cfg.connack_timeout).await
 }
 
 /// Handshakes (TCP connect to CONNACK) in flight to one broker address, at most. Mosquitto
@@ -446,7 +450,7 @@ fn handshake_gate(address: &str) -> Arc<tokio::sync::Semaphore> {
         .clone()
 }
 
-pub(crate) async fn try_broker(
+async fn try_broker(
     address: &str,
     tls: Option<(&tokio_rustls::TlsConnector, Option<&str>)>,
     packet: &[u8],
