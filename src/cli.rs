@@ -277,10 +277,9 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // One line: the chain of contexts joined, no backtrace.
             eprintln!("meshgate: error: {e:#}");
-            match e.downcast_ref::<ConfigError>() {
-                Some(_) => ExitCode::from(2),
-                None => ExitCode::from(1),
-            }
+            let usage = e.downcast_ref::<ConfigError>().is_some()
+                || e.downcast_ref::<cl::deploy::DeployError>().is_some_and(|d| d.is_usage());
+            ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
@@ -326,6 +325,10 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
 
 fn print_summary(c: &Config) {
     println!("listen mqtt {} http {}", c.listen.mqtt, c.listen.http.as_deref().unwrap_or("off"));
+    match c.proxy.workers {
+        0 => println!("proxy workers: one per core (or TOKIO_WORKER_THREADS)"),
+        n => println!("proxy workers: {n}"),
+    }
     println!(
         "health probe {} every {:?}, timeout {:?}, rise {}, fall {}",
         c.health.probe.as_str(),
@@ -359,7 +362,7 @@ fn print_summary(c: &Config) {
 }
 
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
-    runtime()?.block_on(async move {
+    proxy_runtime(&config)?.block_on(async move {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -391,6 +394,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
+/// The runtime that carries client sessions, with `[proxy] workers` threads (0: tokio's
+/// default, `TOKIO_WORKER_THREADS` or one per core).
+fn proxy_runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if config.proxy.workers > 0 {
+        b.worker_threads(config.proxy.workers as usize);
+    }
+    b.enable_all().build().context("starting the async runtime")
+}
+
 async fn ctrl_c_or_term() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -404,7 +417,7 @@ async fn ctrl_c_or_term() -> anyhow::Result<()> {
 fn up(args: UpArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     let front_end = front_end(args.front_end);
-    runtime()?.block_on(async move {
+    proxy_runtime(&config)?.block_on(async move {
         let mut local = Local::start(config, &args.run_dir, front_end).await?;
         println!("{}", local.summary());
         let waited = ctrl_c_or_term().await;

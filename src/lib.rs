@@ -220,6 +220,9 @@ impl Meshgate {
         if new.sessions != current.sessions {
             warn!("[sessions] settings changed in the new config; they take effect only after a restart");
         }
+        if new.proxy.workers != current.proxy.workers {
+            warn!("proxy.workers changed in the new config; it takes effect only after a restart");
+        }
         if new.replication != current.replication {
             warn!("replication settings changed in the new config; they take effect only after a restart");
         }

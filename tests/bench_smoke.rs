@@ -56,6 +56,14 @@ async fn pubsub_against_mosquitto_and_meshgate() {
             assert_eq!(f(&r, "/lost"), 0.0, "{what} QoS {qos}: {r:#}");
         }
     }
+    // CPU time per message: meshgate runs in this test process; the broker is its own.
+    let (me, broker) = (std::process::id().to_string(), net.brokers[0].pid().expect("broker runs").to_string());
+    let r = bench(&["pubsub", "--target", &proxied, "--duration", "1s", "--pid", &me, "--broker-pid", &broker]).await;
+    check_pubsub(&r, "with CPU time");
+    for key in ["/cpu_us_per_msg", "/broker_cpu_us_per_msg"] {
+        // Every message crosses both processes: some CPU per message, and far below a second.
+        assert!((0.01..1_000_000.0).contains(&f(&r, key)), "{key}: {r:#}");
+    }
     // Several publishers and subscribers, paced: the rate is kept.
     let r = bench(&["pubsub", "--target", &proxied, "-p", "4", "-s", "4", "--rate", "2000", "--duration", "1s"]).await;
     check_pubsub(&r, "paced 4x4");

@@ -95,14 +95,21 @@ fn hosts_given_once_are_kept_for_the_next_render() {
 fn no_hosts_is_one_line_naming_the_fix() {
     let out = tempfile::tempdir().unwrap();
     let r = meshgate(&["cluster", "render", "--target", "systemd", "--out", path(&out.path().join("x"))]);
-    assert!(!r.status.success());
+    // Exit 2: a usage mistake, like a bad config (1 is kept for failures while running).
+    assert_eq!(r.status.code(), Some(2));
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--hosts"), "{err}");
     let r =
         meshgate(&["cluster", "render", "--target", "multipass", "--hosts", "mq1.example", "--out", path(out.path())]);
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && err.contains("IPv4"), "{err}");
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("IPv4"), "{err}");
+    let r =
+        meshgate(&["cluster", "render", "--target", "systemd", "--hosts", "not a host!", "--out", path(out.path())]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("not an address or host name"), "{err}");
 }
 
 #[test]

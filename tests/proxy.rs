@@ -300,3 +300,23 @@ async fn every_try_failing_gives_one_server_unavailable_connack() {
     assert_eq!(mg.pool().metrics.rejected.with_label_values(&["no_broker"]).get(), 2);
     mg.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_that_disables_a_broker_closes_its_sessions_like_the_admin_api() {
+    let net = Net::start(2);
+    let mg = net.meshgate("").await;
+    let pool = mg.pool().clone();
+    let (mut before, _, on) = connect_and_locate(&net, &pool, "reload-before").await;
+    assert_eq!(on, "broker1");
+    let mut config = net.config("");
+    config.brokers[0].enabled = false;
+    let reloaded = Instant::now();
+    mg.reload(config).expect("reload accepted");
+    assert!(raw::closed_within(&mut before, 2 * SECOND).await, "the disabled broker's session is closed");
+    eprintln!("session closed {:?} after the reload", reloaded.elapsed());
+    let closed = pool.metrics.sessions_closed.with_label_values(&["broker_disabled"]).get();
+    assert_eq!(closed, 1, "counted as broker_disabled");
+    let (_after, ack, on) = connect_and_locate(&net, &pool, "reload-after").await;
+    assert_eq!((ack.code, on.as_str()), (0, "broker2"), "new sessions go to broker2");
+    mg.shutdown().await;
+}

@@ -58,6 +58,10 @@ pub struct CompareArgs {
     /// Loads to run (comma-separated): qos0, qos0x16, qos1, qos1x16, latency, connect, idle, failover.
     #[arg(long, value_delimiter = ',', default_value = "qos0,qos0x16,qos1,qos1x16,latency,connect,idle,failover")]
     pub loads: Vec<String>,
+    /// meshgate's `[proxy] workers`: 1 by default, the thread budget of the shipped nginx
+    /// (`worker_processes 1`); 0 = one per core, meshgate's own default.
+    #[arg(long, default_value_t = 1)]
+    pub meshgate_workers: u32,
     /// Extra arguments for every load generator run (e.g. "--threads 2").
     #[arg(long, allow_hyphen_values = true)]
     pub bench_args: Option<String>,
@@ -180,6 +184,10 @@ pub struct Settings {
     pub loads: Vec<LoadKind>,
     /// The rate of the latency load (half the slowest front end's QoS 0 1/1 median).
     pub latency_rate: Option<f64>,
+    /// meshgate's `[proxy] workers` (0 = one per core); absent in runs made before it existed,
+    /// which used one per core.
+    #[serde(default)]
+    pub meshgate_workers: u32,
     pub net: String,
     pub command: String,
 }
@@ -251,6 +259,7 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         front_ends,
         loads,
         latency_rate: None,
+        meshgate_workers: a.meshgate_workers,
         net,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
@@ -557,9 +566,14 @@ impl Comparison {
         }
         args.extend(["--target".into(), target, "--json".into(), "--quiet".into()]);
         if matches!(load, LoadKind::Qos0 | LoadKind::Qos0x16 | LoadKind::Qos1 | LoadKind::Qos1x16 | LoadKind::Latency) {
-            for p in setup.pids(fe) {
-                args.extend(["--pid".into(), p.to_string()]);
+            // The front end's and the broker's CPU time per message; Mosquitto alone has no
+            // front end, only a broker.
+            if fe != FrontEnd::Direct {
+                for p in setup.pids(fe) {
+                    args.extend(["--pid".into(), p.to_string()]);
+                }
             }
+            args.extend(["--broker-pid".into(), setup.primary.pid().to_string()]);
         }
         args.extend(self.extra.iter().cloned());
         let r = self.bench(&args).await;
@@ -654,11 +668,13 @@ impl Comparison {
     }
 
     fn meshgate_toml(&self, listen: SocketAddr) -> String {
-        // The shipped configs/meshgate.toml's broker settings, on the benchmark's two brokers.
+        // The shipped configs/meshgate.toml's broker settings, on the benchmark's two brokers,
+        // and the worker threads asked for.
         format!(
-            "[listen]\nmqtt = \"{listen}\"\nhttp = \"off\"\n\n\
+            "[listen]\nmqtt = \"{listen}\"\nhttp = \"off\"\n\n[proxy]\nworkers = {}\n\n\
              [[broker]]\nname = \"broker1\"\naddress = \"{}\"\nweight = 5\nmax_fails = 3\nfail_timeout = \"30s\"\n\n\
              [[broker]]\nname = \"broker2\"\naddress = \"{}\"\nmax_fails = 3\nfail_timeout = \"30s\"\n",
+            self.s.meshgate_workers,
             self.addr(10, 1883),
             self.addr(11, 1883)
         )

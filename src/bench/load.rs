@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::stats::{rss_of, Errors, Percentiles};
+use super::stats::{cpu_of, rss_of, Errors, Percentiles};
 use super::wire::{self, ReadBuf, Stamp};
 
 /// Messages a publisher writes in one go at most.
@@ -41,8 +41,10 @@ pub struct PubSubOptions {
     /// QoS 1 PUBLISHes per publisher awaiting their PUBACK, at most.
     pub inflight: u64,
     pub connect_timeout: Duration,
-    /// Front-end processes whose memory to report.
+    /// Front-end processes whose memory and CPU time to report.
     pub pids: Vec<u32>,
+    /// Broker processes whose CPU time to report.
+    pub broker_pids: Vec<u32>,
     pub topic_prefix: String,
 }
 
@@ -76,6 +78,13 @@ pub struct PubSubReport {
     pub connect: ConnectSummary,
     pub errors: Errors,
     pub rss_kib: Option<u64>,
+    /// CPU time the front end (`--pid`, with its children) used inside the measurement window,
+    /// per message delivered in it, µs.
+    #[serde(default)]
+    pub cpu_us_per_msg: Option<f64>,
+    /// The same for the brokers (`--broker-pid`).
+    #[serde(default)]
+    pub broker_cpu_us_per_msg: Option<f64>,
 }
 
 /// Per publisher: deliveries counted by subscribers, PUBACKs, and a wake-up for the writer.
@@ -164,6 +173,18 @@ pub async fn run(o: PubSubOptions, progress: bool) -> anyhow::Result<PubSubRepor
 
     let base = Instant::now();
     let clock = Arc::new(Clock { base, measure_from: base + o.warmup, measure_to: base + o.warmup + o.duration });
+    // CPU time is read at the window's edges, the same window the deliveries are counted in.
+    let cpu_window = {
+        let (pids, brokers, clock) = (o.pids.clone(), o.broker_pids.clone(), clock.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(clock.measure_from.into()).await;
+            let start = (cpu_of(&pids), cpu_of(&brokers));
+            tokio::time::sleep_until(clock.measure_to.into()).await;
+            let end = (cpu_of(&pids), cpu_of(&brokers));
+            let used = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
+            (used(start.0, end.0), used(start.1, end.1))
+        })
+    };
     let stop_subs = CancellationToken::new();
     let mut sub_tasks = Vec::new();
     for s in subs {
@@ -242,6 +263,8 @@ pub async fn run(o: PubSubOptions, progress: bool) -> anyhow::Result<PubSubRepor
         errors.merge(r.errors);
     }
     let received: u64 = lanes.iter().map(|l| l.received.load(Ordering::Relaxed)).sum();
+    let (front_cpu, broker_cpu) = cpu_window.await?;
+    let per_msg = |ns: Option<u64>| ns.filter(|_| messages > 0).map(|ns| ns as f64 / 1000.0 / messages as f64);
     Ok(PubSubReport {
         target: o.target.to_string(),
         publishers: o.publishers,
@@ -259,6 +282,8 @@ pub async fn run(o: PubSubOptions, progress: bool) -> anyhow::Result<PubSubRepor
         connect: ConnectSummary { count: connect_ns.len() as u64, latency: Percentiles::from_ns(&mut connect_ns) },
         errors,
         rss_kib,
+        cpu_us_per_msg: per_msg(front_cpu),
+        broker_cpu_us_per_msg: per_msg(broker_cpu),
     })
 }
 

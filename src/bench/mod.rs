@@ -53,7 +53,8 @@ pub struct Common {
     /// Worker threads of the load generator (1 keeps it off the second core as far as possible).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
-    /// Front-end process whose resident memory (with its children's) to report; repeatable.
+    /// Front-end process whose resident memory and CPU time (with its children's) to report;
+    /// repeatable.
     #[arg(long = "pid")]
     pub pids: Vec<u32>,
     /// Time for TCP connect plus CONNACK.
@@ -94,6 +95,9 @@ pub struct PubSubArgs {
     pub inflight: u64,
     #[arg(long, default_value = "meshgate-bench")]
     pub topic_prefix: String,
+    /// Broker process whose CPU time per message to report (e.g. `pidof mosquitto`); repeatable.
+    #[arg(long = "broker-pid")]
+    pub broker_pids: Vec<u32>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -202,6 +206,7 @@ pub async fn run(load: Load) -> anyhow::Result<Report> {
                 inflight: a.inflight.max(1),
                 connect_timeout: a.common.connect_timeout,
                 pids: a.common.pids.clone(),
+                broker_pids: a.broker_pids.clone(),
                 topic_prefix: a.topic_prefix.clone(),
             };
             Report::Pubsub(load::run(o, !a.common.quiet).await?)
@@ -284,6 +289,12 @@ pub fn table(r: &Report) -> String {
             row("CONNECT->CONNACK p50", us(p.connect.latency.p50_us));
             if let Some(k) = p.rss_kib {
                 row("front end RSS", format!("{k} KiB"));
+            }
+            if let Some(c) = p.cpu_us_per_msg {
+                row("front end CPU per message", format!("{c:.2} µs"));
+            }
+            if let Some(c) = p.broker_cpu_us_per_msg {
+                row("broker CPU per message", format!("{c:.2} µs"));
             }
             &p.errors
         }

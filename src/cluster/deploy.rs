@@ -108,6 +108,14 @@ pub enum DeployError {
     Io(#[from] ClusterError),
 }
 
+impl DeployError {
+    /// A mistake in what the user asked for (hosts, network file, front end), not a failure
+    /// while writing: exits 2 like a bad config.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, DeployError::Io(_))
+    }
+}
+
 /// One rendered file: its name inside the output directory and its text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct File {
@@ -277,6 +285,9 @@ pub fn render_meshgate(target: Target, base: &Config, net: &Network) -> Result<S
     ));
     if p.connect_rate_per_source > 0.0 {
         t.push_str(&format!("connect_burst_per_source = {}\n", p.connect_burst_per_source));
+    }
+    if p.workers > 0 {
+        t.push_str(&format!("workers = {}\n", p.workers));
     }
     let r = &c.replication;
     t.push_str(&format!(

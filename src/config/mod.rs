@@ -176,6 +176,9 @@ pub struct ProxyConfig {
     pub connect_rate_per_source: f64,
     /// ... with bursts of up to this many.
     pub connect_burst_per_source: f64,
+    /// Threads that run client sessions (and everything else); 0 = one per core, or
+    /// `TOKIO_WORKER_THREADS` when set. Read at start only.
+    pub workers: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -305,6 +308,7 @@ struct FileProxy {
     max_sessions_per_source: Option<u32>,
     connect_rate_per_source: Option<f64>,
     connect_burst_per_source: Option<f64>,
+    workers: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,6 +316,9 @@ struct FileProxy {
 struct FileAdmin {
     token: Option<String>,
 }
+
+/// More worker threads than this is a typo, not a machine.
+pub const MAX_WORKERS: u32 = 1024;
 
 pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:1883";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
@@ -529,6 +536,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         max_sessions_per_source: p.max_sessions_per_source.unwrap_or(0),
         connect_rate_per_source: p.connect_rate_per_source.unwrap_or(0.0),
         connect_burst_per_source: 0.0,
+        workers: p.workers.unwrap_or(0),
     };
     if proxy.connect_tries == 0 {
         return Err(c.err("proxy.connect_tries", "must be at least 1"));
@@ -548,6 +556,9 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         // Two seconds' worth: a device that reconnects twice in a row is not an attack.
         None => (proxy.connect_rate_per_source * 2.0).max(1.0),
     };
+    if proxy.workers > MAX_WORKERS {
+        return Err(c.err("proxy.workers", format!("must be at most {MAX_WORKERS} (0 = one per core)")));
+    }
     if proxy.max_packet_size < 64 {
         return Err(c.err("proxy.max_packet_size", "must be at least 64 bytes"));
     }
@@ -878,6 +889,14 @@ mod tests {
                 assert!(!err.contains('\n'), "{name}: not one line: {err}");
             }
         }
+    }
+
+    #[test]
+    fn workers_default_to_one_per_core() {
+        assert_eq!(parse(FIVE).unwrap().proxy.workers, 0);
+        assert_eq!(parse(&format!("[proxy]\nworkers = 1\n{FIVE}")).unwrap().proxy.workers, 1);
+        let e = parse(&format!("[proxy]\nworkers = 5000\n{FIVE}")).unwrap_err();
+        assert!(e.contains("proxy.workers: must be at most 1024"), "{e}");
     }
 
     #[test]

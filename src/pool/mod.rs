@@ -499,6 +499,7 @@ impl Pool {
     pub fn apply(&self, config: &Config) {
         let old = self.brokers.load_full();
         let mut next = Vec::with_capacity(config.brokers.len());
+        let mut disabled = Vec::new();
         for c in &config.brokers {
             match old.iter().find(|b| b.name == c.name && b.address == c.address) {
                 Some(b) => {
@@ -508,6 +509,9 @@ impl Pool {
                         // As with the admin API: sessions move off a disabled broker before new
                         // clients arrive, outdated copies go before a re-enabled one takes any.
                         self.durable.hold_new_sessions(&c.name, !c.enabled);
+                        if !c.enabled {
+                            disabled.push(c.name.clone());
+                        }
                     }
                     b.passive.lock().unwrap().set_limits(c.max_fails, c.fail_timeout);
                     b.config.store(Arc::new(c.clone()));
@@ -524,6 +528,12 @@ impl Pool {
         }
         self.brokers.store(Arc::new(next));
         self.proxy.store(Arc::new(config.proxy.clone()));
+        // A broker disabled in the new config loses its sessions at once, as with the admin
+        // API, so its clients reconnect to the broker that now takes new sessions.
+        for name in &disabled {
+            self.events.push("admin", Some(name), format!("{name} disabled by configuration"));
+            self.close_sessions(name, "broker_disabled");
+        }
         self.after_change();
     }
 
