@@ -581,6 +581,45 @@ pub fn throughput_svg(s: &Summary) -> Option<String> {
     Some(out)
 }
 
+/// CPU time per delivered message of each front end and of Mosquitto behind it, linear scale.
+pub fn cpu_svg(s: &Summary) -> Option<String> {
+    let rows: Vec<&Row> =
+        s.rows.iter().filter(|r| r.unit == Unit::CpuMicros && r.values.values().any(Option::is_some)).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let fes = &s.front_ends;
+    let (w, left, top, group_h, bar_h) = (760.0, 250.0, 50.0, 18.0 * fes.len() as f64 + 16.0, 16.0);
+    let h = top + group_h * rows.len() as f64 + 40.0;
+    let max = rows.iter().flat_map(|r| r.values.values().copied().flatten()).fold(1.0f64, f64::max);
+    let scale = (w - left - 70.0) / max;
+    let mut out = svg_open(w as u32, h as u32, "CPU time per delivered message (median, µs)");
+    for (i, r) in rows.iter().enumerate() {
+        let gy = top + i as f64 * group_h;
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+            left - 8.0,
+            gy + group_h / 2.0,
+            esc(r.metric.replace(" CPU per message", "").as_str())
+        );
+        for (j, fe) in fes.iter().enumerate() {
+            let Some(v) = r.values.get(fe).copied().flatten() else { continue };
+            let y = gy + 4.0 + j as f64 * 18.0;
+            let _ = writeln!(
+                out,
+                "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{bar_h}\" fill=\"{}\"/>",
+                v * scale,
+                color(*fe)
+            );
+            let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\">{v:.2}</text>", left + v * scale + 4.0, y + 12.0);
+        }
+    }
+    legend(&mut out, fes, left, h - 12.0);
+    out.push_str("</svg>\n");
+    Some(out)
+}
+
 /// Latency percentiles at half load, log scale.
 pub fn latency_svg(s: &Summary) -> Option<String> {
     let rows: Vec<&Row> = s.rows.iter().filter(|r| r.load == LoadKind::Latency).collect();
@@ -812,6 +851,7 @@ pub fn write(results: &Results, summary: &Summary, dir: &Path) -> anyhow::Result
     for (file, alt, svg) in [
         ("benchmarks-throughput.svg", "throughput relative to direct", throughput_svg(summary)),
         ("benchmarks-latency.svg", "latency percentiles at half load", latency_svg(summary)),
+        ("benchmarks-cpu.svg", "CPU time per message, front end and Mosquitto", cpu_svg(summary)),
         ("benchmarks-failover.svg", "clients connected again after the hang", failover_svg(results)),
     ] {
         if let Some(svg) = svg {

@@ -71,19 +71,12 @@ impl Errors {
 
 /// Resident memory of `pid` and all its descendants (nginx's master and workers), KiB.
 pub fn tree_rss_kib(pid: u32) -> Option<u64> {
-    let mut total = rss_kib(pid)?;
-    for child in descendants(pid) {
-        total += rss_kib(child).unwrap_or(0);
-    }
-    Some(total)
+    tree_sum(pid, rss_kib)
 }
 
 /// Sum of `tree_rss_kib` over several pids; `None` when none is given or any is gone.
 pub fn rss_of(pids: &[u32]) -> Option<u64> {
-    if pids.is_empty() {
-        return None;
-    }
-    pids.iter().map(|&p| tree_rss_kib(p)).sum()
+    sum_of(pids, tree_rss_kib)
 }
 
 /// CPU time (user and system) used so far by `pid` and all its descendants, ns: the sum of
@@ -91,19 +84,25 @@ pub fn rss_of(pids: &[u32]) -> Option<u64> {
 /// `/proc/PID/stat` counts 10 ms ticks. A thread that exits between two readings takes its
 /// time with it; the proxies measured here keep their threads.
 pub fn tree_cpu_ns(pid: u32) -> Option<u64> {
-    let mut total = cpu_ns(pid)?;
-    for child in descendants(pid) {
-        total += cpu_ns(child).unwrap_or(0);
-    }
-    Some(total)
+    tree_sum(pid, cpu_ns)
 }
 
 /// Sum of `tree_cpu_ns` over several pids; `None` when none is given or any is gone.
 pub fn cpu_of(pids: &[u32]) -> Option<u64> {
+    sum_of(pids, tree_cpu_ns)
+}
+
+/// `per_process` of `pid` (which must exist) plus that of each descendant still there.
+fn tree_sum(pid: u32, per_process: fn(u32) -> Option<u64>) -> Option<u64> {
+    let own = per_process(pid)?;
+    Some(own + descendants(pid).into_iter().map(|c| per_process(c).unwrap_or(0)).sum::<u64>())
+}
+
+fn sum_of(pids: &[u32], per_tree: fn(u32) -> Option<u64>) -> Option<u64> {
     if pids.is_empty() {
         return None;
     }
-    pids.iter().map(|&p| tree_cpu_ns(p)).sum()
+    pids.iter().map(|&p| per_tree(p)).sum()
 }
 
 fn cpu_ns(pid: u32) -> Option<u64> {
