@@ -23,6 +23,9 @@ pub struct Row {
     pub values: BTreeMap<FrontEnd, Option<f64>>,
     /// How a value prints.
     pub unit: Unit,
+    /// meshgate's ratio to each other front end within each round (the runs next to each
+    /// other in time), lowest and highest: how far the machine's noise reaches.
+    pub spread: BTreeMap<FrontEnd, (f64, f64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,9 +49,6 @@ pub struct Target {
 pub struct Summary {
     pub front_ends: Vec<FrontEnd>,
     pub rows: Vec<Row>,
-    /// meshgate's ratio to another front end within each round (the runs next to each other
-    /// in time), lowest and highest, for the target loads: how far the noise reaches.
-    pub spreads: BTreeMap<(LoadKind, FrontEnd), (f64, f64)>,
     pub targets: Vec<Target>,
     pub deadline_s: f64,
 }
@@ -87,6 +87,16 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+impl Row {
+    /// " (rounds 0.85–1.10×)", or nothing with fewer than two rounds.
+    fn spread_to(&self, fe: FrontEnd) -> String {
+        match self.spread.get(&fe) {
+            Some((lo, hi)) => format!(" (rounds {lo:.2}–{hi:.2}×)"),
+            None => String::new(),
+        }
+    }
+}
+
 fn fmt_ratio(r: Option<f64>) -> String {
     r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "–".into())
 }
@@ -112,13 +122,33 @@ impl Summary {
                 _ => Some((v[m - 1] + v[m]) / 2.0),
             }
         };
+        let in_round = |load: LoadKind, fe: FrontEnd, round: usize, f: &dyn Fn(&Report) -> Option<f64>| {
+            results
+                .runs
+                .iter()
+                .find(|r| r.load == load && r.front_end == fe && r.round == round)
+                .and_then(|r| r.report.as_ref())
+                .and_then(f)
+        };
+        let rounds = results.runs.iter().map(|r| r.round).max().unwrap_or(0);
         let mut rows = Vec::new();
         let mut row = |load: LoadKind, metric: String, higher: bool, unit: Unit, f: &dyn Fn(&Report) -> Option<f64>| {
             if !s.loads.contains(&load) {
                 return;
             }
             let values = fes.iter().map(|&fe| (fe, median_of(load, fe, f))).collect();
-            rows.push(Row { load, metric, higher_is_better: higher, values, unit });
+            let mut spread = BTreeMap::new();
+            for &fe in fes.iter().filter(|f| **f != FrontEnd::Meshgate) {
+                let per_round: Vec<f64> = (0..=rounds)
+                    .filter_map(|n| ratio(in_round(load, FrontEnd::Meshgate, n, f), in_round(load, fe, n, f)))
+                    .collect();
+                if per_round.len() > 1 {
+                    let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    spread.insert(fe, (lo, hi));
+                }
+            }
+            rows.push(Row { load, metric, higher_is_better: higher, values, unit, spread });
         };
         let msgs = |r: &Report| match r {
             Report::Pubsub(p) => Some(p.msgs_per_sec),
@@ -189,47 +219,16 @@ impl Summary {
                 _ => None,
             });
         }
-        let mut spreads = BTreeMap::new();
-        let value = |r: &Report, load: LoadKind| match r {
-            Report::Pubsub(p) if load == LoadKind::Latency => (p.latency.samples > 0).then_some(p.latency.p99_us),
-            Report::Pubsub(p) => Some(p.msgs_per_sec),
-            Report::Connect(c) => Some(c.connects_per_sec),
-            _ => None,
-        };
-        let rounds = results.runs.iter().map(|r| r.round).max().unwrap_or(0);
-        for load in
-            [LoadKind::Qos0, LoadKind::Qos0x16, LoadKind::Qos1, LoadKind::Qos1x16, LoadKind::Latency, LoadKind::Connect]
-        {
-            let in_round = |fe: FrontEnd, round: usize| {
-                results
-                    .runs
-                    .iter()
-                    .find(|r| r.load == load && r.front_end == fe && r.round == round)
-                    .and_then(|r| r.report.as_ref())
-                    .and_then(|r| value(r, load))
-            };
-            for &fe in fes.iter().filter(|f| **f != FrontEnd::Meshgate) {
-                let per_round: Vec<f64> =
-                    (0..=rounds).filter_map(|n| ratio(in_round(FrontEnd::Meshgate, n), in_round(fe, n))).collect();
-                let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                if per_round.len() > 1 {
-                    spreads.insert((load, fe), (lo, hi));
-                }
-            }
-        }
-        let mut summary =
-            Summary { front_ends: fes, rows, spreads, targets: Vec::new(), deadline_s: s.failover_deadline_s };
+        let mut summary = Summary { front_ends: fes, rows, targets: Vec::new(), deadline_s: s.failover_deadline_s };
         summary.targets = summary.check_targets();
         summary
     }
 
-    /// " (rounds 0.85–1.10×)": meshgate's lowest and highest ratio to `fe` within a round.
-    fn spread(&self, load: LoadKind, fe: FrontEnd) -> String {
-        match self.spreads.get(&(load, fe)) {
-            Some((lo, hi)) => format!(" (rounds {lo:.2}–{hi:.2}×)"),
-            None => String::new(),
-        }
+    /// " (rounds 0.85–1.10×)": meshgate's lowest and highest ratio to `fe` within a round,
+    /// from the row of `load` whose metric starts with `metric_prefix`.
+    fn spread(&self, load: LoadKind, metric_prefix: &str, fe: FrontEnd) -> String {
+        let row = self.rows.iter().find(|r| r.load == load && r.metric.starts_with(metric_prefix));
+        row.map(|r| r.spread_to(fe)).unwrap_or_default()
     }
 
     fn get(&self, load: LoadKind, metric_prefix: &str, fe: FrontEnd) -> Option<f64> {
@@ -256,9 +255,9 @@ impl Summary {
                 measured: format!(
                     "{} nginx{}, {} HAProxy{}, {} direct",
                     fmt_ratio(n),
-                    self.spread(load, Nginx),
+                    row.spread_to(Nginx),
                     fmt_ratio(h),
-                    self.spread(load, Haproxy),
+                    row.spread_to(Haproxy),
                     fmt_ratio(d)
                 ),
                 met,
@@ -273,7 +272,7 @@ impl Summary {
                     "{} vs {}{}",
                     fmt_value(Some(m), Unit::Micros, 0.0),
                     fmt_value(Some(n), Unit::Micros, 0.0),
-                    self.spread(LoadKind::Latency, Nginx)
+                    self.spread(LoadKind::Latency, "latency p99 ", Nginx)
                 ),
                 met: Some(m <= n),
             });
@@ -298,7 +297,7 @@ impl Summary {
                 measured: format!(
                     "{}{} ({})",
                     fmt_ratio(ratio(Some(m), Some(h))),
-                    self.spread(LoadKind::Connect, Haproxy),
+                    self.spread(LoadKind::Connect, "connection", Haproxy),
                     fmt_value(Some(m), Unit::Rate, 0.0)
                 ),
                 met: Some(m >= h),
@@ -524,6 +523,46 @@ fn legend(out: &mut String, fes: &[FrontEnd], x: f64, y: f64) {
     }
 }
 
+/// Horizontal bar groups: one group per row, one bar per front end (a missing value leaves
+/// its slot empty, so a front end's bar sits at the same place in every group).
+struct Bars {
+    left: f64,
+    scale: f64,
+    group_h: f64,
+    bar_h: f64,
+}
+
+impl Bars {
+    fn group(
+        &self,
+        out: &mut String,
+        gy: f64,
+        label: &str,
+        values: impl Iterator<Item = Option<(FrontEnd, f64)>>,
+        show: impl Fn(f64) -> String,
+    ) {
+        let (left, bar_h) = (self.left, self.bar_h);
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+            left - 8.0,
+            gy + self.group_h / 2.0,
+            esc(label)
+        );
+        for (j, value) in values.enumerate() {
+            let Some((fe, v)) = value else { continue };
+            let y = gy + 4.0 + j as f64 * 18.0;
+            let width = v * self.scale;
+            let _ = writeln!(
+                out,
+                "<rect x=\"{left}\" y=\"{y}\" width=\"{width:.1}\" height=\"{bar_h}\" fill=\"{}\"/>",
+                color(fe)
+            );
+            let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\">{}</text>", left + width + 4.0, y + 12.0, show(v));
+        }
+    }
+}
+
 /// Throughput and connection rate of each front end relative to Mosquitto directly.
 pub fn throughput_svg(s: &Summary) -> Option<String> {
     let loads: Vec<&Row> = s.rows.iter().filter(|r| r.unit == Unit::Rate).collect();
@@ -544,28 +583,13 @@ pub fn throughput_svg(s: &Summary) -> Option<String> {
         .fold(1.2f64, f64::max);
     let scale = (w - left - 70.0) / max;
     let mut out = svg_open(w as u32, h as u32, "Throughput relative to Mosquitto directly (median)");
+    let bars = Bars { left, scale, group_h, bar_h };
     for (i, r) in loads.iter().enumerate() {
-        let gy = top + i as f64 * group_h;
-        let _ = writeln!(
-            out,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-            left - 8.0,
-            gy + group_h / 2.0,
-            // "QoS 0, 1 pub / 1 sub (msg/s)" -> "QoS 0, 1 pub / 1 sub".
-            esc(r.metric.split(" (").next().unwrap_or(&r.metric))
-        );
         let direct = r.values.get(&FrontEnd::Direct).copied().flatten();
-        for (j, fe) in fes.iter().enumerate() {
-            let Some(q) = ratio(r.values.get(fe).copied().flatten(), direct) else { continue };
-            let y = gy + 4.0 + j as f64 * 18.0;
-            let _ = writeln!(
-                out,
-                "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{bar_h}\" fill=\"{}\"/>",
-                q * scale,
-                color(*fe)
-            );
-            let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\">{q:.2}×</text>", left + q * scale + 4.0, y + 12.0);
-        }
+        // "QoS 0, 1 pub / 1 sub (msg/s)" -> "QoS 0, 1 pub / 1 sub".
+        let label = r.metric.split(" (").next().unwrap_or(&r.metric);
+        let values = fes.iter().map(|fe| ratio(r.values.get(fe).copied().flatten(), direct).map(|q| (*fe, q)));
+        bars.group(&mut out, top + i as f64 * group_h, label, values, |q| format!("{q:.2}×"));
     }
     let base_y = top + group_h * loads.len() as f64;
     // 1.0x is Mosquitto directly; the dashed 0.9x line is the aim. One label above the
@@ -594,26 +618,11 @@ pub fn cpu_svg(s: &Summary) -> Option<String> {
     let max = rows.iter().flat_map(|r| r.values.values().copied().flatten()).fold(1.0f64, f64::max);
     let scale = (w - left - 70.0) / max;
     let mut out = svg_open(w as u32, h as u32, "CPU time per delivered message (median, µs)");
+    let bars = Bars { left, scale, group_h, bar_h };
     for (i, r) in rows.iter().enumerate() {
-        let gy = top + i as f64 * group_h;
-        let _ = writeln!(
-            out,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-            left - 8.0,
-            gy + group_h / 2.0,
-            esc(r.metric.replace(" CPU per message", "").as_str())
-        );
-        for (j, fe) in fes.iter().enumerate() {
-            let Some(v) = r.values.get(fe).copied().flatten() else { continue };
-            let y = gy + 4.0 + j as f64 * 18.0;
-            let _ = writeln!(
-                out,
-                "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"{bar_h}\" fill=\"{}\"/>",
-                v * scale,
-                color(*fe)
-            );
-            let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\">{v:.2}</text>", left + v * scale + 4.0, y + 12.0);
-        }
+        let label = r.metric.replace(" CPU per message", "");
+        let values = fes.iter().map(|fe| r.values.get(fe).copied().flatten().map(|v| (*fe, v)));
+        bars.group(&mut out, top + i as f64 * group_h, &label, values, |v| format!("{v:.2}"));
     }
     legend(&mut out, fes, left, h - 12.0);
     out.push_str("</svg>\n");
