@@ -8,7 +8,7 @@ use clap::Parser;
 #[command(name = "compare", about = "meshgate bench compare, as a cargo bench target")]
 struct Cli {
     #[command(flatten)]
-    args: meshgate::bench::compare::CompareArgs,
+    args: meshgate_tools::bench::compare::CompareArgs,
 }
 
 fn main() {
@@ -24,7 +24,7 @@ fn main() {
     if args.out.is_none() && !args.smoke {
         args.out = Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs"));
     }
-    if let Err(e) = meshgate::bench::compare::main(args) {
+    if let Err(e) = meshgate_tools::bench::compare::main(args) {
         eprintln!("compare: error: {e:#}");
         std::process::exit(1);
     }

@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::cluster::{self as cl, RunDir};
-use crate::config::{Config, ConfigError};
-use crate::local::{FrontEnd, Local};
+use meshgate::config::{Config, ConfigError};
+use meshgate_tools::cluster::{self as cl, RunDir};
+use meshgate_tools::local::{FrontEnd, Local};
 
 #[derive(Parser, Debug)]
 #[command(name = "meshgate", version, about = "MQTT-aware failover proxy for a prioritized pool of Mosquitto brokers")]
@@ -37,9 +37,9 @@ pub enum Command {
     /// Validate a configuration and print what it means, then exit.
     Validate(RunArgs),
     /// A failover-aware MQTT client (basic, sensor, control) that logs every state change as JSON.
-    Client(crate::client::ClientArgs),
+    Client(meshgate_tools::client::ClientArgs),
     /// Load-test a front end: throughput, latency percentiles, connection rate, idle sessions, memory.
-    Bench(crate::bench::BenchArgs),
+    Bench(meshgate_tools::bench::BenchArgs),
     /// nginx sidecar: probe the brokers and keep nginx's upstream file in step (no proxy).
     Check(CheckArgs),
     /// Replication between the brokers alone (no proxy), with the HTTP API for /replication and /metrics.
@@ -175,7 +175,7 @@ pub struct SuiteArgs {
 }
 
 fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    crate::config::parse_duration(s).ok_or_else(|| format!("bad duration {s:?} (e.g. \"6s\", \"500ms\")"))
+    meshgate::config::parse_duration(s).ok_or_else(|| format!("bad duration {s:?} (e.g. \"6s\", \"500ms\")"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -252,13 +252,13 @@ pub fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         Command::Up(args) => up(args),
-        Command::Bench(args) => crate::bench::main(args),
+        Command::Bench(args) => meshgate_tools::bench::main(args),
         Command::Check(args) => match load(&args.run) {
             Ok(config) => check(config, args),
             Err(e) => Err(e),
         },
         Command::Client(args) => runtime().and_then(|rt| {
-            rt.block_on(crate::client::run(args, async {
+            rt.block_on(meshgate_tools::client::run(args, async {
                 let _ = ctrl_c_or_term().await;
             }))
         }),
@@ -385,7 +385,7 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
                 _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             }
         };
-        crate::run(config, shutdown, rx).await?;
+        meshgate::run(config, shutdown, rx).await?;
         Ok(())
     })
 }
@@ -513,7 +513,7 @@ fn front_end(f: FrontEndArg) -> FrontEnd {
 }
 
 fn suite(args: SuiteArgs) -> anyhow::Result<()> {
-    use crate::suite::{self, Scenario};
+    use meshgate_tools::suite::{self, Scenario};
     let config = Config::load(&args.config)?;
     let scenarios: Vec<Scenario> = match args.scenario {
         ScenarioArg::Connectivity => vec![Scenario::Connectivity],
@@ -584,7 +584,7 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(runs)
     })?;
-    let stamp = crate::events::unix_ms(std::time::SystemTime::now()) / 1000;
+    let stamp = meshgate::events::unix_ms(std::time::SystemTime::now()) / 1000;
     let name = format!("suite-{}-{}", if args.compare { "compare" } else { front_end(args.front_end).as_str() }, stamp);
     std::fs::create_dir_all(&args.logs_dir).with_context(|| format!("cannot create {}", args.logs_dir.display()))?;
     std::fs::create_dir_all(&args.reports_dir)
@@ -606,7 +606,7 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
 
 fn replicate(config: Config) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let mg = crate::Meshgate::start_parts(config, crate::Parts { proxy: false, replication: true }).await?;
+        let mg = meshgate::Meshgate::start_parts(config, meshgate::Parts { proxy: false, replication: true }).await?;
         let waited = ctrl_c_or_term().await;
         mg.shutdown().await;
         waited
@@ -621,7 +621,7 @@ fn check(config: Config, args: CheckArgs) -> anyhow::Result<()> {
             args.nginx_upstream.display()
         );
     }
-    let opts = crate::sidecar::SidecarOptions {
+    let opts = meshgate::sidecar::SidecarOptions {
         upstream_file: args.nginx_upstream,
         upstream_name: args.upstream_name,
         tiers: args.tiers,
@@ -631,9 +631,9 @@ fn check(config: Config, args: CheckArgs) -> anyhow::Result<()> {
         retry: args.retry,
     };
     runtime()?.block_on(async move {
-        let mg = crate::Meshgate::start_parts(config, crate::Parts { proxy: false, replication: false }).await?;
+        let mg = meshgate::Meshgate::start_parts(config, meshgate::Parts { proxy: false, replication: false }).await?;
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(crate::sidecar::run(mg.pool().clone(), opts, stop.clone()));
+        let task = tokio::spawn(meshgate::sidecar::run(mg.pool().clone(), opts, stop.clone()));
         let waited = ctrl_c_or_term().await;
         stop.cancel();
         let _ = task.await;

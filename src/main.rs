@@ -1,4 +1,5 @@
-//! The meshgate binary: everything lives in the library; this only hands over to the CLI.
+//! The meshgate binary: everything lives in the libraries; this only hands over to the CLI.
+mod cli;
 fn main() -> std::process::ExitCode {
-    meshgate::cli::main()
+    cli::main()
 }

@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::Slot;
-use meshgate::local::{FrontEnd, Local};
-use meshgate::suite::{self, ChaosOptions, FaultMode, Run};
 use meshgate::Config;
+use meshgate_tools::local::{FrontEnd, Local};
+use meshgate_tools::suite::{self, ChaosOptions, FaultMode, Run};
 
 async fn chaos(front_end: FrontEnd) -> Run {
     let slot = Slot::acquire();

@@ -450,7 +450,7 @@ async fn page_and_stream_negotiate_and_the_page_has_a_strict_policy() {
     let once: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(once["state"]["clients_total"], 0);
     // The document describes what is sent.
-    let doc: Value = serde_yaml::from_str(include_str!("../docs/openapi.yaml")).expect("openapi.yaml is YAML");
+    let doc: Value = serde_yaml_ng::from_str(include_str!("../docs/openapi.yaml")).expect("openapi.yaml is YAML");
     for (schema, value) in
         [("DashboardUpdate", &once), ("DashboardState", &once["state"]), ("Process", &once["state"]["process"])]
     {

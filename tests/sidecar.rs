@@ -40,7 +40,7 @@ impl Nginx {
             up = prefix.join("upstream.conf").display()
         );
         std::fs::write(prefix.join("nginx.conf"), conf).unwrap();
-        let child = meshgate::cluster::nginx::start(&prefix.join("nginx.conf"), &prefix, &listen.to_string())
+        let child = meshgate_tools::cluster::nginx::start(&prefix.join("nginx.conf"), &prefix, &listen.to_string())
             .await
             .expect("nginx starts");
         Nginx { prefix, child }
@@ -57,7 +57,7 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        meshgate::cluster::stop_pid(self.child.id(), Duration::from_secs(3));
+        meshgate_tools::cluster::stop_pid(self.child.id(), Duration::from_secs(3));
         let _ = self.child.wait();
     }
 }

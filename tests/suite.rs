@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::Slot;
-use meshgate::local::{FrontEnd, Local};
-use meshgate::suite::{self, Options, Run, Scenario};
 use meshgate::Config;
+use meshgate_tools::local::{FrontEnd, Local};
+use meshgate_tools::suite::{self, Options, Run, Scenario};
 
 async fn run_against(front_end: FrontEnd, brokers: usize, scenarios: &[Scenario]) -> Run {
     let slot = Slot::acquire();

@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{io, ClusterError};
-use crate::config::Config;
+use meshgate::config::Config;
 
 /// The nginx stream config equivalent to `config`: priority-1 brokers are the primary servers,
 /// every other broker is a `backup` (nginx cannot order backups; that is meshgate's point).
@@ -127,7 +127,7 @@ mod tests {
 
     #[test]
     fn shipped_nginx_config_equals_the_rendered_output() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
         let config = Config::load(&root.join("configs/meshgate.toml")).unwrap();
         let shipped = std::fs::read_to_string(root.join("nginx/meshgate-stream.conf")).unwrap();
         assert_eq!(shipped, render(&config), "nginx/meshgate-stream.conf is stale: run `meshgate cluster render`");
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn rendered_config_reads_back_as_the_same_pool() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
         let config = Config::load(&root.join("configs/meshgate.toml")).unwrap();
         let (back, _) = Config::from_nginx(&render(&config), "rendered", "", "(defaults)").unwrap();
         assert_eq!(back.listen.mqtt, config.listen.mqtt);

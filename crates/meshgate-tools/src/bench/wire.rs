@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::mqtt::{connack, decode_length, encode, encode_length, Length};
+use meshgate::mqtt::{connack, decode_length, encode, encode_length, Length};
 
 /// Payload bytes the generator needs: send time (ns), sequence number, publisher index.
 pub const STAMP: usize = 20;

@@ -1,10 +1,8 @@
 //! The MQTT listener: bounded accept loop, one task per client connection, and the rebalancer that moves sessions.
 
-pub mod conn;
 pub mod forward;
 pub mod limits;
 pub mod session;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;

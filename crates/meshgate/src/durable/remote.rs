@@ -13,8 +13,8 @@ use super::store::Sub;
 use crate::mqtt::subscribe::{encode_subscribe, granted, parse_ack};
 use crate::mqtt::{decode_length, encode_length, kind, Length, Reader};
 use crate::pool::{Broker, Pool};
-use crate::proxy::conn::Conn;
 use crate::proxy::forward::write_all;
+use crate::transport::conn::Conn;
 
 /// Packet ids of meshgate's own SUBSCRIBEs count down from here; the client's own packets
 /// are held back until these are acknowledged, so the ids cannot collide.

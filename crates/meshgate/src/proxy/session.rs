@@ -19,10 +19,10 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
-use super::conn::Conn;
 use super::forward::{self, Ended, ForwardError, Tally};
 use crate::mqtt::{self, connack, Connack, Connect, ConnectError, FrameScanner};
 use crate::pool::{Broker, Lease, Pool, Registered, SessionInfo};
+use crate::transport::Conn;
 
 /// Why one broker attempt failed; the label is the `reason` of `meshgate_upstream_failures_total`.
 #[derive(Debug, thiserror::Error)]
@@ -474,7 +474,7 @@ async fn try_broker(
         let mut conn = match tls {
             None => Conn::Tcp(stream),
             Some((connector, name)) => {
-                let name = super::tls::server_name(address, name).map_err(AttemptError::Protocol)?;
+                let name = crate::transport::tls::server_name(address, name).map_err(AttemptError::Protocol)?;
                 // Boxed: the TLS handshake future is over a kilobyte, and every plain session's
                 // setup would otherwise carry room for it.
                 let s = Box::pin(connector.connect(name, stream))

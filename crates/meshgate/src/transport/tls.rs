@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -32,7 +33,7 @@ fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(key, path)?;
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Invalid { key, path: path.display().to_string(), err: e.to_string() })?;
     if certs.is_empty() {
@@ -43,9 +44,13 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
 
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read("key", path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| TlsError::Invalid { key: "key", path: path.display().to_string(), err: e.to_string() })?
-        .ok_or_else(|| TlsError::Empty { key: "key", path: path.display().to_string(), what: "private key" })
+    match PrivateKeyDer::from_pem_slice(&pem) {
+        Ok(key) => Ok(key),
+        Err(rustls::pki_types::pem::Error::NoItemsFound) => {
+            Err(TlsError::Empty { key: "key", path: path.display().to_string(), what: "private key" })
+        }
+        Err(e) => Err(TlsError::Invalid { key: "key", path: path.display().to_string(), err: e.to_string() }),
+    }
 }
 
 fn roots(key: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {

@@ -12,16 +12,11 @@
 //! waiting for a shutdown signal, for the CLI.
 #![forbid(unsafe_code)]
 
-pub mod bench;
-pub mod cli;
-pub mod client;
-pub mod cluster;
 pub mod config;
 pub mod durable;
 pub mod events;
 pub mod health;
 pub mod http;
-pub mod local;
 pub mod metrics;
 pub mod mqtt;
 pub mod pool;
@@ -29,7 +24,7 @@ pub mod proxy;
 pub mod replication;
 pub mod sidecar;
 pub mod statefile;
-pub mod suite;
+pub mod transport;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,7 +43,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
-    Tls(#[from] proxy::tls::TlsError),
+    Tls(#[from] transport::tls::TlsError),
     #[error("cannot listen for {what} on {addr}: {err}{hint}")]
     Bind { what: &'static str, addr: String, err: std::io::Error, hint: &'static str },
 }
@@ -116,10 +111,10 @@ impl Meshgate {
         };
         // Certificates are checked before anything runs, so a bad file is one clear error.
         let acceptor = match (&config.listen.mqtts, parts.proxy) {
-            (Some(_), true) => Some(proxy::tls::acceptor(&config.tls)?),
+            (Some(_), true) => Some(transport::tls::acceptor(&config.tls)?),
             _ => None,
         };
-        let connector = proxy::tls::connector(&config.tls)?;
+        let connector = transport::tls::connector(&config.tls)?;
         let mqtts = match (&config.listen.mqtts, parts.proxy) {
             (Some(addr), true) => Some(bind("MQTT over TLS", addr).await?),
             _ => None,
@@ -204,11 +199,11 @@ impl Meshgate {
     pub fn reload(&self, new: Config) -> Result<(), String> {
         let acceptor = match &new.listen.mqtts {
             Some(_) if self.pool.tls_acceptor.load().is_some() => {
-                Some(proxy::tls::acceptor(&new.tls).map_err(|e| e.to_string())?)
+                Some(transport::tls::acceptor(&new.tls).map_err(|e| e.to_string())?)
             }
             _ => None,
         };
-        let connector = proxy::tls::connector(&new.tls).map_err(|e| e.to_string())?;
+        let connector = transport::tls::connector(&new.tls).map_err(|e| e.to_string())?;
         if acceptor.is_some() {
             self.pool.tls_acceptor.store(acceptor.map(Arc::new));
         }

@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cluster::{self, BrokerProcess, RunDir};
-use crate::config::Config;
-use crate::Meshgate;
+use meshgate::config::Config;
+use meshgate::Meshgate;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrontEnd {
@@ -27,7 +27,7 @@ pub enum UpError {
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
     #[error(transparent)]
-    Meshgate(#[from] crate::Error),
+    Meshgate(#[from] meshgate::Error),
 }
 
 enum Front {
@@ -66,7 +66,7 @@ impl Local {
             }
         }
         if front_end == FrontEnd::Nginx && local.config.replication.enabled {
-            let parts = crate::Parts { proxy: false, replication: true };
+            let parts = meshgate::Parts { proxy: false, replication: true };
             match Meshgate::start_parts(local.config.clone(), parts).await {
                 Ok(m) => local.replicator = Some(Box::new(m)),
                 Err(e) => {

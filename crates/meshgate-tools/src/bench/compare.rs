@@ -691,7 +691,7 @@ impl Comparison {
 
     async fn start_nginx(&self) -> anyhow::Result<Proc> {
         let listen = self.target(FrontEnd::Nginx);
-        let config = crate::Config::from_toml(&self.meshgate_toml(listen), "benchmark")?;
+        let config = meshgate::Config::from_toml(&self.meshgate_toml(listen), "benchmark")?;
         let conf = nginx_conf(&cluster::nginx::render(&config), self.s.idle_sessions);
         let prefix = self.work.join("nginx");
         std::fs::create_dir_all(prefix.join("logs"))?;
@@ -734,7 +734,7 @@ pub fn nginx_conf(rendered: &str, idle_sessions: usize) -> String {
 /// second (fall 2, rise 2), broker2 as backup, sessions of a server marked down shut so
 /// clients reconnect, and timeouts as nginx's `proxy_timeout 90s`.
 pub fn haproxy_cfg(listen: SocketAddr, primary: SocketAddr, backup: SocketAddr, idle_sessions: usize) -> String {
-    let connect: String = crate::mqtt::encode::connect(4, "haproxy-check", true, 60, None, None)
+    let connect: String = meshgate::mqtt::encode::connect(4, "haproxy-check", true, 60, None, None)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
@@ -829,8 +829,8 @@ pub fn machine() -> Machine {
         nginx: first_line("nginx", &["-v"]),
         haproxy: first_line("haproxy", &["-v"]),
         meshgate: match commit {
-            Some(c) => format!("{} ({c})", crate::VERSION),
-            None => crate::VERSION.to_string(),
+            Some(c) => format!("{} ({c})", meshgate::VERSION),
+            None => meshgate::VERSION.to_string(),
         },
     }
 }
@@ -852,7 +852,7 @@ mod tests {
             (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         let mut packet = vec![0x10];
         packet.extend(bytes);
-        let c = crate::mqtt::connect::parse(&packet).unwrap();
+        let c = meshgate::mqtt::connect::parse(&packet).unwrap();
         assert_eq!((c.version, c.client_id.as_str()), (4, "haproxy-check"));
         assert!(cfg.contains("expect binary 20020000"));
     }
@@ -860,7 +860,7 @@ mod tests {
     #[test]
     fn nginx_conf_changes_only_the_connection_limits() {
         let shipped = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx/meshgate-stream.conf"),
+            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join("nginx/meshgate-stream.conf"),
         )
         .unwrap();
         let conf = nginx_conf(&shipped, 9000);

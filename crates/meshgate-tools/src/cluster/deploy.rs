@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::{io, ClusterError};
-use crate::config::{BrokerConfig, Config, Failback, OnDown};
+use meshgate::config::{BrokerConfig, Config, Failback, OnDown};
 
 /// Which kind of hosts the files are for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,7 +197,7 @@ pub fn deploy_config(base: &Config, net: &Network) -> Result<Config, DeployError
     c.replication.state_file = Some(PathBuf::from(STATE_FILE));
     c.sessions.state_file = c.sessions.enabled.then(|| PathBuf::from(SESSIONS_FILE));
     // A token does not belong in a checked-in example; the file says where to add one.
-    c.admin = crate::config::AdminConfig::default();
+    c.admin = meshgate::config::AdminConfig::default();
     c.brokers = hosts.iter().map(|h| BrokerConfig { address: h.address(), ..h.settings.clone() }).collect();
     Ok(c)
 }
@@ -599,7 +599,7 @@ mod tests {
     use super::*;
 
     fn root() -> &'static Path {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
     }
 
     fn base() -> Config {
@@ -669,7 +669,7 @@ mod tests {
             let name = format!("broker{}", i + 1);
             let f = files.iter().find(|f| f.name == format!("{name}.yaml")).unwrap();
             assert!(f.text.starts_with("#cloud-config\n"), "cloud-init needs its first line");
-            let doc: serde_yaml::Value = serde_yaml::from_str(&f.text).unwrap();
+            let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&f.text).unwrap();
             assert_eq!(doc["packages"][0], "mosquitto");
             let files_of = |path: &str| {
                 doc["write_files"]
@@ -688,7 +688,8 @@ mod tests {
             // The same settings as the plain-host file, apart from the target named in the header.
             let plain = &systemd.iter().find(|f| f.name == format!("{name}.conf")).unwrap().text;
             assert_eq!(conf.replace("multipass", "systemd"), *plain);
-            let netplan: serde_yaml::Value = serde_yaml::from_str(&files_of("/etc/netplan/60-meshgate.yaml")).unwrap();
+            let netplan: serde_yaml_ng::Value =
+                serde_yaml_ng::from_str(&files_of("/etc/netplan/60-meshgate.yaml")).unwrap();
             let nic = &netplan["network"]["ethernets"]["meshgate0"];
             assert_eq!(nic["addresses"][0], format!("{host}/{}", net.prefix));
             assert_eq!(nic["match"]["macaddress"], mac(i));

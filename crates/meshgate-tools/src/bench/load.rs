@@ -418,7 +418,7 @@ async fn publisher(stream: TcpStream, c: PubConfig, lane: LaneRef, clock: Arc<Cl
             errors.add("puback_missing", format!("{missing} PUBACKs did not arrive"));
         }
     }
-    let _ = wr.write_all(&crate::mqtt::encode::disconnect()).await;
+    let _ = wr.write_all(&meshgate::mqtt::encode::disconnect()).await;
     acks.abort();
     (sent, lags, errors)
 }

@@ -152,7 +152,7 @@ pub struct FailoverArgs {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    crate::config::parse_duration(s).ok_or_else(|| format!("bad duration {s:?} (e.g. \"5s\", \"500ms\")"))
+    meshgate::config::parse_duration(s).ok_or_else(|| format!("bad duration {s:?} (e.g. \"5s\", \"500ms\")"))
 }
 
 /// Any one load's result, tagged, as `--json` prints it.

@@ -12,8 +12,8 @@ mod scenarios;
 use std::time::Duration;
 
 use crate::cluster::{self, RunDir};
-use crate::config::Config;
 pub use chaos::{ChaosOptions, FaultMode};
+use meshgate::config::Config;
 pub use model::{Run, ScenarioResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ fn new_run(target: &Target) -> Run {
     Run {
         front_end: target.front_end.clone(),
         front_address: target.front.clone(),
-        started_ms: crate::events::unix_ms(std::time::SystemTime::now()),
+        started_ms: meshgate::events::unix_ms(std::time::SystemTime::now()),
         results: Vec::new(),
     }
 }

@@ -861,7 +861,9 @@ mod tests {
 
     #[test]
     fn shipped_config_is_valid() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/meshgate.toml")).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."), "/configs/meshgate.toml"))
+                .unwrap();
         let c = parse(&text).unwrap();
         assert_eq!(c.brokers.len(), 5);
         for (i, b) in c.brokers.iter().enumerate() {
@@ -873,7 +875,7 @@ mod tests {
 
     #[test]
     fn fixtures() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/config");
+        let dir = concat!(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."), "/tests/fixtures/config");
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             let name = path.file_name().unwrap().to_string_lossy().to_string();

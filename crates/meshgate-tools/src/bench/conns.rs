@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::stats::{rss_of, Errors, Percentiles};
 use super::wire;
-use crate::mqtt::encode;
+use meshgate::mqtt::encode;
 
 const PINGREQ: [u8; 2] = [0xc0, 0x00];
 

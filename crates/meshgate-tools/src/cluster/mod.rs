@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::config::{BrokerConfig, Config};
-use crate::health::probe::{MqttProbe, Probe};
+use meshgate::config::{BrokerConfig, Config};
+use meshgate::health::probe::{MqttProbe, Probe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -295,7 +295,7 @@ mod tests {
 
     #[test]
     fn shipped_mosquitto_configs_equal_the_rendered_output() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
         let config = Config::load(&root.join("configs/meshgate.toml")).unwrap();
         for b in &config.brokers {
             let shipped = std::fs::read_to_string(root.join(format!("configs/mosquitto/{}.conf", b.name)))

@@ -58,7 +58,7 @@ pub struct ClientArgs {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::config::parse_duration(s).ok_or_else(|| format!("bad duration {s:?} (e.g. \"30s\", \"500ms\")"))
+    meshgate::config::parse_duration(s).ok_or_else(|| format!("bad duration {s:?} (e.g. \"30s\", \"500ms\")"))
 }
 
 fn qos(q: u8) -> QoS {
@@ -71,7 +71,7 @@ fn qos(q: u8) -> QoS {
 
 /// One JSON object per line on stdout: what happened, when, to whom.
 fn log(id: &str, event: &str, extra: serde_json::Value) {
-    let mut v = json!({ "ts_ms": crate::events::unix_ms(SystemTime::now()), "client": id, "event": event });
+    let mut v = json!({ "ts_ms": meshgate::events::unix_ms(SystemTime::now()), "client": id, "event": event });
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         o.extend(e.clone());
     }
@@ -126,7 +126,7 @@ pub async fn run(args: ClientArgs, shutdown: impl std::future::Future<Output = (
             _ = &mut shutdown => break,
             _ = tick, if connected && args.mode == Mode::Sensor => {
                 next_reading += period;
-                let payload = json!({ "seq": seq, "ts_ms": crate::events::unix_ms(SystemTime::now()) }).to_string();
+                let payload = json!({ "seq": seq, "ts_ms": meshgate::events::unix_ms(SystemTime::now()) }).to_string();
                 if client.try_publish(&reading_topic, q, false, payload).is_ok() {
                     seq += 1;
                 }

@@ -9,14 +9,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::{Chart, ChartKind, ScenarioResult, Series, Table};
 use super::{Options, Target};
-use crate::health::probe::PROBE_TOPIC_PREFIX;
-use crate::mqtt::client::RawClient;
+use meshgate::health::probe::PROBE_TOPIC_PREFIX;
+use meshgate::mqtt::client::RawClient;
 
 const SHORT: Duration = Duration::from_secs(2);
 
 /// A tag that keeps topics and client ids of one run apart from every other run.
 pub(super) fn tag() -> String {
-    let ms = crate::events::unix_ms(std::time::SystemTime::now());
+    let ms = meshgate::events::unix_ms(std::time::SystemTime::now());
     format!("{}-{}", std::process::id(), ms % 100_000_000)
 }
 
