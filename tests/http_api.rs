@@ -708,3 +708,21 @@ fn openapi_document_lists_exactly_the_routes() {
         assert!(!node.is_null(), "dangling $ref #/{target}");
     }
 }
+
+/// A reload that changes `[admin] token` takes effect at once: the old token is refused, the
+/// new one works, and removing it turns admin off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_admin_token_replaces_the_old_one() {
+    let net = Net::start(1);
+    let mg = net.meshgate(&format!("[admin]\ntoken = \"{TOKEN}\"\n")).await;
+    let api = mg.http_addr().unwrap();
+    assert_eq!(http(api, "POST", "/brokers/broker1/enable", Some(TOKEN)).await.status, 200);
+    mg.reload(net.config("[admin]\ntoken = \"renewed-token\"\n")).unwrap();
+    let old = http(api, "POST", "/brokers/broker1/enable", Some(TOKEN)).await;
+    assert_eq!(old.status, 401, "the old token after the reload: {}", old.body);
+    assert_eq!(http(api, "POST", "/brokers/broker1/enable", Some("renewed-token")).await.status, 200);
+    mg.reload(net.config("")).unwrap();
+    let off = http(api, "POST", "/brokers/broker1/enable", Some("renewed-token")).await;
+    assert_eq!(off.status, 403, "no token configured: admin is off: {}", off.body);
+    mg.shutdown().await;
+}

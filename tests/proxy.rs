@@ -320,3 +320,34 @@ async fn reload_that_disables_a_broker_closes_its_sessions_like_the_admin_api() 
     assert_eq!((ack.code, on.as_str()), (0, "broker2"), "new sessions go to broker2");
     mg.shutdown().await;
 }
+
+/// A panic in one session's task, while it holds every lock sessions share, must not fail
+/// another session or a later CONNECT (persistent sessions take the record's lock on every
+/// CONNECT; with poisoning locks, each would panic from then on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_one_session_leaves_connects_working() {
+    use tokio::io::AsyncWriteExt;
+    let net = Net::start(1);
+    let mg = net.meshgate("").await;
+    let (mut before, ack) =
+        raw::connect_with(net.mqtt_addr(), 4, "before-panic", false, None, None, 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    mg.panic_holding_shared_locks().await;
+    let mut open = Vec::new();
+    for (id, clean) in [("after-panic-persistent", false), ("after-panic-clean", true), ("before-panic", false)] {
+        let (mut s, ack) = raw::connect_with(net.mqtt_addr(), 4, id, clean, None, None, 5 * SECOND)
+            .await
+            .unwrap_or_else(|e| panic!("{id}: CONNECT after the panic: {e}"));
+        assert_eq!(ack.code, 0, "{id}");
+        s.write_all(&raw::pingreq_packet()).await.unwrap();
+        let (first, _) = raw::read_packet(&mut s, 5 * SECOND).await.expect("PINGRESP");
+        assert_eq!(first, 0xd0, "{id}: the session forwards");
+        open.push(s);
+    }
+    // The first session was taken over by its own reconnect (same client id), as a broker does.
+    assert!(raw::closed_within(&mut before, 5 * SECOND).await);
+    let pool = mg.pool().clone();
+    wait_until(5 * SECOND, || pool.session_count() == 3).await.expect("the registry still works: 3 sessions");
+    assert!(mg.durable().placement("after-panic-persistent").is_some(), "the session record still works");
+    mg.shutdown().await;
+}

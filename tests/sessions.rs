@@ -236,11 +236,9 @@ async fn persistent_subscribers_keep_receiving_through_a_hang_and_a_kill_without
     let paho5 = PahoSub::start(addr, "paho5-sub", "5").await;
     let subs = [("rumqttc", &rumq.seen), ("paho", &paho.seen), ("paho MQTT 5", &paho5.seen)];
     // Both sessions and their subscription are recorded.
-    let pl = pool.clone();
+    let pl = mg.durable().clone();
     wait_until(5 * SECOND, || {
-        ["rumqttc-sub", "paho-sub", "paho5-sub"]
-            .iter()
-            .all(|id| pl.durable.placement(id).is_some_and(|p| p.subscriptions == 1))
+        ["rumqttc-sub", "paho-sub", "paho5-sub"].iter().all(|id| pl.placement(id).is_some_and(|p| p.subscriptions == 1))
     })
     .await
     .expect("every subscription recorded");
@@ -339,9 +337,9 @@ async fn offline_subscriber_loses(standby: bool) -> (usize, Vec<bool>) {
     assert_eq!(first, 0x90, "SUBACK");
     s.write_all(&raw::disconnect_packet()).await.unwrap();
     drop(s);
-    let pl = pool.clone();
+    let pl = mg.durable().clone();
     wait_until(5 * SECOND, || {
-        pl.durable.placement("offline-sub").is_some_and(|p| !standby || p.standby.as_deref() == Some("broker2"))
+        pl.placement("offline-sub").is_some_and(|p| !standby || p.standby.as_deref() == Some("broker2"))
     })
     .await
     .expect("session recorded (and its standby made)");
@@ -436,8 +434,8 @@ async fn a_broker_that_lost_the_session_gets_its_subscriptions_back_before_the_c
     assert_eq!((m.topic.as_str(), m.payload.as_slice(), m.qos), (TOPIC, &b"hello"[..], 1));
     // An UNSUBSCRIBE acknowledged by the broker leaves the record too.
     unsubscribe(&mut s, 9, "data/#").await;
-    let pl = pool.clone();
-    wait_until(2 * SECOND, || pl.durable.placement("restore-me").is_some_and(|p| p.subscriptions == 0))
+    let pl = mg.durable().clone();
+    wait_until(2 * SECOND, || pl.placement("restore-me").is_some_and(|p| p.subscriptions == 0))
         .await
         .expect("unsubscribe recorded");
     mg.shutdown().await;
@@ -490,8 +488,8 @@ async fn migration_still_happens_after_a_meshgate_restart() {
     subscribe(&mut s, 1, "data/#", 1).await;
     s.write_all(&raw::disconnect_packet()).await.unwrap();
     drop(s);
-    let pool = mg.pool().clone();
-    wait_until(2 * SECOND, || pool.durable.placement("survivor").is_some()).await.unwrap();
+    let durable = mg.durable().clone();
+    wait_until(2 * SECOND, || durable.placement("survivor").is_some()).await.unwrap();
     mg.shutdown().await;
     let text = std::fs::read_to_string(&state).expect("the record was saved");
     assert!(text.contains("data/#") && text.contains("broker1"), "{text}");
@@ -616,12 +614,10 @@ async fn a_standby_copy_is_remade_when_subscriptions_change() {
         subscribe(&mut s, id, filter, 1).await;
     }
     let ops = |p: &meshgate::pool::Pool| p.metrics.durable_ops.with_label_values(&["standby", "ok"]).get();
-    let pl = pool.clone();
-    wait_until(5 * SECOND, || {
-        pl.durable.placement("changer").is_some_and(|p| p.standby.is_some() && p.subscriptions == 2)
-    })
-    .await
-    .expect("standby made");
+    let pl = mg.durable().clone();
+    wait_until(5 * SECOND, || pl.placement("changer").is_some_and(|p| p.standby.is_some() && p.subscriptions == 2))
+        .await
+        .expect("standby made");
     let made = ops(&pool);
     unsubscribe(&mut s, 3, "drop/#").await;
     let pl = pool.clone();

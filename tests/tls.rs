@@ -183,3 +183,121 @@ async fn a_broker_with_tls_true_is_reached_over_tls() {
     assert!(broker.log().contains("plain-client"), "the broker saw the client over TLS");
     mg.shutdown().await;
 }
+
+/// Two brokers that speak TLS only (Mosquitto with a TLS listener and nothing else), behind a
+/// meshgate whose config says `tls = true` for both: every probe kind, replication both ways
+/// and persistent-session migration reach them over TLS, as client sessions do.
+struct TlsPool {
+    slot: Slot,
+    dir: tempfile::TempDir,
+    brokers: Vec<Mosquitto>,
+}
+
+impl TlsPool {
+    fn start() -> TlsPool {
+        let slot = Slot::acquire();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(dir.path(), "ca");
+        let brokers = (0..2)
+            .map(|i| {
+                let addr = slot.addr(10 + i, 8883);
+                let name = format!("broker{}", i + 1);
+                let (c, k) = ca.issue(dir.path(), &name, Some(addr.ip()), false);
+                let extra = format!(
+                    "cafile {}\ncertfile {}\nkeyfile {}\n",
+                    dir.path().join("ca.pem").display(),
+                    c.display(),
+                    k.display()
+                );
+                Mosquitto::start_tls(&name, addr, &extra)
+            })
+            .collect();
+        TlsPool { slot, dir, brokers }
+    }
+
+    fn config(&self, probe: &str, replication: bool) -> meshgate::Config {
+        let mut text = format!(
+            "[listen]\nmqtt = \"{}\"\nhttp = \"off\"\n[health]\nprobe = \"{probe}\"\ninterval = \"100ms\"\n\
+             [replication]\nenabled = {replication}\n[tls]\nbroker_ca = \"{}/ca.pem\"\n",
+            self.slot.addr(1, 1883),
+            self.dir.path().display(),
+        );
+        for b in &self.brokers {
+            text.push_str(&format!("[[broker]]\nname = \"{}\"\naddress = \"{}\"\ntls = true\n", b.name, b.addr));
+        }
+        meshgate::Config::from_toml(&text, "tls-pool").unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_brokers_are_probed_replicated_and_keep_persistent_sessions_over_tls() {
+    use meshgate::upstream::client::RawClient;
+    let mut pool = blocking(TlsPool::start);
+    let wait = Duration::from_secs(5);
+
+    // Every probe kind talks TLS: each broker is up after several probes, none failed.
+    for probe in ["tcp", "mqtt", "pubsub"] {
+        let mg = Meshgate::start(pool.config(probe, false)).await.unwrap();
+        let p = mg.pool().clone();
+        let probed = common::mqtt::wait_until(wait, || p.brokers().iter().all(|b| b.health().history.len() >= 3)).await;
+        assert!(probed.is_some(), "{probe}: three probes of each broker within {wait:?}");
+        for b in p.brokers().iter() {
+            let h = b.health();
+            assert_eq!(b.probe_up(), Some(true), "{probe} probe of {}: {:?}", b.name, h.last);
+            assert!(h.history.iter().all(Option::is_some), "{probe} probe of {} failed once: {:?}", b.name, h.last);
+        }
+        mg.shutdown().await;
+    }
+
+    let mg = Meshgate::start(pool.config("mqtt", true)).await.unwrap();
+    let repl = mg.replication().unwrap().clone();
+    common::mqtt::wait_until(wait, || repl.view().links.iter().all(|l| l.connected))
+        .await
+        .expect("both replication links connect over TLS");
+    let upstream = mg.proxy().upstream.clone();
+    let config = pool.config("mqtt", true);
+    let direct = |i: usize, id: &'static str| {
+        let (upstream, broker) = (upstream.clone(), config.brokers[i].clone());
+        async move {
+            let (c, code, _) = RawClient::connect_via(&upstream, &broker, id, true, wait).await.unwrap();
+            assert_eq!(code, 0, "{id}");
+            c
+        }
+    };
+
+    // Replication to and from each TLS broker.
+    for (from, to) in [(0, 1), (1, 0)] {
+        let mut sub = direct(to, if to == 0 { "tls-sub-1" } else { "tls-sub-2" }).await;
+        sub.subscribe("repl/#", 1, wait).await.unwrap();
+        let mut publ = direct(from, if from == 0 { "tls-pub-1" } else { "tls-pub-2" }).await;
+        let topic = format!("repl/from-{}", from + 1);
+        publ.publish(&topic, b"copied", 1, false, wait).await.unwrap();
+        let got = sub.next_message(wait).await.unwrap().expect("the copy arrives on the other broker");
+        assert_eq!((got.topic.as_str(), got.payload.as_slice()), (topic.as_str(), &b"copied"[..]));
+    }
+
+    // A persistent session homed on broker1 moves to broker2 when broker1 dies, and keeps
+    // what is published meanwhile.
+    let mut client =
+        RawClient::connect(&pool.slot.addr(1, 1883).to_string(), "tls-persistent", false, wait).await.unwrap().0;
+    client.subscribe("sess/#", 1, wait).await.unwrap();
+    client.disconnect().await;
+    let durable = mg.durable().clone();
+    common::mqtt::wait_until(wait, || durable.placement("tls-persistent").is_some_and(|p| p.subscriptions == 1))
+        .await
+        .expect("subscription recorded");
+    blocking(|| pool.brokers[0].kill());
+    let metrics = mg.pool().clone();
+    common::mqtt::wait_until(wait, || metrics.metrics.durable_ops.with_label_values(&["migrate", "ok"]).get() == 1)
+        .await
+        .expect("the session is recreated on broker2 over TLS");
+    assert_eq!(durable.placement("tls-persistent").unwrap().home.as_deref(), Some("broker2"));
+    let mut publ = direct(1, "tls-pub-late").await;
+    publ.publish("sess/late", b"kept", 1, false, wait).await.unwrap();
+    let (mut back, code, _) =
+        RawClient::connect(&pool.slot.addr(1, 1883).to_string(), "tls-persistent", false, wait).await.unwrap();
+    assert_eq!(code, 0);
+    let got = back.next_message(wait).await.unwrap().expect("the message queued on broker2 is delivered");
+    assert_eq!((got.topic.as_str(), got.payload.as_slice()), ("sess/late", &b"kept"[..]));
+    mg.shutdown().await;
+}

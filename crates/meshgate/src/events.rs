@@ -1,7 +1,7 @@
 //! The event log: failovers, state changes, drains and reloads, numbered, in a bounded ring, and logged.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -43,7 +43,7 @@ impl EventLog {
     /// Records and logs an event; returns its sequence number.
     pub fn push(&self, kind: &'static str, broker: Option<&str>, message: String) -> u64 {
         tracing::info!(event = kind, broker = broker.unwrap_or(""), "{message}");
-        let mut ring = self.ring.lock().unwrap();
+        let mut ring = self.ring.lock();
         let event = Event {
             seq: ring.next_seq,
             at_ms: unix_ms(SystemTime::now()),
@@ -64,7 +64,7 @@ impl EventLog {
 
     /// Events with a sequence number greater than `since`, oldest first.
     pub fn since(&self, since: u64) -> Vec<Event> {
-        let ring = self.ring.lock().unwrap();
+        let ring = self.ring.lock();
         ring.events.iter().filter(|e| e.seq > since).cloned().collect()
     }
 
@@ -73,7 +73,7 @@ impl EventLog {
     }
 
     pub fn last_seq(&self) -> u64 {
-        self.ring.lock().unwrap().next_seq - 1
+        self.ring.lock().next_seq - 1
     }
 }
 

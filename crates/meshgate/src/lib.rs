@@ -25,10 +25,14 @@ pub mod replication;
 pub mod sidecar;
 pub mod statefile;
 pub mod transport;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use parking_lot::Mutex;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +40,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use config::Config;
+use durable::Durable;
 use pool::Pool;
+use upstream::Upstream;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -84,6 +90,9 @@ pub struct Parts {
 /// A running meshgate: listeners bound, checkers, proxy and API serving.
 pub struct Meshgate {
     pool: Arc<Pool>,
+    proxy: Arc<proxy::Proxy>,
+    /// `[admin] token` as the HTTP API reads it; a reload swaps it.
+    admin_token: Arc<ArcSwapOption<String>>,
     config: Mutex<Config>,
     mqtt_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
@@ -114,7 +123,7 @@ impl Meshgate {
             (Some(_), true) => Some(transport::tls::acceptor(&config.tls)?),
             _ => None,
         };
-        let connector = transport::tls::connector(&config.tls)?;
+        let upstream = Arc::new(Upstream::new(&config)?);
         let mqtts = match (&config.listen.mqtts, parts.proxy) {
             (Some(addr), true) => Some(bind("MQTT over TLS", addr).await?),
             _ => None,
@@ -125,28 +134,35 @@ impl Meshgate {
         };
         let mqtt_addr = mqtt.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let http_addr = http.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
-        let pool = Arc::new(Pool::new(&config));
-        pool.tls_acceptor.store(acceptor.map(Arc::new));
-        pool.tls_connector.store(connector.map(Arc::new));
+        // The session engine hears of broker and session changes through the pool's hooks; the
+        // pool itself knows nothing of it.
+        let durable = Arc::new(Durable::new(&config.sessions));
+        let pool = Arc::new(Pool::with_hooks(&config, durable.clone()));
+        let proxy = Arc::new(proxy::Proxy::new(pool.clone(), upstream.clone(), durable.clone()));
+        proxy.acceptor.store(acceptor.map(Arc::new));
+        let admin_token = Arc::new(ArcSwapOption::from(config.admin.token.clone().map(Arc::new)));
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let checkers = stop.child_token();
-        health::spawn_checkers(&pool, &config.health, &tracker, &checkers);
+        health::spawn_checkers(&pool, &upstream, &config.health, &tracker, &checkers);
         if let Some(mqtt) = mqtt {
             tracker.spawn(proxy::rebalance_loop(pool.clone(), stop.clone()));
-            tracker.spawn(proxy::accept_loop(mqtt, pool.clone(), tracker.clone(), stop.clone(), false));
+            tracker.spawn(proxy::accept_loop(mqtt, proxy.clone(), tracker.clone(), stop.clone(), false));
         }
         if let Some(mqtts) = mqtts {
-            tracker.spawn(proxy::accept_loop(mqtts, pool.clone(), tracker.clone(), stop.clone(), true));
+            tracker.spawn(proxy::accept_loop(mqtts, proxy.clone(), tracker.clone(), stop.clone(), true));
         }
         if parts.proxy {
-            tracker.spawn(durable::maintain(pool.clone(), stop.clone()));
+            tracker.spawn(durable::maintain(pool.clone(), durable.clone(), upstream.clone(), stop.clone()));
         }
-        let replication = parts.replication.then(|| replication::Replication::start(&config, &pool, &tracker, &stop));
+        let replication =
+            parts.replication.then(|| replication::Replication::start(&config, &pool, &upstream, &tracker, &stop));
         if let Some(listener) = http {
             let app = http::router(http::AppState {
                 pool: pool.clone(),
-                admin_token: config.admin.token.clone(),
+                durable: durable.clone(),
+                upstream: upstream.clone(),
+                admin_token: admin_token.clone(),
                 replication: replication.clone(),
                 stop: stop.clone(),
             });
@@ -168,6 +184,8 @@ impl Meshgate {
         );
         Ok(Meshgate {
             pool,
+            proxy,
+            admin_token,
             config: Mutex::new(config),
             mqtt_addr,
             http_addr,
@@ -191,6 +209,28 @@ impl Meshgate {
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
+    /// Persistent sessions: the record, restores, migrations and standby copies.
+    pub fn durable(&self) -> &Arc<Durable> {
+        &self.proxy.durable
+    }
+    /// The client side: admission limits, TLS acceptor, the way to the brokers.
+    pub fn proxy(&self) -> &Arc<proxy::Proxy> {
+        &self.proxy
+    }
+
+    /// Test hook: a task that panics while it holds every lock client sessions share (the
+    /// persistent-session record, the session registry, a broker's passive accounting, the
+    /// admission limits), as a bug in one session's task would. Returns once it has panicked.
+    #[doc(hidden)]
+    pub async fn panic_holding_shared_locks(&self) {
+        let proxy = self.proxy.clone();
+        let task = tokio::spawn(async move {
+            proxy.durable.with_locks_held(|| {
+                proxy.pool.with_locks_held(|| proxy.limits.with_locks_held(|| panic!("injected panic")))
+            })
+        });
+        assert!(task.await.is_err_and(|e| e.is_panic()), "the injected panic happened");
+    }
 
     /// Applies a new configuration without dropping established sessions, and re-reads the
     /// certificate files (so renewed certificates take effect). Listen addresses cannot
@@ -198,17 +238,19 @@ impl Meshgate {
     /// cannot be used refuses the whole reload: the running configuration stays.
     pub fn reload(&self, new: Config) -> Result<(), String> {
         let acceptor = match &new.listen.mqtts {
-            Some(_) if self.pool.tls_acceptor.load().is_some() => {
+            Some(_) if self.proxy.acceptor.load().is_some() => {
                 Some(transport::tls::acceptor(&new.tls).map_err(|e| e.to_string())?)
             }
             _ => None,
         };
-        let connector = transport::tls::connector(&new.tls).map_err(|e| e.to_string())?;
+        // Checked before anything changes: a CA that cannot be used refuses the whole reload.
+        transport::tls::connector(&new.tls).map_err(|e| e.to_string())?;
         if acceptor.is_some() {
-            self.pool.tls_acceptor.store(acceptor.map(Arc::new));
+            self.proxy.acceptor.store(acceptor.map(Arc::new));
         }
-        self.pool.tls_connector.store(connector.map(Arc::new));
-        let mut current = self.config.lock().unwrap();
+        self.proxy.upstream.reload(&new).map_err(|e| e.to_string())?;
+        self.admin_token.store(new.admin.token.clone().map(Arc::new));
+        let mut current = self.config.lock();
         if new.listen != current.listen {
             warn!("listen addresses changed in the new config; they take effect only after a restart");
         }
@@ -223,8 +265,8 @@ impl Meshgate {
         }
         self.pool.apply(&new);
         let fresh = self.stop.child_token();
-        health::spawn_checkers(&self.pool, &new.health, &self.tracker, &fresh);
-        std::mem::replace(&mut *self.checkers.lock().unwrap(), fresh).cancel();
+        health::spawn_checkers(&self.pool, &self.proxy.upstream, &new.health, &self.tracker, &fresh);
+        std::mem::replace(&mut *self.checkers.lock(), fresh).cancel();
         self.pool.metrics.reloads.with_label_values(&["ok"]).inc();
         self.pool.events.push("reload", None, format!("configuration reloaded: {} broker(s)", new.brokers.len()));
         *current = new;

@@ -108,6 +108,25 @@ pub struct BrokerConfig {
     pub tls_name: Option<String>,
 }
 
+impl BrokerConfig {
+    /// A broker at `address` with every default (named after its address): for tools that
+    /// reach brokers outside a configuration.
+    pub fn at(address: &str) -> BrokerConfig {
+        BrokerConfig {
+            name: address.to_string(),
+            address: address.to_string(),
+            priority: 1,
+            weight: 1,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            max_conns: 0,
+            enabled: true,
+            tls: false,
+            tls_name: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeKind {
     Tcp,

@@ -26,7 +26,9 @@ pub use upkeep::maintain;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
@@ -70,7 +72,7 @@ pub struct Turn {
 impl Drop for Turn {
     fn drop(&mut self) {
         self.guard.take();
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locks = self.locks.lock();
         // Held by the map and by this turn only: nobody is waiting.
         if Arc::strong_count(&self.mutex) == 2 {
             locks.remove(&self.client_id);
@@ -151,6 +153,13 @@ impl Durable {
         self.cfg.enabled
     }
 
+    /// Runs `f` holding the record's locks (see `Meshgate::panic_holding_shared_locks`).
+    #[doc(hidden)]
+    pub fn with_locks_held<T>(&self, f: impl FnOnce() -> T) -> T {
+        let (_store, _connects, _locks) = (self.store.lock(), self.connects.lock(), self.locks.lock());
+        f()
+    }
+
     /// Called the moment `broker` stops taking sessions (`lost`) or takes them again: when
     /// persistent sessions live there (lost) or outdated copies wait to be wiped there (back),
     /// new client sessions wait, at most `OP_LIMIT`, until that work is done.
@@ -158,7 +167,7 @@ impl Durable {
         if !self.cfg.enabled {
             return;
         }
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         let relevant = if lost {
             store.sessions.values().any(|r| r.home.as_deref() == Some(broker) && !r.subscriptions.is_empty())
         } else {
@@ -202,7 +211,7 @@ impl Durable {
 
     /// Takes this client id's turn (see the module comment).
     pub async fn lock(&self, client_id: &str) -> Turn {
-        let m = self.locks.lock().unwrap().entry(client_id.to_string()).or_default().clone();
+        let m = self.locks.lock().entry(client_id.to_string()).or_default().clone();
         let guard = m.clone().lock_owned().await;
         Turn { guard: Some(guard), mutex: m, client_id: client_id.to_string(), locks: self.locks.clone() }
     }
@@ -220,12 +229,12 @@ impl Durable {
 
     /// meshgate keeps a session of this client id, or a copy of one to wipe.
     pub fn knows(&self, client_id: &str) -> bool {
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         store.sessions.contains_key(client_id) || store.orphans.iter().any(|o| o.client_id == client_id)
     }
 
     pub fn placement(&self, client_id: &str) -> Option<Placement> {
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         store.sessions.get(client_id).map(|r| Placement {
             home: r.home.clone(),
             standby: r.standby.clone(),
@@ -236,13 +245,13 @@ impl Durable {
 
     pub fn list(&self) -> Vec<SessionView> {
         let now = now_ms();
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         let mut v: Vec<SessionView> = store
             .sessions
             .iter()
             .map(|(id, r)| SessionView {
                 client_id: id.clone(),
-                protocol: crate::http::protocol_name(r.version),
+                protocol: crate::mqtt::protocol_name(r.version),
                 connected: r.connected,
                 home: r.home.clone(),
                 standby: r.standby.clone(),
@@ -261,7 +270,7 @@ impl Durable {
     }
 
     pub fn count(&self) -> usize {
-        self.store.lock().unwrap().sessions.len()
+        self.store.lock().sessions.len()
     }
 
     /// `broker` accepted a CONNECT of a client id meshgate has a record of (or a persistent
@@ -271,11 +280,11 @@ impl Durable {
         if !self.cfg.enabled {
             return;
         }
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         if !persistent {
             if store.remove(client_id, Some(broker), self.cfg.max_sessions).is_some() {
                 drop(store);
-                self.connects.lock().unwrap().remove(client_id);
+                self.connects.lock().remove(client_id);
                 self.changed();
             }
         } else if clean {
@@ -291,7 +300,7 @@ impl Durable {
 
     /// Subscriptions to put back when a persistent client landed on a broker without its session.
     pub fn to_restore(&self, client_id: &str) -> Vec<(String, Sub)> {
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         store
             .sessions
             .get(client_id)
@@ -308,7 +317,7 @@ impl Durable {
             _ => self.cfg.expiry.as_secs(),
         };
         let now = now_ms();
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         let mut rec = store
             .sessions
             .remove(&connect.client_id)
@@ -335,7 +344,7 @@ impl Durable {
         }
         let gone = store.put(&connect.client_id, rec, self.cfg.max_sessions);
         drop(store);
-        let mut connects = self.connects.lock().unwrap();
+        let mut connects = self.connects.lock();
         if let Some(gone) = gone {
             warn!(client_id = %gone, "persistent-session record full (sessions.max_sessions): forgot the session seen longest ago");
             connects.remove(&gone);
@@ -347,14 +356,14 @@ impl Durable {
 
     /// A connection of this persistent client id is registered (and so counts as connected).
     pub fn on_registered(&self, client_id: &str) {
-        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+        if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.connected = true;
         }
     }
 
     /// The last connection of a persistent client id through meshgate ended.
     pub fn on_disconnected(&self, client_id: &str) {
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         if let Some(r) = store.sessions.get_mut(client_id) {
             r.connected = false;
             r.last_seen_ms = now_ms();
@@ -364,7 +373,7 @@ impl Durable {
     }
 
     fn add(&self, client_id: &str, subs: Vec<(String, Sub)>) {
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         let Some(r) = store.sessions.get_mut(client_id) else { return };
         for (f, s) in subs {
             if r.subscriptions.len() >= self.cfg.max_subscriptions && !r.subscriptions.contains_key(&f) {
@@ -382,7 +391,7 @@ impl Durable {
     }
 
     fn remove(&self, client_id: &str, filters: &[String]) {
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         let Some(r) = store.sessions.get_mut(client_id) else { return };
         for f in filters {
             r.subscriptions.remove(f);
@@ -395,15 +404,15 @@ impl Durable {
     /// The client ended its session (MQTT 5 DISCONNECT with session expiry 0) on `broker`,
     /// which ends it there; copies elsewhere become orphans.
     fn forget(&self, client_id: &str, broker: &str) {
-        let removed = self.store.lock().unwrap().remove(client_id, Some(broker), self.cfg.max_sessions).is_some();
+        let removed = self.store.lock().remove(client_id, Some(broker), self.cfg.max_sessions).is_some();
         if removed {
-            self.connects.lock().unwrap().remove(client_id);
+            self.connects.lock().remove(client_id);
             self.changed();
         }
     }
 
     fn mark_incomplete(&self, client_id: &str) {
-        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+        if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.incomplete = true;
         }
         self.changed();
@@ -416,7 +425,7 @@ impl Durable {
             return;
         }
         let Some(path) = self.cfg.state_file.clone() else { return };
-        let text = serde_json::to_string(&*self.store.lock().unwrap());
+        let text = serde_json::to_string(&*self.store.lock());
         let result = match text {
             Ok(text) => tokio::task::spawn_blocking(move || crate::statefile::write(&path, text))
                 .await
@@ -430,40 +439,40 @@ impl Durable {
 
     /// Forgets expired sessions (and what meshgate held for them); returns how many.
     fn expire(&self) -> usize {
-        let mut store = self.store.lock().unwrap();
+        let mut store = self.store.lock();
         let n = store.expire(now_ms());
         if n > 0 {
-            self.connects.lock().unwrap().retain(|id, _| store.sessions.contains_key(id));
+            self.connects.lock().retain(|id, _| store.sessions.contains_key(id));
             self.dirty.store(true, Ordering::Relaxed);
         }
         // Turns whose waiter gave up (a cancelled `lock`) leave an entry nobody holds.
-        self.locks.lock().unwrap().retain(|_, m| Arc::strong_count(m) > 1);
+        self.locks.lock().retain(|_, m| Arc::strong_count(m) > 1);
         n
     }
 
     /// Only the records `pick` accepts are copied: with many sessions, a pass that finds
     /// nothing to do costs a walk over the map and no allocation.
     fn select(&self, pick: impl Fn(&str, &Record) -> bool) -> Vec<(String, Record)> {
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         store.sessions.iter().filter(|(id, r)| pick(id, r)).map(|(id, r)| (id.clone(), r.clone())).collect()
     }
 
     fn orphans(&self, pick: impl Fn(&Orphan) -> bool) -> Vec<Orphan> {
-        self.store.lock().unwrap().orphans.iter().filter(|o| pick(o)).cloned().collect()
+        self.store.lock().orphans.iter().filter(|o| pick(o)).cloned().collect()
     }
 
     fn record(&self, client_id: &str) -> Option<Record> {
-        self.store.lock().unwrap().sessions.get(client_id).cloned()
+        self.store.lock().sessions.get(client_id).cloned()
     }
 
     /// The client's own last CONNECT, if meshgate has seen one since it started.
     fn own_connect(&self, client_id: &str) -> Option<Vec<u8>> {
-        self.connects.lock().unwrap().get(client_id).cloned()
+        self.connects.lock().get(client_id).cloned()
     }
 
     /// The session was recreated on `home` (migration, or a standby copy taking over).
     fn set_home(&self, client_id: &str, home: &str) {
-        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+        if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.stale_copies.retain(|b| b != home);
             if r.standby.as_deref() == Some(home) {
                 r.standby = None;
@@ -477,7 +486,7 @@ impl Durable {
 
     /// A standby copy made on `standby` from the subscriptions of `generation`.
     fn set_standby(&self, client_id: &str, standby: &str, generation: u64) {
-        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+        if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.stale_copies.retain(|b| b != standby);
             if let Some(old) = r.standby.replace(standby.to_string()) {
                 r.mark_stale(&old);
@@ -489,27 +498,43 @@ impl Durable {
 
     /// The standby copy is not what it should be (its broker lost it): make it again.
     fn standby_lost(&self, client_id: &str) {
-        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+        if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.standby_generation = u64::MAX;
         }
         self.changed();
     }
 
     fn copy_wiped(&self, client_id: &str, broker: &str) {
-        if let Some(r) = self.store.lock().unwrap().sessions.get_mut(client_id) {
+        if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.stale_copies.retain(|b| b != broker);
         }
         self.changed();
     }
 
     fn orphan_listed(&self, orphan: &Orphan) -> bool {
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         store.orphans.contains(orphan) && !store.sessions.contains_key(&orphan.client_id)
     }
 
     fn orphan_done(&self, orphan: &Orphan) {
-        self.store.lock().unwrap().orphans.retain(|o| o != orphan);
+        self.store.lock().orphans.retain(|o| o != orphan);
         self.changed();
+    }
+}
+
+/// How the pool's changes reach the session engine (wired in `lib.rs`).
+impl crate::pool::Hooks for Durable {
+    fn broker_changed(&self, broker: &str, lost: bool) {
+        self.hold_new_sessions(broker, lost);
+    }
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+    fn client_registered(&self, client_id: &str) {
+        self.on_registered(client_id);
+    }
+    fn client_gone(&self, client_id: &str) {
+        self.on_disconnected(client_id);
     }
 }
 
@@ -687,12 +712,12 @@ mod tests {
         d.on_established(&connect(4, "c"), &[], "b1");
         // A clean CONNECT through b2 ends the session; its copy on b1 is an orphan ...
         d.on_connect("c", true, false, "b2");
-        assert_eq!(d.store.lock().unwrap().orphans.len(), 1);
+        assert_eq!(d.store.lock().orphans.len(), 1);
         assert!(d.knows("c"), "the orphan makes the id's setup take its turn");
         // ... until the client is persistent again, on b2: then b1 holds an outdated copy of
         // this session, which a wipe checks against the record.
         d.on_established(&connect(4, "c"), &[], "b2");
-        let store = d.store.lock().unwrap();
+        let store = d.store.lock();
         assert!(store.orphans.is_empty());
         assert_eq!(store.sessions["c"].stale_copies, vec!["b1".to_string()]);
         assert_eq!(store.sessions["c"].home.as_deref(), Some("b2"));
@@ -730,6 +755,6 @@ mod tests {
         d.on_established(&connect(4, "c4"), &[], "b1");
         d.on_connect("c4", true, false, "b1");
         assert!(d.placement("c4").is_none(), "a clean 3.1.1 CONNECT ends the old session");
-        assert!(d.store.lock().unwrap().orphans.is_empty(), "its only copy was on b1, where it connected clean");
+        assert!(d.store.lock().orphans.is_empty(), "its only copy was on b1, where it connected clean");
     }
 }

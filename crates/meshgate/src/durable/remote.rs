@@ -6,59 +6,30 @@
 
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::time::{timeout_at, Instant};
 
 use super::store::Sub;
+use crate::config::BrokerConfig;
+use crate::mqtt::connect::Rewrite;
+use crate::mqtt::encode::{self, ConnectFields};
+use crate::mqtt::io::PacketReader;
+use crate::mqtt::kind;
 use crate::mqtt::subscribe::{encode_subscribe, granted, parse_ack};
-use crate::mqtt::{decode_length, encode_length, kind, Length, Reader};
-use crate::pool::{Broker, Pool};
-use crate::proxy::forward::write_all;
-use crate::transport::conn::Conn;
+use crate::transport::{write_all, Conn};
+use crate::upstream::Upstream;
 
 /// Packet ids of meshgate's own SUBSCRIBEs count down from here; the client's own packets
 /// are held back until these are acknowledged, so the ids cannot collide.
 const FIRST_ID: u16 = 0xffff;
 
-/// Reads whole packets from a broker connection, after the bytes already read with its CONNACK.
-pub struct Packets<'a> {
-    conn: &'a mut Conn,
-    buf: Vec<u8>,
-}
+/// Largest packet meshgate reads on a session's behalf (a queued message included).
+const READ_LIMIT: usize = crate::mqtt::MAX_REMAINING_LENGTH as usize + 5;
 
-impl<'a> Packets<'a> {
-    pub fn new(conn: &'a mut Conn, already: Vec<u8>) -> Packets<'a> {
-        Packets { conn, buf: already }
-    }
+/// A broker connection read packet by packet, after the bytes already read with its CONNACK.
+pub type Packets<'a> = PacketReader<&'a mut Conn>;
 
-    /// The next packet's raw bytes and where its body starts; `Err` when the broker closes.
-    pub async fn next(&mut self, deadline: Instant) -> Result<(Vec<u8>, usize), String> {
-        loop {
-            if !self.buf.is_empty() {
-                match decode_length(&self.buf[1..]) {
-                    Length::Done(len, n) if self.buf.len() >= 1 + n + len as usize => {
-                        let rest = self.buf.split_off(1 + n + len as usize);
-                        let raw = std::mem::replace(&mut self.buf, rest);
-                        return Ok((raw, 1 + n));
-                    }
-                    Length::Malformed => return Err("broker sent a malformed packet".into()),
-                    _ => {}
-                }
-            }
-            self.buf.reserve(4096);
-            match timeout_at(deadline, self.conn.read_buf(&mut self.buf)).await {
-                Err(_) => return Err("no answer in time".into()),
-                Ok(Ok(0)) => return Err("broker closed the connection".into()),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e.to_string()),
-            }
-        }
-    }
-
-    /// Bytes read but not yet returned as packets.
-    pub fn leftover(self) -> Vec<u8> {
-        self.buf
-    }
+pub fn packets(conn: &mut Conn, already: Vec<u8>) -> Packets<'_> {
+    PacketReader::with_buffered(conn, already, READ_LIMIT)
 }
 
 /// The options a restore subscribes with: the client's own, but in MQTT 5 without retained
@@ -93,30 +64,31 @@ pub async fn subscribe_all(
         ));
         waiting.push(id);
     }
-    timeout_at(deadline, write_all(packets.conn, &out))
+    timeout_at(deadline, write_all(*packets.stream(), &out))
         .await
         .map_err(|_| "write timed out".to_string())?
         .map_err(|e| e.to_string())?;
     let mut granted_n = 0;
     let mut passed = Vec::new();
     while !waiting.is_empty() {
-        let (raw, body) = packets.next(deadline).await?;
-        if raw[0] >> 4 == kind::SUBACK {
-            let ack = parse_ack(version, &raw[body..]).ok_or("malformed SUBACK")?;
+        let p = timeout_at(deadline, packets.next()).await.map_err(|_| "no answer in time".to_string())?;
+        let p = p.map_err(|e| e.to_string())?;
+        if p.kind() == kind::SUBACK {
+            let ack = parse_ack(version, p.body()).ok_or("malformed SUBACK")?;
             if let Some(pos) = waiting.iter().position(|&id| id == ack.packet_id) {
                 waiting.swap_remove(pos);
                 granted_n += ack.codes.iter().filter(|&&c| granted(c)).count();
                 continue;
             }
         }
-        passed.extend_from_slice(&raw);
+        passed.extend_from_slice(&p.bytes);
     }
     Ok((granted_n, passed))
 }
 
 /// The CONNECT meshgate sends for a client: the client's own (so its credentials work),
-/// with clean session / clean start cleared; or, when meshgate has not seen it since it
-/// started, one built from the record (no password).
+/// without its will and with clean session / clean start cleared; or, when meshgate has not
+/// seen it since it started, one built from the record (no password).
 pub fn session_connect(
     own: Option<&[u8]>,
     version: u8,
@@ -124,96 +96,40 @@ pub fn session_connect(
     username: Option<&str>,
     expiry_secs: u64,
 ) -> Vec<u8> {
-    if let Some(p) = own.and_then(without_will).and_then(|p| set_clean(&p, false)) {
+    let edit = Rewrite { clean: Some(false), drop_will: true, expiry: None };
+    if let Some(p) = own.and_then(|p| Some(crate::mqtt::connect::parse(p).ok()?.rewrite(p, edit))) {
         return p;
     }
-    let mut b = Vec::with_capacity(32 + client_id.len());
-    let name: &[u8] = if version == 3 { b"MQIsdp" } else { b"MQTT" };
-    b.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    b.extend_from_slice(name);
-    b.push(version);
-    b.push(if username.is_some() { 0x80 } else { 0 });
-    b.extend_from_slice(&30u16.to_be_bytes());
-    if version == 5 {
-        // Session Expiry Interval (0x11), four bytes.
-        let secs = expiry_secs.min(u64::from(u32::MAX)) as u32;
-        b.extend_from_slice(&[5, 0x11]);
-        b.extend_from_slice(&secs.to_be_bytes());
-    }
-    for s in std::iter::once(client_id).chain(username) {
-        b.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        b.extend_from_slice(s.as_bytes());
-    }
-    let mut out = vec![0x10];
-    encode_length(b.len(), &mut out);
-    out.extend_from_slice(&b);
-    out
+    encode::connect_with(&ConnectFields {
+        version,
+        client_id,
+        clean: false,
+        keepalive: 30,
+        username,
+        password: None,
+        expiry: (version == 5).then(|| expiry_secs.min(u64::from(u32::MAX)) as u32),
+    })
 }
 
-/// The CONNECT of a connection that ends the session: clean, and in MQTT 5 with a session
-/// expiry of 0 (the client's own CONNECT carries its expiry, so 5 uses a built one, which has
-/// no password).
+/// The CONNECT of a connection that ends the session: clean, without the will, and in MQTT 5
+/// with a session expiry of 0.
 pub fn wipe_connect(own: Option<&[u8]>, version: u8, client_id: &str, username: Option<&str>) -> Vec<u8> {
-    let keep = match version {
-        5 => session_connect(None, version, client_id, username, 0),
-        _ => session_connect(own, version, client_id, username, 0),
-    };
-    set_clean(&keep, true).unwrap_or(keep)
+    let edit = Rewrite { clean: Some(true), drop_will: true, expiry: (version == 5).then_some(0) };
+    if let Some(p) = own.and_then(|p| Some(crate::mqtt::connect::parse(p).ok()?.rewrite(p, edit))) {
+        return p;
+    }
+    let fields =
+        ConnectFields { version, client_id, clean: true, keepalive: 30, username, password: None, expiry: None };
+    encode::connect_with(&fields)
 }
 
-/// The client's CONNECT without its will (flags and fields): meshgate's own connections must
-/// never make a broker publish the will of a client that is alive. `None` when it does not
-/// parse.
-fn without_will(packet: &[u8]) -> Option<Vec<u8>> {
-    let Length::Done(_, n) = decode_length(packet.get(1..)?) else { return None };
-    let body = packet.get(1 + n..)?;
-    let mut r = Reader::new(body);
-    r.binary()?; // protocol name
-    let level = r.u8()?;
-    let flags = r.u8()?;
-    r.u16()?; // keepalive
-    let flags_at = r.position() - 3;
-    if level == 5 {
-        let len = r.varint()? as usize;
-        r.take(len)?;
-    }
-    r.binary()?; // client id
-    if flags & 0x04 == 0 {
-        return Some(packet.to_vec());
-    }
-    let id_end = r.position();
-    if level == 5 {
-        let len = r.varint()? as usize;
-        r.take(len)?;
-    }
-    r.binary()?; // will topic
-    r.binary()?; // will payload
-    let will_end = r.position();
-    let mut b = Vec::with_capacity(body.len());
-    b.extend_from_slice(&body[..id_end]);
-    b[flags_at] &= !(0x04 | 0x18 | 0x20);
-    b.extend_from_slice(&body[will_end..]);
-    let mut out = vec![0x10];
-    encode_length(b.len(), &mut out);
-    out.extend_from_slice(&b);
-    Some(out)
-}
-
-/// A CONNECT with the clean session / clean start flag set or cleared; `None` when it does not
-/// parse as far as the flags.
-fn set_clean(packet: &[u8], clean: bool) -> Option<Vec<u8>> {
-    let Length::Done(_, n) = decode_length(packet.get(1..)?) else { return None };
-    let name_len = u16::from_be_bytes([*packet.get(1 + n)?, *packet.get(2 + n)?]) as usize;
-    let flags_at = 1 + n + 2 + name_len + 1;
-    let mut p = packet.to_vec();
-    let flags = p.get_mut(flags_at)?;
-    *flags = if clean { *flags | 0x02 } else { *flags & !0x02 };
-    Some(p)
-}
-
-async fn open(pool: &Pool, broker: &Broker, connect: &[u8], version: u8) -> Result<(Conn, bool, Vec<u8>), String> {
-    let (conn, ack, bytes) =
-        crate::proxy::session::connect_broker(pool, broker, connect, version).await.map_err(|e| e.to_string())?;
+async fn open(
+    up: &Upstream,
+    broker: &BrokerConfig,
+    connect: &[u8],
+    version: u8,
+) -> Result<(Conn, bool, Vec<u8>), String> {
+    let (conn, ack, bytes) = up.handshake(broker, connect, version).await.map_err(|e| e.to_string())?;
     if ack.code != 0 {
         return Err(format!("broker refused the session's CONNECT (code {:#04x})", ack.code));
     }
@@ -222,41 +138,47 @@ async fn open(pool: &Pool, broker: &Broker, connect: &[u8], version: u8) -> Resu
     Ok((conn, ack.session_present, bytes[n..].to_vec()))
 }
 
+/// Sets or clears clean session / clean start in a CONNECT meshgate made for a session.
+fn with_clean(connect: &[u8], clean: bool) -> Option<Vec<u8>> {
+    let c = crate::mqtt::connect::parse(connect).ok()?;
+    Some(c.rewrite(connect, Rewrite { clean: Some(clean), ..Rewrite::default() }))
+}
+
 /// Creates the session on `broker` afresh: whatever an older session of this client id held
 /// there (subscriptions since dropped, a queue from before a failback) is discarded, then
 /// everything recorded is subscribed, and meshgate disconnects. The broker then queues the
 /// client's QoS 1 and 2 messages until it connects. `connect` is the session's CONNECT
 /// without clean session (`session_connect`).
 pub async fn create_session(
-    pool: &Pool,
-    broker: &Broker,
+    up: &Upstream,
+    broker: &BrokerConfig,
     connect: &[u8],
     version: u8,
     subs: &[(String, Sub)],
     limit: Duration,
 ) -> Result<usize, String> {
     let deadline = Instant::now() + limit;
-    let fresh = set_clean(connect, true).ok_or("the session's CONNECT does not parse")?;
+    let fresh = with_clean(connect, true).ok_or("the session's CONNECT does not parse")?;
     let first = match version {
         // Clean start with a session expiry: a new, empty persistent session in one step.
         5 => fresh,
         // 3.x: a clean connection discards the old session, then the persistent one begins.
         _ => {
-            let (mut conn, _, _) = timeout_at(deadline, open(pool, broker, &fresh, version))
+            let (mut conn, _, _) = timeout_at(deadline, open(up, broker, &fresh, version))
                 .await
                 .map_err(|_| "no CONNACK in time".to_string())??;
-            let _ = timeout_at(deadline, write_all(&mut conn, &[0xe0, 0x00])).await;
+            let _ = timeout_at(deadline, write_all(&mut conn, &encode::disconnect())).await;
             connect.to_vec()
         }
     };
-    let (mut conn, _present, rest) = timeout_at(deadline, open(pool, broker, &first, version))
+    let (mut conn, _present, rest) = timeout_at(deadline, open(up, broker, &first, version))
         .await
         .map_err(|_| "no CONNACK in time".to_string())??;
-    let mut packets = Packets::new(&mut conn, rest);
+    let mut packets = packets(&mut conn, rest);
     let (granted_n, _) = subscribe_all(&mut packets, version, subs, deadline).await?;
     // A normal DISCONNECT: the session stays (3.x: clean session 0; 5: its expiry), the will
     // (if the client's CONNECT had one) is discarded.
-    let _ = timeout_at(deadline, write_all(&mut conn, &[0xe0, 0x00])).await;
+    let _ = timeout_at(deadline, write_all(&mut conn, &encode::disconnect())).await;
     Ok(granted_n)
 }
 
@@ -264,68 +186,73 @@ pub async fn create_session(
 /// `quiet`; returns how many messages were taken. Only while the client is connected
 /// elsewhere (and receiving these messages there).
 pub async fn trim(
-    pool: &Pool,
-    broker: &Broker,
+    up: &Upstream,
+    broker: &BrokerConfig,
     connect: &[u8],
     version: u8,
     quiet: Duration,
     limit: Duration,
 ) -> Result<(u64, bool), String> {
     let deadline = Instant::now() + limit;
-    let (mut conn, present, rest) = timeout_at(deadline, open(pool, broker, connect, version))
+    let (mut conn, present, rest) = timeout_at(deadline, open(up, broker, connect, version))
         .await
         .map_err(|_| "no CONNACK in time".to_string())??;
     let mut taken = 0u64;
-    let mut packets = Packets::new(&mut conn, rest);
+    let mut packets = packets(&mut conn, rest);
     let mut replies = Vec::new();
     loop {
         let until = (Instant::now() + quiet).min(deadline);
-        let (raw, body) = match packets.next(until).await {
-            Ok(p) => p,
-            Err(_) => break,
+        let p = match timeout_at(until, packets.next()).await {
+            Ok(Ok(p)) => p,
+            _ => break,
         };
-        let first = raw[0];
-        let id_at = |off: usize| raw.get(off..off + 2).map(|b| [b[0], b[1]]);
-        match first >> 4 {
+        let body = p.body();
+        let id_at = |off: usize| body.get(off..off + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        match p.kind() {
             kind::PUBLISH => {
                 taken += 1;
-                let qos = (first >> 1) & 3;
+                let qos = (p.first() >> 1) & 3;
                 if qos > 0 {
-                    let topic_len = raw.get(body..body + 2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
-                    if let Some(id) = id_at(body + 2 + topic_len) {
-                        // PUBACK (1) or PUBREC (2), no reason code: success in every version.
-                        replies.extend_from_slice(&[if qos == 1 { 0x40 } else { 0x50 }, 2, id[0], id[1]]);
+                    let topic_len = id_at(0).unwrap_or(0) as usize;
+                    if let Some(id) = id_at(2 + topic_len) {
+                        replies.extend_from_slice(&encode::ack(if qos == 1 { kind::PUBACK } else { kind::PUBREC }, id));
                     }
                 }
             }
             // PUBREL of a QoS 2 message: complete it.
-            6 => {
-                if let Some(id) = id_at(body) {
-                    replies.extend_from_slice(&[0x70, 2, id[0], id[1]]);
+            kind::PUBREL => {
+                if let Some(id) = id_at(0) {
+                    replies.extend_from_slice(&encode::ack(kind::PUBCOMP, id));
                 }
             }
             _ => {}
         }
         if !replies.is_empty() {
             let data = std::mem::take(&mut replies);
-            timeout_at(deadline, write_all(packets.conn, &data))
+            timeout_at(deadline, write_all(*packets.stream(), &data))
                 .await
                 .map_err(|_| "write timed out".to_string())?
                 .map_err(|e| e.to_string())?;
         }
     }
-    let _ = timeout_at(deadline, write_all(&mut conn, &[0xe0, 0x00])).await;
+    let _ = timeout_at(deadline, write_all(&mut conn, &encode::disconnect())).await;
     Ok((taken, present))
 }
 
 /// Ends whatever session of this client id `broker` holds: one clean connection (`connect`
 /// from `wipe_connect`), then DISCONNECT.
-pub async fn wipe(pool: &Pool, broker: &Broker, connect: &[u8], version: u8, limit: Duration) -> Result<(), String> {
+pub async fn wipe(
+    up: &Upstream,
+    broker: &BrokerConfig,
+    connect: &[u8],
+    version: u8,
+    limit: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + limit;
-    let (mut conn, _, _) = timeout_at(deadline, open(pool, broker, connect, version))
+    let (mut conn, _, _) = timeout_at(deadline, open(up, broker, connect, version))
         .await
         .map_err(|_| "no CONNACK in time".to_string())??;
-    timeout_at(deadline, write_all(&mut conn, &[0xe0, 0x00]))
+    timeout_at(deadline, write_all(&mut conn, &encode::disconnect()))
         .await
         .map_err(|_| "write timed out".to_string())?
         .map_err(|e| e.to_string())
@@ -337,7 +264,7 @@ mod tests {
 
     #[test]
     fn own_connect_loses_only_its_clean_flag() {
-        let own = crate::mqtt::encode::connect(4, "c", true, 30, Some("u"), Some("p"));
+        let own = encode::connect(4, "c", true, 30, Some("u"), Some("p"));
         let p = session_connect(Some(&own), 4, "c", None, 0);
         let parsed = crate::mqtt::connect::parse(&p).unwrap();
         assert!(!parsed.clean);
@@ -359,7 +286,7 @@ mod tests {
             }
             body.extend_from_slice(&[0, 3, b'w', b'/', b't', 0, 3, b'b', b'y', b'e', 0, 1, b'u', 0, 1, b'p']);
             let mut pkt = vec![0x10];
-            encode_length(body.len(), &mut pkt);
+            crate::mqtt::encode_length(body.len(), &mut pkt);
             pkt.extend_from_slice(&body);
             let before = crate::mqtt::connect::parse(&pkt).unwrap();
             assert!(before.will);
@@ -367,25 +294,33 @@ mod tests {
             assert!(!after.will && !after.clean, "{after:?}");
             assert_eq!((after.client_id.as_str(), after.username.as_deref()), ("c", Some("u")));
             assert_eq!(after.session_expiry, before.session_expiry);
+            // The wipe keeps the client's credentials in 5 too, with an expiry of 0.
+            let wipe = crate::mqtt::connect::parse(&wipe_connect(Some(&pkt), version, "c", None)).unwrap();
+            assert!(wipe.clean && !wipe.will && !wipe.persistent(), "{wipe:?}");
+            assert_eq!(wipe.username.as_deref(), Some("u"));
         }
     }
 
     #[test]
     fn wiping_connects_clean_and_in_mqtt5_with_no_expiry() {
-        let own = crate::mqtt::encode::connect(4, "c", false, 30, Some("u"), Some("p"));
+        let own = encode::connect(4, "c", false, 30, Some("u"), Some("p"));
         let w = crate::mqtt::connect::parse(&wipe_connect(Some(&own), 4, "c", Some("u"))).unwrap();
         assert!(w.clean && !w.persistent());
         let w5 = crate::mqtt::connect::parse(&wipe_connect(None, 5, "c", None)).unwrap();
         assert!(w5.clean && !w5.persistent(), "{w5:?}");
+        let own5 =
+            encode::connect_with(&ConnectFields { version: 5, client_id: "c", expiry: Some(60), ..Default::default() });
+        let w5 = crate::mqtt::connect::parse(&wipe_connect(Some(&own5), 5, "c", None)).unwrap();
+        assert_eq!((w5.clean, w5.session_expiry), (true, Some(0)));
     }
 
     #[test]
     fn clean_flag_is_set_and_cleared_in_place() {
-        let own = crate::mqtt::encode::connect(5, "c", false, 30, None, None);
-        let fresh = set_clean(&own, true).unwrap();
+        let own = encode::connect(5, "c", false, 30, None, None);
+        let fresh = with_clean(&own, true).unwrap();
         assert!(crate::mqtt::connect::parse(&fresh).unwrap().clean);
-        assert!(!crate::mqtt::connect::parse(&set_clean(&fresh, false).unwrap()).unwrap().clean);
-        assert_eq!(set_clean(&[0x10], true), None, "truncated");
+        assert!(!crate::mqtt::connect::parse(&with_clean(&fresh, false).unwrap()).unwrap().clean);
+        assert_eq!(with_clean(&[0x10], true), None, "truncated");
     }
 
     #[test]

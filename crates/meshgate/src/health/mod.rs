@@ -17,15 +17,22 @@ use tokio_util::task::TaskTracker;
 use crate::config::HealthConfig;
 use crate::events::unix_ms;
 use crate::pool::{Broker, Health, Pool, ProbeRecord, HISTORY_LEN};
+use crate::upstream::Upstream;
 pub use probe::{Probe, ProbeError};
 
 /// Starts one checker per broker of the pool's current set; they stop when `stop` is cancelled.
-pub fn spawn_checkers(pool: &Arc<Pool>, health: &HealthConfig, tracker: &TaskTracker, stop: &CancellationToken) {
+pub fn spawn_checkers(
+    pool: &Arc<Pool>,
+    upstream: &Arc<Upstream>,
+    health: &HealthConfig,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) {
     let probe: Arc<dyn Probe> = Arc::from(probe::for_config(health));
     for broker in pool.brokers().iter() {
-        let (pool, broker, probe, cfg, stop) =
-            (pool.clone(), broker.clone(), probe.clone(), health.clone(), stop.clone());
-        tracker.spawn(async move { check_loop(pool, broker, probe, cfg, stop).await });
+        let (pool, upstream, broker, probe, cfg, stop) =
+            (pool.clone(), upstream.clone(), broker.clone(), probe.clone(), health.clone(), stop.clone());
+        tracker.spawn(async move { check_loop(pool, upstream, broker, probe, cfg, stop).await });
     }
 }
 
@@ -37,6 +44,7 @@ struct Streak {
 
 async fn check_loop(
     pool: Arc<Pool>,
+    upstream: Arc<Upstream>,
     broker: Arc<Broker>,
     probe: Arc<dyn Probe>,
     cfg: HealthConfig,
@@ -54,7 +62,7 @@ async fn check_loop(
             _ = ticker.tick() => {}
         }
         let started = Instant::now();
-        let result = match timeout(cfg.timeout, probe.check(&broker.address)).await {
+        let result = match timeout(cfg.timeout, probe.check(&upstream, &broker.config())).await {
             Ok(r) => r,
             Err(_) => Err(ProbeError::Timeout(cfg.timeout)),
         };
@@ -120,13 +128,17 @@ async fn check_loop(
 }
 
 /// A one-off TCP connect check of every broker, concurrently, for `GET /tcp-check`.
-pub async fn tcp_check(pool: &Pool, limit: std::time::Duration) -> Vec<(String, String, Result<f64, String>)> {
+pub async fn tcp_check(
+    pool: &Pool,
+    upstream: &Arc<Upstream>,
+    limit: std::time::Duration,
+) -> Vec<(String, String, Result<f64, String>)> {
     let mut set = tokio::task::JoinSet::new();
     for (i, b) in pool.brokers().iter().enumerate() {
-        let (name, address) = (b.name.clone(), b.address.clone());
+        let (name, address, upstream) = (b.name.clone(), b.address.clone(), upstream.clone());
         set.spawn(async move {
             let started = Instant::now();
-            let r = match timeout(limit, tokio::net::TcpStream::connect(&address)).await {
+            let r = match timeout(limit, upstream.tcp(&address)).await {
                 Ok(Ok(_)) => Ok(started.elapsed().as_secs_f64() * 1000.0),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("timed out after {limit:?}")),

@@ -4,20 +4,20 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-use crate::config::{HealthConfig, ProbeKind};
-use crate::mqtt::{connack, encode, Length};
+use crate::config::{BrokerConfig, HealthConfig, ProbeKind};
+use crate::mqtt::io::{PacketReader, ReadError};
+use crate::mqtt::{connack, encode, kind};
+use crate::transport::write_all;
+use crate::upstream::{AttemptError, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("connect: {0}")]
-    Connect(std::io::Error),
+    #[error("{0}")]
+    Connect(#[from] AttemptError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
-    #[error("broker closed the connection during the {0}")]
-    Closed(&'static str),
+    #[error("waiting for the {0}: {1}")]
+    Read(&'static str, ReadError),
     #[error("CONNACK refused with code {0:#04x}")]
     Refused(u8),
     #[error("bad reply: {0}")]
@@ -29,10 +29,11 @@ pub enum ProbeError {
 pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProbeError>> + Send + 'a>>;
 
 /// One way of asking a broker whether it serves. The checker owns timing, thresholds and
-/// state; a probe only answers once.
+/// state; a probe only answers once. It reaches the broker as clients do (`Upstream`: TCP or
+/// TLS as the broker is configured).
 pub trait Probe: Send + Sync {
     fn kind(&self) -> ProbeKind;
-    fn check<'a>(&'a self, address: &'a str) -> ProbeFuture<'a>;
+    fn check<'a>(&'a self, upstream: &'a Upstream, broker: &'a BrokerConfig) -> ProbeFuture<'a>;
 }
 
 pub fn for_config(h: &HealthConfig) -> Box<dyn Probe> {
@@ -47,15 +48,16 @@ pub fn for_config(h: &HealthConfig) -> Box<dyn Probe> {
     }
 }
 
+/// Connects (and, for a TLS broker, completes the handshake).
 pub struct TcpProbe;
 
 impl Probe for TcpProbe {
     fn kind(&self) -> ProbeKind {
         ProbeKind::Tcp
     }
-    fn check<'a>(&'a self, address: &'a str) -> ProbeFuture<'a> {
+    fn check<'a>(&'a self, upstream: &'a Upstream, broker: &'a BrokerConfig) -> ProbeFuture<'a> {
         Box::pin(async move {
-            TcpStream::connect(address).await.map_err(ProbeError::Connect)?;
+            upstream.connect(broker).await?;
             Ok(())
         })
     }
@@ -78,6 +80,9 @@ fn probe_client_id() -> String {
 /// The topic prefix of pubsub probes; replication never forwards it.
 pub const PROBE_TOPIC_PREFIX: &str = "meshgate/probe/";
 
+/// Largest packet a probe reads (a retained message on its topic, at worst).
+const PROBE_READ_LIMIT: usize = 1 << 20;
+
 impl Probe for MqttProbe {
     fn kind(&self) -> ProbeKind {
         if self.pubsub {
@@ -86,75 +91,57 @@ impl Probe for MqttProbe {
             ProbeKind::Mqtt
         }
     }
-    fn check<'a>(&'a self, address: &'a str) -> ProbeFuture<'a> {
+    fn check<'a>(&'a self, upstream: &'a Upstream, broker: &'a BrokerConfig) -> ProbeFuture<'a> {
         Box::pin(async move {
-            let mut s = TcpStream::connect(address).await.map_err(ProbeError::Connect)?;
-            s.set_nodelay(true)?;
+            let mut conn = upstream.connect(broker).await?;
             let id = probe_client_id();
             let pkt = encode::connect(self.version, &id, true, 10, self.username.as_deref(), self.password.as_deref());
-            s.write_all(&pkt).await?;
-            let mut buf = Vec::with_capacity(64);
-            let (ack, used) = loop {
-                if let Some(r) = connack::parse(&buf).map_err(|e| ProbeError::Protocol(e.to_string()))? {
-                    break r;
-                }
-                read_more(&mut s, &mut buf, "CONNACK").await?;
-            };
-            buf.drain(..used);
+            write_all(&mut conn, &pkt).await?;
+            let mut r = PacketReader::new(&mut conn, PROBE_READ_LIMIT);
+            let first = r.next().await.map_err(|e| ProbeError::Read("CONNACK", e))?;
+            let (ack, _) = connack::parse(&first.bytes)
+                .map_err(|e| ProbeError::Protocol(e.to_string()))?
+                .ok_or_else(|| ProbeError::Protocol("malformed CONNACK".into()))?;
             if ack.code != 0 {
                 return Err(ProbeError::Refused(ack.code));
             }
             if self.pubsub {
                 let topic = format!("{PROBE_TOPIC_PREFIX}{id}");
-                s.write_all(&encode::subscribe(self.version, 1, &topic, 0)).await?;
-                wait_for(&mut s, &mut buf, "SUBACK", |first, _| first == 0x90).await?;
+                write_all(*r.stream(), &encode::subscribe(self.version, 1, &topic, 0)).await?;
+                wait_for(&mut r, "SUBACK", |p| p.kind() == kind::SUBACK).await?;
                 let payload = id.as_bytes();
-                s.write_all(&encode::publish(self.version, &topic, payload)).await?;
-                wait_for(&mut s, &mut buf, "PUBLISH", |first, body| {
-                    first >> 4 == 3 && body.windows(payload.len()).any(|w| w == payload)
+                write_all(*r.stream(), &encode::publish(self.version, &topic, payload)).await?;
+                wait_for(&mut r, "PUBLISH", |p| {
+                    p.kind() == kind::PUBLISH && p.body().windows(payload.len()).any(|w| w == payload)
                 })
                 .await?;
             }
             // A polite goodbye keeps broker logs free of "socket error" lines.
-            let _ = s.write_all(&encode::disconnect()).await;
+            let _ = write_all(*r.stream(), &encode::disconnect()).await;
             Ok(())
         })
     }
 }
 
-async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>, waiting_for: &'static str) -> Result<(), ProbeError> {
-    if buf.len() > 64 * 1024 {
-        return Err(ProbeError::Protocol(format!("more than 64 KiB without a {waiting_for}")));
-    }
-    let mut chunk = [0u8; 1024];
-    let n = s.read(&mut chunk).await?;
-    if n == 0 {
-        return Err(ProbeError::Closed(waiting_for));
-    }
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(())
-}
-
 /// Reads packets until one matches; others (retained messages, for example) are skipped.
-async fn wait_for(
-    s: &mut TcpStream,
-    buf: &mut Vec<u8>,
+async fn wait_for<S: tokio::io::AsyncRead + Unpin>(
+    r: &mut PacketReader<S>,
     what: &'static str,
-    matches: impl Fn(u8, &[u8]) -> bool,
+    matches: impl Fn(&crate::mqtt::io::Packet) -> bool,
 ) -> Result<(), ProbeError> {
     loop {
-        while buf.len() >= 2 {
-            let Length::Done(len, n) = crate::mqtt::decode_length(&buf[1..]) else { break };
-            let total = 1 + n + len as usize;
-            if buf.len() < total {
-                break;
-            }
-            if matches(buf[0], &buf[1 + n..total]) {
-                buf.drain(..total);
-                return Ok(());
-            }
-            buf.drain(..total);
+        let p = r.next().await.map_err(|e| ProbeError::Read(what, e))?;
+        if matches(&p) {
+            return Ok(());
         }
-        read_more(s, buf, what).await?;
     }
+}
+
+/// One CONNECT/CONNACK exchange with the plain-TCP broker at `address` within `limit`: for
+/// whoever starts brokers and waits until they serve (the local cluster, the test suite).
+pub async fn answers_mqtt(address: &str, limit: std::time::Duration) -> bool {
+    let upstream = Upstream::plain(limit);
+    let broker = BrokerConfig::at(address);
+    let probe = MqttProbe { pubsub: false, version: 4, username: None, password: None };
+    matches!(tokio::time::timeout(limit, probe.check(&upstream, &broker)).await, Ok(Ok(())))
 }

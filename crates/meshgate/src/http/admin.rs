@@ -44,7 +44,7 @@ fn act(
     name: Result<Path<String>, PathRejection>,
     to: AdminState,
 ) -> Result<Json<BrokerView>, ApiError> {
-    authorize(s.admin_token.as_deref(), headers)?;
+    authorize(s.admin_token.load().as_deref().map(String::as_str), headers)?;
     let name = path(name)?;
     s.pool.set_admin(&name, to).ok_or_else(|| ApiError::UnknownBroker(name.clone()))?;
     let b = s.pool.broker(&name).ok_or(ApiError::UnknownBroker(name))?;

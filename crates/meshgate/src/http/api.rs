@@ -93,18 +93,18 @@ pub async fn clients(
         .iter()
         .filter(|x| q.broker.as_ref().is_none_or(|b| &x.broker.name == b))
         .take(limit)
-        .map(|x| ClientView::new(x, &s.pool.durable))
+        .map(|x| ClientView::new(x, &s.durable))
         .collect();
     Ok(Json(list))
 }
 
 /// Every persistent session meshgate has recorded, connected or not.
 pub async fn sessions(State(s): State<AppState>) -> Json<Vec<crate::durable::SessionView>> {
-    Json(s.pool.durable.list())
+    Json(s.durable.list())
 }
 
 pub async fn tcp_check(State(s): State<AppState>) -> Json<Vec<TcpCheckView>> {
-    let results = crate::health::tcp_check(&s.pool, TCP_CHECK_TIMEOUT).await;
+    let results = crate::health::tcp_check(&s.pool, &s.upstream, TCP_CHECK_TIMEOUT).await;
     Json(
         results
             .into_iter()

@@ -14,7 +14,9 @@
 //! itself is built at most once per [`STATE_MAX_AGE`] however many viewers are open ([`Feed`]).
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -105,12 +107,12 @@ impl DashboardState {
         DashboardState {
             at_ms: crate::pool::Pool::now_ms(),
             started_ms: unix_ms(s.pool.started),
-            admin: s.admin_token.is_some(),
+            admin: s.admin_token.load().is_some(),
             health: super::api::health_view(s),
             process: ProcessView::read(),
             brokers: s.pool.brokers().iter().map(|b| BrokerView::new(b, current.as_ref())).collect(),
             clients_total: sessions.len(),
-            clients: sessions[skip..].iter().map(|x| ClientView::new(x, &s.pool.durable)).collect(),
+            clients: sessions[skip..].iter().map(|x| ClientView::new(x, &s.durable)).collect(),
             replication: s.replication.as_ref().map(|r| r.view()),
         }
     }
@@ -126,7 +128,7 @@ impl Feed {
     /// The state as JSON, built after `not_before` (reused when it already was).
     fn state(&self, s: &AppState, not_before: Instant) -> Arc<str> {
         // Held while building, so viewers woken by the same event build it once between them.
-        let mut last = self.last.lock().unwrap();
+        let mut last = self.last.lock();
         if let Some((at, json)) = &*last {
             if *at >= not_before {
                 return json.clone();

@@ -9,7 +9,6 @@ mod admin;
 mod api;
 mod dashboard;
 mod views;
-pub use views::protocol_name;
 
 use std::sync::Arc;
 
@@ -25,7 +24,12 @@ use crate::pool::Pool;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: Arc<Pool>,
-    pub admin_token: Option<String>,
+    /// Persistent sessions, for `/sessions` and the session fields of `/clients`.
+    pub durable: Arc<crate::durable::Durable>,
+    /// For `/tcp-check`: reaches brokers the way everything else does.
+    pub upstream: Arc<crate::upstream::Upstream>,
+    /// `[admin] token`; swapped by a reload, so a new token takes effect at once.
+    pub admin_token: Arc<arc_swap::ArcSwapOption<String>>,
     /// Present when replication runs in this process.
     pub replication: Option<Arc<crate::replication::Replication>>,
     /// Cancelled when meshgate stops: long-lived responses (the dashboard's stream) end then,
@@ -178,7 +182,14 @@ mod tests {
     fn state() -> AppState {
         let config =
             crate::Config::from_toml("[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n", "test").unwrap();
-        AppState { pool: Arc::new(Pool::new(&config)), admin_token: None, replication: None, stop: Default::default() }
+        AppState {
+            pool: Arc::new(Pool::new(&config)),
+            durable: Arc::new(crate::durable::Durable::new(&config.sessions)),
+            upstream: Arc::new(crate::upstream::Upstream::new(&config).unwrap()),
+            admin_token: Default::default(),
+            replication: None,
+            stop: Default::default(),
+        }
     }
 
     #[test]

@@ -131,15 +131,6 @@ pub struct ClientView {
     pub subscriptions: Option<usize>,
 }
 
-pub fn protocol_name(level: u8) -> &'static str {
-    match level {
-        3 => "3.1",
-        4 => "3.1.1",
-        5 => "5",
-        _ => "unknown",
-    }
-}
-
 impl ClientView {
     pub fn new(s: &Session, durable: &crate::durable::Durable) -> ClientView {
         let i = &s.info;
@@ -148,7 +139,7 @@ impl ClientView {
             session: s.id,
             client_id: i.client_id.clone(),
             username: i.username.clone(),
-            protocol: protocol_name(i.version),
+            protocol: crate::mqtt::protocol_name(i.version),
             clean: i.clean,
             keepalive: i.keepalive,
             persistent: i.persistent,
@@ -204,7 +195,7 @@ mod tests {
 
     #[test]
     fn protocol_levels_have_their_spec_names() {
-        assert_eq!([3, 4, 5, 9].map(protocol_name), ["3.1", "3.1.1", "5", "unknown"]);
+        assert_eq!([3, 4, 5, 9].map(crate::mqtt::protocol_name), ["3.1", "3.1.1", "5", "unknown"]);
     }
 
     #[test]

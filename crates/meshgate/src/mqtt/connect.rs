@@ -1,5 +1,7 @@
 //! The client's CONNECT: checked for length first, then parsed for what routing and the API need.
 
+use std::ops::Range;
+
 use super::{decode_length, kind, Length, Reader};
 
 /// What meshgate learns from a client's CONNECT. The packet itself is kept as bytes and
@@ -16,15 +18,86 @@ pub struct Connect {
     /// MQTT 5 Session Expiry Interval, seconds; `None` when absent (= 0).
     pub session_expiry: Option<u32>,
     pub will: bool,
+    /// Where the fields meshgate may edit sit in the packet (see [`Connect::rewrite`]).
+    spans: Spans,
+}
+
+/// Byte offsets into the packet the CONNECT was parsed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Spans {
+    /// Where the body starts (after the fixed header).
+    body: usize,
+    /// The connect flags byte.
+    flags: usize,
+    /// MQTT 5: the properties, without their length field.
+    properties: Option<Range<usize>>,
+    /// From the end of the client id to the end of the will (will properties, topic, payload).
+    will: Option<Range<usize>>,
+}
+
+/// How meshgate's own connections differ from the client's CONNECT they are made from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Set or clear clean session / clean start.
+    pub clean: Option<bool>,
+    /// Leave the will out: meshgate's connections must never make a broker publish the will of
+    /// a client that is alive.
+    pub drop_will: bool,
+    /// MQTT 5: the Session Expiry Interval to send instead of the client's.
+    pub expiry: Option<u32>,
 }
 
 impl Connect {
     pub fn protocol_name(&self) -> &'static str {
-        match self.version {
-            3 => "3.1",
-            4 => "3.1.1",
-            _ => "5",
+        super::protocol_name(self.version)
+    }
+
+    /// The client's CONNECT (`packet`, the bytes this was parsed from) with `edit` applied;
+    /// everything else (credentials, keepalive, other properties) stays as the client sent it.
+    pub fn rewrite(&self, packet: &[u8], edit: Rewrite) -> Vec<u8> {
+        let sp = &self.spans;
+        let mut body = Vec::with_capacity(packet.len());
+        let mut flags = packet[sp.flags];
+        if let Some(clean) = edit.clean {
+            flags = if clean { flags | 0x02 } else { flags & !0x02 };
         }
+        let drop_will = edit.drop_will && sp.will.is_some();
+        if drop_will {
+            flags &= !(0x04 | 0x18 | 0x20);
+        }
+        match (&sp.properties, edit.expiry) {
+            (Some(props), Some(secs)) => {
+                // Up to the properties' length field; then the properties without any expiry,
+                // plus the new one.
+                let len_at = sp.flags + 3;
+                body.extend_from_slice(&packet[sp.body..len_at]);
+                let mut kept = Vec::with_capacity(props.len() + 5);
+                let _ = walk_properties(&packet[props.clone()], |id, raw| {
+                    if id != 0x11 {
+                        kept.extend_from_slice(raw);
+                    }
+                });
+                kept.push(0x11);
+                kept.extend_from_slice(&secs.to_be_bytes());
+                super::encode_length(kept.len(), &mut body);
+                body.extend_from_slice(&kept);
+                body.extend_from_slice(&packet[props.end..]);
+            }
+            _ => body.extend_from_slice(&packet[sp.body..]),
+        }
+        // Offsets in `body` for the flags and the will, shifted by a changed property length.
+        let shift = body.len() as isize - (packet.len() - sp.body) as isize;
+        body[sp.flags - sp.body] = flags;
+        if drop_will {
+            let will = sp.will.clone().expect("checked above");
+            let at = |i: usize| (i - sp.body) as isize + shift;
+            body.drain(at(will.start) as usize..at(will.end) as usize);
+        }
+        let mut out = Vec::with_capacity(body.len() + 5);
+        out.push(0x10);
+        super::encode_length(body.len(), &mut out);
+        out.extend_from_slice(&body);
+        out
     }
 
     /// The broker keeps this client's session after it disconnects.
@@ -107,15 +180,20 @@ pub fn parse(packet: &[u8]) -> Result<Connect, ConnectError> {
     }
     let keepalive = r.u16().ok_or(Truncated("keep alive"))?;
 
+    let body_at = 1 + n;
     let mut session_expiry = None;
+    let mut properties = None;
     if version == 5 {
         let props_len = r.varint().ok_or(Truncated("properties length"))? as usize;
+        let start = body_at + r.position();
         let props = r.take(props_len).ok_or(Truncated("properties"))?;
+        properties = Some(start..start + props_len);
         session_expiry = session_expiry_of(props)?;
     }
 
     let client_id = utf8(r.binary().ok_or(Truncated("client id"))?, "client id")?;
     let will = flags & 0x04 != 0;
+    let will_start = body_at + r.position();
     if will {
         if version == 5 {
             let n = r.varint().ok_or(Truncated("will properties length"))? as usize;
@@ -124,6 +202,7 @@ pub fn parse(packet: &[u8]) -> Result<Connect, ConnectError> {
         r.binary().ok_or(Truncated("will topic"))?;
         r.binary().ok_or(Truncated("will payload"))?;
     }
+    let will_span = will.then(|| will_start..body_at + r.position());
     let username =
         if flags & 0x80 != 0 { Some(utf8(r.binary().ok_or(Truncated("username"))?, "username")?) } else { None };
     if flags & 0x40 != 0 {
@@ -132,27 +211,46 @@ pub fn parse(packet: &[u8]) -> Result<Connect, ConnectError> {
     if r.remaining() > 0 {
         return Err(ConnectError::Trailing(r.remaining()));
     }
-    Ok(Connect { version, client_id, username, clean: flags & 0x02 != 0, keepalive, session_expiry, will })
+    // The flags byte follows the protocol name (2 + its length) and the level.
+    let flags_at = body_at + 2 + name.len() + 1;
+    Ok(Connect {
+        version,
+        client_id,
+        username,
+        clean: flags & 0x02 != 0,
+        keepalive,
+        session_expiry,
+        will,
+        spans: Spans { body: body_at, flags: flags_at, properties, will: will_span },
+    })
 }
 
 fn utf8(b: &[u8], what: &'static str) -> Result<String, ConnectError> {
     std::str::from_utf8(b).map(str::to_owned).map_err(|_| ConnectError::Utf8(what))
 }
 
-/// Walks MQTT 5 CONNECT properties for Session Expiry Interval (0x11), skipping the rest by
-/// their declared types so that an unknown property cannot desynchronise the walk.
+/// MQTT 5 CONNECT's Session Expiry Interval (0x11), if the properties carry one.
 fn session_expiry_of(props: &[u8]) -> Result<Option<u32>, ConnectError> {
+    let mut expiry = None;
+    walk_properties(props, |id, raw| {
+        if id == 0x11 {
+            expiry = Some(u32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]));
+        }
+    })?;
+    Ok(expiry)
+}
+
+/// Walks MQTT 5 CONNECT properties, giving each one's id and raw bytes (id included), skipping
+/// by their declared types so that an unknown property cannot desynchronise the walk.
+fn walk_properties(props: &[u8], mut each: impl FnMut(u32, &[u8])) -> Result<(), ConnectError> {
     use ConnectError::Truncated;
     let mut r = Reader::new(props);
-    let mut expiry = None;
     while r.remaining() > 0 {
+        let start = r.position();
         let id = r.varint().ok_or(Truncated("property id"))?;
         match id {
             0x11 | 0x27 => {
-                let v = r.take(4).ok_or(Truncated("four-byte property"))?;
-                if id == 0x11 {
-                    expiry = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
-                }
+                r.take(4).ok_or(Truncated("four-byte property"))?;
             }
             0x21 | 0x22 => {
                 r.take(2).ok_or(Truncated("two-byte property"))?;
@@ -169,8 +267,9 @@ fn session_expiry_of(props: &[u8]) -> Result<Option<u32>, ConnectError> {
             }
             _ => return Err(Truncated("properties (unknown CONNECT property)")),
         }
+        each(id, &props[start..r.position()]);
     }
-    Ok(expiry)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,16 +4,26 @@
 //! boundaries (so it can count, limit and later inspect packets) and copies the bytes unchanged.
 //! Length is always checked from the remaining-length field before any body is buffered.
 
-pub mod client;
 pub mod connack;
 pub mod connect;
 pub mod encode;
 pub mod frame;
+pub mod io;
 pub mod subscribe;
 
 pub use connack::{Connack, ConnackError};
 pub use connect::{Connect, ConnectError};
 pub use frame::{Capture, FrameError, FrameScanner};
+
+/// The protocol a CONNECT's level names, as the API shows it.
+pub fn protocol_name(level: u8) -> &'static str {
+    match level {
+        3 => "3.1",
+        4 => "3.1.1",
+        5 => "5",
+        _ => "unknown",
+    }
+}
 
 /// The largest value the four-byte remaining-length field can carry (256 MB).
 pub const MAX_REMAINING_LENGTH: u32 = 268_435_455;
@@ -23,11 +33,16 @@ pub mod kind {
     pub const CONNECT: u8 = 1;
     pub const CONNACK: u8 = 2;
     pub const PUBLISH: u8 = 3;
+    pub const PUBACK: u8 = 4;
+    pub const PUBREC: u8 = 5;
+    pub const PUBREL: u8 = 6;
+    pub const PUBCOMP: u8 = 7;
     pub const SUBSCRIBE: u8 = 8;
     pub const SUBACK: u8 = 9;
     pub const UNSUBSCRIBE: u8 = 10;
     pub const UNSUBACK: u8 = 11;
     pub const PINGREQ: u8 = 12;
+    pub const PINGRESP: u8 = 13;
     pub const DISCONNECT: u8 = 14;
     pub const AUTH: u8 = 15;
 

@@ -10,7 +10,9 @@ pub mod session;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
@@ -19,7 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BrokerConfig, Config, Failback, ProxyConfig};
+use crate::config::{BrokerConfig, Config, Failback, OnDown, ProxyConfig};
 use crate::events::{unix_ms, EventLog};
 use crate::metrics::Metrics;
 use passive::{Passive, PassiveState, Transition};
@@ -125,10 +127,10 @@ impl Broker {
         self.health.load().up
     }
     pub fn passive_fails(&self, now: Instant) -> u32 {
-        self.passive.lock().unwrap().fails(now)
+        self.passive.lock().fails(now)
     }
     pub fn passive_state(&self, now: Instant) -> PassiveState {
-        self.passive.lock().unwrap().state(now)
+        self.passive.lock().state(now)
     }
 
     fn full(&self) -> bool {
@@ -141,7 +143,7 @@ impl Broker {
         self.admin() == AdminState::Enabled
             && !self.is_removed()
             && self.probe_up() != Some(false)
-            && self.passive.lock().unwrap().allows(now)
+            && self.passive.lock().allows(now)
             && !self.full()
     }
 
@@ -171,12 +173,62 @@ impl Broker {
     }
 }
 
+/// What the pool tells the work that depends on brokers and sessions (persistent sessions, in
+/// `durable`), without knowing it: implemented there and wired in `lib.rs`, so the pool
+/// imports neither the proxy nor the session engine.
+pub trait Hooks: Send + Sync {
+    /// `broker` stopped taking sessions (`lost`: probes down, disabled, removed) or takes them
+    /// again.
+    fn broker_changed(&self, _broker: &str, _lost: bool) {}
+    /// Tiers or broker states changed: background work may have something to do.
+    fn wake(&self) {}
+    /// A connection of a persistent client id was registered.
+    fn client_registered(&self, _client_id: &str) {}
+    /// The last registered connection of a persistent client id ended.
+    fn client_gone(&self, _client_id: &str) {}
+}
+
+/// Hooks for a pool nobody else watches (the sidecar, tests).
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// The open sessions, by session id and by client id, so registering a CONNECT looks at the
+/// sessions of its own client id only (a reconnect storm after a failover is then linear).
+#[derive(Default)]
+struct Registry {
+    by_id: HashMap<u64, Arc<Session>>,
+    by_client: HashMap<String, Vec<Arc<Session>>>,
+}
+
+impl Registry {
+    fn of(&self, client_id: &str) -> &[Arc<Session>] {
+        self.by_client.get(client_id).map_or(&[], Vec::as_slice)
+    }
+
+    fn insert(&mut self, s: Arc<Session>) {
+        self.by_client.entry(s.info.client_id.clone()).or_default().push(s.clone());
+        self.by_id.insert(s.id, s);
+    }
+
+    /// Removes `s`; `true` when it was its client id's last session.
+    fn remove(&mut self, s: &Session) -> bool {
+        self.by_id.remove(&s.id);
+        let Some(list) = self.by_client.get_mut(&s.info.client_id) else { return true };
+        list.retain(|o| o.id != s.id);
+        let last = list.is_empty();
+        if last {
+            self.by_client.remove(&s.info.client_id);
+        }
+        last
+    }
+}
+
 /// The brokers, their sessions and what happens to them; shared by the proxy, the checkers,
 /// the rebalancer and the HTTP API.
 pub struct Pool {
     brokers: ArcSwap<Vec<Arc<Broker>>>,
     proxy: ArcSwap<ProxyConfig>,
-    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    sessions: Mutex<Registry>,
     next_session: AtomicU64,
     current: Mutex<Option<String>>,
     pub events: EventLog,
@@ -187,12 +239,7 @@ pub struct Pool {
     /// still setting up, ends then.
     pub closing: CancellationToken,
     pub started: SystemTime,
-    refusals: crate::proxy::limits::RefusalLog,
-    /// The TLS listener's acceptor and the connector for `tls = true` brokers; swapped whole on reload.
-    pub tls_acceptor: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
-    pub tls_connector: arc_swap::ArcSwapOption<tokio_rustls::TlsConnector>,
-    /// Persistent sessions: recorded subscriptions, restore, migration, standby copies.
-    pub durable: Arc<crate::durable::Durable>,
+    hooks: Arc<dyn Hooks>,
 }
 
 /// A registered session; unregisters on drop.
@@ -215,26 +262,38 @@ impl Drop for Registered {
 }
 
 impl Pool {
+    /// A pool nobody else watches.
     pub fn new(config: &Config) -> Pool {
+        Pool::with_hooks(config, Arc::new(NoHooks))
+    }
+
+    pub fn with_hooks(config: &Config, hooks: Arc<dyn Hooks>) -> Pool {
         let brokers = config.brokers.iter().map(|c| Arc::new(Broker::new(c))).collect();
         let pool = Pool {
             brokers: ArcSwap::from_pointee(brokers),
             proxy: ArcSwap::from_pointee(config.proxy.clone()),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Registry::default()),
             next_session: AtomicU64::new(1),
             current: Mutex::new(None),
             events: EventLog::new(1000),
             metrics: Metrics::new(),
             changed: Notify::new(),
             closing: CancellationToken::new(),
-            refusals: Default::default(),
-            tls_acceptor: Default::default(),
-            tls_connector: Default::default(),
             started: SystemTime::now(),
-            durable: Arc::new(crate::durable::Durable::new(&config.sessions)),
+            hooks,
         };
         pool.refresh();
         pool
+    }
+
+    /// Runs `f` holding the registry's, the failover view's and every broker's passive lock
+    /// (see `Meshgate::panic_holding_shared_locks`).
+    #[doc(hidden)]
+    pub fn with_locks_held<T>(&self, f: impl FnOnce() -> T) -> T {
+        let brokers = self.brokers.load_full();
+        let _passive: Vec<_> = brokers.iter().map(|b| b.passive.lock()).collect();
+        let (_sessions, _current) = (self.sessions.lock(), self.current.lock());
+        f()
     }
 
     pub fn brokers(&self) -> Arc<Vec<Arc<Broker>>> {
@@ -269,7 +328,7 @@ impl Pool {
         let untried = || brokers.iter().filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b)));
         let mut candidates: Vec<&Arc<Broker>> = untried().filter(|b| b.available(now)).collect();
         while let Some(b) = least_loaded(candidates.iter().copied()) {
-            if b.passive.lock().unwrap().take(now) {
+            if b.passive.lock().take(now) {
                 return Some(Lease::new(&b));
             }
             // Lost the probation trial to another session: try the rest of the tier.
@@ -282,7 +341,7 @@ impl Pool {
     }
 
     pub fn record_success(&self, broker: &Broker) {
-        if let Some(Transition::Reopened) = broker.passive.lock().unwrap().success(Instant::now()) {
+        if let Some(Transition::Reopened) = broker.passive.lock().success(Instant::now()) {
             self.events.push(
                 "passive_reopen",
                 Some(&broker.name),
@@ -294,7 +353,7 @@ impl Pool {
 
     pub fn record_failure(&self, broker: &Broker, reason: &'static str) {
         self.metrics.upstream_failures.with_label_values(&[&broker.name, reason]).inc();
-        let t = broker.passive.lock().unwrap().failure(Instant::now());
+        let t = broker.passive.lock().failure(Instant::now());
         if let Some(Transition::Barred { until }) = t {
             let cfg = broker.config();
             let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
@@ -314,14 +373,14 @@ impl Pool {
     pub fn probe_flipped(&self, broker: &Broker, up: bool, why: &str) {
         if up {
             // Probes proved the broker healthy again: stale passive failures must not keep it out.
-            broker.passive.lock().unwrap().reset();
+            broker.passive.lock().reset();
             self.events.push("state_change", Some(&broker.name), format!("{} is up ({why})", broker.name));
             // Outdated session copies there are wiped before it takes new sessions.
-            self.durable.hold_new_sessions(&broker.name, false);
+            self.hooks.broker_changed(&broker.name, false);
         } else {
             self.events.push("state_change", Some(&broker.name), format!("{} is down: {why}", broker.name));
-            self.durable.hold_new_sessions(&broker.name, true);
-            if self.proxy.load().on_down == crate::config::OnDown::Close {
+            self.hooks.broker_changed(&broker.name, true);
+            if self.proxy.load().on_down == OnDown::Close {
                 self.close_sessions(&broker.name, "broker_down");
             }
         }
@@ -337,7 +396,7 @@ impl Pool {
             m.broker_available.with_label_values(&[&b.name]).set(i64::from(b.available(now)));
         }
         let now_name = self.current_broker().map(|b| b.name.clone());
-        let mut current = self.current.lock().unwrap();
+        let mut current = self.current.lock();
         if *current != now_name {
             let from = current.clone().unwrap_or_else(|| "none".into());
             let to = now_name.clone().unwrap_or_else(|| "none".into());
@@ -346,7 +405,7 @@ impl Pool {
                 self.metrics.failovers.inc();
                 drop(current);
                 self.events.push("failover", now_name.as_deref(), format!("new clients now go to {to} (was {from})"));
-                current = self.current.lock().unwrap();
+                current = self.current.lock();
             }
             *current = now_name;
         }
@@ -355,7 +414,7 @@ impl Pool {
     fn after_change(&self) {
         self.refresh();
         self.changed.notify_one();
-        self.durable.wake.notify_one();
+        self.hooks.wake();
     }
 
     // ---- admin ----------------------------------------------------------
@@ -374,10 +433,10 @@ impl Pool {
             format!("{name} {what} by admin"),
         );
         if state == AdminState::Enabled {
-            self.durable.hold_new_sessions(name, false);
+            self.hooks.broker_changed(name, false);
         }
         if state == AdminState::Disabled {
-            self.durable.hold_new_sessions(name, true);
+            self.hooks.broker_changed(name, true);
             self.close_sessions(name, "broker_disabled");
         }
         self.after_change();
@@ -395,66 +454,56 @@ impl Pool {
         self.metrics.sessions_total.with_label_values(&[&broker.name]).inc();
         self.metrics.sessions_active.with_label_values(&[&broker.name]).inc();
         let s = Arc::new(Session::new(id, broker, info, &self.closing));
-        let mut sessions = self.sessions.lock().unwrap();
+        let mut sessions = self.sessions.lock();
         // One client id across the pool, as within one broker: a newer connection takes over
         // from an older one on another broker (the broker itself handles its own).
-        for other in sessions.values() {
-            if other.info.client_id == s.info.client_id && !Arc::ptr_eq(&other.broker, &s.broker) && !other.is_closing()
-            {
+        for other in sessions.of(&s.info.client_id) {
+            if !Arc::ptr_eq(&other.broker, &s.broker) && !other.is_closing() {
                 tracing::info!(client_id = %s.info.client_id, old = %other.broker.name, new = %s.broker.name, "client id connected on another broker: closing its older session");
                 other.close("duplicate_client_id");
                 self.metrics.sessions_closed.with_label_values(&["duplicate_client_id"]).inc();
             }
         }
-        sessions.insert(id, s.clone());
+        sessions.insert(s.clone());
         drop(sessions);
         if s.info.persistent {
-            self.durable.on_registered(&s.info.client_id);
+            self.hooks.client_registered(&s.info.client_id);
         }
         Registered { pool: self.clone(), session: s }
     }
 
     fn unregister(&self, s: &Session) {
-        let mut sessions = self.sessions.lock().unwrap();
-        sessions.remove(&s.id);
-        let last = s.info.persistent && !sessions.values().any(|o| o.info.client_id == s.info.client_id);
-        drop(sessions);
-        if last {
-            self.durable.on_disconnected(&s.info.client_id);
+        let last = self.sessions.lock().remove(s);
+        if last && s.info.persistent {
+            self.hooks.client_gone(&s.info.client_id);
         }
         s.broker.active.fetch_sub(1, Ordering::Relaxed);
         self.metrics.sessions_active.with_label_values(&[&s.broker.name]).dec();
     }
 
     pub fn sessions(&self) -> Vec<Arc<Session>> {
-        let mut v: Vec<_> = self.sessions.lock().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = self.sessions.lock().by_id.values().cloned().collect();
         v.sort_by_key(|s| s.id);
         v
     }
 
     pub fn session_count(&self) -> usize {
-        self.sessions.lock().unwrap().len()
+        self.sessions.lock().by_id.len()
     }
 
     /// The brokers (by name) where `client_id` has an open session that is not closing.
     pub fn live_brokers(&self, client_id: &str) -> Vec<String> {
-        self.sessions
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|s| s.info.client_id == client_id && !s.is_closing())
-            .map(|s| s.broker.name.clone())
-            .collect()
+        self.sessions.lock().of(client_id).iter().filter(|s| !s.is_closing()).map(|s| s.broker.name.clone()).collect()
     }
 
     /// The broker (by name) that holds the open session of `client_id`, if any.
     pub fn broker_of(&self, client_id: &str) -> Option<String> {
-        self.sessions.lock().unwrap().values().find(|s| s.info.client_id == client_id).map(|s| s.broker.name.clone())
+        self.sessions.lock().of(client_id).first().map(|s| s.broker.name.clone())
     }
 
     pub fn close_sessions(&self, broker: &str, reason: &'static str) -> usize {
         let victims: Vec<_> =
-            self.sessions.lock().unwrap().values().filter(|s| s.broker.name == broker).cloned().collect();
+            self.sessions.lock().by_id.values().filter(|s| s.broker.name == broker).cloned().collect();
         for s in &victims {
             s.close(reason);
             self.metrics.sessions_closed.with_label_values(&[reason]).inc();
@@ -471,8 +520,9 @@ impl Pool {
         let now = Instant::now();
         let best = self.best_tier(now)?;
         let failback = self.proxy.load().failback == Failback::Drain;
-        let sessions = self.sessions.lock().unwrap();
+        let sessions = self.sessions.lock();
         sessions
+            .by_id
             .values()
             .filter(|s| !s.is_closing())
             .filter_map(|s| {
@@ -508,12 +558,12 @@ impl Pool {
                         b.set_admin(if c.enabled { AdminState::Enabled } else { AdminState::Disabled });
                         // As with the admin API: sessions move off a disabled broker before new
                         // clients arrive, outdated copies go before a re-enabled one takes any.
-                        self.durable.hold_new_sessions(&c.name, !c.enabled);
+                        self.hooks.broker_changed(&c.name, !c.enabled);
                         if !c.enabled {
                             disabled.push(c.name.clone());
                         }
                     }
-                    b.passive.lock().unwrap().set_limits(c.max_fails, c.fail_timeout);
+                    b.passive.lock().set_limits(c.max_fails, c.fail_timeout);
                     b.config.store(Arc::new(c.clone()));
                     next.push(b.clone());
                 }
@@ -523,7 +573,7 @@ impl Pool {
         for b in old.iter() {
             if !next.iter().any(|n| Arc::ptr_eq(n, b)) {
                 b.removed.store(true, Ordering::Relaxed);
-                self.durable.hold_new_sessions(&b.name, true);
+                self.hooks.broker_changed(&b.name, true);
             }
         }
         self.brokers.store(Arc::new(next));
@@ -535,13 +585,6 @@ impl Pool {
             self.close_sessions(name, "broker_disabled");
         }
         self.after_change();
-    }
-
-    /// A client connection closed before it became a session: counted by reason, and logged
-    /// once a minute per reason at most.
-    pub fn reject(&self, reason: &'static str, detail: impl std::fmt::Display) {
-        self.metrics.rejected.with_label_values(&[reason]).inc();
-        self.refusals.note(reason, detail);
     }
 
     pub fn uptime_secs(&self) -> u64 {

@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
@@ -84,7 +86,7 @@ impl Session {
 
     /// Asks the session's task to close both sockets; the first reason given is kept.
     pub fn close(&self, reason: &'static str) {
-        self.close_reason.lock().unwrap().get_or_insert(reason);
+        self.close_reason.lock().get_or_insert(reason);
         self.cancel.cancel();
     }
 
@@ -93,7 +95,7 @@ impl Session {
     }
 
     pub fn close_reason(&self) -> Option<&'static str> {
-        *self.close_reason.lock().unwrap()
+        *self.close_reason.lock()
     }
 
     pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {

@@ -182,9 +182,7 @@ impl Direction<'_> {
         if let Some(scanner) = self.side.scanner.as_deref_mut() {
             match self.side.tap {
                 None => scanner.feed(data, |_| packets += 1)?,
-                Some((tap, from_client)) => {
-                    tap.lock().unwrap_or_else(|p| p.into_inner()).feed(from_client, scanner, data, &mut packets)?
-                }
+                Some((tap, from_client)) => tap.lock().feed(from_client, scanner, data, &mut packets)?,
             }
         }
         let tally = &self.side.tally;
@@ -209,11 +207,4 @@ impl Direction<'_> {
         }
         Poll::Ready(Ok(false))
     }
-}
-
-/// Writes all of `data` (small: a CONNACK, leftover bytes) and flushes it.
-pub async fn write_all<W: AsyncWrite + Unpin>(to: &mut W, data: &[u8]) -> io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    to.write_all(data).await?;
-    to.flush().await
 }

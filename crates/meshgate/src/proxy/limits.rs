@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::ProxyConfig;
@@ -57,7 +59,7 @@ pub struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let mut s = self.limits.state.lock().unwrap();
+        let mut s = self.limits.state.lock();
         s.total = s.total.saturating_sub(1);
         if let Some(src) = s.sources.get_mut(&self.ip) {
             src.sessions = src.sessions.saturating_sub(1);
@@ -68,7 +70,7 @@ impl Drop for Admission {
 impl Limits {
     /// Admits a new connection from `ip`, or says why not.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, cfg: &ProxyConfig, now: Instant) -> Result<Admission, Refusal> {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state.lock();
         s.sweep(cfg, now);
         if cfg.max_sessions > 0 && s.total >= cfg.max_sessions {
             return Err(Refusal::MaxSessions);
@@ -92,8 +94,15 @@ impl Limits {
         Ok(Admission { limits: self.clone(), ip })
     }
 
+    /// Runs `f` holding the limits' lock (see `Meshgate::panic_holding_shared_locks`).
+    #[doc(hidden)]
+    pub fn with_locks_held<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _state = self.state.lock();
+        f()
+    }
+
     pub fn sessions_from(&self, ip: IpAddr) -> u32 {
-        self.state.lock().unwrap().sources.get(&ip).map_or(0, |s| s.sessions)
+        self.state.lock().sources.get(&ip).map_or(0, |s| s.sessions)
     }
 }
 
@@ -124,7 +133,7 @@ pub struct RefusalLog {
 impl RefusalLog {
     pub fn note(&self, reason: &'static str, detail: impl std::fmt::Display) {
         let now = Instant::now();
-        let mut last = self.last.lock().unwrap();
+        let mut last = self.last.lock();
         let entry = last.entry(reason).or_insert((now - Duration::from_secs(3600), 0));
         entry.1 += 1;
         if now.saturating_duration_since(entry.0) >= Duration::from_secs(60) {

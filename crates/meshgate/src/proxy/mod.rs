@@ -4,6 +4,12 @@ pub mod forward;
 pub mod limits;
 pub mod session;
 
+use arc_swap::ArcSwapOption;
+use tokio_rustls::TlsAcceptor;
+
+use crate::durable::Durable;
+use crate::upstream::Upstream;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,18 +20,51 @@ use tracing::{error, info};
 
 use crate::pool::Pool;
 
+/// What every client connection works with: the pool to choose from, the way to the brokers,
+/// the persistent-session engine, and the admission limits shared by every listener.
+pub struct Proxy {
+    pub pool: Arc<Pool>,
+    pub upstream: Arc<Upstream>,
+    pub durable: Arc<Durable>,
+    /// One set of limits for all listeners: `[proxy] max_connections` bounds them together.
+    pub limits: Arc<limits::Limits>,
+    /// The TLS listener's acceptor; swapped whole when certificates are reloaded.
+    pub acceptor: ArcSwapOption<TlsAcceptor>,
+    refusals: limits::RefusalLog,
+}
+
+impl Proxy {
+    pub fn new(pool: Arc<Pool>, upstream: Arc<Upstream>, durable: Arc<Durable>) -> Proxy {
+        Proxy {
+            pool,
+            upstream,
+            durable,
+            limits: Default::default(),
+            acceptor: Default::default(),
+            refusals: Default::default(),
+        }
+    }
+
+    /// A client connection closed before it became a session: counted by reason, and logged
+    /// once a minute per reason at most.
+    pub fn reject(&self, reason: &'static str, detail: impl std::fmt::Display) {
+        self.pool.metrics.rejected.with_label_values(&[reason]).inc();
+        self.refusals.note(reason, detail);
+    }
+}
+
 /// Accepts clients until `stop` is cancelled. Each connection is admitted under the limits
 /// (total, per source, CONNECT rate per source) or closed at once and counted; accept errors
 /// (EMFILE above all) back off instead of spinning.
 /// With `tls`, each connection first completes a TLS handshake (within the CONNECT time).
 pub async fn accept_loop(
     listener: TcpListener,
-    pool: Arc<Pool>,
+    proxy: Arc<Proxy>,
     tracker: TaskTracker,
     stop: CancellationToken,
     tls: bool,
 ) {
-    let limits = Arc::new(limits::Limits::default());
+    let limits = proxy.limits.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -35,24 +74,24 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                let admitted = limits.admit(peer.ip(), &pool.proxy_config(), std::time::Instant::now());
+                let admitted = limits.admit(peer.ip(), &proxy.pool.proxy_config(), std::time::Instant::now());
                 match admitted {
                     Ok(admission) if tls => {
-                        let pool = pool.clone();
+                        let proxy = proxy.clone();
                         tracker.spawn(async move {
-                            session::handle_tls(pool, stream, peer).await;
+                            session::handle_tls(proxy, stream, peer).await;
                             drop(admission);
                         });
                     }
                     Ok(admission) => {
-                        let pool = pool.clone();
+                        let proxy = proxy.clone();
                         tracker.spawn(async move {
-                            session::handle(pool, stream, peer).await;
+                            session::handle(proxy, stream, peer).await;
                             drop(admission);
                         });
                     }
                     Err(refusal) => {
-                        pool.reject(refusal.reason(), format_args!("from {peer}"));
+                        proxy.reject(refusal.reason(), format_args!("from {peer}"));
                         drop(stream);
                     }
                 }

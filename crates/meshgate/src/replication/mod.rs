@@ -18,7 +18,9 @@ pub mod retained;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
@@ -33,8 +35,9 @@ use tracing::{debug, info, warn};
 use crate::config::{topic_matches, Config, ReplicationConfig};
 use crate::events::unix_ms;
 use crate::health::probe::PROBE_TOPIC_PREFIX;
-use crate::mqtt::client::RawClient;
 use crate::pool::Pool;
+use crate::upstream::client::RawClient;
+use crate::upstream::Upstream;
 use retained::{Action, Store, Value};
 
 /// The user property that marks a copy and names its origin broker.
@@ -104,6 +107,8 @@ impl Metrics {
 pub struct Link {
     pub name: String,
     pub address: String,
+    /// How this link, its snapshots and its lag probes reach the broker (TCP or TLS).
+    config: crate::config::BrokerConfig,
     /// The pool's view of this broker, looked up once: its probe state is read per copy.
     broker: Option<Arc<crate::pool::Broker>>,
     client: AsyncClient,
@@ -147,27 +152,43 @@ pub struct Replication {
     dirty: AtomicBool,
     metrics: Metrics,
     pool: Arc<Pool>,
+    upstream: Arc<Upstream>,
     lag: Mutex<HashMap<(String, String), (f64, u64)>>,
+}
+
+/// rumqttc options for a connection to `broker`, through `upstream`'s choice of TCP or TLS.
+fn mqtt_options(upstream: &Upstream, broker: &crate::config::BrokerConfig, client_id: String) -> MqttOptions {
+    let (host, port) = split_address(&broker.address);
+    let mut opts = MqttOptions::new(client_id, host, port);
+    match upstream.mqtt_transport(broker) {
+        Ok(t) => {
+            opts.set_transport(t);
+        }
+        // Configuration validation requires a CA for TLS brokers: this is only reachable when
+        // the CA vanished, and then the link fails its handshakes visibly.
+        Err(e) => warn!(broker = %broker.name, "replication link: {e}"),
+    }
+    opts.set_max_packet_size(Some(256 * 1024 * 1024));
+    opts
 }
 
 impl Replication {
     /// Builds the links (not yet connected) and loads the retained record.
-    pub fn new(config: &Config, pool: &Arc<Pool>) -> (Arc<Replication>, Vec<EventLoop>) {
+    pub fn new(config: &Config, pool: &Arc<Pool>, upstream: &Arc<Upstream>) -> (Arc<Replication>, Vec<EventLoop>) {
         let cfg = config.replication.clone();
         let mut links = Vec::new();
         let mut loops = Vec::new();
         for b in &config.brokers {
-            let (host, port) = split_address(&b.address);
-            let mut opts = MqttOptions::new(format!("meshgate-repl-{}-{}", b.name, std::process::id()), host, port);
+            let mut opts = mqtt_options(upstream, b, format!("meshgate-repl-{}-{}", b.name, std::process::id()));
             // rumqttc's shortest keepalive; a silently cut link is noticed in about 7.5 s, and
             // sooner through the health probes (copies to a broker they mark down are held back).
             opts.set_keep_alive(Duration::from_secs(5));
             opts.set_clean_start(true);
-            opts.set_max_packet_size(Some(256 * 1024 * 1024));
             let (client, eventloop) = AsyncClient::new(opts, cfg.queue);
             links.push(Arc::new(Link {
                 name: b.name.clone(),
                 address: b.address.clone(),
+                config: b.clone(),
                 broker: pool.broker(&b.name),
                 client,
                 connected: AtomicBool::new(false),
@@ -191,6 +212,7 @@ impl Replication {
             dirty: AtomicBool::new(false),
             metrics: Metrics::new(&pool.metrics.registry),
             pool: pool.clone(),
+            upstream: upstream.clone(),
             lag: Mutex::new(HashMap::new()),
         });
         (repl, loops)
@@ -200,10 +222,11 @@ impl Replication {
     pub fn start(
         config: &Config,
         pool: &Arc<Pool>,
+        upstream: &Arc<Upstream>,
         tracker: &TaskTracker,
         stop: &CancellationToken,
     ) -> Arc<Replication> {
-        let (repl, loops) = Replication::new(config, pool);
+        let (repl, loops) = Replication::new(config, pool, upstream);
         for (i, eventloop) in loops.into_iter().enumerate() {
             tracker.spawn(repl.clone().link_loop(i, eventloop, stop.clone()));
         }
@@ -314,7 +337,7 @@ impl Replication {
             return;
         }
         if p.retain {
-            let mut store = self.store.lock().unwrap();
+            let mut store = self.store.lock();
             store.write(topic, &p.payload, p.qos as u8, unix_ms(SystemTime::now()));
             self.dirty.store(true, Ordering::Relaxed);
         }
@@ -362,15 +385,15 @@ impl Replication {
     async fn reconcile(self: Arc<Self>, i: usize) {
         let link = self.links[i].clone();
         let started = Instant::now();
-        let since = self.store.lock().unwrap().seq;
-        let holds = match self.snapshot(&link.address).await {
+        let since = self.store.lock().seq;
+        let holds = match self.snapshot(&link.config).await {
             Ok(h) => h,
             Err(e) => {
                 warn!(broker = %link.name, "cannot read retained messages for convergence: {e}");
                 return;
             }
         };
-        let actions = self.store.lock().unwrap().reconcile(&holds, since, unix_ms(SystemTime::now()));
+        let actions = self.store.lock().reconcile(&holds, since, unix_ms(SystemTime::now()));
         self.dirty.store(true, Ordering::Relaxed);
         let n = actions.len();
         for a in actions {
@@ -434,12 +457,10 @@ impl Replication {
 
     /// The retained messages a broker holds now: subscribe to the replicated filters with a
     /// throwaway client and collect until the broker goes quiet.
-    async fn snapshot(&self, address: &str) -> Result<HashMap<String, Value>, String> {
-        let (host, port) = split_address(address);
+    async fn snapshot(&self, broker: &crate::config::BrokerConfig) -> Result<HashMap<String, Value>, String> {
         let id = format!("meshgate-snap-{}-{}", std::process::id(), unix_ms(SystemTime::now()) % 1_000_000_000);
-        let mut opts = MqttOptions::new(id, host, port);
+        let mut opts = mqtt_options(&self.upstream, broker, id);
         opts.set_keep_alive(Duration::from_secs(10));
-        opts.set_max_packet_size(Some(256 * 1024 * 1024));
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let filters: Vec<Filter> = self.cfg.include.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce)).collect();
         client.subscribe_many(filters).await.map_err(|e| e.to_string())?;
@@ -490,10 +511,10 @@ impl Replication {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => false,
             };
             let now = unix_ms(SystemTime::now());
-            let expired = self.store.lock().unwrap().expire(now, self.cfg.tombstone_ttl.as_millis() as u64);
+            let expired = self.store.lock().expire(now, self.cfg.tombstone_ttl.as_millis() as u64);
             let changed = self.dirty.swap(false, Ordering::Relaxed) || expired > 0;
             if let (true, Some(path)) = (changed, &path) {
-                let snapshot = self.store.lock().unwrap().clone();
+                let snapshot = self.store.lock().clone();
                 let path = path.clone();
                 let saved = tokio::task::spawn_blocking(move || snapshot.save(&path)).await;
                 if let Err(e) = saved.unwrap_or_else(|e| Err(e.to_string())) {
@@ -516,7 +537,7 @@ impl Replication {
             if stop.is_cancelled() {
                 return;
             }
-            let client = RawClient::connect(&me.address, &id, true, Duration::from_secs(2)).await;
+            let client = RawClient::connect_via(&self.upstream, &me.config, &id, true, Duration::from_secs(2)).await;
             let Ok((mut c, 0, _)) = client else {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -558,7 +579,7 @@ impl Replication {
                         }
                         let lag = (started.elapsed().as_micros() as u64).saturating_sub(sent) as f64 / 1e6;
                         self.metrics.lag.with_label_values(&[&from, &me.name]).set(lag);
-                        self.lag.lock().unwrap().insert((from, me.name.clone()), (lag, unix_ms(SystemTime::now())));
+                        self.lag.lock().insert((from, me.name.clone()), (lag, unix_ms(SystemTime::now())));
                     }
                 }
             }
@@ -581,12 +602,11 @@ impl Replication {
         let mut lag: Vec<LagView> = self
             .lag
             .lock()
-            .unwrap()
             .iter()
             .map(|((from, to), (s, at))| LagView { from: from.clone(), to: to.clone(), lag_ms: s * 1000.0, at_ms: *at })
             .collect();
         lag.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
-        let store = self.store.lock().unwrap();
+        let store = self.store.lock();
         let tombstones = store.entries.values().filter(|e| e.value.is_none()).count();
         View { links, lag, retained_topics: store.entries.len() - tombstones, tombstones }
     }

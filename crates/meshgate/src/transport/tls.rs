@@ -94,15 +94,84 @@ pub fn acceptor(cfg: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The connector for brokers with `tls = true`, or `None` when no broker needs one.
-pub fn connector(cfg: &TlsConfig) -> Result<Option<TlsConnector>, TlsError> {
+/// What reaching TLS brokers takes: the connector, and the CA roots it trusts (for clients
+/// that need a configuration of their own).
+pub struct BrokerTls {
+    pub connector: TlsConnector,
+    roots: Arc<RootCertStore>,
+}
+
+/// The client side for brokers with `tls = true`, or `None` when no broker needs one.
+pub fn connector(cfg: &TlsConfig) -> Result<Option<BrokerTls>, TlsError> {
     let Some(ca) = &cfg.broker_ca else { return Ok(None) };
+    let roots = Arc::new(roots("broker_ca", ca)?);
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid { key: "broker_ca", path: ca.display().to_string(), err: e.to_string() })?
-        .with_root_certificates(roots("broker_ca", ca)?)
+        .with_root_certificates(roots.clone())
         .with_no_client_auth();
-    Ok(Some(TlsConnector::from(Arc::new(config))))
+    Ok(Some(BrokerTls { connector: TlsConnector::from(Arc::new(config)), roots }))
+}
+
+impl BrokerTls {
+    /// The configuration for a client that names the broker by its address (rumqttc does):
+    /// with a `tls_name`, the certificate is checked against that name instead, as for every
+    /// other connection to that broker.
+    pub fn config_for(&self, address: &str, tls_name: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+        let base = self.connector.config().clone();
+        let Some(name) = tls_name else { return Ok(base) };
+        let name = server_name(address, Some(name))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NamedVerifier { inner, name }))
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+}
+
+/// Checks a broker's certificate against a configured name rather than the one the client
+/// connected with; everything else is the standard WebPKI verification.
+#[derive(Debug)]
+struct NamedVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The name a broker's certificate must carry: `tls_name`, or the host part of its address.

@@ -1,16 +1,20 @@
-//! A small raw MQTT 3.1.1 client: exact timings and CONNACK codes, no hidden retries; used by the suite and the replication lag probes.
+//! A small raw MQTT 3.1.1 client over the upstream connector: exact timings and CONNACK codes, no hidden retries; used by the replication lag probes and the test suite.
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::{connack, decode_length, encode, encode_length, Length};
+use super::Upstream;
+use crate::config::BrokerConfig;
+use crate::mqtt::io::{self, Packet, PacketReader};
+use crate::mqtt::{connack, encode, kind};
+use crate::transport::{write_all, Conn};
+
+/// Largest packet the client reads.
+const READ_LIMIT: usize = 16 << 20;
 
 pub struct RawClient {
-    stream: TcpStream,
-    buf: Vec<u8>,
+    reader: PacketReader<Conn>,
     next_id: u16,
     /// PUBLISHes that arrived while waiting for something else (a PUBACK, a PINGRESP); they
     /// were acknowledged on arrival and are handed out by `next_message`.
@@ -27,26 +31,35 @@ pub struct Message {
 }
 
 impl RawClient {
-    /// Connects and waits for the CONNACK; returns the client, the CONNACK code and how long it took.
+    /// Connects over plain TCP and waits for the CONNACK; returns the client, the CONNACK code
+    /// and how long it took.
     pub async fn connect(
         addr: &str,
         client_id: &str,
         clean: bool,
         limit: Duration,
     ) -> Result<(RawClient, u8, Duration), String> {
+        RawClient::connect_via(&Upstream::plain(limit), &BrokerConfig::at(addr), client_id, clean, limit).await
+    }
+
+    /// Connects to `broker` the way every connection to it is made (TCP or TLS) and waits for
+    /// the CONNACK.
+    pub async fn connect_via(
+        upstream: &Upstream,
+        broker: &BrokerConfig,
+        client_id: &str,
+        clean: bool,
+        limit: Duration,
+    ) -> Result<(RawClient, u8, Duration), String> {
         let started = Instant::now();
         let run = async {
-            let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-            let _ = stream.set_nodelay(true);
-            let mut c = RawClient { stream, buf: Vec::with_capacity(256), next_id: 1, inbox: Default::default() };
+            let conn = upstream.connect(broker).await.map_err(|e| e.to_string())?;
+            let mut c =
+                RawClient { reader: PacketReader::new(conn, READ_LIMIT), next_id: 1, inbox: Default::default() };
             c.send(&encode::connect(4, client_id, clean, 30, None, None)).await?;
-            loop {
-                if let Some((ack, n)) = connack::parse(&c.buf).map_err(|e| e.to_string())? {
-                    c.buf.drain(..n);
-                    return Ok((c, ack.code));
-                }
-                c.fill().await?;
-            }
+            let p = c.packet().await?;
+            let (ack, _) = connack::parse(&p.bytes).map_err(|e| e.to_string())?.ok_or("malformed CONNACK")?;
+            Ok((c, ack.code))
         };
         match timeout(limit, run).await {
             Ok(Ok((c, code))) => Ok((c, code, started.elapsed())),
@@ -56,38 +69,15 @@ impl RawClient {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.stream.write_all(bytes).await.map_err(|e| format!("write: {e}"))
+        write_all(self.reader.stream(), bytes).await.map_err(|e| format!("write: {e}"))
     }
 
-    async fn fill(&mut self) -> Result<(), String> {
-        let mut chunk = [0u8; 4096];
-        match self.stream.read(&mut chunk).await {
-            Ok(0) => Err("connection closed".into()),
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(())
-            }
-            Err(e) => Err(format!("read: {e}")),
-        }
-    }
-
-    /// The next whole packet: (first byte, body).
-    async fn packet(&mut self) -> Result<(u8, Vec<u8>), String> {
-        loop {
-            if self.buf.len() >= 2 {
-                match decode_length(&self.buf[1..]) {
-                    Length::Done(len, n) if self.buf.len() >= 1 + n + len as usize => {
-                        let first = self.buf[0];
-                        let body = self.buf[1 + n..1 + n + len as usize].to_vec();
-                        self.buf.drain(..1 + n + len as usize);
-                        return Ok((first, body));
-                    }
-                    Length::Malformed => return Err("malformed packet".into()),
-                    _ => {}
-                }
-            }
-            self.fill().await?;
-        }
+    /// The next whole packet.
+    async fn packet(&mut self) -> Result<Packet, String> {
+        self.reader.next().await.map_err(|e| match e {
+            io::ReadError::Closed => "connection closed".to_string(),
+            e => e.to_string(),
+        })
     }
 
     fn id(&mut self) -> u16 {
@@ -100,19 +90,19 @@ impl RawClient {
     pub async fn subscribe(&mut self, filter: &str, qos: u8, limit: Duration) -> Result<(), String> {
         let id = self.id();
         self.send(&encode::subscribe(4, id, filter, qos)).await?;
-        self.wait_for(9, None, limit, "SUBACK").await
+        self.wait_for(kind::SUBACK, None, limit, "SUBACK").await
     }
 
-    /// Reads until a packet of `kind` (with `id` as its first two body bytes, if given)
+    /// Reads until a packet of type `want` (with `id` as its first two body bytes, if given)
     /// arrives; PUBLISHes read meanwhile are acknowledged and kept in the inbox.
-    async fn wait_for(&mut self, kind: u8, id: Option<u16>, limit: Duration, what: &str) -> Result<(), String> {
+    async fn wait_for(&mut self, want: u8, id: Option<u16>, limit: Duration, what: &str) -> Result<(), String> {
         let wait = async {
             loop {
-                let (first, body) = self.packet().await?;
-                if first >> 4 == 3 {
-                    let m = self.on_publish(first, &body).await?;
+                let p = self.packet().await?;
+                if p.kind() == kind::PUBLISH {
+                    let m = self.on_publish(p.first(), p.body()).await?;
                     self.inbox.push_back(m);
-                } else if first >> 4 == kind && id.is_none_or(|id| body.get(..2) == Some(&id.to_be_bytes()[..])) {
+                } else if p.kind() == want && id.is_none_or(|id| p.body().get(..2) == Some(&id.to_be_bytes()[..])) {
                     return Ok::<(), String>(());
                 }
             }
@@ -130,21 +120,12 @@ impl RawClient {
         limit: Duration,
     ) -> Result<(), String> {
         let id = if qos > 0 { self.id() } else { 0 };
-        let mut body = Vec::with_capacity(topic.len() + payload.len() + 4);
-        body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-        body.extend_from_slice(topic.as_bytes());
-        if qos > 0 {
-            body.extend_from_slice(&id.to_be_bytes());
-        }
-        body.extend_from_slice(payload);
-        let mut pkt = vec![0x30 | (qos << 1) | u8::from(retain)];
-        encode_length(body.len(), &mut pkt);
-        pkt.extend_from_slice(&body);
+        let pkt = encode::publish_with(4, topic, payload, qos, retain, id);
         self.send(&pkt).await?;
         if qos == 0 {
             return Ok(());
         }
-        self.wait_for(4, Some(id), limit, "PUBACK").await
+        self.wait_for(kind::PUBACK, Some(id), limit, "PUBACK").await
     }
 
     /// The next PUBLISH within `limit`, `Ok(None)` when none came.
@@ -154,9 +135,9 @@ impl RawClient {
         }
         let wait = async {
             loop {
-                let (first, body) = self.packet().await?;
-                if first >> 4 == 3 {
-                    return self.on_publish(first, &body).await;
+                let p = self.packet().await?;
+                if p.kind() == kind::PUBLISH {
+                    return self.on_publish(p.first(), p.body()).await;
                 }
             }
         };
@@ -175,15 +156,15 @@ impl RawClient {
         if qos > 0 {
             let id = rest.get(..2).ok_or("short PUBLISH")?.to_vec();
             rest = &rest[2..];
-            self.send(&[0x40, 0x02, id[0], id[1]]).await?;
+            self.send(&encode::ack(kind::PUBACK, u16::from_be_bytes([id[0], id[1]]))).await?;
         }
         Ok(Message { topic, payload: rest.to_vec(), retain: first & 1 == 1, qos })
     }
 
     /// PINGREQ and wait for PINGRESP.
     pub async fn ping(&mut self, limit: Duration) -> Result<(), String> {
-        self.send(&[0xc0, 0x00]).await?;
-        self.wait_for(13, None, limit, "PINGRESP").await
+        self.send(&encode::pingreq()).await?;
+        self.wait_for(kind::PINGRESP, None, limit, "PINGRESP").await
     }
 
     pub async fn disconnect(mut self) {

@@ -1,0 +1,226 @@
+//! The one way to reach a broker: TCP or TLS as the broker's config says, under the proxy's connect timeout, with nodelay, for client sessions, every probe kind, lag probes, replication links and persistent-session work.
+//!
+//! Every outbound connection goes through here (as in pingora's connectors), so no caller can
+//! forget TLS or a timeout: callers name the broker, never an address alone.
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use crate::config::{BrokerConfig, Config};
+use crate::mqtt::io::PacketReader;
+use crate::mqtt::{connack, Connack};
+use crate::transport::tls::{self, TlsError};
+use crate::transport::Conn;
+
+/// Why reaching a broker (and, for a CONNECT, being served by it) failed; the label is the
+/// `reason` of `meshgate_upstream_failures_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("no CONNACK within {0:?}")]
+    ConnackTimeout(Duration),
+    #[error("broker closed the connection before its CONNACK")]
+    Closed,
+    #[error("{0}")]
+    Protocol(String),
+    #[error("CONNACK {code:#04x}: {reason}")]
+    Refused { code: u8, reason: &'static str },
+}
+
+impl AttemptError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AttemptError::Connect(_) => "connect_error",
+            AttemptError::ConnectTimeout(_) => "connect_timeout",
+            AttemptError::ConnackTimeout(_) => "connack_timeout",
+            AttemptError::Closed => "closed_before_connack",
+            AttemptError::Protocol(_) => "protocol_error",
+            AttemptError::Refused { reason, .. } => reason,
+        }
+    }
+
+    /// Every reason label, so metrics can show them at zero from the start.
+    pub const REASONS: [&'static str; 7] = [
+        "connect_error",
+        "connect_timeout",
+        "connack_timeout",
+        "closed_before_connack",
+        "protocol_error",
+        "server_unavailable",
+        "server_busy",
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Timeouts {
+    connect: Duration,
+    connack: Duration,
+}
+
+/// A broker's CONNACK is a few bytes; anything near this is not a broker speaking MQTT.
+const CONNACK_READ_LIMIT: usize = 64 * 1024;
+
+/// Handshakes (TCP connect to CONNACK) in flight to one broker address, at most. Mosquitto
+/// listens with a backlog of 100: when every client of a failed broker reconnects at once, a
+/// thousand simultaneous connects overflow it, and every dropped SYN or handshake ACK costs its
+/// client a one-second retransmission (measured: 1,000 clients back after 2.7 s instead of
+/// 0.8 s). Queued here instead, the same burst is served in tens of milliseconds.
+const HANDSHAKES_PER_BROKER: usize = 64;
+
+pub struct Upstream {
+    /// For brokers with `tls = true`; `None` when no CA is configured (then no broker has it).
+    tls: ArcSwapOption<tls::BrokerTls>,
+    timeouts: ArcSwap<Timeouts>,
+    /// Keyed by address, so the slots outlive reloads and a broker's slots are shared by every
+    /// session; one entry per broker address ever configured.
+    gates: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Upstream {
+    /// Reads the broker CA now, so a bad file is one clear error before anything starts.
+    pub fn new(config: &Config) -> Result<Upstream, TlsError> {
+        let up = Upstream {
+            tls: Default::default(),
+            timeouts: ArcSwap::from_pointee(timeouts(config)),
+            gates: Default::default(),
+        };
+        up.reload(config)?;
+        Ok(up)
+    }
+
+    /// Plain TCP only, with `limit` for connects and CONNACKs: for tools that reach brokers they
+    /// started themselves.
+    pub fn plain(limit: Duration) -> Upstream {
+        Upstream {
+            tls: Default::default(),
+            timeouts: ArcSwap::from_pointee(Timeouts { connect: limit, connack: limit }),
+            gates: Default::default(),
+        }
+    }
+
+    /// Re-reads the broker CA (renewed certificates take effect) and the timeouts; a CA that
+    /// cannot be used refuses the reload and the running one stays.
+    pub fn reload(&self, config: &Config) -> Result<(), TlsError> {
+        let connector = tls::connector(&config.tls)?;
+        self.tls.store(connector.map(Arc::new));
+        self.timeouts.store(Arc::new(timeouts(config)));
+        Ok(())
+    }
+
+    /// A plain TCP connection to `address` within the connect timeout (the TCP check, and the
+    /// first step of every connection).
+    pub async fn tcp(&self, address: &str) -> Result<TcpStream, AttemptError> {
+        let limit = self.timeouts.load().connect;
+        let stream = match timeout(limit, TcpStream::connect(address)).await {
+            Err(_) => return Err(AttemptError::ConnectTimeout(limit)),
+            Ok(Err(e)) => return Err(AttemptError::Connect(e)),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// A connection to `broker` that speaks what the broker speaks: TCP, or TLS verified against
+    /// `[tls] broker_ca` and the broker's `tls_name`.
+    pub async fn connect(&self, broker: &BrokerConfig) -> Result<Conn, AttemptError> {
+        let stream = self.tcp(&broker.address).await?;
+        if !broker.tls {
+            return Ok(Conn::Tcp(stream));
+        }
+        let Some(broker_tls) = self.tls.load_full() else {
+            return Err(AttemptError::Protocol(format!(
+                "broker {} has tls = true but no [tls] broker_ca",
+                broker.name
+            )));
+        };
+        let connector = &broker_tls.connector;
+        let name = tls::server_name(&broker.address, broker.tls_name.as_deref()).map_err(AttemptError::Protocol)?;
+        let limit = self.timeouts.load().connect;
+        // Boxed: the TLS handshake future is over a kilobyte, and every plain session's setup
+        // would otherwise carry room for it.
+        match timeout(limit, Box::pin(connector.connect(name, stream))).await {
+            Err(_) => Err(AttemptError::ConnectTimeout(limit)),
+            Ok(Err(e)) => Err(AttemptError::Protocol(format!("TLS handshake with the broker: {e}"))),
+            Ok(Ok(s)) => Ok(Conn::BrokerTls(Box::new(s))),
+        }
+    }
+
+    fn gate(&self, address: &str) -> Arc<tokio::sync::Semaphore> {
+        self.gates
+            .lock()
+            .entry(address.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PER_BROKER)))
+            .clone()
+    }
+
+    /// One CONNECT to `broker`, answered by its CONNACK within the CONNACK timeout: a client's
+    /// attempt and meshgate's own on a client's behalf. Returns the connection, the CONNACK and
+    /// the bytes read with it (the CONNACK and whatever the broker sent right behind it).
+    /// "Server unavailable" and "server busy" are failures; other refusals are answers.
+    pub async fn handshake(
+        &self,
+        broker: &BrokerConfig,
+        packet: &[u8],
+        version: u8,
+    ) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
+        let t = **self.timeouts.load();
+        // Queueing for a handshake slot counts as connecting.
+        let gate = self.gate(&broker.address);
+        let Ok(Ok(_slot)) = timeout(t.connect, gate.acquire_owned()).await else {
+            return Err(AttemptError::ConnectTimeout(t.connect));
+        };
+        let mut conn = self.connect(broker).await?;
+        let deadline = Instant::now() + t.connack;
+        let exchange = async {
+            crate::transport::write_all(&mut conn, packet).await.map_err(AttemptError::Connect)?;
+            let mut reader = PacketReader::new(&mut conn, CONNACK_READ_LIMIT);
+            let first = reader.next().await.map_err(|e| match e {
+                crate::mqtt::io::ReadError::Closed => AttemptError::Closed,
+                crate::mqtt::io::ReadError::Io(e) => AttemptError::Connect(e),
+                e => AttemptError::Protocol(e.to_string()),
+            })?;
+            let (ack, _) = connack::parse(&first.bytes)
+                .map_err(|e| AttemptError::Protocol(e.to_string()))?
+                .ok_or_else(|| AttemptError::Protocol("malformed CONNACK".into()))?;
+            let (_, rest) = reader.into_parts();
+            let mut bytes = first.bytes;
+            bytes.extend_from_slice(&rest);
+            Ok((ack, bytes))
+        };
+        let (ack, bytes) = match timeout_at(deadline, exchange).await {
+            Err(_) => return Err(AttemptError::ConnackTimeout(t.connack)),
+            Ok(r) => r?,
+        };
+        if let Some(reason) = ack.broker_failure(version) {
+            return Err(AttemptError::Refused { code: ack.code, reason });
+        }
+        Ok((conn, ack, bytes))
+    }
+
+    /// How an `rumqttc` client (replication links, snapshots) reaches `broker`: the same TCP or
+    /// TLS choice and certificate checks as every other connection.
+    pub fn mqtt_transport(&self, broker: &BrokerConfig) -> Result<rumqttc::Transport, String> {
+        if !broker.tls {
+            return Ok(rumqttc::Transport::tcp());
+        }
+        let Some(broker_tls) = self.tls.load_full() else {
+            return Err(format!("broker {} has tls = true but no [tls] broker_ca", broker.name));
+        };
+        let config = broker_tls.config_for(&broker.address, broker.tls_name.as_deref())?;
+        Ok(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config)))
+    }
+}
+
+fn timeouts(config: &Config) -> Timeouts {
+    Timeouts { connect: config.proxy.upstream_connect_timeout, connack: config.proxy.connack_timeout }
+}
