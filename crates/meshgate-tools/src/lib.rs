@@ -5,6 +5,8 @@
 //! - `suite`: test scenarios against a running system, with JSON lines and HTML reports.
 //! - `bench`: the load generator and the comparison against Mosquitto, nginx and HAProxy.
 //! - `client`: the failover-aware demo client.
+//! - `report`: what the suite's HTML page and the benchmark comparison's charts share (the SVG chart kit).
+//! - `procfs`: the one reader of /proc (process memory, CPU time, process trees, machine facts).
 //!
 //! The daemon (`meshgate`) knows nothing of this crate; the `meshgate` command (the workspace
 //! root) puts both behind one CLI.
@@ -14,4 +16,6 @@ pub mod bench;
 pub mod client;
 pub mod cluster;
 pub mod local;
+pub mod procfs;
+pub mod report;
 pub mod suite;

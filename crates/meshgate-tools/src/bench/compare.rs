@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::report;
 use super::stats::median;
 use super::Report;
-use crate::cluster;
+use crate::{cluster, procfs};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CompareArgs {
@@ -668,16 +668,25 @@ impl Comparison {
     }
 
     fn meshgate_toml(&self, listen: SocketAddr) -> String {
+        use toml::{Table, Value};
+        let table = |pairs: Vec<(&str, Value)>| Value::Table(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect());
         // The shipped configs/meshgate.toml's broker settings, on the benchmark's two brokers,
         // and the worker threads asked for.
-        format!(
-            "[listen]\nmqtt = \"{listen}\"\nhttp = \"off\"\n\n[proxy]\nworkers = {}\n\n\
-             [[broker]]\nname = \"broker1\"\naddress = \"{}\"\nweight = 5\nmax_fails = 3\nfail_timeout = \"30s\"\n\n\
-             [[broker]]\nname = \"broker2\"\naddress = \"{}\"\nmax_fails = 3\nfail_timeout = \"30s\"\n",
-            self.s.meshgate_workers,
-            self.addr(10, 1883),
-            self.addr(11, 1883)
-        )
+        let broker = |name: &str, last: u8, weight: Option<i64>| {
+            let mut b = vec![("name", name.into()), ("address", self.addr(last, 1883).to_string().into())];
+            b.extend(weight.map(|w| ("weight", w.into())));
+            b.extend([("max_fails", 3.into()), ("fail_timeout", "30s".into())]);
+            table(b)
+        };
+        let doc: Table = [
+            ("listen", table(vec![("mqtt", listen.to_string().into()), ("http", "off".into())])),
+            ("proxy", table(vec![("workers", i64::from(self.s.meshgate_workers).into())])),
+            ("broker", Value::Array(vec![broker("broker1", 10, Some(5)), broker("broker2", 11, None)])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        doc.to_string()
     }
 
     async fn start_meshgate(&self) -> anyhow::Result<Proc> {
@@ -786,28 +795,11 @@ fn read(path: &str) -> String {
 
 /// What this machine is, for the report.
 pub fn machine() -> Machine {
-    let cpuinfo = read("/proc/cpuinfo");
-    let cpu = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let mem_kib: f64 = read("/proc/meminfo")
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let facts = procfs::machine();
     let os = read("/etc/os-release")
         .lines()
         .find_map(|l| l.strip_prefix("PRETTY_NAME="))
         .map(|s| s.trim_matches('"').to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let open_files = read("/proc/self/limits")
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .map(|l| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" soft / ") + " hard")
         .unwrap_or_else(|| "unknown".into());
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -815,13 +807,17 @@ pub fn machine() -> Machine {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let mem_kib = facts.memory_kib.unwrap_or(0) as f64;
     Machine {
-        cpu,
+        cpu: facts.cpu.unwrap_or_else(|| "unknown".into()),
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         memory_gib: (mem_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
         os,
-        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
-        open_files,
+        kernel: facts.kernel.unwrap_or_default(),
+        open_files: facts
+            .open_files
+            .map(|(soft, hard)| format!("{soft} soft / {hard} hard"))
+            .unwrap_or_else(|| "unknown".into()),
         mosquitto: cluster::mosquitto_binary()
             .ok()
             .map(|b| first_line(&b.display().to_string(), &["-h"]))

@@ -13,8 +13,9 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::stats::{rss_of, Errors, Percentiles};
+use super::stats::{Errors, Percentiles};
 use super::wire;
+use crate::procfs::rss_of;
 use meshgate::mqtt::encode;
 
 const PINGREQ: [u8; 2] = [0xc0, 0x00];

@@ -19,8 +19,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::stats::{cpu_of, rss_of, Errors, Percentiles};
+use super::stats::{Errors, Percentiles};
 use super::wire::{self, ReadBuf, Stamp};
+use crate::procfs::{cpu_of, rss_of};
 
 /// Messages a publisher writes in one go at most.
 const BATCH: u64 = 64;

@@ -5,7 +5,7 @@
 //! - `wire`: the generator's own lean MQTT client (no per-message allocation, batched writes).
 //! - `load`: publish/subscribe throughput and publish-to-delivery latency.
 //! - `conns`: connection setup rate, idle sessions with memory per session, failover under load.
-//! - `stats`: percentiles, errors, resident memory from /proc.
+//! - `stats`: percentiles, errors, medians (memory and CPU time: [`crate::procfs`]).
 //! - `compare`: the orchestrated comparison; `report`: its markdown table and SVG charts.
 
 pub mod compare;

@@ -1,15 +1,18 @@
 //! What `bench compare` writes: medians per load and front end, meshgate's ratios to the
 //! others, the issue's targets checked, a markdown section for docs/benchmarks.md, the JSON,
-//! and three small SVG charts (throughput ratios, latency percentiles, failover timelines).
+//! and four small SVG charts (throughput ratios, CPU time, latency percentiles, failover
+//! timelines) drawn by the report kit ([`crate::report::chart`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
+use maud::Markup;
 
 use super::compare::{FrontEnd, LoadKind, Results};
 use super::Report;
+use crate::report::chart::{self, BarGroup, Chart, ChartKind, HBars, Look, Rule, RuleStyle, Scale, Series};
 
 pub const BEGIN: &str = "<!-- bench-compare:begin (written by `meshgate bench compare`; edits inside are replaced) -->";
 pub const END: &str = "<!-- bench-compare:end -->";
@@ -88,6 +91,11 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 impl Row {
+    /// The median of `fe`, if it has one.
+    fn value(&self, fe: FrontEnd) -> Option<f64> {
+        self.values.get(&fe).copied().flatten()
+    }
+
     /// " (rounds 0.85–1.10×)", or nothing with fewer than two rounds.
     fn spread_to(&self, fe: FrontEnd) -> String {
         match self.spread.get(&fe) {
@@ -232,10 +240,7 @@ impl Summary {
     }
 
     fn get(&self, load: LoadKind, metric_prefix: &str, fe: FrontEnd) -> Option<f64> {
-        self.rows
-            .iter()
-            .find(|r| r.load == load && r.metric.starts_with(metric_prefix))
-            .and_then(|r| r.values.get(&fe).copied().flatten())
+        self.rows.iter().find(|r| r.load == load && r.metric.starts_with(metric_prefix)).and_then(|r| r.value(fe))
     }
 
     fn check_targets(&self) -> Vec<Target> {
@@ -243,7 +248,7 @@ impl Summary {
         let mut t = Vec::new();
         for load in [LoadKind::Qos0, LoadKind::Qos0x16, LoadKind::Qos1, LoadKind::Qos1x16] {
             let Some(row) = self.rows.iter().find(|r| r.load == load && r.unit == Unit::Rate) else { continue };
-            let v = |fe| row.values.get(&fe).copied().flatten();
+            let v = |fe| row.value(fe);
             let (n, h, d) =
                 (ratio(v(Meshgate), v(Nginx)), ratio(v(Meshgate), v(Haproxy)), ratio(v(Meshgate), v(Direct)));
             let met = match (n, h) {
@@ -340,7 +345,7 @@ impl Summary {
         for r in &self.rows {
             let _ = write!(out, "| {} |", r.metric);
             for fe in &self.front_ends {
-                let v = r.values.get(fe).copied().flatten();
+                let v = r.value(*fe);
                 let shown = if r.load == LoadKind::Failover && *fe == FrontEnd::Direct {
                     "n/a".into()
                 } else {
@@ -349,9 +354,9 @@ impl Summary {
                 let _ = write!(out, " {shown} |");
             }
             if has_mg {
-                let m = r.values.get(&FrontEnd::Meshgate).copied().flatten();
+                let m = r.value(FrontEnd::Meshgate);
                 for fe in &others {
-                    let _ = write!(out, " {} |", fmt_ratio(ratio(m, r.values.get(fe).copied().flatten())));
+                    let _ = write!(out, " {} |", fmt_ratio(ratio(m, r.value(*fe))));
                 }
             }
             out.push('\n');
@@ -385,14 +390,10 @@ impl Summary {
         lines.push(head);
         for r in &self.rows {
             let mut l = vec![r.metric.clone()];
-            l.extend(
-                self.front_ends
-                    .iter()
-                    .map(|fe| fmt_value(r.values.get(fe).copied().flatten(), r.unit, self.deadline_s)),
-            );
+            l.extend(self.front_ends.iter().map(|fe| fmt_value(r.value(*fe), r.unit, self.deadline_s)));
             if has_mg {
-                let m = r.values.get(&FrontEnd::Meshgate).copied().flatten();
-                l.extend(others.iter().map(|fe| fmt_ratio(ratio(m, r.values.get(fe).copied().flatten()))));
+                let m = r.value(FrontEnd::Meshgate);
+                l.extend(others.iter().map(|fe| fmt_ratio(ratio(m, r.value(*fe)))));
             }
             lines.push(l);
         }
@@ -500,67 +501,29 @@ fn color(fe: FrontEnd) -> &'static str {
     COLORS.iter().find(|(f, _)| *f == fe).map(|(_, c)| *c).unwrap_or("#000")
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+/// A chart file whose series are `fes`, each front end in its own colour in every chart.
+fn svg_file(fes: &[FrontEnd], draw: impl FnOnce(Look<'_>) -> Markup) -> String {
+    let colors: Vec<&'static str> = fes.iter().map(|fe| color(*fe)).collect();
+    let mut svg = draw(Look::File { colors: &colors }).into_string();
+    svg.push('\n');
+    svg
 }
 
-fn svg_open(w: u32, h: u32, title: &str) -> String {
-    format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"{w}\" height=\"{h}\" fill=\"#fff\"/>\n\
-         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">{}</text>\n",
-        w / 2,
-        esc(title)
-    )
+/// A group of bars, one per front end of `fes` that has a `value`, printed by `show`.
+fn bar_group(
+    label: String,
+    fes: &[FrontEnd],
+    value: impl Fn(FrontEnd) -> Option<f64>,
+    show: impl Fn(f64) -> String,
+) -> BarGroup {
+    BarGroup { label, bars: fes.iter().map(|fe| value(*fe).map(|v| (v, show(v)))).collect() }
 }
 
-fn legend(out: &mut String, fes: &[FrontEnd], x: f64, y: f64) {
-    for (i, fe) in fes.iter().enumerate() {
-        let lx = x + i as f64 * 100.0;
-        let _ =
-            writeln!(out, "<rect x=\"{lx}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/>", y - 10.0, color(*fe));
-        let _ = writeln!(out, "<text x=\"{}\" y=\"{y}\">{}</text>", lx + 16.0, fe.label());
-    }
-}
-
-/// Horizontal bar groups: one group per row, one bar per front end (a missing value leaves
-/// its slot empty, so a front end's bar sits at the same place in every group).
-struct Bars {
-    left: f64,
-    scale: f64,
-    group_h: f64,
-    bar_h: f64,
-}
-
-impl Bars {
-    fn group(
-        &self,
-        out: &mut String,
-        gy: f64,
-        label: &str,
-        values: impl Iterator<Item = Option<(FrontEnd, f64)>>,
-        show: impl Fn(f64) -> String,
-    ) {
-        let (left, bar_h) = (self.left, self.bar_h);
-        let _ = writeln!(
-            out,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-            left - 8.0,
-            gy + self.group_h / 2.0,
-            esc(label)
-        );
-        for (j, value) in values.enumerate() {
-            let Some((fe, v)) = value else { continue };
-            let y = gy + 4.0 + j as f64 * 18.0;
-            let width = v * self.scale;
-            let _ = writeln!(
-                out,
-                "<rect x=\"{left}\" y=\"{y}\" width=\"{width:.1}\" height=\"{bar_h}\" fill=\"{}\"/>",
-                color(fe)
-            );
-            let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\">{}</text>", left + width + 4.0, y + 12.0, show(v));
-        }
-    }
+/// One bar per front end of `fes` in each group.
+fn bars_file(title: &str, fes: &[FrontEnd], groups: Vec<BarGroup>, scale: Scale, rules: Vec<Rule>) -> String {
+    let series = fes.iter().map(|fe| fe.label().to_string()).collect();
+    let chart = HBars { title: title.to_string(), series, groups, scale, rules };
+    svg_file(fes, |look| chart.render(look))
 }
 
 /// Throughput and connection rate of each front end relative to Mosquitto directly.
@@ -570,39 +533,22 @@ pub fn throughput_svg(s: &Summary) -> Option<String> {
         return None;
     }
     let fes: Vec<FrontEnd> = s.front_ends.iter().copied().filter(|f| *f != FrontEnd::Direct).collect();
-    let (w, left, top, group_h, bar_h) = (760.0, 200.0, 50.0, 18.0 * fes.len() as f64 + 16.0, 16.0);
-    let h = top + group_h * loads.len() as f64 + 56.0;
-    let max = loads
+    let groups: Vec<BarGroup> = loads
         .iter()
-        .flat_map(|r| {
-            fes.iter().map(move |fe| {
-                ratio(r.values.get(fe).copied().flatten(), r.values.get(&FrontEnd::Direct).copied().flatten())
-            })
+        .map(|r| {
+            // "QoS 0, 1 pub / 1 sub (msg/s)" -> "QoS 0, 1 pub / 1 sub".
+            let label = r.metric.split(" (").next().unwrap_or(&r.metric).to_string();
+            bar_group(label, &fes, |fe| ratio(r.value(fe), r.value(FrontEnd::Direct)), |q| format!("{q:.2}×"))
         })
-        .flatten()
-        .fold(1.2f64, f64::max);
-    let scale = (w - left - 70.0) / max;
-    let mut out = svg_open(w as u32, h as u32, "Throughput relative to Mosquitto directly (median)");
-    let bars = Bars { left, scale, group_h, bar_h };
-    for (i, r) in loads.iter().enumerate() {
-        let direct = r.values.get(&FrontEnd::Direct).copied().flatten();
-        // "QoS 0, 1 pub / 1 sub (msg/s)" -> "QoS 0, 1 pub / 1 sub".
-        let label = r.metric.split(" (").next().unwrap_or(&r.metric);
-        let values = fes.iter().map(|fe| ratio(r.values.get(fe).copied().flatten(), direct).map(|q| (*fe, q)));
-        bars.group(&mut out, top + i as f64 * group_h, label, values, |q| format!("{q:.2}×"));
-    }
-    let base_y = top + group_h * loads.len() as f64;
-    // 1.0x is Mosquitto directly; the dashed 0.9x line is the issue's aim. One label above the
-    // bars and one below, so they never overlap.
-    for (mark, label_y, anchor) in [(1.0, top - 6.0, "start"), (0.9, base_y + 14.0, "end")] {
-        let x = left + mark * scale;
-        let dash = if mark == 1.0 { "" } else { " stroke-dasharray=\"4 3\"" };
-        let _ = writeln!(out, "<line x1=\"{x:.1}\" y1=\"{top}\" x2=\"{x:.1}\" y2=\"{base_y}\" stroke=\"#444\"{dash}/>");
-        let _ = writeln!(out, "<text x=\"{x:.1}\" y=\"{label_y}\" text-anchor=\"{anchor}\">{mark:.1}× direct</text>");
-    }
-    legend(&mut out, &fes, left, h - 12.0);
-    out.push_str("</svg>\n");
-    Some(out)
+        .collect();
+    let max = groups.iter().flat_map(|g| g.bars.iter().flatten().map(|(q, _)| *q)).fold(1.2f64, f64::max);
+    // 1.0x is Mosquitto directly; the dashed 0.9x line is the issue's aim.
+    let rules = vec![
+        Rule { at: 1.0, label: "1.0× direct".into(), style: RuleStyle::Reference },
+        Rule { at: 0.9, label: "0.9× direct".into(), style: RuleStyle::Aim },
+    ];
+    let title = "Throughput relative to Mosquitto directly (median)";
+    Some(bars_file(title, &fes, groups, Scale::Linear { max }, rules))
 }
 
 /// CPU time per delivered message of each front end and of Mosquitto behind it, linear scale.
@@ -613,89 +559,52 @@ pub fn cpu_svg(s: &Summary) -> Option<String> {
         return None;
     }
     let fes = &s.front_ends;
-    let (w, left, top, group_h, bar_h) = (760.0, 250.0, 50.0, 18.0 * fes.len() as f64 + 16.0, 16.0);
-    let h = top + group_h * rows.len() as f64 + 40.0;
+    let groups: Vec<BarGroup> = rows
+        .iter()
+        .map(|r| bar_group(r.metric.replace(" CPU per message", ""), fes, |fe| r.value(fe), |v| format!("{v:.2}")))
+        .collect();
     let max = rows.iter().flat_map(|r| r.values.values().copied().flatten()).fold(1.0f64, f64::max);
-    let scale = (w - left - 70.0) / max;
-    let mut out = svg_open(w as u32, h as u32, "CPU time per delivered message (median, µs)");
-    let bars = Bars { left, scale, group_h, bar_h };
-    for (i, r) in rows.iter().enumerate() {
-        let label = r.metric.replace(" CPU per message", "");
-        let values = fes.iter().map(|fe| r.values.get(fe).copied().flatten().map(|v| (*fe, v)));
-        bars.group(&mut out, top + i as f64 * group_h, &label, values, |v| format!("{v:.2}"));
-    }
-    legend(&mut out, fes, left, h - 12.0);
-    out.push_str("</svg>\n");
-    Some(out)
+    let title = "CPU time per delivered message (median, µs)";
+    Some(bars_file(title, fes, groups, Scale::Linear { max }, Vec::new()))
 }
 
 /// Latency percentiles at half load, log scale.
 pub fn latency_svg(s: &Summary) -> Option<String> {
     let rows: Vec<&Row> = s.rows.iter().filter(|r| r.load == LoadKind::Latency).collect();
-    if rows.is_empty() {
+    let vals: Vec<f64> = rows.iter().flat_map(|r| r.values.values().copied().flatten()).filter(|v| *v > 0.0).collect();
+    if vals.is_empty() {
         return None;
     }
     let fes = &s.front_ends;
-    let (w, left, top, group_h) = (760.0, 200.0, 50.0, 18.0 * fes.len() as f64 + 16.0);
-    let h = top + group_h * rows.len() as f64 + 50.0;
-    let vals: Vec<f64> = rows.iter().flat_map(|r| r.values.values().copied().flatten()).filter(|v| *v > 0.0).collect();
     let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
     let hi = vals.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
-    let (lmin, lmax) = ((lo.log10()).floor(), (hi.log10()).ceil());
-    let scale = (w - left - 90.0) / (lmax - lmin);
-    let x_of = |v: f64| left + (v.max(1.0).log10() - lmin) * scale;
-    let mut out = svg_open(
-        w as u32,
-        h as u32,
-        &format!("Publish-to-delivery latency, {} (log scale)", rows[0].metric.split(" at ").nth(1).unwrap_or("")),
-    );
-    let base_y = top + group_h * rows.len() as f64;
-    let mut e = lmin;
-    while e <= lmax {
-        let x = left + (e - lmin) * scale;
-        let v = 10f64.powf(e);
-        let label = if v >= 1000.0 { format!("{} ms", v / 1000.0) } else { format!("{v} µs") };
-        let _ = writeln!(out, "<line x1=\"{x:.1}\" y1=\"{top}\" x2=\"{x:.1}\" y2=\"{base_y}\" stroke=\"#ddd\"/>");
-        let _ = writeln!(out, "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>", base_y + 14.0);
-        e += 1.0;
-    }
-    for (i, r) in rows.iter().enumerate() {
-        let gy = top + i as f64 * group_h;
-        let name = r.metric.split(" at ").next().unwrap_or(&r.metric).trim_start_matches("latency ");
-        let _ = writeln!(
-            out,
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
-            left - 8.0,
-            gy + group_h / 2.0,
-            esc(name)
-        );
-        for (j, fe) in fes.iter().enumerate() {
-            let Some(v) = r.values.get(fe).copied().flatten() else { continue };
-            let y = gy + 4.0 + j as f64 * 18.0;
-            let _ = writeln!(
-                out,
-                "<rect x=\"{left}\" y=\"{y}\" width=\"{:.1}\" height=\"16\" fill=\"{}\"/>",
-                x_of(v) - left,
-                color(*fe)
-            );
-            let _ = writeln!(
-                out,
-                "<text x=\"{:.1}\" y=\"{}\">{}</text>",
-                x_of(v) + 4.0,
-                y + 12.0,
-                fmt_value(Some(v), Unit::Micros, 0.0)
-            );
-        }
-    }
-    legend(&mut out, fes, left, h - 12.0);
-    out.push_str("</svg>\n");
-    Some(out)
+    // Whole decades, each a grid line.
+    let (lmin, lmax) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+    let rules = (lmin..=lmax)
+        .map(|e| {
+            let v = 10f64.powi(e);
+            let label = if v >= 1000.0 { format!("{} ms", v / 1000.0) } else { format!("{v} µs") };
+            Rule { at: v, label, style: RuleStyle::Grid }
+        })
+        .collect();
+    let groups: Vec<BarGroup> = rows
+        .iter()
+        .map(|r| {
+            let label = r.metric.split(" at ").next().unwrap_or(&r.metric).trim_start_matches("latency ");
+            bar_group(label.to_string(), fes, |fe| r.value(fe), |v| fmt_value(Some(v), Unit::Micros, 0.0))
+        })
+        .collect();
+    let title =
+        format!("Publish-to-delivery latency, {} (log scale)", rows[0].metric.split(" at ").nth(1).unwrap_or(""));
+    let scale = Scale::Log { min: 10f64.powi(lmin), max: 10f64.powi(lmax) };
+    Some(bars_file(&title, fes, groups, scale, rules))
 }
 
 /// Clients connected again over time after the primary hung, one line per proxy (the run
 /// with the median completion time).
 pub fn failover_svg(results: &Results) -> Option<String> {
-    let mut lines: Vec<(FrontEnd, Vec<u64>, usize, u64)> = Vec::new();
+    let mut fes = Vec::new();
+    let mut series = Vec::new();
     for &fe in &results.settings.front_ends {
         let mut runs: Vec<&super::conns::FailoverReport> = results
             .runs
@@ -713,78 +622,25 @@ pub fn failover_svg(results: &Results) -> Option<String> {
             a.all_reconnected_s.unwrap_or(f64::INFINITY).total_cmp(&b.all_reconnected_s.unwrap_or(f64::INFINITY))
         });
         let f = runs[runs.len() / 2];
-        lines.push((fe, f.timeline.clone(), f.connected_before, f.bucket_ms));
+        let (n, bucket_s) = (f.connected_before.max(1) as f64, f.bucket_ms as f64 / 1000.0);
+        let mut points = vec![(0.0, 0.0)];
+        points.extend(f.timeline.iter().enumerate().map(|(i, c)| ((i + 1) as f64 * bucket_s, *c as f64 / n * 100.0)));
+        series.push(Series { name: fe.label().to_string(), points });
+        fes.push(fe);
     }
-    if lines.is_empty() {
+    if series.is_empty() {
         return None;
     }
-    let (w, h, left, top, right, bottom) = (760.0, 360.0, 70.0, 40.0, 30.0, 60.0);
-    let buckets = lines.iter().map(|l| l.1.len()).max().unwrap_or(1).max(1);
-    let bucket_ms = lines[0].3 as f64;
-    let span_s = buckets as f64 * bucket_ms / 1000.0;
-    let pw = w - left - right;
-    let ph = h - top - bottom;
-    let x_of = |t: f64| left + t / span_s * pw;
-    let y_of = |frac: f64| top + (1.0 - frac) * ph;
-    let mut out = svg_open(w as u32, h as u32, "Failover under load: clients connected again after the primary hangs");
-    for i in 0..=4 {
-        let f = i as f64 / 4.0;
-        let _ = writeln!(
-            out,
-            "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>",
-            y_of(f),
-            left + pw,
-            y_of(f)
-        );
-        let _ = writeln!(
-            out,
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}%</text>",
-            left - 6.0,
-            y_of(f) + 4.0,
-            f * 100.0
-        );
-    }
-    let mut t = 0.0;
-    while t <= span_s + 1e-9 {
-        let _ = writeln!(
-            out,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{t:.0} s</text>",
-            x_of(t),
-            top + ph + 16.0
-        );
-        t += 1.0;
-    }
-    let x2 = x_of(2.0);
-    let _ = writeln!(
-        out,
-        "<line x1=\"{x2:.1}\" y1=\"{top}\" x2=\"{x2:.1}\" y2=\"{:.1}\" stroke=\"#c00\" stroke-dasharray=\"5 4\"/>",
-        top + ph
-    );
-    let _ = writeln!(out, "<text x=\"{:.1}\" y=\"{}\" fill=\"#c00\">2 s target</text>", x2 + 4.0, top + 12.0);
-    for (fe, tl, n, _) in &lines {
-        let n = (*n).max(1) as f64;
-        let mut pts = vec![(x_of(0.0), y_of(0.0))];
-        for (i, c) in tl.iter().enumerate() {
-            pts.push((x_of((i + 1) as f64 * bucket_ms / 1000.0), y_of(*c as f64 / n)));
-        }
-        // Out and back along the same points: a renderer that closes every path (some do, even
-        // unfilled ones) then draws nothing extra.
-        let mut d = String::new();
-        for (i, (x, y)) in pts.iter().chain(pts.iter().rev().skip(1)).enumerate() {
-            let _ = write!(d, "{}{x:.1},{y:.1}", if i == 0 { "M" } else { " L" });
-        }
-        let _ = writeln!(out, "<path d=\"{d}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2.5\"/>", color(*fe));
-    }
-    let _ = writeln!(
-        out,
-        "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">time after the hang</text>",
-        left + pw / 2.0,
-        h - 28.0
-    );
-    let fes: Vec<FrontEnd> = lines.iter().map(|l| l.0).collect();
-    legend(&mut out, &fes, left, h - 8.0);
-    out.push_str("</svg>\n");
-    Some(out)
+    let chart = Chart {
+        title: "Failover under load: clients connected again after the primary hangs".into(),
+        kind: ChartKind::Timeline,
+        x_label: "seconds after the hang".into(),
+        y_label: "clients connected again (%)".into(),
+        categories: Vec::new(),
+        series,
+        markers: vec![(2.0, "2 s target".into())],
+    };
+    Some(svg_file(&fes, |look| chart::render(&chart, look)))
 }
 
 /// The generated section of docs/benchmarks.md.

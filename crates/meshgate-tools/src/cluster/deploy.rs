@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use toml_edit::{Array, ArrayOfTables, Decor, DocumentMut, Item, Key, Table, Value};
 
 use super::{io, ClusterError};
 use meshgate::config::{BrokerConfig, Config, Failback, OnDown};
@@ -202,13 +203,61 @@ pub fn deploy_config(base: &Config, net: &Network) -> Result<Config, DeployError
     Ok(c)
 }
 
-fn duration(d: std::time::Duration) -> String {
-    humantime::format_duration(d).to_string()
+fn duration(d: std::time::Duration) -> Value {
+    Value::from(humantime::format_duration(d).to_string())
 }
 
-fn quoted_list(v: &[String]) -> String {
-    let items: Vec<String> = v.iter().map(|s| format!("{s:?}")).collect();
-    format!("[{}]", items.join(", "))
+/// A TOML integer; a value TOML cannot hold saturates, and the read-back check then refuses it.
+fn int<T: TryInto<i64>>(v: T) -> Value {
+    Value::from(v.try_into().unwrap_or(i64::MAX))
+}
+
+/// A whole number as a TOML integer (as an operator writes `failback_rate = 10`; meshgate reads
+/// it as a float all the same), anything else as a float.
+fn number(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        Value::from(v as i64)
+    } else {
+        Value::from(v)
+    }
+}
+
+fn list(v: &[String]) -> Value {
+    Value::Array(v.iter().collect::<Array>())
+}
+
+/// A table of a rendered TOML file. Values go through toml_edit, which quotes and escapes every
+/// string as TOML requires; comments are decor around them, written as given.
+struct Section(Table);
+
+impl Section {
+    /// A table preceded by a blank line.
+    fn new() -> Section {
+        Section(Table::new())
+    }
+
+    /// A table preceded by `text` (comment lines, blank lines) instead of a blank line.
+    fn after(text: &str) -> Section {
+        let mut t = Table::new();
+        t.decor_mut().set_prefix(text);
+        Section(t)
+    }
+
+    fn set(&mut self, key: &str, v: Value) -> &mut Section {
+        self.0.insert(key, Item::Value(v));
+        self
+    }
+
+    /// `key = v` followed by `comment` on the same line (`comment` brings its own spacing and `#`).
+    fn set_noted(&mut self, key: &str, v: Value, comment: &str) -> &mut Section {
+        self.set(key, v.decorated(" ", comment))
+    }
+
+    /// `key = v` preceded by `comment` (whole lines, each ending in a newline).
+    fn set_after(&mut self, comment: &str, key: &str, v: Value) -> &mut Section {
+        self.0.insert_formatted(&Key::new(key).with_leaf_decor(Decor::new(comment, " ")), Item::Value(v));
+        self
+    }
 }
 
 /// meshgate's TOML for the deployment. Every setting the base config carries is written out,
@@ -216,141 +265,161 @@ fn quoted_list(v: &[String]) -> String {
 /// [`deploy_config`].
 pub fn render_meshgate(target: Target, base: &Config, net: &Network) -> Result<String, DeployError> {
     let c = deploy_config(base, net)?;
-    let mut t = String::new();
     let what = match target {
         Target::Multipass => "the VM deployment of the reference design (one Multipass VM per broker)",
         Target::Systemd => "brokers on plain Linux hosts",
     };
-    t.push_str(&format!(
+    let mut doc = DocumentMut::new();
+
+    let mut listen = Section::after(&format!(
         "# meshgate for {what}, rendered by `meshgate cluster render --target {}`.\n\
          # Install as {CONFIG_PATH} on the front-end host; `meshgate validate --config {CONFIG_PATH}` checks it,\n\
          # `systemctl reload meshgate` (SIGHUP) applies changes to brokers, health and proxy settings.\n\n",
         target.as_str()
     ));
-    t.push_str("[listen]\n");
-    t.push_str(&format!(
-        "mqtt = {:?}          # every address of this host, so a keepalived virtual IP works too\n",
-        c.listen.mqtt
-    ));
+    listen.set_noted(
+        "mqtt",
+        c.listen.mqtt.as_str().into(),
+        "          # every address of this host, so a keepalived virtual IP works too",
+    );
     if let Some(http) = &c.listen.http {
-        t.push_str(&format!(
-            "http = {http:?}    # API, metrics, dashboard: this host's address on the brokers' network only\n"
-        ));
+        listen.set_noted(
+            "http",
+            http.into(),
+            "    # API, metrics, dashboard: this host's address on the brokers' network only",
+        );
     }
     if let Some(mqtts) = &c.listen.mqtts {
-        t.push_str(&format!("mqtts = {mqtts:?}\n"));
+        listen.set("mqtts", mqtts.into());
     }
+    doc.insert("listen", Item::Table(listen.0));
+
     let h = &c.health;
-    t.push_str(&format!(
-        "\n[health]\nprobe = {:?}\ninterval = {:?}\ntimeout = {:?}\nrise = {}\nfall = {}\n",
-        h.probe.as_str(),
-        duration(h.interval),
-        duration(h.timeout),
-        h.rise,
-        h.fall
-    ));
+    let mut health = Section::new();
+    health
+        .set("probe", h.probe.as_str().into())
+        .set("interval", duration(h.interval))
+        .set("timeout", duration(h.timeout))
+        .set("rise", int(h.rise))
+        .set("fall", int(h.fall));
     if h.mqtt_version != 4 {
-        t.push_str(&format!("mqtt_version = {}\n", h.mqtt_version));
+        health.set("mqtt_version", int(h.mqtt_version));
     }
     if let Some(u) = &h.username {
-        t.push_str(&format!("username = {u:?}\n"));
+        health.set("username", u.into());
     }
     if h.password.is_some() {
         // A secret does not belong in an example file that is checked in.
-        t.push_str("password = \"CHANGE-ME\"   # the probe user's password on the brokers\n");
+        health.set_noted("password", "CHANGE-ME".into(), "   # the probe user's password on the brokers");
     }
+    doc.insert("health", Item::Table(health.0));
+
     let p = &c.proxy;
-    t.push_str(&format!(
-        "\n[proxy]\nclient_connect_timeout = {:?}\nupstream_connect_timeout = {:?}\nconnack_timeout = {:?}\n\
-         connect_tries = {}\non_down = {:?}\nfailback = {:?}\nfailback_rate = {}\nshutdown_grace = {:?}\n\
-         max_packet_size = {}\nmax_sessions = {}\nmax_sessions_per_source = {}\nconnect_rate_per_source = {}\n",
-        duration(p.client_connect_timeout),
-        duration(p.upstream_connect_timeout),
-        duration(p.connack_timeout),
-        p.connect_tries,
-        match p.on_down {
-            OnDown::Close => "close",
-            OnDown::Keep => "keep",
-        },
-        match p.failback {
-            Failback::Drain => "drain",
-            Failback::None => "none",
-        },
-        p.failback_rate,
-        duration(p.shutdown_grace),
-        p.max_packet_size,
-        p.max_sessions,
-        p.max_sessions_per_source,
-        p.connect_rate_per_source,
-    ));
+    let mut proxy = Section::new();
+    proxy
+        .set("client_connect_timeout", duration(p.client_connect_timeout))
+        .set("upstream_connect_timeout", duration(p.upstream_connect_timeout))
+        .set("connack_timeout", duration(p.connack_timeout))
+        .set("connect_tries", int(p.connect_tries))
+        .set(
+            "on_down",
+            match p.on_down {
+                OnDown::Close => "close",
+                OnDown::Keep => "keep",
+            }
+            .into(),
+        )
+        .set(
+            "failback",
+            match p.failback {
+                Failback::Drain => "drain",
+                Failback::None => "none",
+            }
+            .into(),
+        )
+        .set("failback_rate", number(p.failback_rate))
+        .set("shutdown_grace", duration(p.shutdown_grace))
+        .set("max_packet_size", int(p.max_packet_size))
+        .set("max_sessions", int(p.max_sessions))
+        .set("max_sessions_per_source", int(p.max_sessions_per_source))
+        .set("connect_rate_per_source", number(p.connect_rate_per_source));
     if p.connect_rate_per_source > 0.0 {
-        t.push_str(&format!("connect_burst_per_source = {}\n", p.connect_burst_per_source));
+        proxy.set("connect_burst_per_source", number(p.connect_burst_per_source));
     }
     if p.workers > 0 {
-        t.push_str(&format!("workers = {}\n", p.workers));
+        proxy.set("workers", int(p.workers));
     }
+    doc.insert("proxy", Item::Table(proxy.0));
+
     let r = &c.replication;
-    t.push_str(&format!(
-        "\n[replication]\nenabled = {}\nmax_qos = {}\ninclude = {}\nexclude = {}\n\
-         state_file = {:?}   # the unit's StateDirectory\n\
-         lag_interval = {:?}\ntombstone_ttl = {:?}\nqueue = {}\n",
-        r.enabled,
-        r.max_qos,
-        quoted_list(&r.include),
-        quoted_list(&r.exclude),
-        STATE_FILE,
-        duration(r.lag_interval),
-        duration(r.tombstone_ttl),
-        r.queue
-    ));
+    let mut replication = Section::new();
+    replication
+        .set("enabled", r.enabled.into())
+        .set("max_qos", int(r.max_qos))
+        .set("include", list(&r.include))
+        .set("exclude", list(&r.exclude))
+        .set_noted("state_file", STATE_FILE.into(), "   # the unit's StateDirectory")
+        .set("lag_interval", duration(r.lag_interval))
+        .set("tombstone_ttl", duration(r.tombstone_ttl))
+        .set("queue", int(r.queue));
+    doc.insert("replication", Item::Table(replication.0));
+
     let se = &c.sessions;
-    t.push_str(&format!(
-        "\n[sessions]\nenabled = {}\nstate_file = {:?}   # the unit's StateDirectory\nmax_sessions = {}\n\
-         max_subscriptions = {}\nexpiry = {:?}\nstandby = {}\nstandby_trim = {:?}\n",
-        se.enabled,
-        SESSIONS_FILE,
-        se.max_sessions,
-        se.max_subscriptions,
-        duration(se.expiry),
-        se.standby,
-        duration(se.standby_trim),
-    ));
+    let mut sessions = Section::new();
+    sessions
+        .set("enabled", se.enabled.into())
+        .set_noted("state_file", SESSIONS_FILE.into(), "   # the unit's StateDirectory")
+        .set("max_sessions", int(se.max_sessions))
+        .set("max_subscriptions", int(se.max_subscriptions))
+        .set("expiry", duration(se.expiry))
+        .set("standby", se.standby.into())
+        .set("standby_trim", duration(se.standby_trim));
+    doc.insert("sessions", Item::Table(sessions.0));
+
     let tls = &c.tls;
-    if tls.cert.is_some() || tls.key.is_some() || tls.client_ca.is_some() || tls.broker_ca.is_some() {
-        t.push_str("\n[tls]\n");
-        for (k, v) in
-            [("cert", &tls.cert), ("key", &tls.key), ("client_ca", &tls.client_ca), ("broker_ca", &tls.broker_ca)]
-        {
+    let tls_files =
+        [("cert", &tls.cert), ("key", &tls.key), ("client_ca", &tls.client_ca), ("broker_ca", &tls.broker_ca)];
+    if tls_files.iter().any(|(_, v)| v.is_some()) {
+        let mut section = Section::new();
+        for (k, v) in tls_files {
             if let Some(v) = v {
-                t.push_str(&format!("{k} = {:?}\n", v.display().to_string()));
+                section.set(k, v.display().to_string().into());
             }
         }
+        doc.insert("tls", Item::Table(section.0));
     }
-    t.push_str(
-        "\n# [admin]\n# token = \"...\"   # enables POST /brokers/{name}/disable|enable|drain; keep this file mode 0640\n",
-    );
+
+    // The admin token is left out (see deploy_config); the comment says where it would go. It
+    // sits before the first broker, which is where the file's tables continue.
+    let admin = "\n# [admin]\n# token = \"...\"   # enables POST /brokers/{name}/disable|enable|drain; keep this file mode 0640\n\n";
+    let mut brokers = ArrayOfTables::new();
     for (i, b) in c.brokers.iter().enumerate() {
-        t.push_str(&format!("\n[[broker]]\nname = {:?}\naddress = {:?}\n", b.name, b.address));
+        let mut t = if i == 0 { Section::after(admin) } else { Section::new() };
+        t.set("name", b.name.as_str().into()).set("address", b.address.as_str().into());
         if b.priority != i as u32 + 1 {
-            t.push_str(&format!("priority = {}\n", b.priority));
+            t.set("priority", int(b.priority));
         }
-        t.push_str(&format!(
-            "weight = {}\nmax_fails = {}\nfail_timeout = {:?}\nmax_conns = {}\n",
-            b.weight,
-            b.max_fails,
-            duration(b.fail_timeout),
-            b.max_conns
-        ));
+        t.set("weight", int(b.weight))
+            .set("max_fails", int(b.max_fails))
+            .set("fail_timeout", duration(b.fail_timeout))
+            .set("max_conns", int(b.max_conns));
         if !b.enabled {
-            t.push_str("enabled = false\n");
+            t.set("enabled", false.into());
         }
         if b.tls {
-            t.push_str("tls = true\n");
+            t.set("tls", true.into());
         }
         if let Some(n) = &b.tls_name {
-            t.push_str(&format!("tls_name = {n:?}\n"));
+            t.set("tls_name", n.into());
         }
+        brokers.push(t.0);
     }
+    if brokers.is_empty() {
+        doc.set_trailing(admin);
+    }
+    doc.insert("broker", Item::ArrayOfTables(brokers));
+    let t = doc.to_string();
+
     // What an operator copies must start: a config meshgate would refuse is a renderer bug.
     let back = Config::from_toml(&t, "rendered").map_err(|e| DeployError::Invalid(e.to_string()))?;
     let mut expected = c.clone();
@@ -535,27 +604,32 @@ fn render_nginx(target: Target, config: &Config) -> String {
 /// `network.toml`, normalized, so the output directory says how it was rendered and a second
 /// render without `--hosts` gives the same files.
 pub fn render_network(target: Target, net: &Network) -> String {
-    let mut t = format!(
-        "# The hosts of this deployment, read by `meshgate cluster render --target {} --out <this directory>`,\n\
-         # which writes every other file here. Change the addresses here (or pass --hosts) and render again.\n\
-         \n\
-         # Broker hosts in backup order: broker1 (the primary) first. host or host:port (1883).\n\
-         brokers = {}\n\
-         # This front-end host's own address on the brokers' network: meshgate's HTTP API binds here.\n\
-         front_end = {:?}\n",
-        target.as_str(),
-        quoted_list(&net.brokers),
-        net.front_end
+    let mut root = Section(Table::new());
+    root.set_after(
+        &format!(
+            "# The hosts of this deployment, read by `meshgate cluster render --target {} --out <this directory>`,\n\
+             # which writes every other file here. Change the addresses here (or pass --hosts) and render again.\n\
+             \n\
+             # Broker hosts in backup order: broker1 (the primary) first. host or host:port (1883).\n",
+            target.as_str()
+        ),
+        "brokers",
+        list(&net.brokers),
+    )
+    .set_after(
+        "# This front-end host's own address on the brokers' network: meshgate's HTTP API binds here.\n",
+        "front_end",
+        net.front_end.as_str().into(),
     );
     if target == Target::Multipass {
-        t.push_str(&format!(
-            "# The host bridge the VMs' second interface attaches to, and its prefix length.\n\
-             bridge = {:?}\n\
-             prefix = {}\n",
-            net.bridge, net.prefix
-        ));
+        root.set_after(
+            "# The host bridge the VMs' second interface attaches to, and its prefix length.\n",
+            "bridge",
+            net.bridge.as_str().into(),
+        )
+        .set("prefix", int(net.prefix));
     }
-    t
+    DocumentMut::from(root.0).to_string()
 }
 
 /// Every file of a deployment, in a stable order.

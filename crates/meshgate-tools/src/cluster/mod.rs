@@ -13,7 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meshgate::config::{BrokerConfig, Config};
-use meshgate::health::probe::{MqttProbe, Probe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -129,13 +128,7 @@ pub fn stop_pid(pid: u32, grace: Duration) -> bool {
     true
 }
 
-/// True while the process exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
+pub use crate::procfs::alive;
 
 /// The run directory layout: `<run>/<name>.conf`, `<run>/<name>/` (persistence),
 /// `<run>/logs/<name>.log`, `<run>/<name>.pid`.
@@ -244,8 +237,7 @@ fn last_line(path: &Path) -> Option<String> {
 
 /// One CONNECT/CONNACK exchange within `limit`.
 pub async fn answers_mqtt(address: &str, limit: Duration) -> bool {
-    let probe = MqttProbe { pubsub: false, version: 4, username: None, password: None };
-    matches!(tokio::time::timeout(limit, probe.check(address)).await, Ok(Ok(())))
+    meshgate::health::probe::answers_mqtt(address, limit).await
 }
 
 /// Starts one broker again (after a kill) from its rendered config in the run directory,

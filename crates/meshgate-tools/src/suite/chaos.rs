@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{Chart, ChartKind, ScenarioResult, Series, Table};
 use super::scenarios::{active_broker, histogram, percentile, tag};
 use super::Target;
-use meshgate::mqtt::client::RawClient;
+use meshgate::upstream::client::RawClient;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultMode {

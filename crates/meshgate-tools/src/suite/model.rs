@@ -2,6 +2,9 @@
 
 use serde::Serialize;
 
+/// A result's charts, as data: [`crate::report::chart`] draws them (the benchmark's too).
+pub use crate::report::chart::{Chart, ChartKind, Series};
+
 /// One run of one or more scenarios against one front end.
 #[derive(Debug, Clone, Serialize)]
 pub struct Run {
@@ -43,36 +46,6 @@ pub struct Table {
     pub title: String,
     pub columns: Vec<String>,
     pub rows: Vec<Vec<String>>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChartKind {
-    /// x = seconds since the scenario started; one line per series.
-    Timeline,
-    /// x = category index (labels in `categories`), y = value; one bar group per category.
-    Bars,
-    /// Values as a distribution; `points` x = bucket upper bound, y = count.
-    Histogram,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Chart {
-    pub title: String,
-    pub kind: ChartKind,
-    pub x_label: String,
-    pub y_label: String,
-    /// Category labels for Bars.
-    pub categories: Vec<String>,
-    pub series: Vec<Series>,
-    /// Vertical markers on a timeline: (x, label), e.g. (3.2, "broker1 killed").
-    pub markers: Vec<(f64, String)>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Series {
-    pub name: String,
-    pub points: Vec<(f64, f64)>,
 }
 
 impl ScenarioResult {

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{Chart, ChartKind, ScenarioResult, Series, Table};
 use super::{Options, Target};
 use meshgate::health::probe::PROBE_TOPIC_PREFIX;
-use meshgate::mqtt::client::RawClient;
+use meshgate::upstream::client::RawClient;
 
 const SHORT: Duration = Duration::from_secs(2);
 
