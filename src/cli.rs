@@ -324,6 +324,9 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
 }
 
 fn print_summary(c: &Config) {
+    for w in &c.warnings {
+        eprintln!("warning: {w}");
+    }
     println!("listen mqtt {} http {}", c.listen.mqtt, c.listen.http.as_deref().unwrap_or("off"));
     match c.proxy.workers {
         0 => println!("proxy workers: one per core (or TOKIO_WORKER_THREADS)"),

@@ -301,3 +301,38 @@ async fn tls_brokers_are_probed_replicated_and_keep_persistent_sessions_over_tls
     assert_eq!((got.topic.as_str(), got.payload.as_slice()), ("sess/late", &b"kept"[..]));
     mg.shutdown().await;
 }
+
+/// `[proxy] max_connections` bounds every listener together: with two plain MQTT sessions
+/// open and a limit of 2, a connection to the TLS listener is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_is_shared_by_every_listener() {
+    let net = Net::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    ca.issue(dir.path(), "server", Some(net.slot.ip(1)), false);
+    let mut config = tls_config(&net, dir.path(), "");
+    config.proxy.max_connections = 2;
+    let mg = Meshgate::start(config).await.unwrap();
+    let wait = Duration::from_secs(3);
+    let mut open = Vec::new();
+    for id in ["plain-1", "plain-2"] {
+        let (s, ack) = common::mqtt::connect(net.mqtt_addr(), 4, id, wait).await.unwrap();
+        assert_eq!(ack.code, 0);
+        open.push(s);
+    }
+    let refused = || mg.pool().metrics.rejected.with_label_values(&["max_connections"]).get();
+    let mut tls = tokio::net::TcpStream::connect(net.slot.addr(1, 8883)).await.unwrap();
+    assert!(common::mqtt::closed_within(&mut tls, wait).await, "the TLS listener is over the shared limit");
+    assert_eq!(refused(), 1);
+    // One session ends: the TLS listener admits again (the connection waits for a handshake).
+    drop(open.pop());
+    let pool = mg.pool().clone();
+    common::mqtt::wait_until(wait, || pool.session_count() == 1).await.expect("the session ended");
+    let mut tls = tokio::net::TcpStream::connect(net.slot.addr(1, 8883)).await.unwrap();
+    assert!(!common::mqtt::closed_within(&mut tls, Duration::from_millis(500)).await, "admitted under the limit");
+    assert_eq!(refused(), 1);
+    // A handshake never finished ends with the shutdown grace period, not with the CONNECT time.
+    let stopping = std::time::Instant::now();
+    mg.shutdown().await;
+    assert!(stopping.elapsed() < Duration::from_secs(7), "shutdown took {:?}", stopping.elapsed());
+}

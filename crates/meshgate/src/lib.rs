@@ -1,15 +1,25 @@
 //! meshgate: an MQTT-aware failover proxy in front of a prioritized pool of Mosquitto brokers.
 //!
-//! - `config`: the TOML file (and nginx upstream import), validated into a typed [`Config`].
-//! - `mqtt`: framing and the few packets meshgate reads (CONNECT, CONNACK) or writes (probes).
-//! - `pool`: brokers (identity, probe health, passive accounting, counters), tier selection, sessions.
-//! - `health`: active probes (tcp, mqtt, pubsub) and one checker loop per broker.
-//! - `proxy`: the accept loop, session setup with retries, byte forwarding, the rebalancer.
-//! - `http`: health, broker and client API, Prometheus metrics.
-//! - `events`: the numbered event log behind `/events`.
+//! Each concern has one owner, and dependencies point one way (top to bottom; nothing below
+//! imports anything above it, `tests/architecture.rs` checks it):
+//!
+//! - `http`: health, broker, client and session API, Prometheus metrics, the dashboard.
+//! - `proxy`: the client side: accept loops, admission limits shared by every listener, session
+//!   setup with CONNECT replay, forwarding, the rebalancer.
+//! - `replication`: loop-free broker links and retained convergence.
+//! - `durable`: persistent sessions (record, restore, migration, standby); it hears of broker
+//!   and session changes through the pool's `Hooks`, which this file wires.
+//! - `health`: active probes and one checker loop per broker.
+//! - `upstream`: the one way to reach a broker (TCP or TLS as configured, timeouts, handshake
+//!   slots), used by everything above that talks to brokers.
+//! - `pool`: brokers, health state, tiers, selection, passive accounting, the session registry.
+//! - `transport` (TCP/TLS streams, certificates), `mqtt` (framing and the packets meshgate reads
+//!   or writes), `config` (the file, every default, validation, nginx import), `events`,
+//!   `metrics`, `statefile`: the ground floor.
 //!
 //! [`Meshgate::start`] binds the listeners and spawns every task; [`run`] is start plus
-//! waiting for a shutdown signal, for the CLI.
+//! waiting for a shutdown signal, for the CLI. The tooling (load generator, suite, local
+//! cluster) lives in the `meshgate-tools` crate and drives this one from outside.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -100,8 +110,12 @@ pub struct Meshgate {
     tracker: TaskTracker,
     /// Stops accepting new clients and the background loops.
     stop: CancellationToken,
-    /// Stops the health checkers of the current config generation.
-    checkers: Mutex<CancellationToken>,
+    /// Stops the health checkers of the current config generation; the settings they run with.
+    checkers: Mutex<(CancellationToken, config::HealthConfig)>,
+    /// The certificates the TLS listener and the broker connections were last loaded from.
+    tls: Mutex<config::TlsConfig>,
+    /// The configuration at start: what the settings that are read only then still are.
+    started: Config,
 }
 
 impl Meshgate {
@@ -174,6 +188,9 @@ impl Meshgate {
                 }
             });
         }
+        for w in &config.warnings {
+            warn!("{w}");
+        }
         info!(
             mqtt = ?mqtt_addr,
             http = ?http_addr,
@@ -186,13 +203,15 @@ impl Meshgate {
             pool,
             proxy,
             admin_token,
-            config: Mutex::new(config),
+            config: Mutex::new(config.clone()),
             mqtt_addr,
             http_addr,
             replication,
             tracker,
             stop,
-            checkers: Mutex::new(checkers),
+            checkers: Mutex::new((checkers, config.health.clone())),
+            tls: Mutex::new(config.tls.clone()),
+            started: config,
         })
     }
 
@@ -250,27 +269,45 @@ impl Meshgate {
         }
         self.proxy.upstream.reload(&new).map_err(|e| e.to_string())?;
         self.admin_token.store(new.admin.token.clone().map(Arc::new));
+        *self.tls.lock() = new.tls.clone();
         let mut current = self.config.lock();
-        if new.listen != current.listen {
-            warn!("listen addresses changed in the new config; they take effect only after a restart");
+        for w in &new.warnings {
+            warn!("{w}");
         }
-        if new.sessions != current.sessions {
-            warn!("[sessions] settings changed in the new config; they take effect only after a restart");
-        }
-        if new.proxy.workers != current.proxy.workers {
-            warn!("proxy.workers changed in the new config; it takes effect only after a restart");
-        }
-        if new.replication != current.replication {
-            warn!("replication settings changed in the new config; they take effect only after a restart");
+        // Compared with what runs, not with the last file: a key changed twice is still named.
+        let restart = self.started.restart_needed(&new);
+        if !restart.is_empty() {
+            warn!("changed in the new config but read only at start, so kept until a restart: {}", restart.join(", "));
         }
         self.pool.apply(&new);
         let fresh = self.stop.child_token();
         health::spawn_checkers(&self.pool, &self.proxy.upstream, &new.health, &self.tracker, &fresh);
-        std::mem::replace(&mut *self.checkers.lock(), fresh).cancel();
+        let old = std::mem::replace(&mut *self.checkers.lock(), (fresh, new.health.clone()));
+        old.0.cancel();
         self.pool.metrics.reloads.with_label_values(&["ok"]).inc();
         self.pool.events.push("reload", None, format!("configuration reloaded: {} broker(s)", new.brokers.len()));
         *current = new;
         Ok(())
+    }
+
+    /// The configuration in effect, read back from the parts that use it (the pool's brokers and
+    /// proxy settings, the checkers, the admin token, the certificates) rather than from the last
+    /// file: a key a reload could not apply shows its old value here.
+    pub fn applied_config(&self) -> Config {
+        let s = &self.started;
+        let mut proxy = (*self.pool.proxy_config()).clone();
+        proxy.workers = s.proxy.workers;
+        Config {
+            listen: s.listen.clone(),
+            proxy,
+            health: self.checkers.lock().1.clone(),
+            admin: config::AdminConfig { token: self.admin_token.load().as_deref().cloned() },
+            tls: self.tls.lock().clone(),
+            replication: s.replication.clone(),
+            sessions: self.proxy.durable.config().clone(),
+            brokers: self.pool.brokers().iter().filter(|b| !b.is_removed()).map(|b| (*b.config()).clone()).collect(),
+            warnings: Vec::new(),
+        }
     }
 
     /// Records a reload that was refused because the new file is invalid.

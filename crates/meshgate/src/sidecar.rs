@@ -9,7 +9,7 @@
 //! then rename), validated (`nginx -t`), and nginx is reloaded; a failed validation or reload
 //! puts the previous file back, is logged and counted, and is retried.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,13 +109,6 @@ pub fn render(pool: &Pool, opts: &SidecarOptions) -> (String, usize) {
     (out, down)
 }
 
-/// Replaces `path` atomically: write a temporary file beside it, then rename over it.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("meshgate-tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
-}
-
 /// Runs a shell command line; Err carries its status and the last line it printed.
 async fn run_cmd(cmd: &str) -> Result<(), String> {
     let out =
@@ -185,10 +178,11 @@ pub async fn run(pool: Arc<Pool>, opts: SidecarOptions, stop: CancellationToken)
 
 async fn apply(opts: &SidecarOptions, text: &str, previous: Option<&str>) -> Result<(), (&'static str, String)> {
     let path = &opts.upstream_file;
-    write_atomically(path, text).map_err(|e| ("test_failed", format!("cannot write {}: {e}", path.display())))?;
+    crate::statefile::write_bytes(path, text.as_bytes())
+        .map_err(|e| ("test_failed", format!("cannot write {}: {e}", path.display())))?;
     let restore = || match previous {
         Some(p) => {
-            if let Err(e) = write_atomically(path, p) {
+            if let Err(e) = crate::statefile::write_bytes(path, p.as_bytes()) {
                 warn!("cannot restore {}: {e}", path.display());
             }
         }

@@ -340,8 +340,8 @@ pub fn render_meshgate(target: Target, base: &Config, net: &Network) -> Result<S
         .set("failback_rate", number(p.failback_rate))
         .set("shutdown_grace", duration(p.shutdown_grace))
         .set("max_packet_size", int(p.max_packet_size))
-        .set("max_sessions", int(p.max_sessions))
-        .set("max_sessions_per_source", int(p.max_sessions_per_source))
+        .set("max_connections", int(p.max_connections))
+        .set("max_connections_per_source", int(p.max_connections_per_source))
         .set("connect_rate_per_source", number(p.connect_rate_per_source));
     if p.connect_rate_per_source > 0.0 {
         proxy.set("connect_burst_per_source", number(p.connect_burst_per_source));

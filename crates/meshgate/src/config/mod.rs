@@ -23,6 +23,9 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub sessions: SessionsConfig,
     pub brokers: Vec<BrokerConfig>,
+    /// What the file said that still works but should change (old key names), one line each;
+    /// logged at start and on reload, printed by `validate`.
+    pub warnings: Vec<String>,
 }
 
 /// Persistent client sessions that survive a broker failure (see `durable`).
@@ -144,7 +147,7 @@ impl ProbeKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct HealthConfig {
     pub interval: Duration,
     pub timeout: Duration,
@@ -187,10 +190,12 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     /// Largest MQTT packet accepted from a client, checked from the remaining-length field.
     pub max_packet_size: u32,
-    /// Most concurrent client connections (0 = no limit beyond file descriptors).
-    pub max_sessions: u32,
+    /// Most concurrent client connections over every listener together (0 = no limit beyond
+    /// file descriptors). Not to be confused with `[sessions] max_sessions`, the persistent
+    /// sessions recorded.
+    pub max_connections: u32,
     /// Most concurrent client connections from one source address (0 = no limit).
-    pub max_sessions_per_source: u32,
+    pub max_connections_per_source: u32,
     /// CONNECTs per second allowed from one source address (0 = no limit) ...
     pub connect_rate_per_source: f64,
     /// ... with bursts of up to this many.
@@ -200,9 +205,38 @@ pub struct ProxyConfig {
     pub workers: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Clone, PartialEq, Default)]
 pub struct AdminConfig {
     pub token: Option<String>,
+}
+
+/// How a secret shows in Debug output and `validate`: whether it is set, never its value.
+pub fn masked(secret: &Option<String>) -> &'static str {
+    match secret {
+        Some(_) => "(set)",
+        None => "(not set)",
+    }
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig").field("token", &masked(&self.token)).finish()
+    }
+}
+
+impl std::fmt::Debug for HealthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthConfig")
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("rise", &self.rise)
+            .field("fall", &self.fall)
+            .field("probe", &self.probe)
+            .field("mqtt_version", &self.mqtt_version)
+            .field("username", &self.username)
+            .field("password", &masked(&self.password))
+            .finish()
+    }
 }
 
 /// Why a configuration cannot be used; each variant prints as one line.
@@ -323,6 +357,9 @@ struct FileProxy {
     failback_rate: Option<f64>,
     shutdown_grace: Option<String>,
     max_packet_size: Option<u32>,
+    max_connections: Option<u32>,
+    max_connections_per_source: Option<u32>,
+    /// The old names of `max_connections` and `max_connections_per_source`, still accepted.
     max_sessions: Option<u32>,
     max_sessions_per_source: Option<u32>,
     connect_rate_per_source: Option<f64>,
@@ -343,6 +380,64 @@ pub const DEFAULT_MQTT_LISTEN: &str = "127.0.0.1:1883";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
 
 impl Config {
+    /// Every default in one place: what each key is when the file leaves it out (no brokers).
+    pub fn defaults() -> Config {
+        Config {
+            listen: Listen { mqtt: DEFAULT_MQTT_LISTEN.into(), mqtts: None, http: Some(DEFAULT_HTTP_LISTEN.into()) },
+            proxy: ProxyConfig {
+                client_connect_timeout: Duration::from_secs(10),
+                upstream_connect_timeout: Duration::from_secs(1),
+                connack_timeout: Duration::from_secs(1),
+                connect_tries: 3,
+                on_down: OnDown::Close,
+                failback: Failback::Drain,
+                failback_rate: 10.0,
+                shutdown_grace: Duration::from_secs(5),
+                max_packet_size: 1 << 20,
+                max_connections: 0,
+                max_connections_per_source: 0,
+                connect_rate_per_source: 0.0,
+                // Two seconds' worth of the rate when not set (see `validate`): a device that
+                // reconnects twice in a row is not an attack.
+                connect_burst_per_source: 1.0,
+                workers: 0,
+            },
+            health: HealthConfig {
+                interval: Duration::from_millis(250),
+                timeout: Duration::from_millis(250),
+                rise: 2,
+                fall: 2,
+                probe: ProbeKind::Mqtt,
+                mqtt_version: 4,
+                username: None,
+                password: None,
+            },
+            admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
+            replication: ReplicationConfig {
+                enabled: false,
+                max_qos: 1,
+                include: vec!["#".to_string()],
+                exclude: Vec::new(),
+                state_file: None,
+                lag_interval: Duration::from_secs(1),
+                tombstone_ttl: Duration::from_secs(3600),
+                queue: 100_000,
+            },
+            sessions: SessionsConfig {
+                enabled: true,
+                state_file: None,
+                max_sessions: 100_000,
+                max_subscriptions: 100,
+                expiry: Duration::from_secs(24 * 3600),
+                standby: false,
+                standby_trim: Duration::from_secs(10),
+            },
+            brokers: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     /// Reads and validates a TOML config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = read(path)?;
@@ -380,6 +475,26 @@ impl Config {
             None => (String::new(), "(defaults)".to_string()),
         };
         Config::from_nginx(&nginx_text, &nginx_path.display().to_string(), &base_text, &base_origin)
+    }
+
+    /// The settings read only at start that differ in `new`: what a reload to `new` must name
+    /// in its warning, because it keeps them until a restart. Everything else applies on reload.
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let changed = [
+            ("listen.mqtt", self.listen.mqtt != new.listen.mqtt),
+            ("listen.mqtts", self.listen.mqtts != new.listen.mqtts),
+            ("listen.http", self.listen.http != new.listen.http),
+            ("proxy.workers", self.proxy.workers != new.proxy.workers),
+            ("[replication]", self.replication != new.replication),
+            ("[sessions]", self.sessions != new.sessions),
+        ];
+        for (key, differs) in changed {
+            if differs {
+                keys.push(key);
+            }
+        }
+        keys
     }
 
     pub fn broker(&self, name: &str) -> Option<&BrokerConfig> {
@@ -450,13 +565,35 @@ impl Checker<'_> {
     }
 }
 
+/// A key that has a new name: either may be set, not both; the old one earns a warning.
+fn renamed<T>(
+    c: &Checker,
+    warnings: &mut Vec<String>,
+    key: &str,
+    value: Option<T>,
+    old_key: &str,
+    old_value: Option<T>,
+) -> Result<Option<T>, ConfigError> {
+    match (value, old_value) {
+        (Some(_), Some(_)) => Err(c.err(old_key, format!("is the old name of {key}: set only {key}"))),
+        (None, Some(v)) => {
+            warnings.push(format!("{}: {old_key} is now called {key}; the old name still works", c.path));
+            Ok(Some(v))
+        }
+        (v, None) => Ok(v),
+    }
+}
+
 fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &str)>) -> Result<Config, ConfigError> {
     let c = Checker { path };
+    let mut warnings = Vec::new();
+    // Every default lives in `Config::defaults`; a key left out of the file takes it from there.
+    let d = Config::defaults();
 
     let mqtt = match (nginx.and_then(|(n, _)| n.listen.clone()), file.listen.mqtt) {
         (Some(from_nginx), _) => from_nginx,
         (None, Some(v)) => v,
-        (None, None) => DEFAULT_MQTT_LISTEN.to_string(),
+        (None, None) => d.listen.mqtt.clone(),
     };
     c.socket_addr("listen.mqtt", &mqtt)?;
     let mqtts = match file.listen.mqtts {
@@ -483,12 +620,13 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
             c.socket_addr("listen.http", &v)?;
             Some(v)
         }
-        None => Some(DEFAULT_HTTP_LISTEN.to_string()),
+        None => d.listen.http.clone(),
     };
 
     let h = file.health;
     let probe = match h.probe.as_deref() {
-        None | Some("mqtt") => ProbeKind::Mqtt,
+        None => d.health.probe,
+        Some("mqtt") => ProbeKind::Mqtt,
         Some("tcp") => ProbeKind::Tcp,
         Some("pubsub") => ProbeKind::Pubsub,
         Some(other) => {
@@ -496,12 +634,12 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         }
     };
     let health = HealthConfig {
-        interval: c.positive_duration("health.interval", h.interval.as_ref(), Duration::from_millis(250))?,
-        timeout: c.positive_duration("health.timeout", h.timeout.as_ref(), Duration::from_millis(250))?,
-        rise: h.rise.unwrap_or(2),
-        fall: h.fall.unwrap_or(2),
+        interval: c.positive_duration("health.interval", h.interval.as_ref(), d.health.interval)?,
+        timeout: c.positive_duration("health.timeout", h.timeout.as_ref(), d.health.timeout)?,
+        rise: h.rise.unwrap_or(d.health.rise),
+        fall: h.fall.unwrap_or(d.health.fall),
         probe,
-        mqtt_version: h.mqtt_version.unwrap_or(4),
+        mqtt_version: h.mqtt_version.unwrap_or(d.health.mqtt_version),
         username: h.username,
         password: h.password,
     };
@@ -520,12 +658,14 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
 
     let p = file.proxy;
     let on_down = match p.on_down.as_deref() {
-        None | Some("close") => OnDown::Close,
+        None => d.proxy.on_down,
+        Some("close") => OnDown::Close,
         Some("keep") => OnDown::Keep,
         Some(o) => return Err(c.err("proxy.on_down", format!("{o:?} is not \"close\" or \"keep\""))),
     };
     let failback = match p.failback.as_deref() {
-        None | Some("drain") => Failback::Drain,
+        None => d.proxy.failback,
+        Some("drain") => Failback::Drain,
         Some("none") => Failback::None,
         Some(o) => return Err(c.err("proxy.failback", format!("{o:?} is not \"drain\" or \"none\""))),
     };
@@ -533,29 +673,45 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         client_connect_timeout: c.positive_duration(
             "proxy.client_connect_timeout",
             p.client_connect_timeout.as_ref(),
-            Duration::from_secs(10),
+            d.proxy.client_connect_timeout,
         )?,
         upstream_connect_timeout: c.positive_duration(
             "proxy.upstream_connect_timeout",
             p.upstream_connect_timeout.as_ref(),
-            Duration::from_secs(1),
+            d.proxy.upstream_connect_timeout,
         )?,
         connack_timeout: c.positive_duration(
             "proxy.connack_timeout",
             p.connack_timeout.as_ref(),
-            Duration::from_secs(1),
+            d.proxy.connack_timeout,
         )?,
-        connect_tries: p.connect_tries.unwrap_or(3),
+        connect_tries: p.connect_tries.unwrap_or(d.proxy.connect_tries),
         on_down,
         failback,
-        failback_rate: p.failback_rate.unwrap_or(10.0),
-        shutdown_grace: c.duration("proxy.shutdown_grace", p.shutdown_grace.as_ref(), Duration::from_secs(5))?,
-        max_packet_size: p.max_packet_size.unwrap_or(1 << 20),
-        max_sessions: p.max_sessions.unwrap_or(0),
-        max_sessions_per_source: p.max_sessions_per_source.unwrap_or(0),
-        connect_rate_per_source: p.connect_rate_per_source.unwrap_or(0.0),
-        connect_burst_per_source: 0.0,
-        workers: p.workers.unwrap_or(0),
+        failback_rate: p.failback_rate.unwrap_or(d.proxy.failback_rate),
+        shutdown_grace: c.duration("proxy.shutdown_grace", p.shutdown_grace.as_ref(), d.proxy.shutdown_grace)?,
+        max_packet_size: p.max_packet_size.unwrap_or(d.proxy.max_packet_size),
+        max_connections: renamed(
+            &c,
+            &mut warnings,
+            "proxy.max_connections",
+            p.max_connections,
+            "proxy.max_sessions",
+            p.max_sessions,
+        )?
+        .unwrap_or(d.proxy.max_connections),
+        max_connections_per_source: renamed(
+            &c,
+            &mut warnings,
+            "proxy.max_connections_per_source",
+            p.max_connections_per_source,
+            "proxy.max_sessions_per_source",
+            p.max_sessions_per_source,
+        )?
+        .unwrap_or(d.proxy.max_connections_per_source),
+        connect_rate_per_source: p.connect_rate_per_source.unwrap_or(d.proxy.connect_rate_per_source),
+        connect_burst_per_source: d.proxy.connect_burst_per_source,
+        workers: p.workers.unwrap_or(d.proxy.workers),
     };
     if proxy.connect_tries == 0 {
         return Err(c.err("proxy.connect_tries", "must be at least 1"));
@@ -573,7 +729,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         }
         Some(b) => b,
         // Two seconds' worth: a device that reconnects twice in a row is not an attack.
-        None => (proxy.connect_rate_per_source * 2.0).max(1.0),
+        None => (proxy.connect_rate_per_source * 2.0).max(d.proxy.connect_burst_per_source),
     };
     if proxy.workers > MAX_WORKERS {
         return Err(c.err("proxy.workers", format!("must be at most {MAX_WORKERS} (0 = one per core)")));
@@ -593,22 +749,22 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
 
     let r = file.replication;
     let replication = ReplicationConfig {
-        enabled: r.enabled.unwrap_or(false),
-        max_qos: r.max_qos.unwrap_or(1),
-        include: r.include.unwrap_or_else(|| vec!["#".to_string()]),
+        enabled: r.enabled.unwrap_or(d.replication.enabled),
+        max_qos: r.max_qos.unwrap_or(d.replication.max_qos),
+        include: r.include.unwrap_or_else(|| d.replication.include.clone()),
         exclude: r.exclude.unwrap_or_default(),
         state_file: r.state_file.filter(|s| !s.is_empty()).map(std::path::PathBuf::from),
         lag_interval: c.positive_duration(
             "replication.lag_interval",
             r.lag_interval.as_ref(),
-            Duration::from_secs(1),
+            d.replication.lag_interval,
         )?,
         tombstone_ttl: c.positive_duration(
             "replication.tombstone_ttl",
             r.tombstone_ttl.as_ref(),
-            Duration::from_secs(3600),
+            d.replication.tombstone_ttl,
         )?,
-        queue: r.queue.unwrap_or(100_000),
+        queue: r.queue.unwrap_or(d.replication.queue),
     };
     if replication.max_qos > 2 {
         return Err(c.err("replication.max_qos", "must be 0, 1 or 2"));
@@ -627,16 +783,16 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
 
     let se = file.sessions;
     let sessions = SessionsConfig {
-        enabled: se.enabled.unwrap_or(true),
+        enabled: se.enabled.unwrap_or(d.sessions.enabled),
         state_file: se.state_file.filter(|s| !s.is_empty()).map(std::path::PathBuf::from),
-        max_sessions: se.max_sessions.unwrap_or(100_000),
-        max_subscriptions: se.max_subscriptions.unwrap_or(100),
-        expiry: c.positive_duration("sessions.expiry", se.expiry.as_ref(), Duration::from_secs(24 * 3600))?,
-        standby: se.standby.unwrap_or(false),
+        max_sessions: se.max_sessions.unwrap_or(d.sessions.max_sessions),
+        max_subscriptions: se.max_subscriptions.unwrap_or(d.sessions.max_subscriptions),
+        expiry: c.positive_duration("sessions.expiry", se.expiry.as_ref(), d.sessions.expiry)?,
+        standby: se.standby.unwrap_or(d.sessions.standby),
         standby_trim: c.positive_duration(
             "sessions.standby_trim",
             se.standby_trim.as_ref(),
-            Duration::from_secs(10),
+            d.sessions.standby_trim,
         )?,
     };
     if sessions.max_subscriptions > 10_000 {
@@ -670,11 +826,22 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
             ));
         }
     }
-    Ok(Config { listen: Listen { mqtt, mqtts, http }, proxy, health, admin, tls, replication, sessions, brokers })
+    Ok(Config {
+        listen: Listen { mqtt, mqtts, http },
+        proxy,
+        health,
+        admin,
+        tls,
+        replication,
+        sessions,
+        brokers,
+        warnings,
+    })
 }
 
 fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerConfig>, ConfigError> {
     let mut out: Vec<BrokerConfig> = Vec::with_capacity(list.len());
+    let dflt = BrokerConfig::at("");
     for (i, b) in list.into_iter().enumerate() {
         let key = |k: &str| format!("broker[{}].{k}", i + 1);
         let name = b.name.ok_or_else(|| c.err(key("name"), "missing (every [[broker]] needs a name)"))?;
@@ -692,7 +859,7 @@ fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerCon
         if priority == 0 {
             return Err(c.err(key("priority"), "must be 1 (primary) or higher"));
         }
-        let weight = b.weight.unwrap_or(1);
+        let weight = b.weight.unwrap_or(dflt.weight);
         if weight == 0 {
             return Err(c.err(key("weight"), "must be at least 1 (use enabled = false to take a broker out)"));
         }
@@ -701,15 +868,11 @@ fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerCon
             address,
             priority,
             weight,
-            max_fails: b.max_fails.unwrap_or(1),
-            fail_timeout: c.positive_duration(
-                &key("fail_timeout"),
-                b.fail_timeout.as_ref(),
-                Duration::from_secs(10),
-            )?,
-            max_conns: b.max_conns.unwrap_or(0),
-            enabled: b.enabled.unwrap_or(true),
-            tls: b.tls.unwrap_or(false),
+            max_fails: b.max_fails.unwrap_or(dflt.max_fails),
+            fail_timeout: c.positive_duration(&key("fail_timeout"), b.fail_timeout.as_ref(), dflt.fail_timeout)?,
+            max_conns: b.max_conns.unwrap_or(dflt.max_conns),
+            enabled: b.enabled.unwrap_or(dflt.enabled),
+            tls: b.tls.unwrap_or(dflt.tls),
             tls_name: b.tls_name,
         });
     }
@@ -910,6 +1073,43 @@ mod tests {
                 assert!(!err.contains('\n'), "{name}: not one line: {err}");
             }
         }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let c = parse(
+            "[health]\nusername = \"probe\"\npassword = \"hunter2\"\n[admin]\ntoken = \"t0ken\"\n\
+             [[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("t0ken"), "{shown}");
+        assert!(shown.contains("(set)") && shown.contains("probe"), "{shown}");
+    }
+
+    #[test]
+    fn old_connection_limit_names_still_work_with_a_warning() {
+        let b = "[[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n";
+        let c = parse(&format!("[proxy]\nmax_sessions = 7\nmax_sessions_per_source = 2\n{b}")).unwrap();
+        assert_eq!((c.proxy.max_connections, c.proxy.max_connections_per_source), (7, 2));
+        assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+        assert!(c.warnings[0].contains("proxy.max_sessions is now called proxy.max_connections"), "{:?}", c.warnings);
+        let c = parse(&format!("[proxy]\nmax_connections = 7\n{b}")).unwrap();
+        assert!(c.warnings.is_empty());
+        let e = parse(&format!("[proxy]\nmax_connections = 7\nmax_sessions = 7\n{b}")).unwrap_err();
+        assert!(e.contains("proxy.max_sessions") && e.contains("only proxy.max_connections"), "{e}");
+    }
+
+    #[test]
+    fn a_file_without_settings_gets_every_default() {
+        let c = parse("[[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n").unwrap();
+        let d = Config::defaults();
+        assert_eq!(
+            (&c.listen, &c.proxy, &c.health, &c.admin, &c.tls, &c.replication, &c.sessions),
+            (&d.listen, &d.proxy, &d.health, &d.admin, &d.tls, &d.replication, &d.sessions)
+        );
+        let b = BrokerConfig::at("127.0.0.1:1");
+        assert_eq!(c.brokers[0], BrokerConfig { name: "b".into(), ..b });
     }
 
     #[test]

@@ -153,6 +153,11 @@ impl Durable {
         self.cfg.enabled
     }
 
+    /// The settings it runs with (read at start only).
+    pub fn config(&self) -> &SessionsConfig {
+        &self.cfg
+    }
+
     /// Runs `f` holding the record's locks (see `Meshgate::panic_holding_shared_locks`).
     #[doc(hidden)]
     pub fn with_locks_held<T>(&self, f: impl FnOnce() -> T) -> T {

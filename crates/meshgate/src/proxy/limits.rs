@@ -1,4 +1,4 @@
-//! Admission limits for client connections: total sessions, sessions per source address, CONNECT rate per source.
+//! Admission limits for client connections: total connections over every listener, connections per source address, CONNECT rate per source.
 //!
 //! Every connection is accepted and then admitted or closed at once, so a refused client gets
 //! a prompt close instead of waiting in the kernel's backlog, and every refusal is counted.
@@ -16,7 +16,7 @@ use crate::config::ProxyConfig;
 /// Why a connection was refused; the `reason` label of `meshgate_rejected_connections_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    MaxSessions,
+    MaxConnections,
     PerSource,
     RateLimited,
 }
@@ -24,8 +24,8 @@ pub enum Refusal {
 impl Refusal {
     pub fn reason(self) -> &'static str {
         match self {
-            Refusal::MaxSessions => "max_sessions",
-            Refusal::PerSource => "per_source_sessions",
+            Refusal::MaxConnections => "max_connections",
+            Refusal::PerSource => "per_source_connections",
             Refusal::RateLimited => "connect_rate",
         }
     }
@@ -72,12 +72,12 @@ impl Limits {
     pub fn admit(self: &Arc<Self>, ip: IpAddr, cfg: &ProxyConfig, now: Instant) -> Result<Admission, Refusal> {
         let mut s = self.state.lock();
         s.sweep(cfg, now);
-        if cfg.max_sessions > 0 && s.total >= cfg.max_sessions {
-            return Err(Refusal::MaxSessions);
+        if cfg.max_connections > 0 && s.total >= cfg.max_connections {
+            return Err(Refusal::MaxConnections);
         }
         let burst = cfg.connect_burst_per_source.max(1.0);
         let src = s.sources.entry(ip).or_insert(Source { sessions: 0, tokens: burst, at: now });
-        if cfg.max_sessions_per_source > 0 && src.sessions >= cfg.max_sessions_per_source {
+        if cfg.max_connections_per_source > 0 && src.sessions >= cfg.max_connections_per_source {
             return Err(Refusal::PerSource);
         }
         if cfg.connect_rate_per_source > 0.0 {
@@ -150,8 +150,8 @@ mod tests {
     fn cfg(max: u32, per_source: u32, rate: f64, burst: f64) -> ProxyConfig {
         let mut c =
             crate::Config::from_toml("[[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n", "t").unwrap().proxy;
-        c.max_sessions = max;
-        c.max_sessions_per_source = per_source;
+        c.max_connections = max;
+        c.max_connections_per_source = per_source;
         c.connect_rate_per_source = rate;
         c.connect_burst_per_source = burst;
         c
@@ -169,7 +169,7 @@ mod tests {
         let _a2 = l.admit(A, &c, now).unwrap();
         assert_eq!(l.admit(A, &c, now).err(), Some(Refusal::PerSource));
         let _b1 = l.admit(B, &c, now).unwrap();
-        assert_eq!(l.admit(B, &c, now).err(), Some(Refusal::MaxSessions));
+        assert_eq!(l.admit(B, &c, now).err(), Some(Refusal::MaxConnections));
         drop(a1);
         assert_eq!(l.sessions_from(A), 1);
         assert!(l.admit(B, &c, now).is_ok());

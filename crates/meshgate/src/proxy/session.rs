@@ -72,7 +72,12 @@ pub async fn handle_tls(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) 
     let _ = client.set_nodelay(true);
     let Some(acceptor) = proxy.acceptor.load_full() else { return };
     let limit = proxy.pool.proxy_config().client_connect_timeout;
-    let tls = match timeout(limit, acceptor.accept(client)).await {
+    // A handshake in progress ends with the shutdown grace period like a session does.
+    let handshake = tokio::select! {
+        r = timeout(limit, acceptor.accept(client)) => r,
+        _ = proxy.pool.closing.cancelled() => return,
+    };
+    let tls = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             proxy.reject("tls_handshake", format_args!("from {peer}: {e}"));
