@@ -726,3 +726,43 @@ async fn a_reloaded_admin_token_replaces_the_old_one() {
     assert_eq!(off.status, 403, "no token configured: admin is off: {}", off.body);
     mg.shutdown().await;
 }
+
+/// A freshly started meshgate exports every counter family, with a zero series for every label
+/// value known at start (brokers, reasons, results), so the first event is an `increase()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_counter_has_its_series_from_the_first_scrape() {
+    let net = Net::start(2);
+    let mg = net.meshgate("").await;
+    let s = scrape(mg.http_addr().unwrap()).await;
+    let zero = |name: &str, labels: &[(&str, &str)]| {
+        assert_eq!(value(&s, name, labels), Some(0.0), "{name}{labels:?} at 0 from the first scrape");
+    };
+    for broker in ["broker1", "broker2"] {
+        for reason in meshgate::upstream::AttemptError::REASONS {
+            zero("meshgate_upstream_failures_total", &[("broker", broker), ("reason", reason)]);
+        }
+    }
+    for reason in meshgate::proxy::REJECT_REASONS {
+        zero("meshgate_rejected_connections_total", &[("reason", reason)]);
+    }
+    for reason in meshgate::pool::CLOSE_REASONS.iter().chain(&["malformed"]) {
+        zero("meshgate_sessions_closed_total", &[("reason", reason)]);
+    }
+    for result in ["ok", "error"] {
+        zero("meshgate_config_reloads_total", &[("result", result)]);
+    }
+    for [op, result] in meshgate::durable::OPERATIONS {
+        zero("meshgate_session_operations_total", &[("op", op), ("result", result)]);
+    }
+    // The process itself, and which build runs.
+    for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"] {
+        assert!(value(&s, name, &[]).is_some_and(|v| v > 0.0), "{name}");
+    }
+    let started = value(&s, "process_start_time_seconds", &[]).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!((now - started).abs() < 120.0, "start time {started} vs now {now}");
+    let info = s.samples.iter().find(|x| x.metric == "meshgate_build_info").expect("build info");
+    assert_eq!(info.labels.get("version"), Some(meshgate::VERSION));
+    assert_eq!(info.labels.get("commit"), Some(meshgate::COMMIT));
+    mg.shutdown().await;
+}

@@ -351,3 +351,57 @@ async fn a_panic_in_one_session_leaves_connects_working() {
     assert!(mg.durable().placement("after-panic-persistent").is_some(), "the session record still works");
     mg.shutdown().await;
 }
+
+/// The access log: one line per ended session, its fields checked against a session the test
+/// drove byte by byte, and a session meshgate closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_a_line_per_ended_session_with_its_numbers() {
+    use tokio::io::AsyncWriteExt;
+    let net = Net::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let mg = net.meshgate(&format!("[access_log]\npath = \"{}\"\nformat = \"json\"\n", log.display())).await;
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+
+    let (mut s, ack) =
+        raw::connect_with(net.mqtt_addr(), 4, "acc-1", true, Some("alice"), None, 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    let client = s.local_addr().unwrap();
+    let connect = raw::connect_packet(4, "acc-1", true, raw::DEFAULT_KEEPALIVE, Some("alice"), None);
+    let publish = raw::publish_packet("acc/t", b"hello", 0, 0, false);
+    s.write_all(&publish).await.unwrap();
+    s.write_all(&raw::pingreq_packet()).await.unwrap();
+    let (first, _) = raw::read_packet(&mut s, 5 * SECOND).await.unwrap();
+    assert_eq!(first, 0xd0);
+    s.write_all(&raw::disconnect_packet()).await.unwrap();
+    assert!(raw::closed_within(&mut s, 5 * SECOND).await, "the broker closes after DISCONNECT");
+    wait_until(5 * SECOND, || !lines().is_empty()).await.expect("a line for the ended session");
+    let l = &lines()[0];
+    assert_eq!(l["client"].as_str(), Some(client.to_string().as_str()));
+    assert_eq!((l["client_id"].as_str(), l["username"].as_str()), (Some("acc-1"), Some("alice")));
+    assert_eq!((l["protocol"].as_str(), l["broker"].as_str()), (Some("3.1.1"), Some("broker1")));
+    assert_eq!(l["upstream"].as_str(), Some(net.brokers[0].addr.to_string().as_str()));
+    // CONNECT, PUBLISH, PINGREQ, DISCONNECT in; CONNACK (4 bytes), PINGRESP (2) out.
+    let sent = connect.len() + publish.len() + 2 + 2;
+    assert_eq!((l["bytes_in"].as_u64(), l["packets_in"].as_u64()), (Some(sent as u64), Some(4)));
+    assert_eq!((l["bytes_out"].as_u64(), l["packets_out"].as_u64()), (Some(6), Some(2)));
+    assert!(l["duration_s"].as_f64().is_some_and(|d| (0.0..5.0).contains(&d)), "{l}");
+    assert_eq!(l["end"].as_str(), Some("broker_closed"), "Mosquitto closes first after a DISCONNECT: {l}");
+    assert!(l["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
+
+    // A session meshgate closes says why.
+    let (_s2, _) = raw::connect(net.mqtt_addr(), 4, "acc-2", 5 * SECOND).await.unwrap();
+    let pool = mg.pool().clone();
+    wait_until(SECOND, || pool.session_count() == 1).await.unwrap();
+    mg.pool().set_admin("broker1", meshgate::pool::AdminState::Disabled).unwrap();
+    wait_until(5 * SECOND, || lines().len() == 2).await.expect("a line for the closed session");
+    let l = &lines()[1];
+    assert_eq!((l["client_id"].as_str(), l["end"].as_str()), (Some("acc-2"), Some("broker_disabled")), "{l}");
+    mg.shutdown().await;
+}

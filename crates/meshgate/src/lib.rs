@@ -22,6 +22,7 @@
 //! cluster) lives in the `meshgate-tools` crate and drives this one from outside.
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod config;
 pub mod durable;
 pub mod events;
@@ -55,11 +56,15 @@ use pool::Pool;
 use upstream::Upstream;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit this was built from (set by build.rs; "unknown" outside a checkout).
+pub const COMMIT: &str = env!("MESHGATE_COMMIT");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     Tls(#[from] transport::tls::TlsError),
+    #[error("{0} (set [access_log] path to a writable file, or leave it out for stdout)")]
+    AccessLog(std::io::Error),
     #[error("cannot listen for {what} on {addr}: {err}{hint}")]
     Bind { what: &'static str, addr: String, err: std::io::Error, hint: &'static str },
 }
@@ -114,6 +119,11 @@ pub struct Meshgate {
     checkers: Mutex<(CancellationToken, config::HealthConfig)>,
     /// The certificates the TLS listener and the broker connections were last loaded from.
     tls: Mutex<config::TlsConfig>,
+    /// The access log's settings as last applied.
+    access_log: Mutex<config::AccessLogConfig>,
+    /// Ends the access log's writer, after the sessions, and the writer's task.
+    access_stop: CancellationToken,
+    access_task: tokio::task::JoinHandle<()>,
     /// The configuration at start: what the settings that are read only then still are.
     started: Config,
 }
@@ -152,11 +162,18 @@ impl Meshgate {
         // pool itself knows nothing of it.
         let durable = Arc::new(Durable::new(&config.sessions));
         let pool = Arc::new(Pool::with_hooks(&config, durable.clone()));
-        let proxy = Arc::new(proxy::Proxy::new(pool.clone(), upstream.clone(), durable.clone()));
-        proxy.acceptor.store(acceptor.map(Arc::new));
-        let admin_token = Arc::new(ArcSwapOption::from(config.admin.token.clone().map(Arc::new)));
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
+        // The writer outlives the sessions' grace period: it stops with the tracker's last task.
+        let access_stop = CancellationToken::new();
+        let (access, access_task) =
+            accesslog::AccessLog::start(&config.access_log, &pool.metrics.registry, &access_stop)
+                .await
+                .map_err(Error::AccessLog)?;
+        let proxy = Arc::new(proxy::Proxy::new(pool.clone(), upstream.clone(), durable.clone(), access));
+        proxy.acceptor.store(acceptor.map(Arc::new));
+        proxy.init_metrics();
+        let admin_token = Arc::new(ArcSwapOption::from(config.admin.token.clone().map(Arc::new)));
         let checkers = stop.child_token();
         health::spawn_checkers(&pool, &upstream, &config.health, &tracker, &checkers);
         if let Some(mqtt) = mqtt {
@@ -191,12 +208,15 @@ impl Meshgate {
         for w in &config.warnings {
             warn!("{w}");
         }
+        // Addresses as values ("off" when a listener is not there), never as Rust's `Some(..)`.
+        let shown = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_string(), |a| a.to_string());
         info!(
-            mqtt = ?mqtt_addr,
-            http = ?http_addr,
+            mqtt = %shown(mqtt_addr),
+            http = %shown(http_addr),
             brokers = config.brokers.len(),
             replication = replication.is_some(),
             version = VERSION,
+            commit = COMMIT,
             "meshgate started"
         );
         Ok(Meshgate {
@@ -211,6 +231,9 @@ impl Meshgate {
             stop,
             checkers: Mutex::new((checkers, config.health.clone())),
             tls: Mutex::new(config.tls.clone()),
+            access_log: Mutex::new(config.access_log.clone()),
+            access_stop,
+            access_task,
             started: config,
         })
     }
@@ -270,6 +293,8 @@ impl Meshgate {
         self.proxy.upstream.reload(&new).map_err(|e| e.to_string())?;
         self.admin_token.store(new.admin.token.clone().map(Arc::new));
         *self.tls.lock() = new.tls.clone();
+        self.proxy.access.reopen(&new.access_log);
+        *self.access_log.lock() = new.access_log.clone();
         let mut current = self.config.lock();
         for w in &new.warnings {
             warn!("{w}");
@@ -280,6 +305,7 @@ impl Meshgate {
             warn!("changed in the new config but read only at start, so kept until a restart: {}", restart.join(", "));
         }
         self.pool.apply(&new);
+        self.proxy.init_metrics();
         let fresh = self.stop.child_token();
         health::spawn_checkers(&self.pool, &self.proxy.upstream, &new.health, &self.tracker, &fresh);
         let old = std::mem::replace(&mut *self.checkers.lock(), (fresh, new.health.clone()));
@@ -305,6 +331,7 @@ impl Meshgate {
             tls: self.tls.lock().clone(),
             replication: s.replication.clone(),
             sessions: self.proxy.durable.config().clone(),
+            access_log: self.access_log.lock().clone(),
             brokers: self.pool.brokers().iter().filter(|b| !b.is_removed()).map(|b| (*b.config()).clone()).collect(),
             warnings: Vec::new(),
         }
@@ -334,6 +361,9 @@ impl Meshgate {
             self.pool.closing.cancel();
             self.tracker.wait().await;
         }
+        // Every session has ended and queued its access log line: write them, then stop.
+        self.access_stop.cancel();
+        let _ = self.access_task.await;
         info!("meshgate stopped");
     }
 }

@@ -95,7 +95,11 @@ impl Metrics {
                 &["reason"],
             ),
             reloads: counter("meshgate_config_reloads_total", "Configuration reloads", &["result"]),
-            build_info: gauge("meshgate_build_info", "Always 1; the version label says which build runs", &["version"]),
+            build_info: gauge(
+                "meshgate_build_info",
+                "Always 1; the labels say which build runs (commit: the git commit it was built from, \"unknown\" outside a checkout)",
+                &["version", "commit"],
+            ),
             client_sessions: reg(
                 &registry,
                 IntGauge::new("meshgate_client_connections", "Client TCP connections open now, established or not")
@@ -121,11 +125,26 @@ impl Metrics {
             ),
             registry,
         };
-        m.build_info.with_label_values(&[crate::VERSION]).set(1);
+        m.build_info.with_label_values(&[crate::VERSION, crate::COMMIT]).set(1);
+        // CPU, memory, file descriptors and start time of this process, read from /proc by the
+        // prometheus crate at each scrape.
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process metrics registered once");
         for d in ["client_to_broker", "broker_to_client"] {
             m.bytes.with_label_values(&[d]);
         }
         m
+    }
+
+    /// Creates the series of labelled counters for label values known now (brokers, reasons,
+    /// results), at zero, so that `increase()` and alerts see the first event: a series born
+    /// with its first increment has no earlier sample to rise from.
+    pub fn init<'a>(&self, family: &IntCounterVec, labels: impl IntoIterator<Item = &'a [&'a str]>) {
+        for l in labels {
+            family.with_label_values(l);
+        }
     }
 
     /// The text exposition format, for `GET /metrics`.

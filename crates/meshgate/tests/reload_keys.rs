@@ -60,6 +60,9 @@ fn base(dir: &Path) -> Table {
         let s = t[section].as_table_mut().unwrap();
         s.insert("state_file".into(), Value::String(dir.join(format!("{section}.json")).display().to_string()));
     }
+    let access = t["access_log"].as_table_mut().unwrap();
+    access.insert("path".into(), Value::String(dir.join("access.log").display().to_string()));
+    access.insert("enabled".into(), Value::Boolean(true));
     let extra: Table = BROKER_MORE.parse().unwrap();
     for b in t["broker"].as_array_mut().unwrap() {
         for (k, v) in &extra {
@@ -87,6 +90,8 @@ fn changed(key: &str, v: &Value) -> Value {
             ("on_down", _) => "close".into(),
             ("failback", "drain") => "none".into(),
             ("failback", _) => "drain".into(),
+            ("format", "text") => "json".into(),
+            ("format", _) => "text".into(),
             ("mqtt" | "http" | "mqtts", _) => "127.0.0.1:1".into(),
             ("address", a) => a.replace(":1883", ":1884"),
             _ if meshgate::config::parse_duration(s).is_some() => "7s".into(),
@@ -147,7 +152,8 @@ async fn every_key_changed_by_a_reload_is_applied_or_named_as_needing_a_restart(
         mg.reload(new.clone()).unwrap_or_else(|e| panic!("{key}: reload refused: {e}"));
         let restart = base.restart_needed(&new);
         let now = mg.applied_config();
-        let sections: [(&str, bool, bool); 8] = [
+        let sections: [(&str, bool, bool); 9] = [
+            ("access_log", now.access_log == new.access_log, now.access_log == base.access_log),
             ("listen", now.listen == new.listen, now.listen == base.listen),
             ("proxy", now.proxy == new.proxy, now.proxy == base.proxy),
             ("health", now.health == new.health, now.health == base.health),

@@ -22,10 +22,26 @@ pub struct Config {
     pub tls: TlsConfig,
     pub replication: ReplicationConfig,
     pub sessions: SessionsConfig,
+    pub access_log: AccessLogConfig,
     pub brokers: Vec<BrokerConfig>,
     /// What the file said that still works but should change (old key names), one line each;
     /// logged at start and on reload, printed by `validate`.
     pub warnings: Vec<String>,
+}
+
+/// One line per ended client session (see `accesslog`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    /// The file lines are appended to (opened again on reload, for logrotate); `None`: stdout.
+    pub path: Option<std::path::PathBuf>,
+    pub format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Text,
+    Json,
 }
 
 /// Persistent client sessions that survive a broker failure (see `durable`).
@@ -272,6 +288,8 @@ struct FileConfig {
     #[serde(default)]
     sessions: FileSessions,
     #[serde(default)]
+    access_log: FileAccessLog,
+    #[serde(default)]
     broker: Vec<FileBroker>,
 }
 
@@ -307,6 +325,14 @@ struct FileSessions {
     expiry: Option<String>,
     standby: Option<bool>,
     standby_trim: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAccessLog {
+    enabled: Option<bool>,
+    path: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -433,6 +459,7 @@ impl Config {
                 standby: false,
                 standby_trim: Duration::from_secs(10),
             },
+            access_log: AccessLogConfig { enabled: true, path: None, format: AccessLogFormat::Text },
             brokers: Vec::new(),
             warnings: Vec::new(),
         }
@@ -803,6 +830,18 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         return Err(c.err(key, "must be at least 1 (set sessions.enabled = false to record nothing)"));
     }
 
+    let a = file.access_log;
+    let access_log = AccessLogConfig {
+        enabled: a.enabled.unwrap_or(d.access_log.enabled),
+        path: path(a.path),
+        format: match a.format.as_deref() {
+            None => d.access_log.format,
+            Some("text") => AccessLogFormat::Text,
+            Some("json") => AccessLogFormat::Json,
+            Some(o) => return Err(c.err("access_log.format", format!("{o:?} is not \"text\" or \"json\""))),
+        },
+    };
+
     let brokers = match nginx {
         Some((stream, nginx_path)) => {
             if !file.broker.is_empty() {
@@ -834,6 +873,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         tls,
         replication,
         sessions,
+        access_log,
         brokers,
         warnings,
     })

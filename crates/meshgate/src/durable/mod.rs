@@ -39,6 +39,19 @@ use crate::mqtt::subscribe::{disconnect_expiry, granted, parse_ack, parse_subscr
 use crate::mqtt::{kind, Capture, FrameError, FrameScanner};
 use store::{Orphan, Record, Store, Sub};
 
+/// Every (op, result) of `meshgate_session_operations_total`.
+pub const OPERATIONS: [[&str; 2]; 9] = [
+    ["restore", "ok"],
+    ["restore", "error"],
+    ["migrate", "ok"],
+    ["migrate", "standby"],
+    ["migrate", "error"],
+    ["standby", "ok"],
+    ["standby", "error"],
+    ["wipe", "ok"],
+    ["wipe", "error"],
+];
+
 /// Largest SUBSCRIBE or UNSUBSCRIBE body meshgate reads to record it.
 const CAPTURE_LIMIT: usize = 64 * 1024;
 /// Time for one restore, migration, standby or wipe operation on a broker, and the longest a

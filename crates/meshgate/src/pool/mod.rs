@@ -51,6 +51,12 @@ pub struct Health {
 
 pub const HISTORY_LEN: usize = 60;
 
+/// Why the pool closes sessions (the `reason` of `meshgate_sessions_closed_total`): probes said
+/// down (with `on_down = "close"`), disabled, a newer session of the client id elsewhere, and
+/// the rebalancer's moves.
+pub const CLOSE_REASONS: [&str; 6] =
+    ["broker_down", "broker_disabled", "duplicate_client_id", "drain", "failback", "broker_removed"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AdminState {

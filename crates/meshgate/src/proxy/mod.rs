@@ -30,15 +30,57 @@ pub struct Proxy {
     pub limits: Arc<limits::Limits>,
     /// The TLS listener's acceptor; swapped whole when certificates are reloaded.
     pub acceptor: ArcSwapOption<TlsAcceptor>,
+    /// One line per ended session.
+    pub access: crate::accesslog::AccessLog,
     refusals: limits::RefusalLog,
 }
 
+/// Every `reason` of `meshgate_rejected_connections_total`: the setup's (`session`), the
+/// admission limits' (`limits`) and the TLS handshake's.
+pub const REJECT_REASONS: [&str; 10] = [
+    "connect_timeout",
+    "closed_early",
+    "malformed_connect",
+    "packet_too_large",
+    "io_error",
+    "no_broker",
+    "tls_handshake",
+    "max_connections",
+    "per_source_connections",
+    "connect_rate",
+];
+
 impl Proxy {
-    pub fn new(pool: Arc<Pool>, upstream: Arc<Upstream>, durable: Arc<Durable>) -> Proxy {
+    /// Every counter series whose labels are known now, at zero: brokers by upstream failure
+    /// reason, refusals, session closes, reload results and persistent-session operations.
+    /// Called at start and after each reload (new brokers).
+    pub fn init_metrics(&self) {
+        let m = &self.pool.metrics;
+        let brokers = self.pool.brokers();
+        for b in brokers.iter() {
+            m.init(&m.sessions_total, [[b.name.as_str()].as_slice()]);
+            for reason in crate::upstream::AttemptError::REASONS {
+                m.init(&m.upstream_failures, [[b.name.as_str(), reason].as_slice()]);
+            }
+        }
+        m.init(&m.rejected, REJECT_REASONS.iter().map(std::slice::from_ref));
+        let closes = crate::pool::CLOSE_REASONS.iter().chain(&["malformed"]);
+        m.init(&m.sessions_closed, closes.map(std::slice::from_ref));
+        m.init(&m.reloads, [["ok"].as_slice(), ["error"].as_slice()]);
+        m.init(&m.durable_ops, crate::durable::OPERATIONS.iter().map(|l| l.as_slice()));
+    }
+
+    pub fn new(
+        pool: Arc<Pool>,
+        upstream: Arc<Upstream>,
+        durable: Arc<Durable>,
+        access: crate::accesslog::AccessLog,
+    ) -> Proxy {
         Proxy {
             pool,
             upstream,
             durable,
+            access,
             limits: Default::default(),
             acceptor: Default::default(),
             refusals: Default::default(),

@@ -117,6 +117,8 @@ struct Live {
     down_total: prometheus::IntCounter,
     /// Persistent sessions only: their subscriptions are recorded as they pass.
     tap: Option<Box<crate::durable::SharedTap>>,
+    /// The CONNECT's size, for the access log's byte count (the session counts what follows).
+    connect_bytes: u32,
 }
 
 async fn setup_in_span(proxy: Arc<Proxy>, client: Conn, peer: SocketAddr) -> Option<Live> {
@@ -147,32 +149,48 @@ async fn forward_session(proxy: &Proxy, live: &mut Live) {
         // Also fires when meshgate shuts down: the session's token is a child of the pool's.
         _ = session.cancelled() => None,
     };
-    if ended.is_none() && proxy.pool.closing.is_cancelled() {
-        return;
-    }
     if let Some(Ended::ClientSide(ForwardError::Malformed(_))) = &ended {
         proxy.pool.metrics.sessions_closed.with_label_values(&["malformed"]).inc();
     }
+    let (end, detail) = match ended {
+        Some(Ended::ClientClosed) => ("client_closed", None),
+        Some(Ended::BrokerClosed) => ("broker_closed", None),
+        Some(Ended::ClientSide(ForwardError::Malformed(e))) => ("malformed", Some(e.to_string())),
+        Some(Ended::ClientSide(e)) => ("client_error", Some(e.to_string())),
+        Some(Ended::BrokerSide(e)) => ("broker_error", Some(e.to_string())),
+        None if proxy.pool.closing.is_cancelled() => ("shutdown", None),
+        None => (session.close_reason().unwrap_or("closed"), None),
+    };
+    let info = &session.info;
+    let record = crate::accesslog::Record {
+        time: crate::accesslog::Record::now(),
+        client: info.peer,
+        client_id: info.client_id.clone(),
+        username: info.username.clone(),
+        protocol: mqtt::protocol_name(info.version),
+        broker: session.broker.name.clone(),
+        upstream: session.broker.address.clone(),
+        bytes_in: u64::from(live.connect_bytes) + session.bytes_in.load(Ordering::Relaxed),
+        bytes_out: session.bytes_out.load(Ordering::Relaxed),
+        packets_in: 1 + session.packets_in.load(Ordering::Relaxed),
+        packets_out: session.packets_out.load(Ordering::Relaxed),
+        duration_s: crate::accesslog::seconds(info.connected_at.elapsed().unwrap_or_default()),
+        end: end.to_string(),
+        detail,
+    };
     // Formatted only for someone who reads it: connection churn should not pay for a span
     // and a message per session that the log level drops anyway.
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let span = tracing::info_span!(
+            "session",
+            peer = %info.peer,
+            client_id = info.client_id.as_str(),
+            broker = session.broker.name.as_str()
+        );
+        let why = record.detail.as_deref().map_or_else(|| end.to_string(), |d| format!("{end}: {d}"));
+        span.in_scope(|| debug!("session ended: {why}"));
     }
-    let why = match ended {
-        Some(Ended::ClientClosed) => "client closed".to_string(),
-        Some(Ended::BrokerClosed) => "broker closed".to_string(),
-        Some(Ended::ClientSide(ForwardError::Malformed(e))) => format!("client sent a malformed packet: {e}"),
-        Some(Ended::ClientSide(e)) => format!("client side: {e}"),
-        Some(Ended::BrokerSide(e)) => format!("broker side: {e}"),
-        None => format!("closed by meshgate: {}", session.close_reason().unwrap_or("?")),
-    };
-    let span = tracing::info_span!(
-        "session",
-        peer = %session.info.peer,
-        client_id = session.info.client_id.as_str(),
-        broker = session.broker.name.as_str()
-    );
-    span.in_scope(|| debug!("session ended: {why}"));
+    proxy.access.log(record);
 }
 
 /// Reads the CONNECT, finds a broker that answers it, registers the session and passes on
@@ -291,7 +309,8 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
     let down_total = proxy.pool.metrics.bytes.with_label_values(&["broker_to_client"]);
     up_total.inc_by(extra.len() as u64);
     down_total.inc_by(after_connack.len() as u64);
-    Some(Live { client, upstream, session, scanner, down_scanner, up_total, down_total, tap })
+    let connect_bytes = packet.len() as u32;
+    Some(Live { client, upstream, session, scanner, down_scanner, up_total, down_total, tap, connect_bytes })
 }
 
 /// A persistent client landed on a broker without its session: subscribes what the record
@@ -388,4 +407,28 @@ async fn establish(proxy: &Arc<Proxy>, packet: &[u8], connect: &Connect) -> Opti
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::limits::Refusal;
+    use crate::proxy::REJECT_REASONS;
+
+    /// The metrics start with a zero series for every refusal reason: the list must name each.
+    #[test]
+    fn every_refusal_reason_is_listed_for_the_metrics() {
+        let setup = [
+            Rejected::ConnectTimeout(Duration::ZERO),
+            Rejected::Closed,
+            Rejected::BadConnect(ConnectError::TooLarge { len: 2, max: 1 }),
+            Rejected::BadConnect(ConnectError::ReservedFlag),
+            Rejected::Io(std::io::ErrorKind::Other.into()),
+        ];
+        let limits = [Refusal::MaxConnections, Refusal::PerSource, Refusal::RateLimited];
+        let reasons = setup.iter().map(Rejected::reason).chain(limits.iter().map(|r| r.reason()));
+        for r in reasons.chain(["no_broker", "tls_handshake", "malformed_connect"]) {
+            assert!(REJECT_REASONS.contains(&r), "{r} is not in REJECT_REASONS");
+        }
+    }
 }

@@ -224,3 +224,29 @@ impl Upstream {
 fn timeouts(config: &Config) -> Timeouts {
     Timeouts { connect: config.proxy.upstream_connect_timeout, connack: config.proxy.connack_timeout }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::AttemptError;
+
+    #[test]
+    fn every_failure_reason_is_listed_for_the_metrics() {
+        let errors = [
+            AttemptError::Connect(std::io::ErrorKind::Other.into()),
+            AttemptError::ConnectTimeout(std::time::Duration::ZERO),
+            AttemptError::ConnackTimeout(std::time::Duration::ZERO),
+            AttemptError::Closed,
+            AttemptError::Protocol(String::new()),
+            AttemptError::Refused { code: 3, reason: "server_unavailable" },
+            AttemptError::Refused { code: 0x89, reason: "server_busy" },
+        ];
+        for e in errors {
+            assert!(AttemptError::REASONS.contains(&e.reason()), "{}", e.reason());
+        }
+        // The refusal reasons are the CONNACK's own words.
+        for (version, code) in [(4, 3), (5, 0x88), (5, 0x89)] {
+            let ack = crate::mqtt::Connack { session_present: false, code };
+            assert!(AttemptError::REASONS.contains(&ack.broker_failure(version).unwrap()));
+        }
+    }
+}
