@@ -34,8 +34,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the proxy, health checks and HTTP API in the foreground.
     Run(RunArgs),
-    /// Validate a configuration and print what it means, then exit.
-    Validate(RunArgs),
+    /// Validate a configuration and print what it means, then exit (2 when it is invalid).
+    Validate(ValidateArgs),
     /// A failover-aware MQTT client (basic, sensor, control) that logs every state change as JSON.
     Client(meshgate_tools::client::ClientArgs),
     /// Load-test a front end: throughput, latency percentiles, connection rate, idle sessions, memory.
@@ -90,9 +90,10 @@ pub enum FrontEndArg {
 
 #[derive(clap::Args, Debug)]
 pub struct UpArgs {
-    /// meshgate TOML config naming the brokers and the listen addresses.
-    #[arg(long, short, default_value = "configs/meshgate.toml")]
-    pub config: PathBuf,
+    /// meshgate TOML config naming the brokers and the listen addresses [default:
+    /// configs/meshgate.toml, or the built-in five-broker network where that file is not there].
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
     /// Where broker data, logs and pid files go.
     #[arg(long, default_value = "run")]
     pub run_dir: PathBuf,
@@ -239,13 +240,33 @@ pub struct RunArgs {
     pub nginx_conf: Option<PathBuf>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print the whole effective configuration as TOML instead of a summary: every key with its
+    /// value in force, defaults filled in, secrets masked (like `nginx -T`); the output is itself
+    /// a valid configuration.
+    #[arg(long)]
+    pub print: bool,
+}
+
 /// Exit codes: 0 ok, 1 runtime failure, 2 bad usage or configuration (as sysexits' EX_USAGE family).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log_level);
+    if let Err(e) = init_logging(cli.log_format, &cli.log_level) {
+        eprintln!("meshgate: error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
-        Command::Validate(args) => load(&args).map(|c| {
-            print_summary(&c);
+        Command::Validate(args) => load(&args.run).map(|c| match args.print {
+            true => {
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
+                print!("{}", c.to_toml());
+            }
+            false => print_summary(&c),
         }),
         Command::Run(args) => match load(&args) {
             Ok(config) => run(config, args),
@@ -278,15 +299,43 @@ pub fn main() -> ExitCode {
             // One line: the chain of contexts joined, no backtrace.
             eprintln!("meshgate: error: {e:#}");
             let usage = e.downcast_ref::<ConfigError>().is_some()
+                || e.downcast_ref::<Usage>().is_some()
+                || e.downcast_ref::<meshgate::Error>().is_some_and(meshgate::Error::is_config)
                 || e.downcast_ref::<cl::deploy::DeployError>().is_some_and(|d| d.is_usage());
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
 }
 
-fn init_logging(format: LogFormat, level: &str) {
+/// A mistake in how meshgate was called (exit 2, like a bad configuration).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+/// `RUST_LOG`, when set, wins over `--log-level`; either must be a valid filter.
+fn init_logging(format: LogFormat, level: &str) -> Result<(), Usage> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        Usage(format!(
+            "{what}: {e} (write a level like \"info\" or \"warn\", or a filter like \"meshgate=debug,info\")"
+        ))
+    };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => EnvFilter::try_new(&env).map_err(|e| bad(&format!("RUST_LOG={env:?}"), &e))?,
+        _ => {
+            // A bare word that is not a level would be read as a target name and silence
+            // everything else; on the command line that is a typo, not a wish.
+            const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+            let typo = level
+                .split(',')
+                .map(str::trim)
+                .find(|d| !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str()));
+            if let Some(d) = typo {
+                return Err(bad(&format!("--log-level {level:?}"), &format!("{d:?} is not a level")));
+            }
+            EnvFilter::try_new(level).map_err(|e| bad(&format!("--log-level {level:?}"), &e))?
+        }
+    };
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -296,6 +345,7 @@ fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => builder.init(),
     }
+    Ok(())
 }
 
 fn load(args: &RunArgs) -> anyhow::Result<Config> {
@@ -317,7 +367,7 @@ fn load(args: &RunArgs) -> anyhow::Result<Config> {
             if default.exists() {
                 Ok(Config::load(default)?)
             } else {
-                anyhow::bail!("no configuration given: pass --config FILE (configs/meshgate.toml is the five-broker example) or --nginx-conf FILE")
+                Err(Usage("no configuration given: pass --config FILE (configs/meshgate.toml is the five-broker example) or --nginx-conf FILE".into()).into())
             }
         }
     }
@@ -373,10 +423,8 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading configuration");
+                // A refused reload is logged once, as an error, where it is recorded.
                 let r = load(&args).map_err(|e| format!("{e:#}"));
-                if let Err(why) = &r {
-                    tracing::error!("reload refused, keeping the running configuration: {why}");
-                }
                 if tx.send(r).await.is_err() {
                     return;
                 }
@@ -417,8 +465,32 @@ async fn ctrl_c_or_term() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The local five-broker network, as shipped in configs/meshgate.toml: what `meshgate up` runs
+/// where that file is not there (outside a checkout).
+const BUILT_IN_LOCAL: &str = include_str!("../configs/meshgate.toml");
+
 fn up(args: UpArgs) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
+    let default = Path::new("configs/meshgate.toml");
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None if default.exists() => Config::load(default)?,
+        None => {
+            eprintln!(
+                "{} not found: running the built-in local network (five brokers on 127.0.0.10..14:1883, meshgate on \
+                 127.0.0.1:1883, state under run/); pass --config FILE for another",
+                default.display()
+            );
+            let mut c = Config::from_toml(BUILT_IN_LOCAL, "built-in local network")?;
+            // Its paths ("../run/...", relative to configs/) mean run/ here, where no configs/
+            // directory may exist to step out of.
+            for p in [&mut c.sessions.state_file, &mut c.replication.state_file, &mut c.access_log.path] {
+                if let Some(path) = p {
+                    *path = path.strip_prefix("..").map(Path::to_path_buf).unwrap_or_else(|_| path.clone());
+                }
+            }
+            c
+        }
+    };
     let front_end = front_end(args.front_end);
     proxy_runtime(&config)?.block_on(async move {
         let mut local = Local::start(config, &args.run_dir, front_end).await?;
@@ -438,12 +510,11 @@ fn cluster(action: ClusterAction) -> anyhow::Result<()> {
             let target = match target {
                 RenderTarget::Local => {
                     let out = out.unwrap_or_else(|| PathBuf::from("configs/mosquitto"));
-                    for p in cl::render_all(&config, &out)? {
+                    let mut files = cl::broker_files(&config, &out)?;
+                    files.push((nginx_out.clone(), cl::nginx::render(&config)));
+                    for p in cl::write_together(&files)? {
                         println!("wrote {}", p.display());
                     }
-                    std::fs::write(&nginx_out, cl::nginx::render(&config))
-                        .with_context(|| format!("cannot write {}", nginx_out.display()))?;
-                    println!("wrote {}", nginx_out.display());
                     return Ok(());
                 }
                 RenderTarget::Multipass => cl::deploy::Target::Multipass,

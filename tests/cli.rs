@@ -219,3 +219,102 @@ async fn json_logs_sighup_reload_and_sigterm() {
     let code = d.wait_exit(Duration::from_secs(5));
     assert_eq!(code, 0);
 }
+
+/// Exit codes: 2 for every mistake in how meshgate is configured or called, 1 for a failure of
+/// the machine's state (a port someone else holds), each with one line.
+#[test]
+fn configuration_mistakes_exit_2_and_machine_failures_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let slot = common::Slot::acquire();
+    let broker = format!("[[broker]]\nname = \"b\"\naddress = \"{}\"\n", slot.addr(10, 1883));
+    let listen = format!("[listen]\nmqtt = \"{}\"\nhttp = \"off\"\n", slot.addr(1, 1883));
+    // A certificate file that is not there: found when meshgate starts, still the config's fault.
+    let tls = write_config(
+        &dir,
+        "tls.toml",
+        &format!(
+            "{}mqtts = \"{}\"\n[tls]\ncert = \"missing.pem\"\nkey = \"missing.key\"\n{broker}",
+            listen,
+            slot.addr(1, 8883)
+        ),
+    );
+    let bad_log_dir = write_config(&dir, "not-a-dir", "");
+    let access = write_config(
+        &dir,
+        "access.toml",
+        &format!("{listen}[access_log]\npath = \"{bad_log_dir}/access.log\"\n{broker}"),
+    );
+    let cwd = dir.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["run"], "no configuration given"),
+        (&["--log-level", "verbose", "validate", "--config", &tls], "\"verbose\" is not a level"),
+        (&["--log-level", "info[", "validate", "--config", &tls], "--log-level"),
+        (&["run", "--config", &tls], "missing.pem"),
+        (&["run", "--config", &access], "access log"),
+    ];
+    for (args, expect) in cases {
+        let out = Command::new(BIN).args(args).current_dir(cwd).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let line = one_line_error(&stderr);
+        assert!(line.contains(expect), "{args:?}: {line:?} lacks {expect:?}");
+    }
+    // A port another process holds is the machine's state, not the config: 1.
+    let holder = std::net::TcpListener::bind(slot.addr(1, 1883)).unwrap();
+    let ok = write_config(&dir, "ok.toml", &format!("{listen}{broker}"));
+    let (code, _, stderr) = meshgate(&["run", "--config", &ok]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(one_line_error(&stderr).contains("cannot listen for MQTT"), "{stderr}");
+    drop(holder);
+}
+
+/// Relative paths in a config file are relative to the file's directory, wherever meshgate
+/// was started from; `validate --print` shows where they point.
+#[test]
+fn relative_paths_resolve_against_the_config_files_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf_dir = dir.path().join("etc");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let conf = conf_dir.join("meshgate.toml");
+    std::fs::write(
+        &conf,
+        "[sessions]\nstate_file = \"state/sessions.json\"\n[replication]\nstate_file = \"/abs/repl.json\"\n\
+         [access_log]\npath = \"../log/access.log\"\n[[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["validate", "--print", "--config", conf.to_str().unwrap()])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let sessions = conf_dir.join("state/sessions.json");
+    assert!(printed.contains(&format!("state_file = \"{}\"", sessions.display())), "{printed}");
+    assert!(printed.contains("state_file = \"/abs/repl.json\""), "absolute paths stay: {printed}");
+    assert!(printed.contains(&format!("path = \"{}\"", conf_dir.join("../log/access.log").display())), "{printed}");
+}
+
+/// `validate --print` is the whole effective configuration: defaults filled in, secrets
+/// masked, and itself a configuration that prints the same again.
+#[test]
+fn validate_print_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let shipped = format!("{root}/configs/meshgate.toml");
+    let with_secrets = std::fs::read_to_string(&shipped).unwrap().replace(
+        "[health]",
+        "[admin]\ntoken = \"s3cret-token\"\n[health]\nusername = \"probe\"\npassword = \"hunter2\"",
+    );
+    let first = write_config(&dir, "first.toml", &with_secrets);
+    let (code, printed, stderr) = meshgate(&["validate", "--print", "--config", &first]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!printed.contains("s3cret-token") && !printed.contains("hunter2"), "secrets masked: {printed}");
+    for key in ["client_connect_timeout = \"10s\"", "max_connections = 0", "[access_log]", "token = \"(masked)\""] {
+        assert!(printed.contains(key), "defaults filled in: {key} missing from\n{printed}");
+    }
+    let second = write_config(&dir, "second.toml", &printed);
+    let (code, again, stderr) = meshgate(&["validate", "--print", "--config", &second]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(again, printed, "printing the printout gives the same text");
+}

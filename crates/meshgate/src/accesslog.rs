@@ -44,7 +44,7 @@ pub struct Record {
     pub bytes_out: u64,
     pub packets_in: u64,
     pub packets_out: u64,
-    /// Seconds from the CONNECT to the end (`$session_time`).
+    /// Seconds from the CONNACK to the end (`$session_time`).
     pub duration_s: f64,
     /// How it ended: client_closed, broker_closed, client_error, broker_error, malformed, or
     /// the reason meshgate closed it (broker_down, failback, drain, shutdown, ...).
@@ -152,6 +152,12 @@ async fn open(cfg: &AccessLogConfig) -> Result<Out, std::io::Error> {
 }
 
 async fn open_file(path: &PathBuf) -> Result<tokio::fs::File, std::io::Error> {
+    // Its directory is made as for state files, so `run/` need not exist beforehand.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("access log {}: {e}", path.display())))?;
+    }
     tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)

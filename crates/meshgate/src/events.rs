@@ -19,6 +19,14 @@ pub struct Event {
     pub message: String,
 }
 
+/// How loud an event is in the log (the `/events` list shows every one alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Info,
+    Warn,
+    Error,
+}
+
 pub struct EventLog {
     ring: Mutex<Ring>,
     capacity: usize,
@@ -40,9 +48,20 @@ impl EventLog {
         EventLog { ring: Mutex::new(Ring { next_seq: 1, events: VecDeque::with_capacity(capacity) }), capacity, live }
     }
 
-    /// Records and logs an event; returns its sequence number.
+    /// Records an event and logs it at INFO; returns its sequence number.
     pub fn push(&self, kind: &'static str, broker: Option<&str>, message: String) -> u64 {
-        tracing::info!(event = kind, broker = broker.unwrap_or(""), "{message}");
+        self.push_at(Severity::Info, kind, broker, message)
+    }
+
+    /// Records an event and logs it once, at `severity`: what an operator must act on (a
+    /// broker down, a failover, an outage, a refused reload) is a warning or an error.
+    pub fn push_at(&self, severity: Severity, kind: &'static str, broker: Option<&str>, message: String) -> u64 {
+        let b = broker.unwrap_or("");
+        match severity {
+            Severity::Info => tracing::info!(event = kind, broker = b, "{message}"),
+            Severity::Warn => tracing::warn!(event = kind, broker = b, "{message}"),
+            Severity::Error => tracing::error!(event = kind, broker = b, "{message}"),
+        }
         let mut ring = self.ring.lock();
         let event = Event {
             seq: ring.next_seq,

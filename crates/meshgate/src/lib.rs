@@ -69,6 +69,14 @@ pub enum Error {
     Bind { what: &'static str, addr: String, err: std::io::Error, hint: &'static str },
 }
 
+impl Error {
+    /// A mistake in the configuration (a certificate or file it names cannot be used), as
+    /// opposed to the machine's state (a port someone else holds): exit code 2, not 1.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Error::Tls(_) | Error::AccessLog(_))
+    }
+}
+
 fn bind_hint(e: &std::io::Error) -> &'static str {
     match e.kind() {
         std::io::ErrorKind::AddrInUse => " (another process holds this port: stop it, e.g. `ss -ltnp` shows which, or set another address under [listen])",
@@ -340,7 +348,12 @@ impl Meshgate {
     /// Records a reload that was refused because the new file is invalid.
     pub fn reload_failed(&self, why: &str) {
         self.pool.metrics.reloads.with_label_values(&["error"]).inc();
-        self.pool.events.push("reload", None, format!("reload refused, old configuration kept: {why}"));
+        self.pool.events.push_at(
+            events::Severity::Error,
+            "reload",
+            None,
+            format!("reload refused, old configuration kept: {why}"),
+        );
     }
 
     /// Stops accepting, gives sessions `shutdown_grace` to end by themselves, closes the rest.
@@ -350,7 +363,7 @@ impl Meshgate {
         self.tracker.close();
         let open = self.pool.session_count();
         if open > 0 {
-            info!(sessions = open, ?grace, "shutting down: waiting for sessions to end");
+            info!(sessions = open, grace = %humantime::format_duration(grace), "shutting down: waiting for sessions to end");
         }
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             let sessions = self.pool.sessions();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml_edit::{Array, ArrayOfTables, Decor, DocumentMut, Item, Key, Table, Value};
 
-use super::{io, ClusterError};
+use super::ClusterError;
 use meshgate::config::{BrokerConfig, Config, Failback, OnDown};
 
 /// Which kind of hosts the files are for.
@@ -199,6 +199,9 @@ pub fn deploy_config(base: &Config, net: &Network) -> Result<Config, DeployError
     c.sessions.state_file = c.sessions.enabled.then(|| PathBuf::from(SESSIONS_FILE));
     // A token does not belong in a checked-in example; the file says where to add one.
     c.admin = meshgate::config::AdminConfig::default();
+    // Under systemd stdout is the journal: the access log goes there (the default), not to a
+    // path of the machine the config was rendered on.
+    c.access_log = meshgate::Config::defaults().access_log;
     c.brokers = hosts.iter().map(|h| BrokerConfig { address: h.address(), ..h.settings.clone() }).collect();
     Ok(c)
 }
@@ -657,15 +660,10 @@ pub fn render(target: Target, base: &Config, net: &Network) -> Result<Vec<File>,
 }
 
 /// Writes the files into `dir` (created if missing); returns their paths.
+/// Writes every rendered file into `dir`, or none of them (see `cluster::write_together`).
 pub fn write(dir: &Path, files: &[File]) -> Result<Vec<PathBuf>, DeployError> {
-    std::fs::create_dir_all(dir).map_err(io("cannot create directory", dir))?;
-    let mut out = Vec::new();
-    for f in files {
-        let path = dir.join(&f.name);
-        std::fs::write(&path, &f.text).map_err(io("cannot write", &path))?;
-        out.push(path);
-    }
-    Ok(out)
+    let files: Vec<(PathBuf, String)> = files.iter().map(|f| (dir.join(&f.name), f.text.clone())).collect();
+    Ok(super::write_together(&files)?)
 }
 
 #[cfg(test)]

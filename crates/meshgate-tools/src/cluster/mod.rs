@@ -67,14 +67,43 @@ pub fn render_broker(b: &BrokerConfig) -> Result<String, ClusterError> {
 
 /// Writes `<name>.conf` for every broker into `dir`; returns the paths.
 pub fn render_all(config: &Config, dir: &Path) -> Result<Vec<PathBuf>, ClusterError> {
-    std::fs::create_dir_all(dir).map_err(io("cannot create directory", dir))?;
-    let mut out = Vec::new();
-    for b in &config.brokers {
-        let path = dir.join(format!("{}.conf", b.name));
-        std::fs::write(&path, render_broker(b)?).map_err(io("cannot write", &path))?;
-        out.push(path);
+    write_together(&broker_files(config, dir)?)
+}
+
+/// Each broker's rendered Mosquitto config and where it goes in `dir`.
+pub fn broker_files(config: &Config, dir: &Path) -> Result<Vec<(PathBuf, String)>, ClusterError> {
+    config.brokers.iter().map(|b| Ok((dir.join(format!("{}.conf", b.name)), render_broker(b)?))).collect()
+}
+
+/// Writes every file or none: each goes to a temporary file beside its place first, and only
+/// when all of them are written are they renamed into place, so a directory that cannot be
+/// written (a checkout that is not there, a read-only path) leaves no half-rendered set.
+pub fn write_together(files: &[(PathBuf, String)]) -> Result<Vec<PathBuf>, ClusterError> {
+    let tmp = |p: &Path| {
+        let mut name = p.file_name().unwrap_or_default().to_os_string();
+        name.push(".meshgate-tmp");
+        p.with_file_name(name)
+    };
+    let mut written: Vec<PathBuf> = Vec::new();
+    let staged = files.iter().try_for_each(|(path, text)| {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io("cannot create directory", dir))?;
+        }
+        let t = tmp(path);
+        std::fs::write(&t, text).map_err(io("cannot write", path))?;
+        written.push(t);
+        Ok(())
+    });
+    if let Err(e) = staged {
+        for t in &written {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(e);
     }
-    Ok(out)
+    files
+        .iter()
+        .map(|(path, _)| std::fs::rename(tmp(path), path).map_err(io("cannot write", path)).map(|_| path.clone()))
+        .collect()
 }
 
 /// Finds the mosquitto binary: PATH first, then /usr/sbin, where Debian installs it and which

@@ -5,6 +5,8 @@
 //! are known to be usable. Every error is one line naming the key and how to fix it.
 
 pub mod nginx;
+mod print;
+pub use print::MASKED;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -465,10 +467,32 @@ impl Config {
         }
     }
 
-    /// Reads and validates a TOML config file.
+    /// Reads and validates a TOML config file. Relative paths in it (state files, certificates,
+    /// the access log) are relative to the file's directory, as in nginx and Mosquitto, not to
+    /// wherever meshgate was started from.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = read(path)?;
-        Config::from_toml(&text, &path.display().to_string())
+        let mut config = Config::from_toml(&text, &path.display().to_string())?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new("")));
+        Ok(config)
+    }
+
+    /// Makes every relative path in the configuration relative to `dir` instead.
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        if dir.as_os_str().is_empty() {
+            return;
+        }
+        let t = &mut self.tls;
+        let paths = [&mut t.cert, &mut t.key, &mut t.client_ca, &mut t.broker_ca].into_iter().chain([
+            &mut self.replication.state_file,
+            &mut self.sessions.state_file,
+            &mut self.access_log.path,
+        ]);
+        for p in paths.flatten() {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
     }
 
     /// Parses TOML text; `origin` names the source in error messages.
@@ -501,7 +525,12 @@ impl Config {
             Some(p) => (read(p)?, p.display().to_string()),
             None => (String::new(), "(defaults)".to_string()),
         };
-        Config::from_nginx(&nginx_text, &nginx_path.display().to_string(), &base_text, &base_origin)
+        let (mut config, stream) =
+            Config::from_nginx(&nginx_text, &nginx_path.display().to_string(), &base_text, &base_origin)?;
+        if let Some(dir) = base.and_then(Path::parent) {
+            config.resolve_paths(dir);
+        }
+        Ok((config, stream))
     }
 
     /// The settings read only at start that differ in `new`: what a reload to `new` must name

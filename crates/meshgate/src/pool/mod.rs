@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerConfig, Config, Failback, OnDown, ProxyConfig};
-use crate::events::{unix_ms, EventLog};
+use crate::events::{unix_ms, EventLog, Severity};
 use crate::metrics::Metrics;
 use passive::{Passive, PassiveState, Transition};
 pub use session::{Lease, Session, SessionInfo};
@@ -236,7 +236,8 @@ pub struct Pool {
     proxy: ArcSwap<ProxyConfig>,
     sessions: Mutex<Registry>,
     next_session: AtomicU64,
-    current: Mutex<Option<String>>,
+    /// The broker new clients go to, as last logged; `None` before the first choice.
+    current: Mutex<Option<Option<String>>>,
     pub events: EventLog,
     pub metrics: Metrics,
     /// Wakes the rebalancer when tiers or admin states change.
@@ -363,7 +364,8 @@ impl Pool {
         if let Some(Transition::Barred { until }) = t {
             let cfg = broker.config();
             let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
-            self.events.push(
+            self.events.push_at(
+                Severity::Warn,
                 "passive_bar",
                 Some(&broker.name),
                 format!(
@@ -380,11 +382,21 @@ impl Pool {
         if up {
             // Probes proved the broker healthy again: stale passive failures must not keep it out.
             broker.passive.lock().reset();
-            self.events.push("state_change", Some(&broker.name), format!("{} is up ({why})", broker.name));
+            self.events.push_at(
+                Severity::Warn,
+                "state_change",
+                Some(&broker.name),
+                format!("{} is up ({why})", broker.name),
+            );
             // Outdated session copies there are wiped before it takes new sessions.
             self.hooks.broker_changed(&broker.name, false);
         } else {
-            self.events.push("state_change", Some(&broker.name), format!("{} is down: {why}", broker.name));
+            self.events.push_at(
+                Severity::Warn,
+                "state_change",
+                Some(&broker.name),
+                format!("{} is down: {why}", broker.name),
+            );
             self.hooks.broker_changed(&broker.name, true);
             if self.proxy.load().on_down == OnDown::Close {
                 self.close_sessions(&broker.name, "broker_down");
@@ -403,18 +415,34 @@ impl Pool {
         }
         let now_name = self.current_broker().map(|b| b.name.clone());
         let mut current = self.current.lock();
-        if *current != now_name {
-            let from = current.clone().unwrap_or_else(|| "none".into());
-            let to = now_name.clone().unwrap_or_else(|| "none".into());
-            // The very first choice at start is not a failover.
-            if current.is_some() || now_name.is_none() {
-                self.metrics.failovers.inc();
-                drop(current);
-                self.events.push("failover", now_name.as_deref(), format!("new clients now go to {to} (was {from})"));
-                current = self.current.lock();
-            }
-            *current = now_name;
+        // `None` until the first choice at start, which is not a failover; after that every
+        // change is one, to and from "none" (a total outage) included.
+        let Some(was) = current.clone() else {
+            *current = Some(now_name);
+            return;
+        };
+        if was == now_name {
+            return;
         }
+        *current = Some(now_name.clone());
+        drop(current);
+        self.metrics.failovers.inc();
+        let name = |n: &Option<String>| n.clone().unwrap_or_else(|| "none".into());
+        let (from, to) = (name(&was), name(&now_name));
+        match &now_name {
+            None => self.events.push_at(
+                Severity::Error,
+                "failover",
+                None,
+                format!("no broker is available: new clients are refused (was {from})"),
+            ),
+            Some(_) => self.events.push_at(
+                Severity::Warn,
+                "failover",
+                now_name.as_deref(),
+                format!("new clients now go to {to} (was {from})"),
+            ),
+        };
     }
 
     fn after_change(&self) {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::pool::Pool;
 
@@ -154,20 +154,29 @@ pub async fn accept_loop(
 /// `failback_rate` sessions per second, oldest first, so clients come back gradually instead
 /// of all at once.
 pub async fn rebalance_loop(pool: Arc<Pool>, stop: CancellationToken) {
+    // Moves since the last summary, by (broker, why): a failback of thousands of sessions is
+    // a few lines in the log, not one per session.
+    let mut moved: std::collections::BTreeMap<(String, &'static str), u64> = Default::default();
     loop {
         let next = pool.next_to_move();
         let idle = next.is_none();
         let wait = match next {
             Some((session, why)) => {
-                info!(session = session.id, client_id = %session.info.client_id, broker = %session.broker.name, why, "moving session");
+                debug!(session = session.id, client_id = %session.info.client_id, broker = %session.broker.name, why, "moving session");
                 session.close(why);
                 pool.metrics.sessions_closed.with_label_values(&[why]).inc();
+                *moved.entry((session.broker.name.clone(), why)).or_default() += 1;
                 Duration::from_secs_f64(1.0 / pool.proxy_config().failback_rate)
             }
             // Nothing to do: sleep until something changes, re-checking now and then because
             // passive bars expire without an event.
             None => Duration::from_millis(500),
         };
+        if idle {
+            for ((broker, why), n) in std::mem::take(&mut moved) {
+                info!(broker = %broker, why, sessions = n, "moved {n} session(s) off {broker} ({why})");
+            }
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}

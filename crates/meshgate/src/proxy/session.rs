@@ -385,6 +385,9 @@ async fn read_connect(client: &mut Conn, limit: Duration, max: u32) -> Result<(V
 async fn establish(proxy: &Arc<Proxy>, packet: &[u8], connect: &Connect) -> Option<(Conn, Lease, Connack, Vec<u8>)> {
     let cfg = proxy.pool.proxy_config();
     let mut tried: Vec<Arc<Broker>> = Vec::new();
+    // Each failed attempt is the broker's story (passive accounting, the broker's own
+    // warnings when its probes fail); for the client it matters only if no attempt served it.
+    let mut failed: Vec<String> = Vec::new();
     for attempt in 0..cfg.connect_tries {
         let lease = proxy.pool.pick(&tried)?;
         let broker = lease.broker().clone();
@@ -395,12 +398,13 @@ async fn establish(proxy: &Arc<Proxy>, packet: &[u8], connect: &Connect) -> Opti
             Ok((stream, ack, bytes)) => {
                 proxy.pool.record_success(&broker);
                 if attempt > 0 {
-                    info!(broker = %broker.name, attempt = attempt + 1, "CONNECT served after retry");
+                    info!(broker = %broker.name, attempt = attempt + 1, "CONNECT served after retry ({})", failed.join("; "));
                 }
                 return Some((stream, lease, ack, bytes));
             }
             Err(e) => {
-                warn!(broker = %broker.name, reason = e.reason(), "broker attempt failed: {e}");
+                debug!(broker = %broker.name, reason = e.reason(), "broker attempt failed: {e}");
+                failed.push(format!("{}: {e}", broker.name));
                 proxy.pool.record_failure(&broker, e.reason());
                 tried.push(broker);
             }

@@ -234,7 +234,7 @@ impl Replication {
             tracker.spawn(repl.clone().lag_probe(i, stop.clone()));
         }
         tracker.spawn(repl.clone().saver(stop.clone()));
-        info!(brokers = repl.links.len(), include = ?repl.cfg.include, "replication started");
+        info!(brokers = repl.links.len(), include = %repl.cfg.include.join(" "), "replication started");
         repl
     }
 
@@ -303,7 +303,8 @@ impl Replication {
                     if link.connected.swap(false, Ordering::Relaxed) {
                         self.metrics.link_up.with_label_values(&[&link.name]).set(0);
                         link.since_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
-                        self.pool.events.push(
+                        self.pool.events.push_at(
+                            crate::events::Severity::Warn,
                             "replication",
                             Some(&link.name),
                             format!("replication link to {} lost: {e}", link.name),
