@@ -16,11 +16,12 @@ use meshgate_tools::local::{FrontEnd, Local};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format (stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, help_heading = "Global options")]
     pub log_format: LogFormat,
-    /// Log filter, e.g. "info", "meshgate=debug" (RUST_LOG works too).
-    #[arg(long, global = true, default_value = "info")]
+    /// Log level (trace, debug, info, warn, error) or filter, e.g. "meshgate=debug,info";
+    /// RUST_LOG, when set, wins.
+    #[arg(long, global = true, default_value = "info", help_heading = "Global options")]
     pub log_level: String,
 }
 
@@ -133,8 +134,10 @@ pub struct SuiteArgs {
     /// The config's addresses must be free (stop `meshgate up` first).
     #[arg(long)]
     pub compare: bool,
+    /// meshgate TOML config of the system under test.
     #[arg(long, short, default_value = "configs/meshgate.toml")]
     pub config: PathBuf,
+    /// Where the results and the HTML report go (and, with --compare, the brokers' files).
     #[arg(long, default_value = "run")]
     pub run_dir: PathBuf,
     /// Length of the clients scenario and of each failover fault (default 6s), or of the
@@ -150,6 +153,7 @@ pub struct SuiteArgs {
     /// chaos: publishers (QoS 1, sequence numbers) and subscribers.
     #[arg(long, default_value_t = 4)]
     pub publishers: usize,
+    /// chaos: subscribers, each counting every publisher's messages.
     #[arg(long, default_value_t = 2)]
     pub subscribers: usize,
     /// chaos: messages per second per publisher.
@@ -181,8 +185,10 @@ fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
 
 #[derive(clap::Args, Debug)]
 pub struct ClusterArgs {
+    /// meshgate TOML config naming the brokers.
     #[arg(long, short, default_value = "configs/meshgate.toml")]
     pub config: PathBuf,
+    /// Where broker data, logs and pid files go.
     #[arg(long, default_value = "run")]
     pub run_dir: PathBuf,
 }
@@ -198,6 +204,7 @@ pub enum ClusterAction {
     /// Write the Mosquitto configs (and the equivalent nginx stream config) for the config's brokers;
     /// with --target multipass|systemd, the deployment files for real hosts (docs/deploy.md).
     Render {
+        /// meshgate TOML config naming the brokers.
         #[arg(long, short, default_value = "configs/meshgate.toml")]
         config: PathBuf,
         /// local: the loopback network `meshgate up` runs; multipass: one cloud-init file per broker
@@ -714,4 +721,42 @@ fn check(config: Config, args: CheckArgs) -> anyhow::Result<()> {
         mg.shutdown().await;
         waited
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every option of every subcommand says what it is in `--help` (its unit and default where
+    /// it has them: clap prints the default itself).
+    #[test]
+    fn every_option_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                    missing.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "meshgate", &mut missing);
+        assert!(missing.is_empty(), "options without a description:\n{}", missing.join("\n"));
+    }
+
+    /// The options every subcommand takes are listed apart from its own.
+    #[test]
+    fn global_options_have_their_own_heading() {
+        let cmd = Cli::command();
+        for arg in cmd.get_arguments().filter(|a| a.is_global_set()) {
+            assert_eq!(arg.get_help_heading(), Some("Global options"), "--{}", arg.get_id());
+        }
+    }
 }

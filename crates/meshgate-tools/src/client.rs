@@ -24,11 +24,13 @@ pub enum Mode {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientArgs {
+    /// What the client does once connected.
     #[arg(value_enum, default_value_t = Mode::Basic)]
     pub mode: Mode,
     /// Front end host (meshgate or nginx).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Front end MQTT port.
     #[arg(long, default_value_t = 1883)]
     pub port: u16,
     /// Client id; also names its topics.
@@ -40,13 +42,16 @@ pub struct ClientArgs {
     /// Readings per second (sensor).
     #[arg(long, default_value_t = 1.0)]
     pub rate: f64,
+    /// MQTT username (none by default).
     #[arg(long)]
     pub username: Option<String>,
+    /// MQTT password (with --username).
     #[arg(long)]
     pub password: Option<String>,
     /// Keep the session on the broker across reconnects (clean session = 0).
     #[arg(long)]
     pub persistent: bool,
+    /// MQTT keepalive, seconds.
     #[arg(long, default_value_t = 10)]
     pub keepalive: u64,
     /// Stop after this long (e.g. "30s"); runs until Ctrl-C by default.

@@ -69,8 +69,10 @@ pub struct Common {
 pub struct PubSubArgs {
     #[command(flatten)]
     pub common: Common,
+    /// Publishing connections.
     #[arg(long, short = 'p', default_value_t = 1)]
     pub publishers: usize,
+    /// Subscribing connections (each receives every message).
     #[arg(long, short = 's', default_value_t = 1)]
     pub subscribers: usize,
     /// 0 or 1.
@@ -85,6 +87,7 @@ pub struct PubSubArgs {
     /// Measurement time (after the warm-up).
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub duration: Duration,
+    /// Load before the measurement starts, not counted.
     #[arg(long, default_value = "500ms", value_parser = duration)]
     pub warmup: Duration,
     /// Messages per publisher written but not yet delivered, at most.
@@ -93,6 +96,7 @@ pub struct PubSubArgs {
     /// QoS 1 messages per publisher awaiting PUBACK, at most (mosquitto_pub's default is 20).
     #[arg(long, default_value_t = 100)]
     pub inflight: u64,
+    /// Topics are <prefix>/<publisher>.
     #[arg(long, default_value = "meshgate-bench")]
     pub topic_prefix: String,
     /// Broker process whose CPU time per message to report (e.g. `pidof mosquitto`); repeatable.
@@ -107,6 +111,7 @@ pub struct ConnectArgs {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Measurement time.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub duration: Duration,
 }
@@ -130,6 +135,7 @@ pub struct IdleArgs {
 pub struct FailoverArgs {
     #[command(flatten)]
     pub common: Common,
+    /// Clients connected before the primary hangs.
     #[arg(long, default_value_t = 1000)]
     pub clients: usize,
     /// The primary broker's pid: stopped with SIGSTOP (kernel still accepts TCP, nothing answers),
@@ -145,8 +151,10 @@ pub struct FailoverArgs {
     /// A reconnect attempt is abandoned (and retried) without a CONNACK within this.
     #[arg(long, default_value = "1s", value_parser = duration)]
     pub connack_timeout: Duration,
+    /// Give up on clients not served again within this after the hang.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub deadline: Duration,
+    /// Handshakes in flight at once (connecting and reconnecting).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
 }
