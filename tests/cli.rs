@@ -318,3 +318,61 @@ fn validate_print_round_trips() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(again, printed, "printing the printout gives the same text");
 }
+
+/// With `--log-level warn` an operator sees what needs acting on and nothing else: a broker
+/// down, the failover, a total outage as an error, a refused reload as one error, each once;
+/// clients that a retry served, or that meshgate moved, do not fill the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warnings_are_the_events_an_operator_must_act_on() {
+    let mut net = Net::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[proxy]\nshutdown_grace = \"300ms\"\n[health]\ninterval = \"100ms\"\n";
+    let path = write_config(&dir, "m.toml", &net.config_text(extra));
+    let d = Daemon::start(&["run", "--config", &path, "--log-format", "json", "--log-level", "warn"]);
+    // Nothing at warn on a healthy start (no line to wait for: wait until it listens), and a
+    // client connects and works.
+    let addr = net.mqtt_addr();
+    let mut listening = false;
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(listening, "meshgate listens within 5 s");
+    let (_s, ack) = raw::connect(net.mqtt_addr(), 4, "quiet", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ack.code, 0);
+    common::blocking(|| net.broker("broker1").kill());
+    let seen = d.wait_log("new clients now go to broker2 (was broker1)", Duration::from_secs(5));
+    // Clients reconnecting through the failover are served by broker2 without a warning.
+    for i in 0..5 {
+        let (_c, ack) = raw::connect(net.mqtt_addr(), 4, &format!("after-{i}"), Duration::from_secs(5)).await.unwrap();
+        assert_eq!(ack.code, 0);
+    }
+    common::blocking(|| net.broker("broker2").kill());
+    let mut seen = [seen, d.wait_log("no broker is available", Duration::from_secs(5))].concat();
+    std::fs::write(&path, "[[broker]]\nname = \"x\"\n").unwrap();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    seen.extend(d.wait_log("reload refused", Duration::from_secs(5)));
+    let parsed: Vec<serde_json::Value> =
+        seen.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let with = |needle: &str| -> Vec<&serde_json::Value> {
+        parsed.iter().filter(|v| v["message"].as_str().unwrap_or("").contains(needle)).collect()
+    };
+    let level = |v: &serde_json::Value| v["level"].as_str().unwrap_or("").to_string();
+    let down = with("broker1 is down");
+    assert_eq!(down.len(), 1, "broker1 down logged once: {seen:#?}");
+    assert_eq!(level(down[0]), "WARN");
+    assert_eq!(level(with("new clients now go to broker2")[0]), "WARN");
+    let outage = with("no broker is available");
+    assert_eq!((outage.len(), level(outage[0])), (1, "ERROR".to_string()), "{seen:#?}");
+    let refused = with("reload refused");
+    assert_eq!((refused.len(), level(refused[0])), (1, "ERROR".to_string()), "one line for a refused reload");
+    for v in &parsed {
+        let text = v.to_string();
+        assert!(matches!(level(v).as_str(), "WARN" | "ERROR"), "{text}");
+        assert!(!text.contains("Some(") && !text.contains("None"), "Rust debug text in the log: {text}");
+        assert!(!text.contains("after-"), "no line per client: {text}");
+    }
+}

@@ -137,7 +137,25 @@ impl RefusalLog {
         let entry = last.entry(reason).or_insert((now - Duration::from_secs(3600), 0));
         entry.1 += 1;
         if now.saturating_duration_since(entry.0) >= Duration::from_secs(60) {
-            tracing::warn!(reason, count = entry.1, "refused {} client connection(s) ({reason}): {detail}", entry.1);
+            // Limits reached and no broker to serve are the operator's to act on; a client that
+            // hangs up early, talks nonsense or fails its TLS handshake (port scanners, an L4
+            // balancer's TCP checks) is the client's business.
+            match reason {
+                "max_connections" | "per_source_connections" | "connect_rate" | "no_broker" => {
+                    tracing::warn!(
+                        reason,
+                        count = entry.1,
+                        "refused {} client connection(s) ({reason}): {detail}",
+                        entry.1
+                    )
+                }
+                _ => tracing::info!(
+                    reason,
+                    count = entry.1,
+                    "refused {} client connection(s) ({reason}): {detail}",
+                    entry.1
+                ),
+            }
             *entry = (now, 0);
         }
     }
