@@ -223,15 +223,7 @@ async fn subscriber(
 
 /// Counts this run's sessions per broker from meshgate's `/clients`.
 async fn sample_per_broker(http: &str, tag: &str) -> Option<HashMap<String, usize>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s =
-        tokio::time::timeout(Duration::from_millis(300), tokio::net::TcpStream::connect(http)).await.ok()?.ok()?;
-    s.write_all(format!("GET /clients HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
-    let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_millis(500), s.read_to_end(&mut body)).await.ok()?.ok()?;
-    let text = String::from_utf8_lossy(&body);
-    let json = text.split_once("\r\n\r\n")?.1;
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let v = super::get_json(http, "/clients").await?;
     let mut counts = HashMap::new();
     for c in v.as_array()? {
         if c["client_id"].as_str().is_some_and(|id| id.contains(tag)) {

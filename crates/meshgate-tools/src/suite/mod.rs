@@ -107,11 +107,71 @@ pub async fn run_chaos(target: &Target, opts: &ChaosOptions) -> Run {
     run
 }
 
+/// The longest a scenario waits for the system to settle before it starts.
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
+
+/// One GET to meshgate's HTTP API, the body as JSON.
+pub(crate) async fn get_json(http: &str, path: &str) -> Option<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = Duration::from_millis(500);
+    let mut s = tokio::time::timeout(limit, tokio::net::TcpStream::connect(http)).await.ok()?.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").as_bytes()).await.ok()?;
+    let mut body = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut body)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&body);
+    serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// Why the system is not settled now, or `None` when it is: every broker answers MQTT and,
+/// where meshgate's API is there, every broker is available and no session is still to be
+/// moved (a failback or drain left over from the scenario before).
+async fn unsettled(t: &Target) -> Option<String> {
+    for (name, addr) in &t.brokers {
+        if !meshgate::health::probe::answers_mqtt(addr, Duration::from_millis(500)).await {
+            return Some(format!("{name} does not answer MQTT"));
+        }
+    }
+    let http = t.http.as_deref()?;
+    let Some(h) = get_json(http, "/health").await else { return Some(format!("no answer from {http}/health")) };
+    let (total, available) = (h["brokers_total"].as_u64(), h["brokers_available"].as_u64());
+    if total != available {
+        return Some(format!("{} of {} brokers available", available.unwrap_or(0), total.unwrap_or(0)));
+    }
+    match h["moves_pending"].as_u64() {
+        Some(0) => None,
+        Some(n) => Some(format!("{n} session(s) still to be moved (failback or drain in progress)")),
+        None => Some("no moves_pending in /health".into()),
+    }
+}
+
+/// Waits, with a deadline, until the system is settled; says what was still wrong if not.
+pub async fn settle(t: &Target, limit: Duration) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    loop {
+        match unsettled(t).await {
+            None => return Ok(started.elapsed()),
+            Some(why) if started.elapsed() >= limit => return Err(format!("not settled after {limit:?}: {why}")),
+            Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 pub async fn run(target: &Target, scenarios: &[Scenario], opts: &Options) -> Run {
     let mut run = new_run(target);
     for &s in scenarios {
         if opts.progress {
             eprintln!("[{}] {} ...", target.front_end, s.name());
+        }
+        // Each scenario starts from a settled system, not from the tail of the one before.
+        if let Err(why) = settle(target, SETTLE_LIMIT).await {
+            if opts.progress {
+                eprintln!("[{}] {} FAIL: {why}", target.front_end, s.name());
+            }
+            let mut r = ScenarioResult::new(s.name());
+            r.passed = false;
+            r.summary = why;
+            run.results.push(r);
+            continue;
         }
         let started = std::time::Instant::now();
         let mut r = match s {

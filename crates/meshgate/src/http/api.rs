@@ -49,6 +49,7 @@ pub(super) fn health_view(s: &AppState) -> HealthView {
         brokers_total: brokers.len(),
         brokers_available: available,
         sessions: s.pool.session_count(),
+        moves_pending: s.pool.moves_pending(),
         version: crate::VERSION,
         uptime_secs: s.pool.uptime_secs(),
     }

@@ -167,6 +167,8 @@ pub struct HealthView {
     pub brokers_total: usize,
     pub brokers_available: usize,
     pub sessions: usize,
+    /// Sessions the rebalancer will still move (failback, drain, removed brokers).
+    pub moves_pending: usize,
     pub version: &'static str,
     pub uptime_secs: u64,
 }

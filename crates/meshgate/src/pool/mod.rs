@@ -555,25 +555,20 @@ impl Pool {
         let best = self.best_tier(now)?;
         let failback = self.proxy.load().failback == Failback::Drain;
         let sessions = self.sessions.lock();
-        sessions
+        let next = sessions
             .by_id
             .values()
-            .filter(|s| !s.is_closing())
-            .filter_map(|s| {
-                let b = &s.broker;
-                let why = if b.is_removed() {
-                    "broker_removed"
-                } else if b.admin() == AdminState::Draining {
-                    "drain"
-                } else if failback && b.priority() > best {
-                    "failback"
-                } else {
-                    return None;
-                };
-                Some((s, why))
-            })
+            .filter_map(|s| Some((s, move_reason(s, best, failback)?)))
             .min_by_key(|(s, _)| s.id)
-            .map(|(s, why)| (s.clone(), why))
+            .map(|(s, why)| (s.clone(), why));
+        next
+    }
+
+    /// How many sessions the rebalancer will still move: 0 when the system is settled.
+    pub fn moves_pending(&self) -> usize {
+        let Some(best) = self.best_tier(Instant::now()) else { return 0 };
+        let failback = self.proxy.load().failback == Failback::Drain;
+        self.sessions.lock().by_id.values().filter(|s| move_reason(s, best, failback).is_some()).count()
     }
 
     // ---- reload ---------------------------------------------------------
@@ -627,6 +622,24 @@ impl Pool {
 
     pub fn now_ms() -> u64 {
         unix_ms(SystemTime::now())
+    }
+}
+
+/// Why the rebalancer moves `s`, if it does: its broker was removed or is draining, or (with
+/// failback) it sits below the best available tier `best`.
+fn move_reason(s: &Session, best: u32, failback: bool) -> Option<&'static str> {
+    if s.is_closing() {
+        return None;
+    }
+    let b = &s.broker;
+    if b.is_removed() {
+        Some("broker_removed")
+    } else if b.admin() == AdminState::Draining {
+        Some("drain")
+    } else if failback && b.priority() > best {
+        Some("failback")
+    } else {
+        None
     }
 }
 
