@@ -5,6 +5,7 @@
 //! a broker that is dead at start is out after one probe. A flip is logged and becomes an event
 //! once; steady results only update the snapshot the API reads.
 
+pub mod observer;
 pub mod probe;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::config::HealthConfig;
 use crate::events::unix_ms;
 use crate::pool::{Broker, Health, Pool, ProbeRecord, HISTORY_LEN};
 use crate::upstream::Upstream;
+use observer::Observer;
 pub use probe::{Probe, ProbeError};
 
 /// Starts one checker per broker of the pool's current set; they stop when `stop` is cancelled.
@@ -36,12 +38,6 @@ pub fn spawn_checkers(
     }
 }
 
-/// Consecutive results, which decide when to flip.
-struct Streak {
-    ok: u32,
-    fail: u32,
-}
-
 async fn check_loop(
     pool: Arc<Pool>,
     upstream: Arc<Upstream>,
@@ -53,7 +49,8 @@ async fn check_loop(
     let mut ticker = tokio::time::interval(cfg.interval);
     // A probe that takes the whole timeout must not cause a burst of catch-up probes.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut streak = Streak { ok: 0, fail: 0 };
+    // Rise/fall is decided by a pure observer; this loop does the probing, logging and events.
+    let mut observer = Observer::new(cfg.rise, cfg.fall, broker.health().up);
     let kind = probe.kind().as_str();
     let histogram = pool.metrics.probe_duration.with_label_values(&[&broker.name, kind]);
     loop {
@@ -72,13 +69,6 @@ async fn check_loop(
         }
         histogram.observe(latency.as_secs_f64());
         let ok = result.is_ok();
-        if ok {
-            streak.ok += 1;
-            streak.fail = 0;
-        } else {
-            streak.fail += 1;
-            streak.ok = 0;
-        }
         let record = ProbeRecord {
             kind,
             ok,
@@ -87,28 +77,23 @@ async fn check_loop(
             error: result.as_ref().err().map(|e| e.to_string()),
         };
         let old = broker.health();
-        let flip_to = match old.up {
-            None => Some(ok),
-            Some(true) if streak.fail >= cfg.fall => Some(false),
-            Some(false) if streak.ok >= cfg.rise => Some(true),
-            _ => None,
-        };
+        let flip_to = observer.observe(ok);
         let mut history = old.history.clone();
         if history.len() == HISTORY_LEN {
             history.pop_front();
         }
         history.push_back(ok.then_some(record.latency_ms));
-        let up = flip_to.or(old.up);
+        let up = observer.up;
         let since = if flip_to.is_some() && flip_to != old.up { SystemTime::now() } else { old.since };
         broker.set_health(Health { up, since, last: Some(record.clone()), history });
         match flip_to {
             Some(new) if old.up != Some(new) => {
                 let why = if new {
-                    format!("{} {kind} probe(s) in a row succeeded, {:.1} ms", streak.ok, record.latency_ms)
+                    format!("{} {kind} probe(s) in a row succeeded, {:.1} ms", observer.ok, record.latency_ms)
                 } else {
                     format!(
                         "{} {kind} probe(s) in a row failed, last: {}",
-                        streak.fail,
+                        observer.fail,
                         record.error.as_deref().unwrap_or("?")
                     )
                 };

@@ -21,7 +21,8 @@ use crate::mqtt::{FrameError, FrameScanner};
 
 /// Read size. Larger than nginx's 16 KiB `proxy_buffer_size`: under load one read then
 /// carries hundreds of small MQTT packets, so there are fewer system calls per message.
-const CHUNK: usize = 64 * 1024;
+/// `pub(crate)` for the tests in `proxy::tests`, which check buffering stays within one read.
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 thread_local! {
     /// The read buffer of every session this worker thread drives. It is borrowed only inside

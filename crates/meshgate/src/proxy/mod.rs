@@ -184,3 +184,6 @@ pub async fn rebalance_loop(pool: Arc<Pool>, stop: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
