@@ -664,3 +664,6 @@ fn least_loaded<'a>(brokers: impl Iterator<Item = &'a Arc<Broker>>) -> Option<Ar
     }
     best.cloned()
 }
+
+#[cfg(test)]
+mod tests;
