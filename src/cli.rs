@@ -408,7 +408,7 @@ fn print_summary(c: &Config) {
     }
     for b in &c.brokers {
         println!(
-            "broker {:<10} {:<22} priority {} weight {} max_fails {} fail_timeout {:?} max_conns {}{}",
+            "broker {:<10} {:<22} priority {} weight {} max_fails {} fail_timeout {:?} max_conns {}{}{}",
             b.name,
             b.address,
             b.priority,
@@ -416,7 +416,8 @@ fn print_summary(c: &Config) {
             b.max_fails,
             b.fail_timeout,
             b.max_conns,
-            if b.enabled { "" } else { " (down)" }
+            if b.enabled { "" } else { " (down)" },
+            b.source.as_ref().map(|s| format!("  ({s})")).unwrap_or_default()
         );
     }
 }
@@ -490,10 +491,11 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             let mut c = Config::from_toml(BUILT_IN_LOCAL, "built-in local network")?;
             // Its paths ("../run/...", relative to configs/) mean run/ here, where no configs/
             // directory may exist to step out of.
-            for p in [&mut c.sessions.state_file, &mut c.replication.state_file, &mut c.access_log.path] {
-                if let Some(path) = p {
-                    *path = path.strip_prefix("..").map(Path::to_path_buf).unwrap_or_else(|_| path.clone());
-                }
+            for path in [&mut c.sessions.state_file, &mut c.replication.state_file, &mut c.access_log.path]
+                .into_iter()
+                .flatten()
+            {
+                *path = path.strip_prefix("..").map(Path::to_path_buf).unwrap_or_else(|_| path.clone());
             }
             c
         }

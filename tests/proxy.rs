@@ -184,7 +184,8 @@ async fn two_tiers_down_clients_go_to_broker3_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failback_goes_to_the_primary_and_drains_at_the_configured_rate() {
     let mut net = Net::start(2);
-    let mg = net.meshgate("[proxy]\nfailback_rate = 5\n").await;
+    // The close path of a failback (tests/switch.rs has the switch, the default).
+    let mg = net.meshgate("[proxy]\nfailback_rate = 5\nmove = \"close\"\n").await;
     let pool = mg.pool().clone();
     blocking(|| net.broker("broker1").kill());
     let b1 = pool.broker("broker1").unwrap();
@@ -304,11 +305,11 @@ async fn every_try_failing_gives_one_server_unavailable_connack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_that_disables_a_broker_closes_its_sessions_like_the_admin_api() {
     let net = Net::start(2);
-    let mg = net.meshgate("").await;
+    let mg = net.meshgate("[proxy]\nmove = \"close\"\n").await;
     let pool = mg.pool().clone();
     let (mut before, _, on) = connect_and_locate(&net, &pool, "reload-before").await;
     assert_eq!(on, "broker1");
-    let mut config = net.config("");
+    let mut config = net.config("[proxy]\nmove = \"close\"\n");
     config.brokers[0].enabled = false;
     let reloaded = Instant::now();
     mg.reload(config).expect("reload accepted");

@@ -447,7 +447,7 @@ async fn one_client_id_across_the_pool_closes_the_older_session() {
     // A slow drain (it closes the oldest session at once, the next one 100 s later), and an
     // older session ahead of the twin, so it is the duplicate id, not the drain, that closes
     // the twin's first session.
-    let mg = net.meshgate("[proxy]\nfailback_rate = 0.01\n").await;
+    let mg = net.meshgate("[proxy]\nfailback_rate = 0.01\nmove = \"close\"\n").await;
     let pool = mg.pool().clone();
     let addr = mg.mqtt_addr();
     let (_filler, _) = raw::connect(addr, 4, "filler", 2 * SECOND).await.unwrap();
@@ -653,7 +653,8 @@ async fn a_standby_copy_is_remade_when_subscriptions_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_returning_broker_loses_its_outdated_copy_before_clients_fail_back() {
     let mut net = Net::start(2);
-    let mg = net.meshgate("").await;
+    // Clients fail back by reconnecting here (the close path of a move).
+    let mg = net.meshgate("[proxy]\nmove = \"close\"\n").await;
     let pool = mg.pool().clone();
     let addr = mg.mqtt_addr();
     let (mut s, _) = raw::connect_with(addr, 4, "returner", false, None, None, 2 * SECOND).await.unwrap();

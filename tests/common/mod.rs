@@ -44,6 +44,7 @@ impl Net {
     /// `extra` appended (more tables, e.g. `[proxy]`).
     pub fn config_text(&self, extra: &str) -> String {
         let mut t = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n{extra}\n", self.mqtt_addr(), self.http_addr());
+        t.push_str(quiet_access_log(extra));
         for b in &self.brokers {
             t.push_str(&format!("[[broker]]\nname = \"{}\"\naddress = \"{}\"\n", b.name, b.addr));
         }
@@ -69,10 +70,21 @@ impl Net {
     }
 }
 
+/// Tests that do not look at the access log turn it off: on stdout, thousands of session lines
+/// would bury the test output.
+fn quiet_access_log(extra: &str) -> &'static str {
+    if extra.contains("[access_log]") {
+        ""
+    } else {
+        "[access_log]\nenabled = false\n"
+    }
+}
+
 /// meshgate TOML for `brokers` brokers (not started here) at the slot's .10, .11, ..., its
 /// listeners on .1: `extra` tables first, `broker_extra` lines in every `[[broker]]`.
 pub fn slot_config_text(slot: &Slot, brokers: usize, extra: &str, broker_extra: &str) -> String {
     let mut text = format!("[listen]\nmqtt = \"{}\"\nhttp = \"{}\"\n{extra}\n", slot.addr(1, 1883), slot.addr(1, 8080));
+    text.push_str(quiet_access_log(extra));
     for i in 0..brokers {
         text.push_str(&format!(
             "[[broker]]\nname = \"broker{}\"\naddress = \"{}\"\n{broker_extra}\n",

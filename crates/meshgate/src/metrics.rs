@@ -25,6 +25,8 @@ pub struct Metrics {
     pub durable_sessions: IntGauge,
     pub durable_ops: IntCounterVec,
     pub standby_trimmed: IntCounter,
+    pub switches: IntCounterVec,
+    pub switch_duration: Histogram,
 }
 
 const PROBE_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -120,6 +122,22 @@ impl Metrics {
                 IntCounter::new(
                     "meshgate_standby_messages_trimmed_total",
                     "Messages a standby copy had queued and meshgate acknowledged while the client was connected elsewhere",
+                )
+                .unwrap(),
+            ),
+            switches: counter(
+                "meshgate_session_switches_total",
+                "Sessions moved to another broker under the client's open connection, by why they moved (failback, drain, broker_disabled, broker_removed) and result (ok, or why the session was closed instead)",
+                &["reason", "result"],
+            ),
+            switch_duration: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "meshgate_session_switch_duration_seconds",
+                        "From a move's start to forwarding on the new broker",
+                    )
+                    .buckets(CONNACK_BUCKETS.to_vec()),
                 )
                 .unwrap(),
             ),

@@ -19,6 +19,7 @@ max_connections_per_source = 0
 connect_rate_per_source = 0.0
 connect_burst_per_source = 1.0
 workers = 0
+move = "switch"
 [health]
 mqtt_version = 4
 username = "probe"
@@ -90,6 +91,8 @@ fn changed(key: &str, v: &Value) -> Value {
             ("on_down", _) => "close".into(),
             ("failback", "drain") => "none".into(),
             ("failback", _) => "drain".into(),
+            ("move", "switch") => "close".into(),
+            ("move", _) => "switch".into(),
             ("format", "text") => "json".into(),
             ("format", _) => "text".into(),
             ("mqtt" | "http" | "mqtts", _) => "127.0.0.1:1".into(),

@@ -127,6 +127,9 @@ pub struct BrokerConfig {
     pub tls: bool,
     /// Name to verify the broker's certificate against; default: the host part of `address`.
     pub tls_name: Option<String>,
+    /// Where the broker was defined when that is not a [[broker]] table: "FILE line N" of the
+    /// nginx `server` line it was imported from, for `validate` to show.
+    pub source: Option<String>,
 }
 
 impl BrokerConfig {
@@ -144,6 +147,7 @@ impl BrokerConfig {
             enabled: true,
             tls: false,
             tls_name: None,
+            source: None,
         }
     }
 }
@@ -184,6 +188,16 @@ pub enum OnDown {
     Keep,
 }
 
+/// What meshgate does with a session it moves (failback, drain, disable, a removed broker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// Open the session on the new broker and switch the client's stream over at a packet
+    /// boundary; the client's connection stays open (see `proxy::switch`).
+    Switch,
+    /// Close the client's connection; it reconnects to the new broker.
+    Close,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failback {
     Drain,
@@ -202,6 +216,8 @@ pub struct ProxyConfig {
     pub connect_tries: u32,
     pub on_down: OnDown,
     pub failback: Failback,
+    /// How sessions move: switched under the client's connection, or closed.
+    pub moves: Move,
     /// Sessions per second moved off a lower tier (failback) or a drained broker.
     pub failback_rate: f64,
     /// Time sessions get to end by themselves after SIGTERM before they are closed.
@@ -382,6 +398,8 @@ struct FileProxy {
     connect_tries: Option<u32>,
     on_down: Option<String>,
     failback: Option<String>,
+    #[serde(rename = "move")]
+    moves: Option<String>,
     failback_rate: Option<f64>,
     shutdown_grace: Option<String>,
     max_packet_size: Option<u32>,
@@ -419,6 +437,7 @@ impl Config {
                 connect_tries: 3,
                 on_down: OnDown::Close,
                 failback: Failback::Drain,
+                moves: Move::Switch,
                 failback_rate: 10.0,
                 shutdown_grace: Duration::from_secs(5),
                 max_packet_size: 1 << 20,
@@ -515,7 +534,15 @@ impl Config {
             nginx::parse(nginx_text).map_err(|err| ConfigError::Nginx { path: nginx_origin.to_string(), err })?;
         let file: FileConfig = toml::from_str(base_text)
             .map_err(|e| ConfigError::Parse { path: base_origin.to_string(), message: toml_message(&e, base_text) })?;
-        let config = validate(file, base_origin, Some((&stream, nginx_origin)))?;
+        let mut config = validate(file, base_origin, Some((&stream, nginx_origin)))?;
+        // Only here are the nginx file's name and its notes both at hand.
+        for b in &mut config.brokers {
+            if let Some(line) = &mut b.source {
+                *line = format!("{nginx_origin} {line}");
+            }
+        }
+        let notes = stream.warnings.iter().map(|w| format!("{nginx_origin}: {w}"));
+        config.warnings.splice(0..0, notes);
         Ok((config, stream))
     }
 
@@ -725,6 +752,12 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         Some("none") => Failback::None,
         Some(o) => return Err(c.err("proxy.failback", format!("{o:?} is not \"drain\" or \"none\""))),
     };
+    let moves = match p.moves.as_deref() {
+        None => d.proxy.moves,
+        Some("switch") => Move::Switch,
+        Some("close") => Move::Close,
+        Some(o) => return Err(c.err("proxy.move", format!("{o:?} is not \"switch\" or \"close\""))),
+    };
     let proxy = ProxyConfig {
         client_connect_timeout: c.positive_duration(
             "proxy.client_connect_timeout",
@@ -744,6 +777,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         connect_tries: p.connect_tries.unwrap_or(d.proxy.connect_tries),
         on_down,
         failback,
+        moves,
         failback_rate: p.failback_rate.unwrap_or(d.proxy.failback_rate),
         shutdown_grace: c.duration("proxy.shutdown_grace", p.shutdown_grace.as_ref(), d.proxy.shutdown_grace)?,
         max_packet_size: p.max_packet_size.unwrap_or(d.proxy.max_packet_size),
@@ -943,6 +977,7 @@ fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerCon
             enabled: b.enabled.unwrap_or(dflt.enabled),
             tls: b.tls.unwrap_or(dflt.tls),
             tls_name: b.tls_name,
+            source: None,
         });
     }
     Ok(out)
@@ -962,7 +997,8 @@ fn brokers_from_nginx(stream: &nginx::NginxStream) -> Vec<BrokerConfig> {
                 1
             };
             BrokerConfig {
-                name: format!("broker{}", i + 1),
+                // A trailing `# name` comment names the broker; nginx.rs keeps names unique.
+                name: s.name.clone().unwrap_or_else(|| format!("broker{}", i + 1)),
                 address: s.address.clone(),
                 priority,
                 weight: s.weight.max(1),
@@ -972,6 +1008,7 @@ fn brokers_from_nginx(stream: &nginx::NginxStream) -> Vec<BrokerConfig> {
                 enabled: !s.down,
                 tls: false,
                 tls_name: None,
+                source: Some(format!("line {}", s.line)),
             }
         })
         .collect()

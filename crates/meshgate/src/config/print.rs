@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table};
 
-use super::{AccessLogFormat, Config, Failback, OnDown};
+use super::{AccessLogFormat, Config, Failback, Move, OnDown};
 
 /// What a secret reads as in the printout: a placeholder that still validates.
 pub const MASKED: &str = "(masked)";
@@ -64,6 +64,10 @@ impl Config {
         proxy["failback"] = value(match p.failback {
             Failback::Drain => "drain",
             Failback::None => "none",
+        });
+        proxy["move"] = value(match p.moves {
+            Move::Switch => "switch",
+            Move::Close => "close",
         });
         proxy["failback_rate"] = value(p.failback_rate);
         proxy["shutdown_grace"] = value(duration(p.shutdown_grace));

@@ -34,10 +34,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::warn;
 
 use crate::config::SessionsConfig;
-use crate::mqtt::frame::Header;
-use crate::mqtt::subscribe::{disconnect_expiry, granted, parse_ack, parse_subscribe, parse_unsubscribe};
-use crate::mqtt::{kind, Capture, FrameError, FrameScanner};
-use store::{Orphan, Record, Store, Sub};
+pub use store::Sub;
+use store::{Orphan, Record, Store};
 
 /// Every (op, result) of `meshgate_session_operations_total`.
 pub const OPERATIONS: [[&str; 2]; 9] = [
@@ -52,8 +50,6 @@ pub const OPERATIONS: [[&str; 2]; 9] = [
     ["wipe", "error"],
 ];
 
-/// Largest SUBSCRIBE or UNSUBSCRIBE body meshgate reads to record it.
-const CAPTURE_LIMIT: usize = 64 * 1024;
 /// Time for one restore, migration, standby or wipe operation on a broker, and the longest a
 /// new client session waits while a failure holds new sessions.
 const OP_LIMIT: Duration = Duration::from_secs(2);
@@ -390,7 +386,7 @@ impl Durable {
         }
     }
 
-    fn add(&self, client_id: &str, subs: Vec<(String, Sub)>) {
+    pub(crate) fn add(&self, client_id: &str, subs: Vec<(String, Sub)>) {
         let mut store = self.store.lock();
         let Some(r) = store.sessions.get_mut(client_id) else { return };
         for (f, s) in subs {
@@ -408,7 +404,7 @@ impl Durable {
         self.changed();
     }
 
-    fn remove(&self, client_id: &str, filters: &[String]) {
+    pub(crate) fn remove(&self, client_id: &str, filters: &[String]) {
         let mut store = self.store.lock();
         let Some(r) = store.sessions.get_mut(client_id) else { return };
         for f in filters {
@@ -421,7 +417,7 @@ impl Durable {
 
     /// The client ended its session (MQTT 5 DISCONNECT with session expiry 0) on `broker`,
     /// which ends it there; copies elsewhere become orphans.
-    fn forget(&self, client_id: &str, broker: &str) {
+    pub(crate) fn forget(&self, client_id: &str, broker: &str) {
         let removed = self.store.lock().remove(client_id, Some(broker), self.cfg.max_sessions).is_some();
         if removed {
             self.connects.lock().remove(client_id);
@@ -429,7 +425,7 @@ impl Durable {
         }
     }
 
-    fn mark_incomplete(&self, client_id: &str) {
+    pub(crate) fn mark_incomplete(&self, client_id: &str) {
         if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.incomplete = true;
         }
@@ -556,141 +552,9 @@ impl crate::pool::Hooks for Durable {
     }
 }
 
-/// One persistent session's view of its own traffic: its SUBSCRIBE and UNSUBSCRIBE packets
-/// wait here for the broker's acknowledgement, which commits them to the record.
-pub struct Tap {
-    durable: Arc<Durable>,
-    client_id: String,
-    version: u8,
-    /// The broker the session is connected to.
-    broker: String,
-    up: Capture,
-    down: Capture,
-    pending: HashMap<u16, Pending>,
-    pending_bytes: usize,
-}
-
-enum Pending {
-    Subscribe(Vec<(String, Sub)>),
-    Unsubscribe(Vec<String>),
-}
-
-/// Client-side requests awaiting an answer, at most, and their size: a client that never
-/// reads its SUBACKs cannot grow this; what does not fit makes the record incomplete.
-const MAX_PENDING: usize = 256;
-const MAX_PENDING_BYTES: usize = 1 << 20;
-
-impl Tap {
-    pub fn new(durable: Arc<Durable>, client_id: String, version: u8, broker: String) -> Tap {
-        Tap {
-            durable,
-            client_id,
-            version,
-            broker,
-            up: Capture::new(CAPTURE_LIMIT),
-            down: Capture::new(CAPTURE_LIMIT),
-            pending: HashMap::new(),
-            pending_bytes: 0,
-        }
-    }
-
-    /// Scans forwarded bytes like `FrameScanner::feed`, reading the packets that change the
-    /// session's subscriptions. `from_client` says which direction `data` travels.
-    pub fn feed(
-        &mut self,
-        from_client: bool,
-        scanner: &mut FrameScanner,
-        data: &[u8],
-        packets: &mut u64,
-    ) -> Result<(), FrameError> {
-        let Tap { durable, client_id, version, broker, up, down, pending, pending_bytes } = self;
-        let version = *version;
-        if from_client {
-            scanner.feed_capture(
-                data,
-                // MQTT 5 DISCONNECT can end the session (Session Expiry Interval 0).
-                |k| k == kind::SUBSCRIBE || k == kind::UNSUBSCRIBE || (version == 5 && k == kind::DISCONNECT),
-                up,
-                |_| *packets += 1,
-                |h: Header, body| {
-                    let Some(body) = body else {
-                        durable.mark_incomplete(client_id);
-                        return;
-                    };
-                    if h.kind() == kind::DISCONNECT {
-                        if disconnect_expiry(body) == Some(0) {
-                            durable.forget(client_id, broker);
-                        }
-                        return;
-                    }
-                    if pending.len() >= MAX_PENDING || *pending_bytes + body.len() > MAX_PENDING_BYTES {
-                        durable.mark_incomplete(client_id);
-                        return;
-                    }
-                    *pending_bytes += body.len();
-                    if h.kind() == kind::SUBSCRIBE {
-                        if let Some(s) = parse_subscribe(version, body) {
-                            let subs = s
-                                .filters
-                                .into_iter()
-                                .map(|(f, options)| (f, Sub { options, properties: s.properties.clone() }))
-                                .collect();
-                            pending.insert(s.packet_id, Pending::Subscribe(subs));
-                        }
-                    } else if let Some(u) = parse_unsubscribe(version, body) {
-                        pending.insert(u.packet_id, Pending::Unsubscribe(u.filters));
-                    }
-                },
-            )
-        } else {
-            scanner.feed_capture(
-                data,
-                |k| k == kind::SUBACK || k == kind::UNSUBACK,
-                down,
-                |_| *packets += 1,
-                |_h: Header, body| {
-                    let Some(ack) = body.and_then(|b| parse_ack(version, b)) else { return };
-                    let answered = pending.remove(&ack.packet_id);
-                    if answered.is_some() && pending.is_empty() {
-                        *pending_bytes = 0;
-                    }
-                    match answered {
-                        Some(Pending::Subscribe(subs)) => {
-                            let ok = subs
-                                .into_iter()
-                                .enumerate()
-                                .filter(|(i, _)| ack.codes.get(*i).is_some_and(|&c| granted(c)))
-                                .map(|(_, s)| s)
-                                .collect();
-                            durable.add(client_id, ok);
-                        }
-                        Some(Pending::Unsubscribe(filters)) => {
-                            // 3.x acknowledges without codes; 5 says per filter (0x00 removed,
-                            // 0x11 there was none: gone either way).
-                            let gone: Vec<String> = filters
-                                .into_iter()
-                                .enumerate()
-                                .filter(|(i, _)| ack.codes.get(*i).is_none_or(|&c| c == 0x00 || c == 0x11))
-                                .map(|(_, f)| f)
-                                .collect();
-                            durable.remove(client_id, &gone);
-                        }
-                        None => {}
-                    }
-                },
-            )
-        }
-    }
-}
-
-/// A `Tap` as a forwarding direction holds it: both directions share one, within one task,
-/// so the lock is never contended (a `RefCell` would make the session future not `Send`).
-pub type SharedTap = Mutex<Tap>;
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::subscribe::encode_subscribe;
 
     fn durable() -> Arc<Durable> {
         let cfg = crate::Config::from_toml("[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n", "t").unwrap();
@@ -700,28 +564,6 @@ mod tests {
     fn connect(version: u8, id: &str) -> crate::mqtt::Connect {
         let p = remote::session_connect(None, version, id, None, 600);
         crate::mqtt::connect::parse(&p).unwrap()
-    }
-
-    #[test]
-    fn only_what_the_broker_granted_is_recorded_and_unsubscribe_removes_it() {
-        let d = durable();
-        d.on_established(&connect(4, "c"), &[], "b1");
-        let mut tap = Tap::new(d.clone(), "c".into(), 4, "b1".into());
-        let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
-        let mut n = 0;
-        // Split mid-packet: the capture spans reads.
-        let sub = encode_subscribe(4, 5, &[], &[("a/#", 1), ("secret", 1)]);
-        tap.feed(true, &mut up, &sub[..4], &mut n).unwrap();
-        tap.feed(true, &mut up, &sub[4..], &mut n).unwrap();
-        assert_eq!(d.placement("c").unwrap().subscriptions, 0, "nothing before the SUBACK");
-        // SUBACK id 5: granted QoS 1, refused 0x80.
-        tap.feed(false, &mut down, &[0x90, 0x04, 0, 5, 1, 0x80], &mut n).unwrap();
-        assert_eq!(d.to_restore("c"), vec![("a/#".to_string(), Sub { options: 1, properties: vec![] })]);
-        // UNSUBSCRIBE id 6 "a/#", UNSUBACK id 6.
-        tap.feed(true, &mut up, &[0xa2, 0x07, 0, 6, 0, 3, b'a', b'/', b'#'], &mut n).unwrap();
-        tap.feed(false, &mut down, &[0xb0, 0x02, 0, 6], &mut n).unwrap();
-        assert!(d.to_restore("c").is_empty());
-        assert_eq!(n, 4, "every packet counted");
     }
 
     #[test]
@@ -763,11 +605,8 @@ mod tests {
     fn mqtt5_disconnect_with_expiry_zero_forgets_the_session_and_clean_connect_too() {
         let d = durable();
         d.on_established(&connect(5, "v5"), &[], "b1");
-        let mut tap = Tap::new(d.clone(), "v5".into(), 5, "b1".into());
-        let mut up = FrameScanner::new(1 << 20);
-        let mut n = 0;
-        // DISCONNECT reason 0, session expiry 0.
-        tap.feed(true, &mut up, &[0xe0, 0x07, 0, 5, 0x11, 0, 0, 0, 0], &mut n).unwrap();
+        // What an MQTT 5 DISCONNECT with session expiry 0 does (proxy::track reads it).
+        d.forget("v5", "b1");
         assert!(d.placement("v5").is_none());
 
         d.on_established(&connect(4, "c4"), &[], "b1");

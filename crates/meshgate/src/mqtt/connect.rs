@@ -18,6 +18,9 @@ pub struct Connect {
     /// MQTT 5 Session Expiry Interval, seconds; `None` when absent (= 0).
     pub session_expiry: Option<u32>,
     pub will: bool,
+    /// MQTT 5 enhanced authentication (an Authentication Method property): a conversation
+    /// with the broker that meshgate cannot replay to another one.
+    pub enhanced_auth: bool,
     /// Where the fields meshgate may edit sit in the packet (see [`Connect::rewrite`]).
     spans: Spans,
 }
@@ -182,6 +185,7 @@ pub fn parse(packet: &[u8]) -> Result<Connect, ConnectError> {
 
     let body_at = 1 + n;
     let mut session_expiry = None;
+    let mut enhanced_auth = false;
     let mut properties = None;
     if version == 5 {
         let props_len = r.varint().ok_or(Truncated("properties length"))? as usize;
@@ -189,6 +193,7 @@ pub fn parse(packet: &[u8]) -> Result<Connect, ConnectError> {
         let props = r.take(props_len).ok_or(Truncated("properties"))?;
         properties = Some(start..start + props_len);
         session_expiry = session_expiry_of(props)?;
+        walk_properties(props, |id, _| enhanced_auth |= id == 0x15)?;
     }
 
     let client_id = utf8(r.binary().ok_or(Truncated("client id"))?, "client id")?;
@@ -221,6 +226,7 @@ pub fn parse(packet: &[u8]) -> Result<Connect, ConnectError> {
         keepalive,
         session_expiry,
         will,
+        enhanced_auth,
         spans: Spans { body: body_at, flags: flags_at, properties, will: will_span },
     })
 }

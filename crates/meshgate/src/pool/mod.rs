@@ -348,7 +348,10 @@ impl Pool {
     }
 
     pub fn record_success(&self, broker: &Broker) {
-        if let Some(Transition::Reopened) = broker.passive.lock().success(Instant::now()) {
+        // The lock is released before the reaction: `after_change` reads this broker's
+        // passive state again, and a lock held through an `if let` would deadlock there.
+        let transition = broker.passive.lock().success(Instant::now());
+        if let Some(Transition::Reopened) = transition {
             self.events.push(
                 "passive_reopen",
                 Some(&broker.name),
@@ -471,7 +474,7 @@ impl Pool {
         }
         if state == AdminState::Disabled {
             self.hooks.broker_changed(name, true);
-            self.close_sessions(name, "broker_disabled");
+            self.move_sessions(name, "broker_disabled");
         }
         self.after_change();
         Some(())
@@ -533,6 +536,29 @@ impl Pool {
     /// The broker (by name) that holds the open session of `client_id`, if any.
     pub fn broker_of(&self, client_id: &str) -> Option<String> {
         self.sessions.lock().of(client_id).first().map(|s| s.broker.name.clone())
+    }
+
+    /// Moves every session off `broker` at once (it was disabled): switched under their
+    /// clients' connections with `[proxy] move = "switch"`, closed otherwise.
+    pub fn move_sessions(&self, broker: &str, reason: &'static str) -> usize {
+        if self.proxy.load().moves == crate::config::Move::Close {
+            return self.close_sessions(broker, reason);
+        }
+        let movers: Vec<_> = self
+            .sessions
+            .lock()
+            .by_id
+            .values()
+            .filter(|s| s.broker.name == broker && !s.is_closing())
+            .cloned()
+            .collect();
+        for s in &movers {
+            s.request_move(reason);
+        }
+        if !movers.is_empty() {
+            tracing::info!(broker, reason, count = movers.len(), "moving sessions to another broker");
+        }
+        movers.len()
     }
 
     pub fn close_sessions(&self, broker: &str, reason: &'static str) -> usize {
@@ -611,7 +637,7 @@ impl Pool {
         // API, so its clients reconnect to the broker that now takes new sessions.
         for name in &disabled {
             self.events.push("admin", Some(name), format!("{name} disabled by configuration"));
-            self.close_sessions(name, "broker_disabled");
+            self.move_sessions(name, "broker_disabled");
         }
         self.after_change();
     }

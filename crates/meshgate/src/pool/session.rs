@@ -61,6 +61,9 @@ pub struct Session {
     pub info: SessionInfo,
     cancel: CancellationToken,
     close_reason: Mutex<Option<&'static str>>,
+    /// Asked to move to another broker under its open client connection (`close_reason`
+    /// says why) rather than to close.
+    moving: std::sync::atomic::AtomicBool,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub packets_in: AtomicU64,
@@ -77,6 +80,7 @@ impl Session {
             info,
             cancel: closing.child_token(),
             close_reason: Mutex::new(None),
+            moving: std::sync::atomic::AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             packets_in: AtomicU64::new(0),
@@ -88,6 +92,18 @@ impl Session {
     pub fn close(&self, reason: &'static str) {
         self.close_reason.lock().get_or_insert(reason);
         self.cancel.cancel();
+    }
+
+    /// Asks the session's task to move the session to the broker that takes new clients,
+    /// keeping the client's connection; the task closes it (for `reason`) where it cannot.
+    pub fn request_move(&self, reason: &'static str) {
+        self.moving.store(true, Ordering::Relaxed);
+        self.close(reason);
+    }
+
+    /// The reason a move was requested for, if one was.
+    pub fn move_requested(&self) -> Option<&'static str> {
+        self.moving.load(Ordering::Relaxed).then(|| self.close_reason()).flatten()
     }
 
     pub fn is_closing(&self) -> bool {

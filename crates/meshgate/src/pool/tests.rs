@@ -264,7 +264,6 @@ async fn a_failed_trial_bars_again_at_once() {
 /// it again, so the first successful probation trial deadlocks its thread and, with it, every
 /// later pick on that broker. Runs on its own thread so it fails instead of hanging.
 #[test]
-#[ignore = "Pool::record_success deadlocks on a successful probation trial (passive lock held across after_change)"]
 fn a_successful_trial_reopens_the_broker() {
     let (done, result) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

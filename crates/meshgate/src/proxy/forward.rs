@@ -46,14 +46,37 @@ pub struct Tally<'a> {
     pub total_bytes: &'a prometheus::IntCounter,
 }
 
+/// What one direction holds between polls: bytes read but not yet taken by the destination,
+/// and whether a TLS destination still has some to flush. It lives outside the forwarding
+/// future, so forwarding can stop (a session that moves to another broker) and pick up again
+/// without losing a byte.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// `None` unless the destination was full. Boxed so an idle session holds one word for it
+    /// instead of a Vec's three.
+    #[allow(clippy::box_collection)]
+    pending: Option<Box<Vec<u8>>>,
+    /// A TLS destination may hold written bytes in its record buffer until flushed; plain TCP
+    /// never does.
+    unflushed: bool,
+}
+
+impl Held {
+    /// Everything read has been handed to the destination.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_none() && !self.unflushed
+    }
+}
+
 /// One direction's checking and counting: with a scanner, the stream is checked packet by
 /// packet and forwarding stops at the first malformed packet, before it is sent.
 pub struct Side<'a> {
     pub scanner: Option<&'a mut FrameScanner>,
     pub tally: Tally<'a>,
-    /// A persistent session's subscription tracking, shared by both directions; `true` when
-    /// this direction carries the client's packets.
-    pub tap: Option<(&'a crate::durable::SharedTap, bool)>,
+    /// The session's subscription and QoS-flow tracking, shared by both directions; `true`
+    /// when this direction carries the client's packets.
+    pub tap: Option<(&'a super::track::SharedTrack, bool)>,
+    pub held: &'a mut Held,
 }
 
 /// How forwarding ended.
@@ -80,8 +103,8 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = Direction { side: up, pending: None, unflushed: false };
-    let mut down = Direction { side: down, pending: None, unflushed: false };
+    let mut up = Direction { side: up };
+    let mut down = Direction { side: down };
     // A plain poll function, not an async fn, so the session's task holds the two directions
     // and two references, nothing else. The streams are used one direction after the other
     // within a poll; a TCP socket keeps separate read and write wake-up slots (client read +
@@ -105,13 +128,6 @@ where
 
 struct Direction<'a> {
     side: Side<'a>,
-    /// Bytes read but not yet taken by the destination; `None` unless it was full. Boxed so
-    /// an idle session's task holds one word for it instead of a Vec's three.
-    #[allow(clippy::box_collection)]
-    pending: Option<Box<Vec<u8>>>,
-    /// A TLS destination may hold written bytes in its record buffer until flushed; plain TCP
-    /// never does.
-    unflushed: bool,
 }
 
 impl Direction<'_> {
@@ -125,11 +141,11 @@ impl Direction<'_> {
         W: AsyncWrite + Unpin,
     {
         let result = self.move_bytes(cx, from, to);
-        if self.unflushed {
+        if self.side.held.unflushed {
             // Pending registers the write wake-up, which polls this direction again.
             if let Poll::Ready(r) = Pin::new(&mut *to).poll_flush(cx) {
                 r?;
-                self.unflushed = false;
+                self.side.held.unflushed = false;
             }
         }
         result
@@ -141,15 +157,16 @@ impl Direction<'_> {
         W: AsyncWrite + Unpin,
     {
         loop {
-            if let Some(pending) = &mut self.pending {
+            let held = &mut *self.side.held;
+            if let Some(pending) = &mut held.pending {
                 let n = ready!(Pin::new(&mut *to).poll_write(cx, pending))?;
-                self.unflushed = true;
+                held.unflushed = true;
                 if n == 0 {
                     return Poll::Ready(Err(io::Error::from(ErrorKind::WriteZero).into()));
                 }
                 pending.drain(..n);
                 if pending.is_empty() {
-                    self.pending = None;
+                    held.pending = None;
                 }
                 continue;
             }
@@ -196,12 +213,12 @@ impl Direction<'_> {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::Error::from(ErrorKind::WriteZero).into())),
                 Poll::Ready(Ok(k)) => {
                     off += k;
-                    self.unflushed = true;
+                    self.side.held.unflushed = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
                 // The write wake-up is registered; the rest waits on the heap.
                 Poll::Pending => {
-                    self.pending = Some(Box::new(data[off..].to_vec()));
+                    self.side.held.pending = Some(Box::new(data[off..].to_vec()));
                     break;
                 }
             }

@@ -3,6 +3,8 @@
 pub mod forward;
 pub mod limits;
 pub mod session;
+pub mod switch;
+pub mod track;
 
 use arc_swap::ArcSwapOption;
 use tokio_rustls::TlsAcceptor;
@@ -34,6 +36,9 @@ pub struct Proxy {
     pub access: crate::accesslog::AccessLog,
     refusals: limits::RefusalLog,
 }
+
+/// Why sessions move (the `reason` of `meshgate_session_switches_total`).
+pub const MOVE_REASONS: [&str; 4] = ["failback", "drain", "broker_disabled", "broker_removed"];
 
 /// Every `reason` of `meshgate_rejected_connections_total`: the setup's (`session`), the
 /// admission limits' (`limits`) and the TLS handshake's.
@@ -68,6 +73,12 @@ impl Proxy {
         m.init(&m.sessions_closed, closes.map(std::slice::from_ref));
         m.init(&m.reloads, [["ok"].as_slice(), ["error"].as_slice()]);
         m.init(&m.durable_ops, crate::durable::OPERATIONS.iter().map(|l| l.as_slice()));
+        for why in MOVE_REASONS {
+            m.init(&m.switches, [[why, "ok"].as_slice()]);
+            for result in switch::SwitchError::RESULTS {
+                m.init(&m.switches, [[why, result].as_slice()]);
+            }
+        }
     }
 
     pub fn new(
@@ -163,8 +174,14 @@ pub async fn rebalance_loop(pool: Arc<Pool>, stop: CancellationToken) {
         let wait = match next {
             Some((session, why)) => {
                 debug!(session = session.id, client_id = %session.info.client_id, broker = %session.broker.name, why, "moving session");
-                session.close(why);
-                pool.metrics.sessions_closed.with_label_values(&[why]).inc();
+                // A switch that fails closes the session and counts it there.
+                match pool.proxy_config().moves {
+                    crate::config::Move::Switch => session.request_move(why),
+                    crate::config::Move::Close => {
+                        session.close(why);
+                        pool.metrics.sessions_closed.with_label_values(&[why]).inc();
+                    }
+                }
                 *moved.entry((session.broker.name.clone(), why)).or_default() += 1;
                 Duration::from_secs_f64(1.0 / pool.proxy_config().failback_rate)
             }

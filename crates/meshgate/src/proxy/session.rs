@@ -19,8 +19,10 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
-use super::forward::{self, Ended, ForwardError, Tally};
+use super::forward::{self, Ended, ForwardError, Held, Tally};
+use super::track::{SharedTrack, Track};
 use super::Proxy;
+use crate::config::Move;
 use crate::mqtt::{self, connack, Connack, Connect, ConnectError, FrameScanner};
 use crate::pool::{Broker, Lease, Registered, SessionInfo};
 use crate::transport::write_all;
@@ -105,20 +107,62 @@ async fn session_task<F: Future<Output = Option<Live>>>(proxy: Arc<Proxy>, setup
     proxy.pool.metrics.client_sessions.dec();
 }
 
-/// What forwarding needs from the setup.
-struct Live {
-    client: Conn,
-    upstream: Conn,
-    session: Registered,
-    scanner: FrameScanner,
-    down_scanner: FrameScanner,
+/// What forwarding needs from the setup: one session's connections and the state of each
+/// direction, which a move (`switch`) works on too.
+pub(super) struct Live {
+    pub(super) client: Conn,
+    pub(super) upstream: Conn,
+    pub(super) session: Registered,
+    pub(super) scanner: FrameScanner,
+    pub(super) down_scanner: FrameScanner,
     /// `meshgate_bytes_total` by direction, looked up once per session.
     up_total: prometheus::IntCounter,
     down_total: prometheus::IntCounter,
-    /// Persistent sessions only: their subscriptions are recorded as they pass.
-    tap: Option<Box<crate::durable::SharedTap>>,
-    /// The CONNECT's size, for the access log's byte count (the session counts what follows).
-    connect_bytes: u32,
+    /// Subscriptions and open QoS flows, recorded as they pass (and, for persistent sessions,
+    /// kept in their record).
+    pub(super) track: Box<SharedTrack>,
+    /// The client's CONNECT as it sent it: what a move replays to the new broker, and its size
+    /// counts in the access log (the session's counters start after it).
+    pub(super) connect: Box<[u8]>,
+    /// What each direction holds between polls, kept across a move.
+    pub(super) up_held: Held,
+    pub(super) down_held: Held,
+}
+
+impl Live {
+    /// Forwards both ways until either side closes or fails; can be stopped (dropped) at any
+    /// await and started again without losing bytes.
+    pub(super) fn forward(&mut self) -> impl Future<Output = Ended> + '_ {
+        let session = &self.session;
+        forward::forward(
+            &mut self.client,
+            &mut self.upstream,
+            forward::Side {
+                scanner: Some(&mut self.scanner),
+                tally: Tally { bytes: &session.bytes_in, packets: &session.packets_in, total_bytes: &self.up_total },
+                tap: Some((&self.track, true)),
+                held: &mut self.up_held,
+            },
+            forward::Side {
+                scanner: Some(&mut self.down_scanner),
+                tally: Tally {
+                    bytes: &session.bytes_out,
+                    packets: &session.packets_out,
+                    total_bytes: &self.down_total,
+                },
+                tap: Some((&self.track, false)),
+                held: &mut self.down_held,
+            },
+        )
+    }
+
+    /// Both streams are between packets: nothing half-forwarded either way.
+    pub(super) fn at_boundaries(&self) -> bool {
+        self.scanner.at_boundary()
+            && self.down_scanner.at_boundary()
+            && self.up_held.is_empty()
+            && self.down_held.is_empty()
+    }
 }
 
 async fn setup_in_span(proxy: Arc<Proxy>, client: Conn, peer: SocketAddr) -> Option<Live> {
@@ -129,26 +173,39 @@ async fn setup_in_span(proxy: Arc<Proxy>, client: Conn, peer: SocketAddr) -> Opt
 }
 
 /// Forwards until either side closes or fails, or meshgate closes the session (or shuts down).
-async fn forward_session(proxy: &Proxy, live: &mut Live) {
-    let session = &live.session;
-    let ended = tokio::select! {
-        e = forward::forward(
-            &mut live.client,
-            &mut live.upstream,
-            forward::Side {
-                scanner: Some(&mut live.scanner),
-                tally: Tally { bytes: &session.bytes_in, packets: &session.packets_in, total_bytes: &live.up_total },
-                tap: live.tap.as_deref().map(|t| (t, true)),
-            },
-            forward::Side {
-                scanner: Some(&mut live.down_scanner),
-                tally: Tally { bytes: &session.bytes_out, packets: &session.packets_out, total_bytes: &live.down_total },
-                tap: live.tap.as_deref().map(|t| (t, false)),
-            },
-        ) => Some(e),
-        // Also fires when meshgate shuts down: the session's token is a child of the pool's.
-        _ = session.cancelled() => None,
+/// A session asked to move is switched to its new broker under the client's connection and
+/// forwarding goes on; where it cannot be, it closes as any other.
+async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
+    let ended = loop {
+        let session = live.session.session.clone();
+        let ended = tokio::select! {
+            e = live.forward() => Some(e),
+            // Also fires when meshgate shuts down: the session's token is a child of the pool's.
+            _ = session.cancelled() => None,
+        };
+        if ended.is_some() || proxy.pool.closing.is_cancelled() {
+            break ended;
+        }
+        let Some(why) = live.session.move_requested() else { break ended };
+        if proxy.pool.proxy_config().moves == Move::Close {
+            proxy.pool.metrics.sessions_closed.with_label_values(&[why]).inc();
+            break ended;
+        }
+        match super::switch::switch(proxy, live, why).await {
+            Ok(()) => continue,
+            Err(e) => {
+                proxy.pool.metrics.sessions_closed.with_label_values(&[why]).inc();
+                break e.ended();
+            }
+        }
     };
+    let session = &live.session;
+    // meshgate closes an MQTT 5 session with a reason the client can act on.
+    if ended.is_none() && live.session.info.version == 5 && live.down_held.is_empty() && live.down_scanner.at_boundary()
+    {
+        let code = disconnect_reason(proxy.pool.closing.is_cancelled(), session.close_reason());
+        let _ = timeout(Duration::from_millis(200), write_all(&mut live.client, &[0xe0, 0x01, code])).await;
+    }
     if let Some(Ended::ClientSide(ForwardError::Malformed(_))) = &ended {
         proxy.pool.metrics.sessions_closed.with_label_values(&["malformed"]).inc();
     }
@@ -170,7 +227,7 @@ async fn forward_session(proxy: &Proxy, live: &mut Live) {
         protocol: mqtt::protocol_name(info.version),
         broker: session.broker.name.clone(),
         upstream: session.broker.address.clone(),
-        bytes_in: u64::from(live.connect_bytes) + session.bytes_in.load(Ordering::Relaxed),
+        bytes_in: live.connect.len() as u64 + session.bytes_in.load(Ordering::Relaxed),
         bytes_out: session.bytes_out.load(Ordering::Relaxed),
         packets_in: 1 + session.packets_in.load(Ordering::Relaxed),
         packets_out: session.packets_out.load(Ordering::Relaxed),
@@ -191,6 +248,17 @@ async fn forward_session(proxy: &Proxy, live: &mut Live) {
         span.in_scope(|| debug!("session ended: {why}"));
     }
     proxy.access.log(record);
+}
+
+/// The MQTT 5 DISCONNECT reason for a session meshgate closes: the server is shutting down
+/// (0x8B), another session took this client id over (0x8E), or the client should use another
+/// server (0x9C: its broker went down, was disabled or drained, or a move could not switch).
+fn disconnect_reason(shutting_down: bool, reason: Option<&str>) -> u8 {
+    match (shutting_down, reason) {
+        (true, _) | (_, Some("shutdown")) => 0x8b,
+        (_, Some("duplicate_client_id")) => 0x8e,
+        _ => 0x9c,
+    }
 }
 
 /// Reads the CONNECT, finds a broker that answers it, registers the session and passes on
@@ -232,7 +300,8 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
     tracing::Span::current().record("broker", lease.broker().name.as_str());
     proxy.pool.metrics.connack_duration.observe(accepted.elapsed().as_secs_f64());
 
-    let mut tap = None;
+    let max_subs = proxy.durable.config().max_subscriptions;
+    let mut track = Track::new(connect.client_id.clone(), connect.version, max_subs);
     if turn.is_some() && ack.code == 0 {
         let broker = &lease.broker().name;
         // Accepted: a clean CONNECT has now ended the old session on this broker.
@@ -247,12 +316,9 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
                 return None;
             }
             durable.on_established(&connect, &packet, broker);
-            tap = Some(Box::new(parking_lot::Mutex::new(crate::durable::Tap::new(
-                durable.clone(),
-                connect.client_id.clone(),
-                connect.version,
-                broker.clone(),
-            ))));
+            // What the session holds on its broker now: the record (restored, or present).
+            track.seed(durable.to_restore(&connect.client_id));
+            track = track.with_record(durable.clone(), broker.clone());
         }
     }
     if ack.code != 0 {
@@ -289,11 +355,9 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
     let mut scanner = FrameScanner::new(cfg.max_packet_size);
     let mut down_scanner = FrameScanner::new(u32::MAX);
     let (mut n_in, mut n_out) = (0, 0);
-    let primed_up = match &tap {
-        Some(t) => t.lock().feed(true, &mut scanner, &extra, &mut n_in),
-        None => scanner.feed(&extra, |_| n_in += 1),
-    };
-    let primed = primed_up.and_then(|_| down_scanner.feed(&after_connack, |_| n_out += 1));
+    let primed = track
+        .feed(true, &mut scanner, &extra, &mut n_in)
+        .and_then(|_| track.feed(false, &mut down_scanner, &after_connack, &mut n_out));
     session.packets_in.fetch_add(n_in, Ordering::Relaxed);
     session.packets_out.fetch_add(n_out, Ordering::Relaxed);
     session.bytes_in.fetch_add(extra.len() as u64, Ordering::Relaxed);
@@ -309,8 +373,19 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
     let down_total = proxy.pool.metrics.bytes.with_label_values(&["broker_to_client"]);
     up_total.inc_by(extra.len() as u64);
     down_total.inc_by(after_connack.len() as u64);
-    let connect_bytes = packet.len() as u32;
-    Some(Live { client, upstream, session, scanner, down_scanner, up_total, down_total, tap, connect_bytes })
+    Some(Live {
+        client,
+        upstream,
+        session,
+        scanner,
+        down_scanner,
+        up_total,
+        down_total,
+        track: Box::new(parking_lot::Mutex::new(track)),
+        connect: packet.into_boxed_slice(),
+        up_held: Held::default(),
+        down_held: Held::default(),
+    })
 }
 
 /// A persistent client landed on a broker without its session: subscribes what the record

@@ -10,7 +10,7 @@ use tokio::io::{duplex, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::forward::{forward, Ended, ForwardError, Side, Tally, CHUNK};
+use super::forward::{forward, Ended, ForwardError, Held, Side, Tally, CHUNK};
 use super::rebalance_loop;
 use crate::mqtt::{encode, FrameError, FrameScanner};
 use crate::pool::{Health, Pool, Registered, SessionInfo};
@@ -49,8 +49,12 @@ fn set_probe(pool: &Pool, name: &str, up: bool) {
 /// A primary `a` and a backup `b`; `n` sessions registered on `b` while `a` was down, two on
 /// `a` after it came back (those must never be moved).
 fn failed_over_pool(rate: f64, n: usize) -> (Arc<Pool>, Vec<Registered>, Vec<Registered>) {
+    failed_over_pool_moving(rate, n, "close")
+}
+
+fn failed_over_pool_moving(rate: f64, n: usize, moves: &str) -> (Arc<Pool>, Vec<Registered>, Vec<Registered>) {
     let text = format!(
-        "[proxy]\nfailback_rate = {rate:?}\n\
+        "[proxy]\nfailback_rate = {rate:?}\nmove = \"{moves}\"\n\
          [[broker]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\npriority = 1\n\
          [[broker]]\nname = \"b\"\naddress = \"127.0.0.1:2\"\npriority = 2\n"
     );
@@ -96,6 +100,22 @@ async fn failback_drains_ten_a_second() {
 #[tokio::test(start_paused = true)]
 async fn failback_drains_at_the_configured_rate() {
     drains_at(4.0, 9).await;
+}
+
+/// With `move = "switch"` the rebalancer asks each session's task to switch (at the same
+/// rate); a session closes, and counts as closed, only where its switch fails.
+#[tokio::test(start_paused = true)]
+async fn failback_asks_sessions_to_switch_at_the_rate() {
+    let (pool, on_b, _on_a) = failed_over_pool_moving(10.0, 30, "switch");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(rebalance_loop(pool.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(999)).await;
+    let asked: Vec<_> = on_b.iter().filter(|s| s.move_requested() == Some("failback")).collect();
+    assert_eq!(asked.len(), 10);
+    assert!(on_b[..10].iter().all(|s| s.move_requested().is_some()), "oldest first");
+    assert_eq!(pool.metrics.sessions_closed.with_label_values(&["failback"]).get(), 0, "asked to move, not closed");
+    stop.cancel();
+    within(task).await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -150,6 +170,7 @@ where
     tokio::spawn(async move {
         let (mut client, mut broker) = (client, broker);
         let (mut up_scan, mut down_scan) = (FrameScanner::new(MAX_PACKET), FrameScanner::new(MAX_PACKET));
+        let (mut up_held, mut down_held) = (Held::default(), Held::default());
         forward(
             &mut client,
             &mut broker,
@@ -157,11 +178,13 @@ where
                 scanner: Some(&mut up_scan),
                 tally: Tally { bytes: &up.bytes, packets: &up.packets, total_bytes: &up.total },
                 tap: None,
+                held: &mut up_held,
             },
             Side {
                 scanner: Some(&mut down_scan),
                 tally: Tally { bytes: &down.bytes, packets: &down.packets, total_bytes: &down.total },
                 tap: None,
+                held: &mut down_held,
             },
         )
         .await

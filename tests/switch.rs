@@ -1,0 +1,307 @@
+//! Sessions move without the client noticing: failback, admin drain and disable switch the upstream under open client connections (real Mosquitto, rumqttc, paho-mqtt 3.1.1 and 5), and what cannot switch closes with an MQTT 5 DISCONNECT that says why.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::mqtt::{self as raw, wait_until};
+use common::{blocking, Net};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// What a client saw: CONNACKs (more than one is a reconnect), connection errors, and the
+/// sequence numbers it received with how often.
+#[derive(Default)]
+struct Seen {
+    connacks: u32,
+    errors: u32,
+    got: BTreeMap<u64, u32>,
+    acked: u64,
+}
+
+type Shared = Arc<Mutex<Seen>>;
+
+fn rumqttc_client(
+    addr: std::net::SocketAddr,
+    id: &str,
+    clean: bool,
+    subscribe: Option<&'static str>,
+) -> (AsyncClient, Shared, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_clean_session(clean);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    let seen: Shared = Arc::default();
+    let (s, c) = (seen.clone(), client.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    s.lock().unwrap().connacks += 1;
+                    if let Some(f) = subscribe {
+                        c.subscribe(f, QoS::AtLeastOnce).await.unwrap();
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if let Some(n) = std::str::from_utf8(&p.payload).ok().and_then(|t| t.parse().ok()) {
+                        *s.lock().unwrap().got.entry(n).or_default() += 1;
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(_))) => s.lock().unwrap().acked += 1,
+                Ok(_) => {}
+                Err(_) => {
+                    s.lock().unwrap().errors += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    (client, seen, task)
+}
+
+/// tests/sessions/paho_sub.py (a persistent paho-mqtt subscriber, 3.1.1 or 5), its CONNACKs
+/// and messages counted.
+async fn paho_sub(addr: std::net::SocketAddr, id: &str, version: &str) -> (tokio::process::Child, Shared) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sessions/paho_sub.py");
+    let mut child = tokio::process::Command::new("python3")
+        .args([script, &addr.ip().to_string(), &addr.port().to_string(), id, "switch/#", version])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs (scripts/deps test installs paho-mqtt)");
+    let out = child.stdout.take().unwrap();
+    let seen: Shared = Arc::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(out).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("paho_sub.py prints JSON");
+            let mut s = s.lock().unwrap();
+            if v["session_present"].is_boolean() {
+                s.connacks += 1;
+            } else if v["suback"].is_array() {
+                s.acked += 1;
+            } else if let Some(n) = v["msg"].as_str().and_then(|t| t.parse().ok()) {
+                *s.got.entry(n).or_default() += 1;
+            }
+        }
+    });
+    let s = seen.clone();
+    wait_until(10 * SECOND, || s.lock().unwrap().acked == 1).await.expect("paho subscriber subscribed");
+    (child, seen)
+}
+
+/// Failback with load: a clean-session rumqttc subscriber, persistent paho-mqtt subscribers
+/// (3.1.1 and 5) and a rumqttc QoS 1 publisher at 200 msg/s, all on broker2 while broker1 is
+/// down; broker1 returns and every one of them is switched to it: no client sees a disconnect
+/// or a second CONNACK, and every acknowledged message is delivered (duplicates counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_switches_clients_without_a_disconnect_or_a_lost_message() {
+    let mut net = Net::start(2);
+    let extra = "[health]\ninterval = \"100ms\"\n[replication]\nenabled = true\n[proxy]\nfailback_rate = 50\n";
+    let mg = net.meshgate(extra).await;
+    let pool = mg.pool().clone();
+    blocking(|| net.broker("broker1").kill());
+    wait_until(5 * SECOND, || pool.current_broker().is_some_and(|b| b.name == "broker2")).await.expect("failover");
+    let addr = net.mqtt_addr();
+
+    let (_sub, sub_seen, sub_task) = rumqttc_client(addr, "switch-sub", true, Some("switch/#"));
+    let (mut paho4, paho4_seen) = paho_sub(addr, "switch-paho4", "4").await;
+    let (mut paho5, paho5_seen) = paho_sub(addr, "switch-paho5", "5").await;
+    let (publ, pub_seen, pub_task) = rumqttc_client(addr, "switch-pub", true, None);
+    let ids = ["switch-sub", "switch-paho4", "switch-paho5", "switch-pub"];
+    let p = pool.clone();
+    wait_until(5 * SECOND, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some("broker2")))
+        .await
+        .expect("every client on broker2");
+    let s = sub_seen.clone();
+    wait_until(5 * SECOND, || s.lock().unwrap().connacks == 1).await.expect("subscriber connected");
+
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (c, n) = (publ.clone(), sent.clone());
+    let publishing = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        loop {
+            tick.tick().await;
+            let seq = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if c.publish("switch/x", QoS::AtLeastOnce, false, seq.to_string()).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(SECOND).await;
+    blocking(|| net.broker("broker1").restart());
+    let moved = wait_until(10 * SECOND, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some("broker1"))).await;
+    assert!(moved.is_some(), "every client switched to broker1: {:?}", ids.map(|id| p.broker_of(id)));
+    tokio::time::sleep(SECOND).await;
+    publishing.abort();
+    // Every acknowledged message arrives (rumqttc acknowledges in order, so the first `acked`
+    // sequence numbers are the acknowledged ones).
+    let acked = {
+        let ps = pub_seen.clone();
+        wait_until(5 * SECOND, || ps.lock().unwrap().acked + 50 >= sent.load(std::sync::atomic::Ordering::Relaxed))
+            .await;
+        pub_seen.lock().unwrap().acked
+    };
+    assert!(acked >= 300, "the publisher kept going: {acked} acknowledged");
+    for (who, seen) in [("rumqttc", &sub_seen), ("paho 3.1.1", &paho4_seen), ("paho 5", &paho5_seen)] {
+        let s = seen.clone();
+        wait_until(5 * SECOND, || (0..acked).all(|n| s.lock().unwrap().got.contains_key(&n))).await;
+        let s = seen.lock().unwrap();
+        let lost: Vec<u64> = (0..acked).filter(|n| !s.got.contains_key(n)).collect();
+        let dups: u32 = s.got.values().map(|c| c - 1).sum();
+        eprintln!("{who}: {acked} acknowledged, {} lost, {dups} duplicates, {} CONNACK(s)", lost.len(), s.connacks);
+        assert!(lost.is_empty(), "{who} lost {} acknowledged messages: {lost:?}", lost.len());
+        assert_eq!((s.connacks, s.errors), (1, 0), "{who} never noticed the move");
+    }
+    let (connacks, errors) = {
+        let ps = pub_seen.lock().unwrap();
+        (ps.connacks, ps.errors)
+    };
+    assert_eq!((connacks, errors), (1, 0), "the publisher never noticed the move");
+    let switched = mg.pool().metrics.switches.with_label_values(&["failback", "ok"]).get();
+    assert_eq!(switched, 4, "four sessions switched");
+    sub_task.abort();
+    pub_task.abort();
+    let _ = paho4.kill().await;
+    let _ = paho5.kill().await;
+    mg.shutdown().await;
+}
+
+/// An admin drain moves 1,000 idle sessions at the configured rate, every one switched, none
+/// closed: each client still gets its PINGRESP, now from broker2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_switches_a_thousand_idle_sessions_and_closes_none() {
+    const N: usize = 1000;
+    let net = Net::start(2);
+    let mg = net.meshgate("[proxy]\nfailback_rate = 1000\n").await;
+    let mut clients = Vec::with_capacity(N);
+    for i in 0..N {
+        let (s, ack) = raw::connect(net.mqtt_addr(), 4, &format!("idle-{i}"), 5 * SECOND).await.unwrap();
+        assert_eq!(ack.code, 0);
+        clients.push(s);
+    }
+    let pool = mg.pool().clone();
+    assert!(pool.sessions().iter().all(|s| s.broker.name == "broker1"));
+    let started = Instant::now();
+    pool.set_admin("broker1", meshgate::pool::AdminState::Draining).unwrap();
+    let p = pool.clone();
+    wait_until(20 * SECOND, || p.sessions().iter().filter(|s| s.broker.name == "broker2").count() == N)
+        .await
+        .expect("every session on broker2");
+    let took = started.elapsed();
+    let m = &mg.pool().metrics;
+    assert_eq!(m.switches.with_label_values(&["drain", "ok"]).get(), N as u64);
+    assert_eq!(m.sessions_closed.with_label_values(&["drain"]).get(), 0, "none closed");
+    // At 1,000 per second: about a second, never all at once.
+    assert!(took >= Duration::from_millis(900), "the drain rate holds: {took:?}");
+    eprintln!("{N} idle sessions switched in {took:?}");
+    for (i, s) in clients.iter_mut().enumerate() {
+        s.write_all(&raw::pingreq_packet()).await.unwrap();
+        let (first, _) = raw::read_packet(s, 5 * SECOND).await.unwrap_or_else(|e| panic!("idle-{i}: {e}"));
+        assert_eq!(first, 0xd0, "idle-{i}: PINGRESP through the new broker");
+    }
+    mg.shutdown().await;
+}
+
+/// A broker that answers whatever CONNECT it gets with a successful CONNACK (also one with
+/// MQTT 5 enhanced authentication, which Mosquitto without an auth plugin refuses), acknowledges
+/// QoS 2 PUBLISHes with PUBREC and waits for the PUBREL, and answers PINGREQ.
+async fn fake_broker(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                let mut chunk = [0u8; 1024];
+                let Ok(n) = s.read(&mut chunk).await else { return };
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                while buf.len() >= 2 {
+                    let Some((len, used)) = raw::decode_remaining_length(&buf[1..]) else { break };
+                    let total = 1 + used + len;
+                    if buf.len() < total {
+                        break;
+                    }
+                    let p: Vec<u8> = buf.drain(..total).collect();
+                    let reply: Vec<u8> = match p[0] >> 4 {
+                        1 => vec![0x20, 0x03, 0x00, 0x00, 0x00], // MQTT 5 CONNACK, success, no properties
+                        3 if p[0] & 0x06 == 0x04 => {
+                            let tl = u16::from_be_bytes([p[1 + used], p[2 + used]]) as usize;
+                            let id = &p[1 + used + 2 + tl..1 + used + 4 + tl];
+                            vec![0x50, 0x02, id[0], id[1]] // PUBREC
+                        }
+                        12 => vec![0xd0, 0x00],
+                        _ => vec![],
+                    };
+                    if !reply.is_empty() && s.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Reads until the connection closes; returns an MQTT 5 DISCONNECT reason code if one came.
+async fn disconnect_reason(s: &mut tokio::net::TcpStream) -> Option<u8> {
+    loop {
+        match raw::read_packet(s, 5 * SECOND).await {
+            Ok((0xe0, body)) => return Some(body.first().copied().unwrap_or(0)),
+            Ok(_) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// What cannot switch closes, with an MQTT 5 DISCONNECT saying "use another server" (0x9C): a
+/// session with MQTT 5 enhanced authentication, and one whose QoS 2 flow stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_cannot_switch_close_with_use_another_server() {
+    let slot = common::Slot::acquire();
+    for i in 0..2u8 {
+        let l = tokio::net::TcpListener::bind(slot.addr(10 + i, 1883)).await.unwrap();
+        tokio::spawn(fake_broker(l));
+    }
+    let text =
+        common::slot_config_text(&slot, 2, "[health]\nprobe = \"tcp\"\n[proxy]\nconnack_timeout = \"300ms\"\n", "");
+    let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
+    let pool = mg.pool().clone();
+    wait_until(5 * SECOND, || pool.brokers().iter().all(|b| b.probe_up() == Some(true))).await.unwrap();
+    let front = slot.addr(1, 1883);
+
+    // MQTT 5 CONNECT with an Authentication Method property (0x15 "SCRAM-SHA-1").
+    let mut auth = tokio::net::TcpStream::connect(front).await.unwrap();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30];
+    let method = b"SCRAM-SHA-1";
+    body.push(3 + method.len() as u8);
+    body.push(0x15);
+    body.extend_from_slice(&(method.len() as u16).to_be_bytes());
+    body.extend_from_slice(method);
+    body.extend_from_slice(&[0, 4, b'a', b'u', b't', b'h']);
+    auth.write_all(&raw::packet(0x10, &body)).await.unwrap();
+    assert_eq!(raw::read_packet(&mut auth, 5 * SECOND).await.unwrap().0, 0x20);
+
+    // MQTT 5 client in a QoS 2 flow: PUBLISH QoS 2 id 9, PUBREC back, no PUBREL.
+    let (mut q2, ack) = raw::connect(front, 5, "qos2", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    let mut publish = vec![0, 1, b't', 0, 9, 0];
+    publish.extend_from_slice(b"x");
+    q2.write_all(&raw::packet(0x34, &publish)).await.unwrap();
+    assert_eq!(raw::read_packet(&mut q2, 5 * SECOND).await.unwrap().0, 0x50);
+
+    pool.set_admin("broker1", meshgate::pool::AdminState::Draining).unwrap();
+    assert_eq!(disconnect_reason(&mut auth).await, Some(0x9c), "enhanced auth: DISCONNECT use another server");
+    assert_eq!(disconnect_reason(&mut q2).await, Some(0x9c), "open QoS 2 flow: DISCONNECT use another server");
+    let m = &pool.metrics;
+    assert_eq!(m.switches.with_label_values(&["drain", "enhanced_auth"]).get(), 1);
+    assert_eq!(m.switches.with_label_values(&["drain", "inflight"]).get(), 1);
+    mg.shutdown().await;
+}
