@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use common::mqtt::{self as raw, wait_until};
 use common::{blocking, Net};
 use meshgate::Meshgate;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 
 const SECOND: Duration = Duration::from_secs(1);
 const TOPIC: &str = "data/x";
@@ -83,34 +83,16 @@ struct PahoSub {
 
 impl PahoSub {
     async fn start(addr: std::net::SocketAddr, id: &str, version: &str) -> PahoSub {
-        let ok = std::process::Command::new("python3")
-            .args(["-c", "import paho.mqtt.client"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "paho-mqtt is not installed for python3: run `scripts/deps test`");
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sessions/paho_sub.py");
-        let mut child = tokio::process::Command::new("python3")
-            .args([script, &addr.ip().to_string(), &addr.port().to_string(), id, "data/#", version])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python3 runs");
-        let out = child.stdout.take().unwrap();
         let seen: Shared = Arc::default();
         let s = seen.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let v: serde_json::Value = serde_json::from_str(&line).expect("paho_sub.py prints JSON");
-                let mut s = s.lock().unwrap();
-                if let Some(sp) = v["session_present"].as_bool() {
-                    s.connacks.push(sp);
-                } else if v["suback"].is_array() {
-                    s.subscribes += 1;
-                } else if let Some(n) = v["msg"].as_str().and_then(|t| t.parse().ok()) {
-                    s.seqs.insert(n);
-                }
+        let child = common::paho::spawn_sub(addr, id, "data/#", version, move |v| {
+            let mut s = s.lock().unwrap();
+            if let Some(sp) = v["session_present"].as_bool() {
+                s.connacks.push(sp);
+            } else if v["suback"].is_array() {
+                s.subscribes += 1;
+            } else if let Some(n) = v["msg"].as_str().and_then(|t| t.parse().ok()) {
+                s.seqs.insert(n);
             }
         });
         let s = seen.clone();

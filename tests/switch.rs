@@ -3,14 +3,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::mqtt::{self as raw, wait_until};
 use common::{blocking, Net};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -67,28 +67,16 @@ fn rumqttc_client(
 /// tests/sessions/paho_sub.py (a persistent paho-mqtt subscriber, 3.1.1 or 5), its CONNACKs
 /// and messages counted.
 async fn paho_sub(addr: std::net::SocketAddr, id: &str, version: &str) -> (tokio::process::Child, Shared) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sessions/paho_sub.py");
-    let mut child = tokio::process::Command::new("python3")
-        .args([script, &addr.ip().to_string(), &addr.port().to_string(), id, "switch/#", version])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3 runs (scripts/deps test installs paho-mqtt)");
-    let out = child.stdout.take().unwrap();
     let seen: Shared = Arc::default();
     let s = seen.clone();
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(out).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let v: serde_json::Value = serde_json::from_str(&line).expect("paho_sub.py prints JSON");
-            let mut s = s.lock().unwrap();
-            if v["session_present"].is_boolean() {
-                s.connacks += 1;
-            } else if v["suback"].is_array() {
-                s.acked += 1;
-            } else if let Some(n) = v["msg"].as_str().and_then(|t| t.parse().ok()) {
-                *s.got.entry(n).or_default() += 1;
-            }
+    let child = common::paho::spawn_sub(addr, id, "switch/#", version, move |v| {
+        let mut s = s.lock().unwrap();
+        if v["session_present"].is_boolean() {
+            s.connacks += 1;
+        } else if v["suback"].is_array() {
+            s.acked += 1;
+        } else if let Some(n) = v["msg"].as_str().and_then(|t| t.parse().ok()) {
+            *s.got.entry(n).or_default() += 1;
         }
     });
     let s = seen.clone();

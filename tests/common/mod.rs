@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod mqtt;
+pub mod paho;
 pub mod slot;
 
 use std::net::SocketAddr;

@@ -84,6 +84,14 @@ pub fn write_together(files: &[(PathBuf, String)]) -> Result<Vec<PathBuf>, Clust
         name.push(".meshgate-tmp");
         p.with_file_name(name)
     };
+    // A directory where a file must go would fail its rename after others were in place.
+    if let Some((path, _)) = files.iter().find(|(p, _)| p.is_dir()) {
+        return Err(ClusterError::Io {
+            what: "cannot write",
+            path: path.display().to_string(),
+            err: std::io::Error::new(std::io::ErrorKind::IsADirectory, "a directory is in the way"),
+        });
+    }
     let mut written: Vec<PathBuf> = Vec::new();
     let staged = files.iter().try_for_each(|(path, text)| {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -313,6 +321,30 @@ pub async fn status(config: &Config, run: &RunDir) -> Vec<(String, String, Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rendered_files_are_written_all_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let files = |names: &[&str]| -> Vec<(PathBuf, String)> {
+            names.iter().map(|n| (d.join(n), format!("{n}\n"))).collect()
+        };
+        // A directory in the way of the last file: nothing is written, nothing is left over.
+        std::fs::create_dir_all(d.join("sub/c.conf")).unwrap();
+        assert!(write_together(&files(&["a.conf", "sub/b.conf", "sub/c.conf"])).is_err());
+        assert!(!d.join("a.conf").exists() && !d.join("sub/b.conf").exists());
+        // A parent that is a file: nothing either.
+        std::fs::write(d.join("file"), "").unwrap();
+        assert!(write_together(&files(&["x.conf", "file/y.conf"])).is_err());
+        assert!(!d.join("x.conf").exists());
+        let left: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.iter().all(|n| !n.to_string_lossy().ends_with(".meshgate-tmp")), "{left:?}");
+        // Every file otherwise, replacing what was there.
+        std::fs::write(d.join("a.conf"), "old").unwrap();
+        let written = write_together(&files(&["a.conf", "new/b.conf"])).unwrap();
+        assert_eq!(written.len(), 2);
+        assert_eq!(std::fs::read_to_string(d.join("a.conf")).unwrap(), "a.conf\n");
+    }
 
     #[test]
     fn shipped_mosquitto_configs_equal_the_rendered_output() {

@@ -552,19 +552,28 @@ impl crate::pool::Hooks for Durable {
     }
 }
 
+/// Fixtures for unit tests here and in the modules that feed the record.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn durable() -> Arc<Durable> {
+    /// A session engine with the default settings and one broker, b1.
+    pub(crate) fn durable() -> Arc<Durable> {
         let cfg = crate::Config::from_toml("[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n", "t").unwrap();
         Arc::new(Durable::new(&cfg.sessions))
     }
 
-    fn connect(version: u8, id: &str) -> crate::mqtt::Connect {
+    /// A persistent session's CONNECT, parsed.
+    pub(crate) fn connect(version: u8, id: &str) -> crate::mqtt::Connect {
         let p = remote::session_connect(None, version, id, None, 600);
         crate::mqtt::connect::parse(&p).unwrap()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{connect, durable};
+    use super::*;
 
     #[test]
     fn a_returning_client_takes_over_the_copies_of_its_ended_session() {

@@ -55,6 +55,23 @@ pub struct SessionInfo {
     pub connected_at: SystemTime,
 }
 
+#[cfg(test)]
+impl SessionInfo {
+    /// A clean MQTT 3.1.1 client's session, for unit tests.
+    pub(crate) fn for_test(client_id: &str) -> SessionInfo {
+        SessionInfo {
+            client_id: client_id.into(),
+            username: None,
+            version: 4,
+            clean: true,
+            keepalive: 60,
+            persistent: false,
+            peer: "127.0.0.1:50000".parse().unwrap(),
+            connected_at: SystemTime::now(),
+        }
+    }
+}
+
 pub struct Session {
     pub id: u64,
     pub broker: Arc<Broker>,

@@ -48,16 +48,7 @@ fn count(names: &[String], name: &str) -> usize {
 }
 
 fn info(client_id: &str) -> SessionInfo {
-    SessionInfo {
-        client_id: client_id.into(),
-        username: None,
-        version: 4,
-        clean: true,
-        keepalive: 60,
-        persistent: false,
-        peer: "127.0.0.1:50000".parse().unwrap(),
-        connected_at: SystemTime::now(),
-    }
+    SessionInfo::for_test(client_id)
 }
 
 /// Registers `n` sessions wherever `pick` puts them, with client ids `{prefix}{i}`.

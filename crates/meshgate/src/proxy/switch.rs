@@ -174,8 +174,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) ->
         match prepare(&mut conn, &bytes, version, &subs, Instant::now() + cfg.connack_timeout).await {
             Ok(to_client) => Ok((conn, to_client)),
             Err(e) => {
-                // A normal DISCONNECT: the new broker discards the will it was given.
-                let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut conn, &encode::disconnect())).await;
+                give_up(&mut conn).await;
                 Err(e)
             }
         }

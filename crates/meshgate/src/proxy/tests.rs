@@ -25,16 +25,7 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
 // ---- rebalancer: failback rate --------------------------------------------
 
 fn info(client_id: &str) -> SessionInfo {
-    SessionInfo {
-        client_id: client_id.into(),
-        username: None,
-        version: 4,
-        clean: true,
-        keepalive: 60,
-        persistent: false,
-        peer: "127.0.0.1:50000".parse().unwrap(),
-        connected_at: SystemTime::now(),
-    }
+    SessionInfo::for_test(client_id)
 }
 
 fn set_probe(pool: &Pool, name: &str, up: bool) {

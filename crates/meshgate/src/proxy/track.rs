@@ -245,17 +245,8 @@ impl Subs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::durable::fixtures::{connect, durable};
     use crate::mqtt::subscribe::encode_subscribe;
-
-    fn durable() -> Arc<Durable> {
-        let cfg = crate::Config::from_toml("[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n", "t").unwrap();
-        Arc::new(Durable::new(&cfg.sessions))
-    }
-
-    fn connect(version: u8, id: &str) -> crate::mqtt::Connect {
-        let p = crate::durable::remote::session_connect(None, version, id, None, 600);
-        crate::mqtt::connect::parse(&p).unwrap()
-    }
 
     #[test]
     fn only_what_the_broker_granted_is_recorded_and_unsubscribe_removes_it() {
