@@ -153,3 +153,59 @@ async fn up_with_meshgate_stops_everything_on_ctrl_c() {
 async fn up_with_nginx_stops_everything_on_ctrl_c() {
     up_and_interrupt("nginx").await;
 }
+
+/// Outside a checkout (no configs/meshgate.toml), `meshgate up` runs the built-in five-broker
+/// network and says so; its state goes to run/ where it was started. Uses the local network's
+/// fixed addresses (127.0.0.1 and 127.0.0.10..14:1883), so it skips, saying why, when another
+/// local system holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_outside_a_checkout_runs_the_built_in_network() {
+    if std::net::TcpListener::bind("127.0.0.1:1883").is_err() || std::net::TcpListener::bind("127.0.0.1:8080").is_err()
+    {
+        eprintln!("skipped: 127.0.0.1:1883 or :8080 is taken (a local system runs here)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("up")
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for pipe in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.contains("Ctrl-C stops everything") {
+        let left = deadline.checked_duration_since(Instant::now()).unwrap_or_else(|| panic!("no summary:\n{seen}"));
+        seen.push_str(&rx.recv_timeout(left).unwrap_or_else(|_| panic!("no summary:\n{seen}")));
+        seen.push('\n');
+    }
+    assert!(seen.contains("configs/meshgate.toml not found: running the built-in local network"), "{seen}");
+    let (_c, ack) =
+        raw::connect("127.0.0.1:1883".parse().unwrap(), 4, "built-in", Duration::from_secs(3)).await.unwrap();
+    assert_eq!(ack.code, 0);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "up did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success());
+    assert!(dir.path().join("run").is_dir(), "state and broker files under run/ where it started");
+    assert!(dir.path().join("run/access.log").is_file(), "the access log where the built-in config puts it");
+}

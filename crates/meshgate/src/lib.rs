@@ -178,7 +178,13 @@ impl Meshgate {
             accesslog::AccessLog::start(&config.access_log, &pool.metrics.registry, &access_stop)
                 .await
                 .map_err(Error::AccessLog)?;
-        let proxy = Arc::new(proxy::Proxy::new(pool.clone(), upstream.clone(), durable.clone(), access));
+        let proxy = Arc::new(proxy::Proxy::new(
+            pool.clone(),
+            upstream.clone(),
+            durable.clone(),
+            access,
+            config.replication.enabled,
+        ));
         proxy.acceptor.store(acceptor.map(Arc::new));
         proxy.init_metrics();
         let admin_token = Arc::new(ArcSwapOption::from(config.admin.token.clone().map(Arc::new)));
@@ -293,12 +299,12 @@ impl Meshgate {
             }
             _ => None,
         };
-        // Checked before anything changes: a CA that cannot be used refuses the whole reload.
-        transport::tls::connector(&new.tls).map_err(|e| e.to_string())?;
+        // The last step that can fail: a broker CA that cannot be used refuses the whole reload
+        // before anything changed.
+        self.proxy.upstream.reload(&new).map_err(|e| e.to_string())?;
         if acceptor.is_some() {
             self.proxy.acceptor.store(acceptor.map(Arc::new));
         }
-        self.proxy.upstream.reload(&new).map_err(|e| e.to_string())?;
         self.admin_token.store(new.admin.token.clone().map(Arc::new));
         *self.tls.lock() = new.tls.clone();
         self.proxy.access.reopen(&new.access_log);

@@ -501,6 +501,9 @@ impl Config {
         if dir.as_os_str().is_empty() {
             return;
         }
+        // Absolute, so that what `validate --print` shows means the same from anywhere.
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let dir = dir.as_path();
         let t = &mut self.tls;
         let paths = [&mut t.cert, &mut t.key, &mut t.client_ca, &mut t.broker_ca].into_iter().chain([
             &mut self.replication.state_file,
@@ -925,6 +928,15 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
                     "broker {:?} has tls = true: set [tls] broker_ca to the CA its certificate is signed by",
                     b.name
                 ),
+            ));
+        }
+    }
+    for (key, secret) in [("admin.token", &admin.token), ("health.password", &health.password)] {
+        if secret.as_deref() == Some(print::MASKED) {
+            warnings.push(format!(
+                "{}: {key} is {:?}, the placeholder `validate --print` writes for a secret: put the real one here",
+                c.path,
+                print::MASKED
             ));
         }
     }

@@ -164,7 +164,12 @@ mod tests {
         for c in [shipped, secret] {
             let text = c.to_toml();
             assert!(!text.contains("hunter2") && !text.contains("t0ken"), "{text}");
-            let back = Config::from_toml(&text, "printed").unwrap_or_else(|e| panic!("{e}\n{text}"));
+            let mut back = Config::from_toml(&text, "printed").unwrap_or_else(|e| panic!("{e}\n{text}"));
+            // A masked secret reads back as the placeholder, and says so.
+            let masked = [&c.admin.token, &c.health.password].iter().filter(|x| x.is_some()).count();
+            assert_eq!(back.warnings.len(), masked, "{:?}", back.warnings);
+            assert!(back.warnings.iter().all(|w| w.contains("placeholder")), "{:?}", back.warnings);
+            back.warnings.clear();
             let mut expected = c.clone();
             expected.health.password = c.health.password.as_ref().map(|_| MASKED.into());
             expected.admin.token = c.admin.token.as_ref().map(|_| MASKED.into());

@@ -72,6 +72,8 @@ pub struct Broker {
     health: ArcSwap<Health>,
     passive: Mutex<Passive>,
     admin: AtomicU8,
+    /// Replication's link to this broker is up: what other brokers take is copied here.
+    replicated: AtomicBool,
     /// Sessions open or being set up here (counted from selection, so bursts spread out).
     active: AtomicU64,
     total: AtomicU64,
@@ -92,6 +94,7 @@ impl Broker {
             }),
             passive: Mutex::new(Passive::new(cfg.max_fails, cfg.fail_timeout)),
             admin: AtomicU8::new(if cfg.enabled { 0 } else { 1 }),
+            replicated: AtomicBool::new(false),
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             removed: AtomicBool::new(false),
@@ -119,6 +122,13 @@ impl Broker {
     }
     fn set_admin(&self, s: AdminState) {
         self.admin.store(s as u8, Ordering::Relaxed);
+    }
+    /// Set by replication as its link to this broker comes and goes.
+    pub fn set_replicated(&self, up: bool) {
+        self.replicated.store(up, Ordering::Relaxed);
+    }
+    pub fn replicated(&self) -> bool {
+        self.replicated.load(Ordering::Relaxed)
     }
     pub fn active_sessions(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
@@ -660,6 +670,9 @@ fn move_reason(s: &Session, best: u32, failback: bool) -> Option<&'static str> {
     let b = &s.broker;
     if b.is_removed() {
         Some("broker_removed")
+    } else if b.admin() == AdminState::Disabled {
+        // Normally moved at once (`move_sessions`); one that arrived mid-move moves here.
+        Some("broker_disabled")
     } else if b.admin() == AdminState::Draining {
         Some("drain")
     } else if failback && b.priority() > best {

@@ -105,8 +105,10 @@ impl Session {
         }
     }
 
-    /// Asks the session's task to close both sockets; the first reason given is kept.
+    /// Asks the session's task to close both sockets; the first reason given is kept. A close
+    /// wins over a move asked for before (a broker going down mid-drain closes the session).
     pub fn close(&self, reason: &'static str) {
+        self.moving.store(false, Ordering::Relaxed);
         self.close_reason.lock().get_or_insert(reason);
         self.cancel.cancel();
     }
@@ -114,8 +116,15 @@ impl Session {
     /// Asks the session's task to move the session to the broker that takes new clients,
     /// keeping the client's connection; the task closes it (for `reason`) where it cannot.
     pub fn request_move(&self, reason: &'static str) {
+        let mut why = self.close_reason.lock();
+        // Already closing (or moving) for another reason: that stands.
+        if why.is_some() {
+            return;
+        }
+        *why = Some(reason);
         self.moving.store(true, Ordering::Relaxed);
-        self.close(reason);
+        drop(why);
+        self.cancel.cancel();
     }
 
     /// The reason a move was requested for, if one was.

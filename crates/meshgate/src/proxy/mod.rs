@@ -34,6 +34,9 @@ pub struct Proxy {
     pub acceptor: ArcSwapOption<TlsAcceptor>,
     /// One line per ended session.
     pub access: crate::accesslog::AccessLog,
+    /// Replication copies every message to every broker: a moving session may stop taking
+    /// deliveries from its old broker at the cut (`switch`).
+    pub replicated: bool,
     refusals: limits::RefusalLog,
 }
 
@@ -86,12 +89,14 @@ impl Proxy {
         upstream: Arc<Upstream>,
         durable: Arc<Durable>,
         access: crate::accesslog::AccessLog,
+        replicated: bool,
     ) -> Proxy {
         Proxy {
             pool,
             upstream,
             durable,
             access,
+            replicated,
             limits: Default::default(),
             acceptor: Default::default(),
             refusals: Default::default(),

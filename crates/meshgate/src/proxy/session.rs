@@ -116,8 +116,8 @@ pub(super) struct Live {
     pub(super) scanner: FrameScanner,
     pub(super) down_scanner: FrameScanner,
     /// `meshgate_bytes_total` by direction, looked up once per session.
-    up_total: prometheus::IntCounter,
-    down_total: prometheus::IntCounter,
+    pub(super) up_total: prometheus::IntCounter,
+    pub(super) down_total: prometheus::IntCounter,
     /// Subscriptions and open QoS flows, recorded as they pass (and, for persistent sessions,
     /// kept in their record).
     pub(super) track: Box<SharedTrack>,

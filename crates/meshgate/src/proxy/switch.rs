@@ -20,6 +20,7 @@
 //! authentication, subscriptions not all known, no broker to move to, the new broker refusing,
 //! QoS flows still open on the old broker after the deadline.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,7 +111,11 @@ impl SwitchError {
 /// on failure the session is to be closed (the client reconnects, as without switching).
 pub(super) async fn switch(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) -> Result<(), SwitchError> {
     let started = Instant::now();
-    let result = switch_inner(proxy, live, why).await;
+    // Shutdown does not wait for a move: the session closes as every other does then.
+    let result = tokio::select! {
+        r = switch_inner(proxy, live) => r,
+        _ = proxy.pool.closing.cancelled() => Err(SwitchError::NoTarget),
+    };
     let m = &proxy.pool.metrics;
     let label = match &result {
         Ok(()) => "ok",
@@ -130,7 +135,7 @@ pub(super) async fn switch(proxy: &Arc<Proxy>, live: &mut Live, why: &'static st
     result
 }
 
-async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) -> Result<(), SwitchError> {
+async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchError> {
     let cfg = proxy.pool.proxy_config();
     let connect = crate::mqtt::connect::parse(&live.connect).map_err(|e| SwitchError::Restore(e.to_string()))?;
     if connect.enhanced_auth {
@@ -139,21 +144,22 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) ->
     let subs = live.track.lock().subscriptions().ok_or(SwitchError::Incomplete)?;
     let old = live.session.broker.clone();
     let lease = proxy.pool.pick(std::slice::from_ref(&old)).ok_or(SwitchError::NoTarget)?;
-    if !lease.broker().available(Instant::now()) {
-        // `pick` falls back to any enabled broker when none is available; a move does not.
+    let target = lease.broker().clone();
+    // `pick` falls back to enabled brokers whose probes say down when none is available; a
+    // move goes only where sessions are taken. (A broker in its passive probation trial is
+    // fine: the lease is that trial, and its result is recorded below.)
+    if target.probe_up() == Some(false) || target.admin() != crate::pool::AdminState::Enabled || target.is_removed() {
         return Err(SwitchError::NoTarget);
     }
-    let target = lease.broker().clone();
     let version = connect.version;
-    // A persistent session's record changes home: that takes the client id's turn, as every
-    // other operation on the session does.
+    // meshgate's own work on this client id's sessions (migration, standby, wipes) and a move
+    // take turns, as a connecting client does.
     let durable = &proxy.durable;
-    if live.session.info.persistent {
-        // Wait, as a connecting client does, while sessions are moved off a failed broker or
-        // outdated copies are wiped from one that came back.
+    let known = durable.enabled() && (live.session.info.persistent || durable.knows(&connect.client_id));
+    if known {
         durable.pass_barrier().await;
     }
-    let turn = match live.session.info.persistent && durable.enabled() {
+    let turn = match known {
         true => Some(
             timeout_at(Instant::now() + cfg.connack_timeout, durable.lock(&connect.client_id))
                 .await
@@ -163,32 +169,55 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) ->
     };
 
     // 1. The session on the new broker, made while forwarding goes on: the old broker keeps
-    // delivering until the new one is subscribed.
-    let own_connect = live.connect.clone();
-    let prepare_new = async {
-        let (mut conn, ack, bytes) =
-            proxy.upstream.handshake(&target.config(), &own_connect, version).await.map_err(SwitchError::Connect)?;
-        if ack.code != 0 {
-            return Err(SwitchError::Refused(ack.code));
-        }
-        match prepare(&mut conn, &bytes, version, &subs, Instant::now() + cfg.connack_timeout).await {
-            Ok(to_client) => Ok((conn, to_client)),
-            Err(e) => {
-                give_up(&mut conn).await;
-                Err(e)
-            }
-        }
-    };
-    tokio::pin!(prepare_new);
+    // delivering until the new one is subscribed. Made in a task of its own, which leaves the
+    // new broker politely (so it drops the client's will) if this move is abandoned at any
+    // point, even by dropping this future.
+    let abandon = tokio_util::sync::CancellationToken::new();
+    let _abandon_on_drop = abandon.clone().drop_guard();
+    let task = tokio::spawn(prepare_task(
+        proxy.upstream.clone(),
+        target.config(),
+        live.connect.clone(),
+        version,
+        subs.clone(),
+        Instant::now() + cfg.upstream_connect_timeout + cfg.connack_timeout,
+        abandon.clone(),
+    ));
+    tokio::pin!(task);
     let prepared = tokio::select! {
-        r = &mut prepare_new => r,
+        r = &mut task => r.map_err(|e| SwitchError::Restore(e.to_string()))?,
         e = live.forward() => return Err(SwitchError::Ended(e)),
     };
-    let (mut conn, to_client) = prepared?;
+    let (mut conn, to_client) = match prepared {
+        Ok(p) => {
+            proxy.pool.record_success(&target);
+            p
+        }
+        Err(e) => {
+            if let SwitchError::Connect(a) = &e {
+                proxy.pool.record_failure(&target, a.reason());
+            }
+            return Err(e);
+        }
+    };
 
     // 2. Both brokers deliver a while longer: a message published on the new broker just
     // before its subscription existed reaches the old one through replication, and must still
-    // be forwarded from there (the client may get it twice; it does not miss it).
+    // be forwarded from there (the client may get it twice; it does not miss it). A broker that
+    // just came back may not have replication's link yet: until it has, only the old broker
+    // has what other brokers take, so forwarding from there goes on (up to a limit; past it,
+    // the cut forwards the old broker's deliveries too).
+    let link_deadline = Instant::now() + 2 * cfg.connack_timeout;
+    let mut linked = !proxy.replicated || target.replicated();
+    while !linked && Instant::now() < link_deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => linked = target.replicated(),
+            e = live.forward() => {
+                give_up(&mut conn).await;
+                return Err(SwitchError::Ended(e));
+            }
+        }
+    }
     tokio::select! {
         _ = tokio::time::sleep(OVERLAP) => {}
         e = live.forward() => {
@@ -196,11 +225,6 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) ->
             return Err(SwitchError::Ended(e));
         }
     }
-    if live.track.lock().subscriptions().as_deref() != Some(subs.as_slice()) {
-        give_up(&mut conn).await;
-        return Err(SwitchError::Incomplete);
-    }
-
     // Between packets both ways.
     let limit = cfg.connack_timeout;
     let deadline = Instant::now() + limit;
@@ -217,25 +241,72 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) ->
             _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
     }
+    // Closed (a broker going down, shutdown) while it got here: the close stands.
+    if live.session.move_requested().is_none() {
+        give_up(&mut conn).await;
+        return Err(SwitchError::NoTarget);
+    }
 
     // 3. The cut.
-    let to_new = match cut(proxy, live, Instant::now() + 2 * cfg.connack_timeout).await {
-        Ok(b) => b,
-        Err(e) => {
-            let _ =
-                timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut conn, &encode::disconnect()))
+    let deadline = Instant::now() + 2 * cfg.connack_timeout;
+    let cut = cut(proxy, live, deadline, !linked).await;
+    let to_new = match cut {
+        Ok(Cut::Done(b)) => b,
+        Ok(Cut::ClientLeft) => {
+            // The client said DISCONNECT (passed to the old broker): the session ends there.
+            give_up(&mut conn).await;
+            return Err(SwitchError::Ended(Ended::ClientClosed));
+        }
+        Err((e, to_new)) => {
+            give_up(&mut conn).await;
+            // What the client sent meanwhile goes where it was going before: nothing of its
+            // is lost to the failed move (the session closes after this).
+            if !to_new.is_empty() {
+                let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut live.upstream, &to_new))
                     .await;
+            }
             return Err(e);
         }
     };
+    // The subscriptions may have changed while forwarding went on: the new broker must hold
+    // exactly what the client thinks it holds.
+    let now_subs = live.track.lock().subscriptions();
+    if now_subs.as_deref() != Some(subs.as_slice()) {
+        let added: Vec<_> = match &now_subs {
+            Some(now) if subs.iter().all(|s| now.contains(s)) => {
+                now.iter().filter(|s| !subs.contains(s)).cloned().collect()
+            }
+            _ => {
+                give_up(&mut conn).await;
+                let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut live.upstream, &to_new))
+                    .await;
+                return Err(SwitchError::Incomplete);
+            }
+        };
+        let more = prepare(&mut conn, None, version, &added, Instant::now() + cfg.connack_timeout).await;
+        match more {
+            Ok(extra) if extra.is_empty() => {}
+            Ok(_) | Err(_) => {
+                // Anything the new broker sent besides would have to be ordered with what it
+                // sent before; rare enough to close instead.
+                give_up(&mut conn).await;
+                let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut live.upstream, &to_new))
+                    .await;
+                return Err(SwitchError::Incomplete);
+            }
+        }
+    }
 
     // 4. The switch.
-    let _ =
-        timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut live.upstream, &encode::disconnect()))
-            .await;
+    let write_limit = Instant::now() + cfg.connack_timeout;
+    let _ = timeout_at(write_limit, write_all(&mut live.upstream, &encode::disconnect())).await;
     live.upstream = conn;
     if !to_new.is_empty() {
-        write_all(&mut live.upstream, &to_new).await.map_err(|e| SwitchError::Connect(AttemptError::Connect(e)))?;
+        timeout_at(write_limit, write_all(&mut live.upstream, &to_new))
+            .await
+            .map_err(|_| SwitchError::Connect(AttemptError::ConnackTimeout(cfg.connack_timeout)))?
+            .map_err(|e| SwitchError::Connect(AttemptError::Connect(e)))?;
+        live.up_total.inc_by(to_new.len() as u64);
     }
     if !to_client.is_empty() {
         let mut n = 0;
@@ -243,9 +314,12 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) ->
             .lock()
             .feed(false, &mut live.down_scanner, &to_client, &mut n)
             .map_err(|e| SwitchError::Restore(e.to_string()))?;
-        live.session.packets_out.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        write_all(&mut live.client, &to_client)
+        live.session.packets_out.fetch_add(n, Ordering::Relaxed);
+        live.session.bytes_out.fetch_add(to_client.len() as u64, Ordering::Relaxed);
+        live.down_total.inc_by(to_client.len() as u64);
+        timeout_at(write_limit, write_all(&mut live.client, &to_client))
             .await
+            .map_err(|_| SwitchError::Ended(Ended::BrokerSide(ForwardError::Io(std::io::ErrorKind::TimedOut.into()))))?
             .map_err(|e| SwitchError::Ended(Ended::BrokerSide(ForwardError::Io(e))))?;
     }
     let info = live.session.info.clone();
@@ -259,16 +333,50 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) ->
         (&fresh.packets_in, &live.session.packets_in),
         (&fresh.packets_out, &live.session.packets_out),
     ] {
-        to.fetch_add(from.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+        to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
     }
     drop(std::mem::replace(&mut live.session, fresh));
-    if turn.is_some() {
+    if live.session.info.persistent && turn.is_some() {
         durable.on_established(&connect, &live.connect, &target.name);
         live.track.lock().moved_to(&target.name);
     }
     drop(turn);
-    let _ = why;
     Ok(())
+}
+
+/// Step 1 in its own task: the new connection, its subscriptions, and what the new broker sent
+/// for the client. When `abandon` fires first, it leaves the new broker politely.
+async fn prepare_task(
+    upstream: Arc<crate::upstream::Upstream>,
+    target: Arc<crate::config::BrokerConfig>,
+    connect: Box<[u8]>,
+    version: u8,
+    subs: Vec<(String, crate::durable::Sub)>,
+    deadline: Instant,
+    abandon: tokio_util::sync::CancellationToken,
+) -> Result<(Conn, Vec<u8>), SwitchError> {
+    let mut conn: Option<Conn> = None;
+    let work = async {
+        let (c, ack, bytes) = upstream.handshake(&target, &connect, version).await.map_err(SwitchError::Connect)?;
+        if ack.code != 0 {
+            return Err(SwitchError::Refused(ack.code));
+        }
+        let c = conn.insert(c);
+        prepare(c, Some(&bytes), version, &subs, deadline).await
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = abandon.cancelled() => Err(SwitchError::NoTarget),
+    };
+    match (result, conn) {
+        (Ok(to_client), Some(c)) if !abandon.is_cancelled() => Ok((c, to_client)),
+        (result, conn) => {
+            if let Some(mut c) = conn {
+                give_up(&mut c).await;
+            }
+            result.and(Err(SwitchError::NoTarget))
+        }
+    }
 }
 
 /// Leaves the new broker again before the switch: a normal DISCONNECT, so it discards the
@@ -277,20 +385,28 @@ async fn give_up(conn: &mut Conn) {
     let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(conn, &encode::disconnect())).await;
 }
 
-/// Puts the subscriptions back on the new connection and collects what the new broker sent
-/// for the client meanwhile (a persistent session's queue, live messages), without the
-/// retained messages that only answer the restore.
+/// Puts `subs` back on the new connection and collects what the new broker sent for the
+/// client meanwhile (a persistent session's queue, live messages), without the retained
+/// messages that only answer the restore. `bytes` is what came with the CONNACK, if this is
+/// the first restore on the connection.
 async fn prepare(
     conn: &mut Conn,
-    bytes: &[u8],
+    bytes: Option<&[u8]>,
     version: u8,
     subs: &[(String, crate::durable::Sub)],
     deadline: Instant,
 ) -> Result<Vec<u8>, SwitchError> {
-    let (_, n) = connack::parse(bytes).ok().flatten().ok_or_else(|| SwitchError::Restore("CONNACK vanished".into()))?;
-    let rest = bytes[n..].to_vec();
+    let rest = match bytes {
+        Some(bytes) => {
+            let (_, n) =
+                connack::parse(bytes).ok().flatten().ok_or_else(|| SwitchError::Restore("CONNACK vanished".into()))?;
+            bytes[n..].to_vec()
+        }
+        None => Vec::new(),
+    };
     let mut packets = remote::packets(conn, rest);
     let mut to_client = Vec::new();
+    let mut acks = Vec::new();
     if !subs.is_empty() {
         let (granted, passed) =
             remote::subscribe_all(&mut packets, version, subs, deadline).await.map_err(SwitchError::Restore)?;
@@ -300,12 +416,14 @@ async fn prepare(
                 subs.len()
             )));
         }
-        keep_for_client(version, &passed, &mut to_client);
+        keep_for_client(version, &passed, &mut to_client, &mut acks);
     }
     if version != 5 {
         // A barrier: the broker answers in order, so whatever it sent in answer to the
         // SUBSCRIBEs (retained messages, marked retain) comes before this PINGRESP.
-        timeout_at(deadline, write_all(*packets.stream(), &encode::pingreq()))
+        let mut out = std::mem::take(&mut acks);
+        out.extend_from_slice(&encode::pingreq());
+        timeout_at(deadline, write_all(*packets.stream(), &out))
             .await
             .map_err(|_| SwitchError::Restore("no room to write".into()))?
             .map_err(|e| SwitchError::Restore(e.to_string()))?;
@@ -317,7 +435,14 @@ async fn prepare(
             if p.kind() == kind::PINGRESP {
                 break;
             }
-            keep_for_client(version, &p.bytes, &mut to_client);
+            keep_for_client(version, &p.bytes, &mut to_client, &mut acks);
+            if !acks.is_empty() {
+                let out = std::mem::take(&mut acks);
+                timeout_at(deadline, write_all(*packets.stream(), &out))
+                    .await
+                    .map_err(|_| SwitchError::Restore("no room to write".into()))?
+                    .map_err(|e| SwitchError::Restore(e.to_string()))?;
+            }
         }
     }
     let (_, leftover) = packets.into_parts();
@@ -327,7 +452,10 @@ async fn prepare(
 
 /// Appends the packets of `bytes` the client is to get: in 3.x every one but the retained
 /// PUBLISHes (live messages are never marked retain there; those are the restore's answer).
-fn keep_for_client(version: u8, bytes: &[u8], out: &mut Vec<u8>) {
+/// A dropped QoS 1 or 2 message is acknowledged (`acks`), so the broker does not hold it in
+/// flight for the client forever; a QoS 2 one's PUBREL then reaches the client, which
+/// completes it as MQTT asks for an unknown packet id.
+fn keep_for_client(version: u8, bytes: &[u8], out: &mut Vec<u8>, acks: &mut Vec<u8>) {
     if version == 5 {
         out.extend_from_slice(bytes);
         return;
@@ -337,72 +465,132 @@ fn keep_for_client(version: u8, bytes: &[u8], out: &mut Vec<u8>) {
         let crate::mqtt::Length::Done(len, n) = crate::mqtt::decode_length(&rest[1..]) else { break };
         let total = 1 + n + len as usize;
         let Some(p) = rest.get(..total) else { break };
-        if !(p[0] >> 4 == kind::PUBLISH && p[0] & 1 == 1) {
+        if p[0] >> 4 == kind::PUBLISH && p[0] & 1 == 1 {
+            let qos = (p[0] >> 1) & 3;
+            let body = &p[1 + n..];
+            let topic_len = body.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+            if let (true, Some(id)) = (qos > 0, body.get(2 + topic_len..4 + topic_len)) {
+                let id = u16::from_be_bytes([id[0], id[1]]);
+                acks.extend_from_slice(&encode::ack(if qos == 1 { kind::PUBACK } else { kind::PUBREC }, id));
+            }
+        } else {
             out.extend_from_slice(p);
         }
         rest = &rest[total..];
     }
 }
 
-/// The cut (step 3): returns what the client sent for the new broker.
-async fn cut(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> Result<Vec<u8>, SwitchError> {
+/// How the cut ended.
+enum Cut {
+    /// Nothing is owed on the old broker any more; what the client sent for the new one.
+    Done(Vec<u8>),
+    /// The client said DISCONNECT (now on the old broker, where the session ends).
+    ClientLeft,
+}
+
+/// The most the client may send for the new broker during the cut; beyond it, its packets
+/// wait in the socket (backpressure, as forwarding gives).
+const CUT_BUFFER: usize = 1 << 20;
+
+/// The cut (step 3): until nothing the client waits for is owed by the old broker. Returns
+/// what the client sent for the new broker, or, on failure, the error and that buffer.
+async fn cut(
+    proxy: &Arc<Proxy>,
+    live: &mut Live,
+    deadline: Instant,
+    forward_old_publishes: bool,
+) -> Result<Cut, (SwitchError, Vec<u8>)> {
     let max = proxy.pool.proxy_config().max_packet_size as usize;
+    // `forward_old_publishes`: without replication (or its link to the new broker) the new
+    // broker does not have what the old one delivers now: it still goes to the client (and is
+    // waited for like every open flow).
     let Live { client, upstream, track, scanner, down_scanner, session, .. } = live;
     let mut from_client = PacketReader::new(&mut *client, max);
     let mut from_old = PacketReader::new(&mut *upstream, crate::mqtt::MAX_REMAINING_LENGTH as usize + 5);
+    // Flows the client opened on the old broker: counted down by its answers there, apart
+    // from the ones the client opens meanwhile for the new broker.
     let mut old_open = track.lock().up_open;
     let mut to_new = Vec::new();
     let started = Instant::now();
+    macro_rules! fail {
+        ($e:expr) => {
+            return Err(($e, to_new))
+        };
+    }
     loop {
-        let down_open = track.lock().down_open;
-        if old_open == 0 && down_open == 0 {
-            break;
+        {
+            let t = track.lock();
+            if old_open == 0 && t.down_open == 0 && t.pings_open == 0 && t.settled_requests() {
+                break;
+            }
         }
         tokio::select! {
-            p = from_client.next() => {
-                let p = p.map_err(|e| SwitchError::Ended(match e {
-                    ReadError::Closed => Ended::ClientClosed,
-                    e => Ended::ClientSide(read_error(e)),
-                }))?;
+            p = from_client.next(), if to_new.len() < CUT_BUFFER => {
+                let p = match p {
+                    Ok(p) => p,
+                    Err(ReadError::Closed) => fail!(SwitchError::Ended(Ended::ClientClosed)),
+                    Err(e) => fail!(SwitchError::Ended(Ended::ClientSide(read_error(e)))),
+                };
                 let mut n = 0;
-                track.lock().feed(true, scanner, &p.bytes, &mut n).map_err(|e| SwitchError::Ended(Ended::ClientSide(e.into())))?;
-                session.packets_in.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                session.bytes_in.fetch_add(p.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                match p.kind() {
+                if let Err(e) = track.lock().feed(true, scanner, &p.bytes, &mut n) {
+                    fail!(SwitchError::Ended(Ended::ClientSide(e.into())));
+                }
+                session.packets_in.fetch_add(n, Ordering::Relaxed);
+                session.bytes_in.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+                let to_old = match p.kind() {
                     // Acknowledgements of what the old broker delivered, and the client's own
-                    // QoS 2 releases there, finish on the old broker.
-                    kind::PUBACK | kind::PUBREC | kind::PUBREL | kind::PUBCOMP => {
-                        write_all(*from_old.stream(), &p.bytes)
-                            .await
-                            .map_err(|e| SwitchError::Ended(Ended::ClientSide(ForwardError::Io(e))))?;
+                    // QoS 2 releases there, finish on the old broker; a DISCONNECT ends the
+                    // session there, so its will is discarded where it was given.
+                    kind::PUBACK | kind::PUBREC | kind::PUBREL | kind::PUBCOMP | kind::DISCONNECT => true,
+                    kind::PINGREQ => {
+                        // Answered by the new broker after the switch: not owed by the old one.
+                        track.lock().pings_open -= 1;
+                        false
                     }
-                    _ => to_new.extend_from_slice(&p.bytes),
+                    _ => false,
+                };
+                if !to_old {
+                    to_new.extend_from_slice(&p.bytes);
+                    continue;
+                }
+                match timeout_at(deadline, write_all(*from_old.stream(), &p.bytes)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => fail!(SwitchError::Ended(Ended::ClientSide(ForwardError::Io(e)))),
+                    Err(_) => fail!(SwitchError::Inflight(started.elapsed(), old_open, track.lock().down_open)),
+                }
+                if p.kind() == kind::DISCONNECT {
+                    return Ok(Cut::ClientLeft);
                 }
             }
             p = from_old.next() => {
-                let p = p.map_err(|e| SwitchError::Ended(match e {
-                    ReadError::Closed => Ended::BrokerClosed,
-                    e => Ended::BrokerSide(read_error(e)),
-                }))?;
-                if p.kind() == kind::PUBLISH {
-                    // The new broker has it too (it is subscribed already); unacknowledged
-                    // here, it stays the old broker's business.
+                let p = match p {
+                    Ok(p) => p,
+                    Err(ReadError::Closed) => fail!(SwitchError::Ended(Ended::BrokerClosed)),
+                    Err(e) => fail!(SwitchError::Ended(Ended::BrokerSide(read_error(e)))),
+                };
+                if p.kind() == kind::PUBLISH && !forward_old_publishes {
+                    // The new broker has it too (it is subscribed already, and replication
+                    // copies it there); unacknowledged here, it stays the old broker's business.
                     continue;
                 }
                 if matches!(p.kind(), kind::PUBACK | kind::PUBCOMP) {
                     old_open = old_open.saturating_sub(1);
                 }
                 let mut n = 0;
-                track.lock().feed(false, down_scanner, &p.bytes, &mut n).map_err(|e| SwitchError::Ended(Ended::BrokerSide(e.into())))?;
-                session.packets_out.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                session.bytes_out.fetch_add(p.bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                write_all(*from_client.stream(), &p.bytes)
-                    .await
-                    .map_err(|e| SwitchError::Ended(Ended::BrokerSide(ForwardError::Io(e))))?;
+                if let Err(e) = track.lock().feed(false, down_scanner, &p.bytes, &mut n) {
+                    fail!(SwitchError::Ended(Ended::BrokerSide(e.into())));
+                }
+                session.packets_out.fetch_add(n, Ordering::Relaxed);
+                session.bytes_out.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+                match timeout_at(deadline, write_all(*from_client.stream(), &p.bytes)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => fail!(SwitchError::Ended(Ended::BrokerSide(ForwardError::Io(e)))),
+                    Err(_) => fail!(SwitchError::Inflight(started.elapsed(), old_open, track.lock().down_open)),
+                }
             }
             _ = sleep_until(deadline) => {
                 let down_open = track.lock().down_open;
-                return Err(SwitchError::Inflight(started.elapsed(), old_open, down_open));
+                fail!(SwitchError::Inflight(started.elapsed(), old_open, down_open));
             }
         }
     }
@@ -410,13 +598,12 @@ async fn cut(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> Result<V
     let (_, partial) = from_client.into_parts();
     if !partial.is_empty() {
         let mut n = 0;
-        track
-            .lock()
-            .feed(true, scanner, &partial, &mut n)
-            .map_err(|e| SwitchError::Ended(Ended::ClientSide(e.into())))?;
+        if let Err(e) = track.lock().feed(true, scanner, &partial, &mut n) {
+            fail!(SwitchError::Ended(Ended::ClientSide(e.into())));
+        }
         to_new.extend_from_slice(&partial);
     }
-    Ok(to_new)
+    Ok(Cut::Done(to_new))
 }
 
 fn read_error(e: ReadError) -> ForwardError {

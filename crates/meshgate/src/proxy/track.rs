@@ -42,6 +42,8 @@ pub struct Track {
     /// the broker's the client has not.
     pub up_open: u32,
     pub down_open: u32,
+    /// The client's PINGREQs its broker has not answered yet.
+    pub pings_open: u32,
 }
 
 /// The subscription side of a `Track`.
@@ -79,6 +81,7 @@ impl Track {
             down: Capture::new(CAPTURE_LIMIT),
             up_open: 0,
             down_open: 0,
+            pings_open: 0,
         }
     }
 
@@ -112,9 +115,16 @@ impl Track {
         (!s.incomplete).then(|| s.granted.iter().map(|(f, s)| (f.clone(), s.clone())).collect())
     }
 
-    /// No QoS 1 or 2 flow is open either way.
+    /// Every SUBSCRIBE and UNSUBSCRIBE of the client has its broker's answer.
+    pub fn settled_requests(&self) -> bool {
+        self.subs.pending.is_empty()
+    }
+
+    /// No QoS 1 or 2 flow is open either way, and every request of the client (SUBSCRIBE,
+    /// UNSUBSCRIBE, PINGREQ) has its broker's answer: nothing the client waits for is owed by
+    /// its current broker.
     pub fn settled(&self) -> bool {
-        self.up_open == 0 && self.down_open == 0
+        self.up_open == 0 && self.down_open == 0 && self.pings_open == 0 && self.subs.pending.is_empty()
     }
 
     /// Scans forwarded bytes like `FrameScanner::feed`, counting flows and reading the packets
@@ -126,7 +136,7 @@ impl Track {
         data: &[u8],
         packets: &mut u64,
     ) -> Result<(), FrameError> {
-        let Track { subs, up, down, up_open, down_open } = self;
+        let Track { subs, up, down, up_open, down_open, pings_open } = self;
         let version = subs.version;
         let (cap, opens, closes) = if from_client { (up, up_open, down_open) } else { (down, down_open, up_open) };
         let want = |k: u8| -> bool {
@@ -147,6 +157,8 @@ impl Track {
                     kind::PUBLISH if h.first_byte & 0x06 != 0 => *opens += 1,
                     // PUBACK ends a QoS 1 flow, PUBCOMP a QoS 2 one: the other side's.
                     kind::PUBACK | kind::PUBCOMP => *closes = closes.saturating_sub(1),
+                    kind::PINGREQ if from_client => *pings_open += 1,
+                    kind::PINGRESP if !from_client => *pings_open = pings_open.saturating_sub(1),
                     _ => {}
                 }
             },

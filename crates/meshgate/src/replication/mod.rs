@@ -273,6 +273,9 @@ impl Replication {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
                     link.connected.store(true, Ordering::Relaxed);
+                    if let Some(b) = &link.broker {
+                        b.set_replicated(true);
+                    }
                     link.since_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
                     self.metrics.link_up.with_label_values(&[&link.name]).set(1);
                     let filters: Vec<Filter> = self
@@ -300,6 +303,9 @@ impl Replication {
                 Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(i, p),
                 Ok(_) => {}
                 Err(e) => {
+                    if let Some(b) = &link.broker {
+                        b.set_replicated(false);
+                    }
                     if link.connected.swap(false, Ordering::Relaxed) {
                         self.metrics.link_up.with_label_values(&[&link.name]).set(0);
                         link.since_ms.store(unix_ms(SystemTime::now()), Ordering::Relaxed);
