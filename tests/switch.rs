@@ -293,3 +293,27 @@ async fn sessions_that_cannot_switch_close_with_use_another_server() {
     assert_eq!(m.switches.with_label_values(&["drain", "inflight"]).get(), 1);
     mg.shutdown().await;
 }
+
+/// MQTT 5 clients are told not to use topic aliases toward the broker (an alias belongs to one
+/// broker connection and could not move with the session): Mosquitto offers 10, meshgate's
+/// CONNACK offers none, and says nothing else differently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_clients_are_not_offered_topic_aliases() {
+    use tokio::io::AsyncWriteExt;
+    let net = Net::start(1);
+    let mg = net.meshgate("").await;
+    let connack = |addr: std::net::SocketAddr, id: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(&raw::connect_packet(5, id, true, 30, None, None)).await.unwrap();
+        let (first, body) = raw::read_packet(&mut s, 5 * SECOND).await.unwrap();
+        assert_eq!(first, 0x20);
+        body
+    };
+    let direct = connack(net.brokers[0].addr, "alias-direct").await;
+    let through = connack(net.mqtt_addr(), "alias-through").await;
+    let alias_max = [0x22u8, 0x00, 0x0a];
+    assert!(direct.windows(3).any(|w| w == alias_max), "Mosquitto offers topic aliases: {direct:02x?}");
+    assert!(!through.windows(3).any(|w| w == alias_max), "{through:02x?}");
+    assert_eq!(through.len(), direct.len() - 3, "only the Topic Alias Maximum property is gone");
+    mg.shutdown().await;
+}

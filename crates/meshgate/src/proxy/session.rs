@@ -298,6 +298,10 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
         return None;
     };
     tracing::Span::current().record("broker", lease.broker().name.as_str());
+    if connect.version == 5 && ack.code == 0 {
+        // Aliases belong to one broker connection; a session that moves could not keep them.
+        connack::forbid_topic_aliases(&mut after_connack);
+    }
     proxy.pool.metrics.connack_duration.observe(accepted.elapsed().as_secs_f64());
 
     let max_subs = proxy.durable.config().max_subscriptions;
