@@ -57,6 +57,19 @@ impl Drop for Setup {
     }
 }
 
+/// Ctrl-C to `meshgate up`, and its exit status once it has stopped (deadline 15 s).
+async fn ctrl_c(child: &mut std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "up did not stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
@@ -128,16 +141,7 @@ async fn up_and_interrupt(front_end: &str) {
     let (_c, ack) = raw::connect(s.slot.addr(1, 1883), 4, "through-front", Duration::from_secs(3)).await.unwrap();
     assert_eq!(ack.code, 0);
 
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "up did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(status.success());
+    assert!(ctrl_c(&mut child).await.success());
     for pid in pids {
         assert!(!alive(pid), "pid {pid} left behind after Ctrl-C");
     }
@@ -196,16 +200,7 @@ async fn up_outside_a_checkout_runs_the_built_in_network() {
     let (_c, ack) =
         raw::connect("127.0.0.1:1883".parse().unwrap(), 4, "built-in", Duration::from_secs(3)).await.unwrap();
     assert_eq!(ack.code, 0);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "up did not stop");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(status.success());
+    assert!(ctrl_c(&mut child).await.success());
     assert!(dir.path().join("run").is_dir(), "state and broker files under run/ where it started");
     assert!(dir.path().join("run/access.log").is_file(), "the access log where the built-in config puts it");
 }
