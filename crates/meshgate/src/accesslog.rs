@@ -105,6 +105,8 @@ enum Msg {
 pub struct AccessLog {
     tx: mpsc::Sender<Msg>,
     dropped: prometheus::IntCounter,
+    /// `[access_log] enabled` as last set: a session does not build a record nobody writes.
+    enabled: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AccessLog {
@@ -125,7 +127,8 @@ impl AccessLog {
         registry.register(Box::new(dropped.clone())).expect("registered once");
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn(write_loop(rx, out, cfg.clone(), stop.clone()));
-        Ok((AccessLog { tx, dropped }, task))
+        let enabled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(cfg.enabled));
+        Ok((AccessLog { tx, dropped, enabled }, task))
     }
 
     /// Queues `record` without waiting; when the writer is behind by `QUEUE` records it is
@@ -136,8 +139,14 @@ impl AccessLog {
         }
     }
 
+    /// Whether records are written: sessions ask before they build one.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// New settings (a reload): the writer switches over and opens the file again.
     pub fn reopen(&self, cfg: &AccessLogConfig) {
+        self.enabled.store(cfg.enabled, std::sync::atomic::Ordering::Relaxed);
         let _ = self.tx.try_send(Msg::Reopen(cfg.clone()));
     }
 }

@@ -116,7 +116,8 @@ pub struct Meshgate {
     proxy: Arc<proxy::Proxy>,
     /// `[admin] token` as the HTTP API reads it; a reload swaps it.
     admin_token: Arc<ArcSwapOption<String>>,
-    config: Mutex<Config>,
+    /// One reload at a time.
+    reloading: Mutex<()>,
     mqtt_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     replication: Option<Arc<replication::Replication>>,
@@ -237,7 +238,7 @@ impl Meshgate {
             pool,
             proxy,
             admin_token,
-            config: Mutex::new(config.clone()),
+            reloading: Mutex::new(()),
             mqtt_addr,
             http_addr,
             replication,
@@ -293,6 +294,7 @@ impl Meshgate {
     /// change on a running process; a change there is logged and ignored. A certificate that
     /// cannot be used refuses the whole reload: the running configuration stays.
     pub fn reload(&self, new: Config) -> Result<(), String> {
+        let _one_at_a_time = self.reloading.lock();
         let acceptor = match &new.listen.mqtts {
             Some(_) if self.proxy.acceptor.load().is_some() => {
                 Some(transport::tls::acceptor(&new.tls).map_err(|e| e.to_string())?)
@@ -309,7 +311,6 @@ impl Meshgate {
         *self.tls.lock() = new.tls.clone();
         self.proxy.access.reopen(&new.access_log);
         *self.access_log.lock() = new.access_log.clone();
-        let mut current = self.config.lock();
         for w in &new.warnings {
             warn!("{w}");
         }
@@ -326,7 +327,6 @@ impl Meshgate {
         old.0.cancel();
         self.pool.metrics.reloads.with_label_values(&["ok"]).inc();
         self.pool.events.push("reload", None, format!("configuration reloaded: {} broker(s)", new.brokers.len()));
-        *current = new;
         Ok(())
     }
 

@@ -1093,6 +1093,22 @@ impl<'t> Checker<'t> {
 
     /// nginx's `ngx_conf_handler` for one directive: allowed here, `;` or `{`, argument count,
     /// value, once per block. None when the directive is unknown and left to a loaded module.
+    /// A directive inside a block whose contents meshgate imports (`upstream`, `server`):
+    /// checked as `directive` does, with `include` refused (what it names cannot be imported).
+    /// `false` when it is to be skipped.
+    fn imported_child(
+        &mut self,
+        d: &Stmt,
+        ctx: u8,
+        place: &'static str,
+        seen: &mut HashMap<&'static str, usize>,
+    ) -> Result<bool, NginxError> {
+        if d.name == "include" {
+            return Err(NginxError::Include { line: d.line });
+        }
+        Ok(self.directive(d, ctx, place, seen)?.is_some())
+    }
+
     fn directive(
         &mut self,
         d: &Stmt,
@@ -1185,10 +1201,7 @@ impl<'t> Checker<'t> {
         };
         let mut seen = HashMap::new();
         for inner in d.block.iter().flatten() {
-            if inner.name == "include" {
-                return Err(NginxError::Include { line: inner.line });
-            }
-            if self.directive(inner, UPSTREAM, "a stream `upstream` block", &mut seen)?.is_none() {
+            if !self.imported_child(inner, UPSTREAM, "a stream `upstream` block", &mut seen)? {
                 continue;
             }
             match inner.name.as_str() {
@@ -1255,10 +1268,7 @@ impl<'t> Checker<'t> {
         let mut v = VServer { stmt: d, listens: Vec::new(), handler: None, others: Vec::new() };
         let mut seen = HashMap::new();
         for inner in d.block.iter().flatten() {
-            if inner.name == "include" {
-                return Err(NginxError::Include { line: inner.line });
-            }
-            if self.directive(inner, SERVER, "a stream `server` block", &mut seen)?.is_none() {
+            if !self.imported_child(inner, SERVER, "a stream `server` block", &mut seen)? {
                 continue;
             }
             match inner.name.as_str() {

@@ -219,7 +219,22 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
         None => (session.close_reason().unwrap_or("closed"), None),
     };
     let info = &session.info;
-    let record = crate::accesslog::Record {
+    // Formatted only for someone who reads it: connection churn should not pay for a span
+    // and a message per session that the log level drops anyway.
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let span = tracing::info_span!(
+            "session",
+            peer = %info.peer,
+            client_id = info.client_id.as_str(),
+            broker = session.broker.name.as_str()
+        );
+        let why = detail.as_deref().map_or_else(|| end.to_string(), |d| format!("{end}: {d}"));
+        span.in_scope(|| debug!("session ended: {why}"));
+    }
+    if !proxy.access.enabled() {
+        return;
+    }
+    proxy.access.log(crate::accesslog::Record {
         time: crate::accesslog::Record::now(),
         client: info.peer,
         client_id: info.client_id.clone(),
@@ -234,20 +249,7 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
         duration_s: crate::accesslog::seconds(info.connected_at.elapsed().unwrap_or_default()),
         end: end.to_string(),
         detail,
-    };
-    // Formatted only for someone who reads it: connection churn should not pay for a span
-    // and a message per session that the log level drops anyway.
-    if tracing::enabled!(tracing::Level::DEBUG) {
-        let span = tracing::info_span!(
-            "session",
-            peer = %info.peer,
-            client_id = info.client_id.as_str(),
-            broker = session.broker.name.as_str()
-        );
-        let why = record.detail.as_deref().map_or_else(|| end.to_string(), |d| format!("{end}: {d}"));
-        span.in_scope(|| debug!("session ended: {why}"));
-    }
-    proxy.access.log(record);
+    });
 }
 
 /// The MQTT 5 DISCONNECT reason for a session meshgate closes: the server is shutting down

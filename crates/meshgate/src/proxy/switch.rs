@@ -44,6 +44,9 @@ const OVERLAP: Duration = Duration::from_millis(100);
 pub enum SwitchError {
     #[error("no other broker takes sessions now")]
     NoTarget,
+    /// Closed meanwhile (shutdown, or a close that wins over the move).
+    #[error("closed while it moved")]
+    Cancelled,
     #[error("MQTT 5 enhanced authentication cannot be replayed to another broker")]
     EnhancedAuth,
     #[error(
@@ -71,6 +74,7 @@ impl SwitchError {
     pub fn reason(&self) -> &'static str {
         match self {
             SwitchError::NoTarget => "no_target",
+            SwitchError::Cancelled => "cancelled",
             SwitchError::EnhancedAuth => "enhanced_auth",
             SwitchError::Incomplete => "subscriptions_unknown",
             SwitchError::Busy => "busy",
@@ -84,8 +88,9 @@ impl SwitchError {
     }
 
     /// Every `result` label besides "ok", so the metrics start at zero.
-    pub const RESULTS: [&'static str; 10] = [
+    pub const RESULTS: [&'static str; 11] = [
         "no_target",
+        "cancelled",
         "enhanced_auth",
         "subscriptions_unknown",
         "busy",
@@ -114,7 +119,7 @@ pub(super) async fn switch(proxy: &Arc<Proxy>, live: &mut Live, why: &'static st
     // Shutdown does not wait for a move: the session closes as every other does then.
     let result = tokio::select! {
         r = switch_inner(proxy, live) => r,
-        _ = proxy.pool.closing.cancelled() => Err(SwitchError::NoTarget),
+        _ = proxy.pool.closing.cancelled() => Err(SwitchError::Cancelled),
     };
     let m = &proxy.pool.metrics;
     let label = match &result {
@@ -244,7 +249,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
     // Closed (a broker going down, shutdown) while it got here: the close stands.
     if live.session.move_requested().is_none() {
         give_up(&mut conn).await;
-        return Err(SwitchError::NoTarget);
+        return Err(SwitchError::Cancelled);
     }
 
     // 3. The cut.
@@ -262,8 +267,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
             // What the client sent meanwhile goes where it was going before: nothing of its
             // is lost to the failed move (the session closes after this).
             if !to_new.is_empty() {
-                let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut live.upstream, &to_new))
-                    .await;
+                best_effort(&mut live.upstream, &to_new).await;
             }
             return Err(e);
         }
@@ -278,8 +282,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
             }
             _ => {
                 give_up(&mut conn).await;
-                let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut live.upstream, &to_new))
-                    .await;
+                best_effort(&mut live.upstream, &to_new).await;
                 return Err(SwitchError::Incomplete);
             }
         };
@@ -290,8 +293,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
                 // Anything the new broker sent besides would have to be ordered with what it
                 // sent before; rare enough to close instead.
                 give_up(&mut conn).await;
-                let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(&mut live.upstream, &to_new))
-                    .await;
+                best_effort(&mut live.upstream, &to_new).await;
                 return Err(SwitchError::Incomplete);
             }
         }
@@ -366,7 +368,7 @@ async fn prepare_task(
     };
     let result = tokio::select! {
         r = work => r,
-        _ = abandon.cancelled() => Err(SwitchError::NoTarget),
+        _ = abandon.cancelled() => Err(SwitchError::Cancelled),
     };
     match (result, conn) {
         (Ok(to_client), Some(c)) if !abandon.is_cancelled() => Ok((c, to_client)),
@@ -374,7 +376,7 @@ async fn prepare_task(
             if let Some(mut c) = conn {
                 give_up(&mut c).await;
             }
-            result.and(Err(SwitchError::NoTarget))
+            result.and(Err(SwitchError::Cancelled))
         }
     }
 }
@@ -382,7 +384,13 @@ async fn prepare_task(
 /// Leaves the new broker again before the switch: a normal DISCONNECT, so it discards the
 /// client's will it was given.
 async fn give_up(conn: &mut Conn) {
-    let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(conn, &encode::disconnect())).await;
+    best_effort(conn, &encode::disconnect()).await;
+}
+
+/// Writes `bytes` if the peer takes them within 200 ms; a session that closes next does not
+/// wait longer for a peer that may be gone.
+async fn best_effort(conn: &mut Conn, bytes: &[u8]) {
+    let _ = timeout_at(Instant::now() + Duration::from_millis(200), write_all(conn, bytes)).await;
 }
 
 /// Puts `subs` back on the new connection and collects what the new broker sent for the
