@@ -134,6 +134,10 @@ pub struct SuiteArgs {
     /// The config's addresses must be free (stop `meshgate up` first).
     #[arg(long)]
     pub compare: bool,
+    /// Start the local system with meshgate twice, moving sessions with `[proxy] move =
+    /// "switch"` and then "close", and put the results side by side (same rules as --compare).
+    #[arg(long, conflicts_with = "compare")]
+    pub compare_moves: bool,
     /// meshgate TOML config of the system under test.
     #[arg(long, short, default_value = "configs/meshgate.toml")]
     pub config: PathBuf,
@@ -644,7 +648,22 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     };
     let runs = runtime()?.block_on(async {
         let mut runs = Vec::new();
-        if args.compare {
+        if args.compare_moves {
+            for moves in [meshgate::config::Move::Switch, meshgate::config::Move::Close] {
+                let label = match moves {
+                    meshgate::config::Move::Switch => "switch",
+                    meshgate::config::Move::Close => "close",
+                };
+                let mut config = config.clone();
+                config.proxy.moves = moves;
+                let dir = args.run_dir.join(format!("compare-move-{label}"));
+                eprintln!("starting the local system with meshgate, move = \"{label}\" ...");
+                let mut local = Local::start(config.clone(), &dir, FrontEnd::Meshgate).await?;
+                let target = suite::Target::local(&config, &dir, &format!("meshgate move={label}"))?;
+                runs.push(run_one(target).await);
+                local.stop().await;
+            }
+        } else if args.compare {
             for fe in [FrontEnd::Meshgate, FrontEnd::Nginx] {
                 let dir = args.run_dir.join(format!("compare-{}", fe.as_str()));
                 eprintln!("starting the local system with {} in front ...", fe.as_str());
@@ -668,7 +687,12 @@ fn suite(args: SuiteArgs) -> anyhow::Result<()> {
         anyhow::Ok(runs)
     })?;
     let stamp = meshgate::events::unix_ms(std::time::SystemTime::now()) / 1000;
-    let name = format!("suite-{}-{}", if args.compare { "compare" } else { front_end(args.front_end).as_str() }, stamp);
+    let kind = match (args.compare, args.compare_moves) {
+        (true, _) => "compare",
+        (_, true) => "compare-moves",
+        _ => front_end(args.front_end).as_str(),
+    };
+    let name = format!("suite-{kind}-{stamp}");
     std::fs::create_dir_all(&args.logs_dir).with_context(|| format!("cannot create {}", args.logs_dir.display()))?;
     std::fs::create_dir_all(&args.reports_dir)
         .with_context(|| format!("cannot create {}", args.reports_dir.display()))?;

@@ -103,8 +103,10 @@ async fn failover_load_times_the_reconnects() {
     let r = bench(&["failover", "--target", &target, "--clients", "50", "--hang-pid", &pid, "--deadline", "5s"]).await;
     assert_eq!(r["load"], "failover");
     assert_eq!(f(&r, "/connected_before"), 50.0, "{r:#}");
-    // meshgate notices the hung primary and closes its sessions; every client is back on broker2.
+    // meshgate notices the hung primary and switches its sessions to broker2 under the
+    // clients' connections: every client is served again, none had to reconnect.
     assert_eq!(f(&r, "/reconnected"), 50.0, "{r:#}");
+    assert_eq!(f(&r, "/kept_session"), 50.0, "{r:#}");
     assert!(f(&r, "/all_reconnected_s") < 5.0, "{r:#}");
     assert_eq!(r["timeline"].as_array().map(Vec::len), Some(50), "{r:#}");
     // The bench resumed the broker it stopped.

@@ -120,7 +120,9 @@ fn seq_of(payload: &[u8]) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sensor_keeps_publishing_across_a_failover() {
     let mut net = Net::start(2);
-    let mg = net.meshgate("").await;
+    // The client's own reconnect is under test: meshgate closes the session (by default it
+    // would switch it under the client, which then notices nothing).
+    let mg = net.meshgate("[proxy]\nmove = \"close\"\n").await;
     let mut on1 = direct_subscriber(net.brokers[0].addr, "watch-1", "sensors/#").await;
     let mut on2 = direct_subscriber(net.brokers[1].addr, "watch-2", "sensors/#").await;
     let mut c = ClientProc::start(&net, "sensor", "s-1", &["--rate", "20", "--max-backoff", "1s"]);

@@ -10,6 +10,7 @@ use common::mqtt::{self as raw, wait_until};
 use common::{blocking, Net};
 use meshgate::pool::Pool;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::AsyncWriteExt;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -89,7 +90,8 @@ async fn publish_and_subscribe_through_meshgate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_killed_everything_moves_to_broker2() {
     let mut net = Net::start(3);
-    let mg = net.meshgate("").await;
+    // The close path (tests/switch.rs has the switch).
+    let mg = net.meshgate("[proxy]\nmove = \"close\"\n").await;
     let pool = mg.pool().clone();
 
     let mut before = Vec::new();
@@ -149,8 +151,13 @@ async fn hung_primary_is_detected_and_connects_during_detection_succeed() {
     assert_eq!(pool.broker_of("during").as_deref(), Some("broker2"));
     // One CONNACK timeout (1 s) on the hung broker at most, then broker2 answers.
     assert!(connack_after < Duration::from_millis(1500), "CONNACK after {connack_after:?}");
-    // The session on the hung broker is closed so its client reconnects elsewhere.
-    assert!(raw::closed_within(&mut old, 2 * SECOND).await);
+    // The session on the hung broker is switched to broker2 under its client's connection:
+    // its next PINGREQ is answered from there.
+    let p = pool.clone();
+    wait_until(2 * SECOND, || p.broker_of("old").as_deref() == Some("broker2")).await.expect("switched to broker2");
+    old.write_all(&raw::pingreq_packet()).await.unwrap();
+    assert_eq!(raw::read_packet(&mut old, 2 * SECOND).await.unwrap().0, 0xd0, "PINGRESP through broker2");
+    assert_eq!(pool.metrics.switches.with_label_values(&["broker_down", "ok"]).get(), 1);
     assert_eq!(pool.metrics.rejected.with_label_values(&["no_broker"]).get(), 0);
     blocking(|| net.broker("broker1").resume());
     mg.shutdown().await;

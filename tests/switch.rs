@@ -21,7 +21,32 @@ struct Seen {
     connacks: u32,
     errors: u32,
     got: BTreeMap<u64, u32>,
+    /// When each sequence number first arrived.
+    arrived: Vec<Instant>,
     acked: u64,
+}
+
+impl Seen {
+    fn received(&mut self, n: u64) {
+        let count = self.got.entry(n).or_default();
+        if *count == 0 {
+            self.arrived.push(Instant::now());
+        }
+        *count += 1;
+    }
+
+    /// The longest time without a new message after `from`.
+    fn gap_after(&self, from: Instant) -> Duration {
+        let mut times: Vec<Instant> = self.arrived.iter().copied().filter(|t| *t >= from).collect();
+        times.sort();
+        let mut last = from;
+        let mut gap = Duration::ZERO;
+        for t in times {
+            gap = gap.max(t - last);
+            last = t;
+        }
+        gap
+    }
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -49,7 +74,7 @@ fn rumqttc_client(
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if let Some(n) = std::str::from_utf8(&p.payload).ok().and_then(|t| t.parse().ok()) {
-                        *s.lock().unwrap().got.entry(n).or_default() += 1;
+                        s.lock().unwrap().received(n);
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(_))) => s.lock().unwrap().acked += 1,
@@ -76,7 +101,7 @@ async fn paho_sub(addr: std::net::SocketAddr, id: &str, version: &str) -> (tokio
         } else if v["suback"].is_array() {
             s.acked += 1;
         } else if let Some(n) = v["msg"].as_str().and_then(|t| t.parse().ok()) {
-            *s.got.entry(n).or_default() += 1;
+            s.received(n);
         }
     });
     let s = seen.clone();
@@ -159,6 +184,130 @@ async fn failback_switches_clients_without_a_disconnect_or_a_lost_message() {
     let _ = paho4.kill().await;
     let _ = paho5.kill().await;
     mg.shutdown().await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// SIGSTOP: connections stay open and silent; the probes notice.
+    Hang,
+    /// SIGKILL: the connections close and the port refuses; the sessions notice.
+    Kill,
+}
+
+/// The primary fails under load: a clean-session rumqttc subscriber, persistent paho-mqtt
+/// subscribers (3.1.1 and 5) and a rumqttc QoS 1 publisher at 200 msg/s, all on broker1, are
+/// switched to broker2: no client sees a disconnect, every message acknowledged before or
+/// after the fault arrives (the publisher's unacknowledged ones are sent again by meshgate),
+/// and no subscriber waits longer than meshgate takes to notice, plus 0.5 s.
+async fn failed_primary_switches_its_clients(fault: Fault) {
+    let mut net = Net::start(2);
+    let extra = "[health]\ninterval = \"100ms\"\ntimeout = \"200ms\"\n[replication]\nenabled = true\n";
+    let mg = net.meshgate(extra).await;
+    let pool = mg.pool().clone();
+    let addr = net.mqtt_addr();
+    let tag = format!("{fault:?}").to_lowercase();
+    let id = |who: &str| format!("{tag}-{who}");
+    let (_sub, sub_seen, sub_task) = rumqttc_client(addr, &id("sub"), true, Some("switch/#"));
+    let (mut paho4, paho4_seen) = paho_sub(addr, &id("paho4"), "4").await;
+    let (mut paho5, paho5_seen) = paho_sub(addr, &id("paho5"), "5").await;
+    let (publ, pub_seen, pub_task) = rumqttc_client(addr, &id("pub"), true, None);
+    let ids = [id("sub"), id("paho4"), id("paho5"), id("pub")];
+    let p = pool.clone();
+    wait_until(5 * SECOND, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some("broker1")))
+        .await
+        .expect("every client on broker1");
+    let s = sub_seen.clone();
+    wait_until(5 * SECOND, || s.lock().unwrap().connacks == 1).await.expect("subscriber connected");
+
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (c, n) = (publ.clone(), sent.clone());
+    let publishing = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        loop {
+            tick.tick().await;
+            let seq = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if c.publish("switch/x", QoS::AtLeastOnce, false, seq.to_string()).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(SECOND).await;
+    let fault_at = Instant::now();
+    match fault {
+        Fault::Hang => blocking(|| net.broker("broker1").hang()),
+        Fault::Kill => blocking(|| net.broker("broker1").kill()),
+    }
+    // How long meshgate takes to notice: the probes' verdict for a hung broker; a killed one's
+    // closed connections tell at once.
+    let detection = match fault {
+        Fault::Hang => {
+            let b = pool.broker("broker1").unwrap();
+            wait_until(5 * SECOND, || b.probe_up() == Some(false)).await.expect("probes notice the hang");
+            fault_at.elapsed()
+        }
+        Fault::Kill => Duration::ZERO,
+    };
+    let moved = wait_until(10 * SECOND, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some("broker2"))).await;
+    assert!(moved.is_some(), "every client switched to broker2: {:?}", ids.clone().map(|id| p.broker_of(&id)));
+    tokio::time::sleep(SECOND).await;
+    publishing.abort();
+    let acked = {
+        let ps = pub_seen.clone();
+        wait_until(5 * SECOND, || ps.lock().unwrap().acked + 50 >= sent.load(std::sync::atomic::Ordering::Relaxed))
+            .await;
+        pub_seen.lock().unwrap().acked
+    };
+    assert!(acked >= 300, "the publisher kept going: {acked} acknowledged");
+    for (who, seen) in [("rumqttc", &sub_seen), ("paho 3.1.1", &paho4_seen), ("paho 5", &paho5_seen)] {
+        let s = seen.clone();
+        wait_until(5 * SECOND, || (0..acked).all(|n| s.lock().unwrap().got.contains_key(&n))).await;
+        let s = seen.lock().unwrap();
+        let lost: Vec<u64> = (0..acked).filter(|n| !s.got.contains_key(n)).collect();
+        let dups: u32 = s.got.values().map(|c| c - 1).sum();
+        let gap = s.gap_after(fault_at);
+        eprintln!(
+            "{fault:?} {who}: {acked} acknowledged, {} lost, {dups} duplicates, {} CONNACK(s), \
+             detection {detection:?}, longest gap {gap:?}",
+            lost.len(),
+            s.connacks
+        );
+        assert!(lost.is_empty(), "{who} lost {} acknowledged messages: {lost:?}", lost.len());
+        assert_eq!((s.connacks, s.errors), (1, 0), "{who} never noticed the move");
+        assert!(gap <= detection + SECOND / 2, "{who}: delivery gap {gap:?}, detection {detection:?}");
+    }
+    let (connacks, errors) = {
+        let ps = pub_seen.lock().unwrap();
+        (ps.connacks, ps.errors)
+    };
+    assert_eq!((connacks, errors), (1, 0), "the publisher never noticed the move");
+    let switched = mg.pool().metrics.switches.with_label_values(&["broker_down", "ok"]).get();
+    assert_eq!(switched, 4, "four sessions switched");
+    // The dashboard's event log says switched, not closed.
+    let events = mg.pool().events.since(0);
+    assert!(
+        events.iter().any(|e| e.kind == "switch" && e.message.contains("off broker1 (broker_down)")),
+        "{:?}",
+        events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
+    assert!(!events.iter().any(|e| e.kind == "session_closed"));
+    if fault == Fault::Hang {
+        blocking(|| net.broker("broker1").resume());
+    }
+    sub_task.abort();
+    pub_task.abort();
+    let _ = paho4.kill().await;
+    let _ = paho5.kill().await;
+    mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_primary_switches_its_clients_without_a_disconnect_or_a_lost_message() {
+    failed_primary_switches_its_clients(Fault::Hang).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_switches_its_clients_without_a_disconnect_or_a_lost_message() {
+    failed_primary_switches_its_clients(Fault::Kill).await;
 }
 
 /// An admin drain moves 1,000 idle sessions at the configured rate, every one switched, none
@@ -291,6 +440,126 @@ async fn sessions_that_cannot_switch_close_with_use_another_server() {
     let m = &pool.metrics;
     assert_eq!(m.switches.with_label_values(&["drain", "enhanced_auth"]).get(), 1);
     assert_eq!(m.switches.with_label_values(&["drain", "inflight"]).get(), 1);
+    mg.shutdown().await;
+}
+
+/// A fake broker for what Mosquitto cannot do on demand: it records every packet it gets,
+/// answers CONNECT, PINGREQ and QoS 2 PUBLISHes (PUBREC) always, and PUBREL (PUBCOMP) and QoS 1
+/// PUBLISHes (PUBACK) only when `completes`; `die` closes its listener and every connection at
+/// once, as a killed process's would be.
+struct Recorder {
+    got: Arc<Mutex<Vec<Vec<u8>>>>,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Recorder {
+    async fn start(addr: std::net::SocketAddr, completes: bool) -> Recorder {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (g, t) = (got.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { return };
+                let g = g.clone();
+                t.lock().unwrap().push(tokio::spawn(Self::serve(s, g, completes)));
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        Recorder { got, tasks }
+    }
+
+    async fn serve(mut s: tokio::net::TcpStream, got: Arc<Mutex<Vec<Vec<u8>>>>, completes: bool) {
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= 2 {
+                let Some((len, used)) = raw::decode_remaining_length(&buf[1..]) else { break };
+                let total = 1 + used + len;
+                if buf.len() < total {
+                    break;
+                }
+                let p: Vec<u8> = buf.drain(..total).collect();
+                let body = &p[1 + used..];
+                let id = |at: usize| [body[at], body[at + 1]];
+                let reply: Vec<u8> = match p[0] >> 4 {
+                    1 => vec![0x20, 0x02, 0x00, 0x00],
+                    3 => {
+                        let tl = u16::from_be_bytes([body[0], body[1]]) as usize;
+                        match (p[0] >> 1) & 3 {
+                            2 => [vec![0x50, 0x02], id(2 + tl).to_vec()].concat(),
+                            1 if completes => [vec![0x40, 0x02], id(2 + tl).to_vec()].concat(),
+                            _ => vec![],
+                        }
+                    }
+                    6 if completes => [vec![0x70, 0x02], id(0).to_vec()].concat(),
+                    12 => vec![0xd0, 0x00],
+                    _ => vec![],
+                };
+                got.lock().unwrap().push(p.clone());
+                if !reply.is_empty() && s.write_all(&reply).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The first byte of each packet it got from meshgate (probes are TCP only), in order.
+    fn first_bytes(&self) -> Vec<u8> {
+        self.got.lock().unwrap().iter().map(|p| p[0]).collect()
+    }
+
+    fn die(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// A broker dies with the client's QoS flows open on it: a QoS 2 PUBLISH it received (PUBREC)
+/// and the client released (PUBREL) without its PUBCOMP, and a QoS 1 PUBLISH it never
+/// acknowledged. The session switches to the next broker, where meshgate finishes the QoS 2
+/// flow (PUBLISH again, PUBREL) and sends the QoS 1 one again: the client gets its PUBCOMP and
+/// its PUBACK from there and never sees its connection close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_brokers_open_qos_flows_are_finished_on_the_next_broker() {
+    let slot = common::Slot::acquire();
+    let dying = Recorder::start(slot.addr(10, 1883), false).await;
+    let next = Recorder::start(slot.addr(11, 1883), true).await;
+    let text = common::slot_config_text(&slot, 2, "[health]\nprobe = \"tcp\"\n", "");
+    let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
+    let pool = mg.pool().clone();
+    wait_until(5 * SECOND, || pool.brokers().iter().all(|b| b.probe_up() == Some(true))).await.unwrap();
+    let (mut c, ack) = raw::connect(slot.addr(1, 1883), 4, "flows", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    // QoS 2 id 7: PUBREC, then the client's PUBREL, never completed.
+    c.write_all(&raw::packet(0x34, &[0, 1, b't', 0, 7, b'a'])).await.unwrap();
+    assert_eq!(raw::read_packet(&mut c, 5 * SECOND).await.unwrap(), (0x50, vec![0, 7]));
+    c.write_all(&[0x62, 2, 0, 7]).await.unwrap();
+    // QoS 1 id 8, never acknowledged.
+    c.write_all(&raw::packet(0x32, &[0, 1, b't', 0, 8, b'b'])).await.unwrap();
+    let d = dying.got.clone();
+    wait_until(5 * SECOND, || d.lock().unwrap().len() == 4).await.expect("the dying broker got all four packets");
+    dying.die();
+
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        answers.push(raw::read_packet(&mut c, 5 * SECOND).await.expect("answers through the next broker"));
+    }
+    answers.sort();
+    assert_eq!(answers, vec![(0x40, vec![0, 8]), (0x70, vec![0, 7])], "PUBACK 8 and PUBCOMP 7");
+    // The next broker got the CONNECT (and the PINGREQ that ends a 3.1.1 restore), the QoS 2
+    // PUBLISH again (DUP) and its PUBREL, then the QoS 1 PUBLISH again (DUP).
+    assert_eq!(next.first_bytes(), vec![0x10, 0xc0, 0x3c, 0x62, 0x3a]);
+    c.write_all(&raw::pingreq_packet()).await.unwrap();
+    assert_eq!(raw::read_packet(&mut c, 5 * SECOND).await.unwrap().0, 0xd0, "still connected, now to the next broker");
+    assert_eq!(pool.metrics.switches.with_label_values(&["broker_down", "ok"]).get(), 1);
+    next.die();
     mg.shutdown().await;
 }
 

@@ -12,7 +12,7 @@ pub struct Event {
     pub seq: u64,
     /// Unix time in milliseconds.
     pub at_ms: u64,
-    /// `state_change`, `failover`, `passive_bar`, `passive_reopen`, `drain`, `admin`, `reload`, `session_closed`.
+    /// `state_change`, `failover`, `passive_bar`, `passive_reopen`, `drain`, `admin`, `reload`, `session_closed`, `switch`.
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,

@@ -259,15 +259,20 @@ pub struct FailoverReport {
     pub target: String,
     pub clients: usize,
     pub connected_before: usize,
-    /// Clients with a new accepted session after the hang, within the deadline.
+    /// Clients served again after the hang, within the deadline: a PINGREQ sent after it was
+    /// answered (the front end moved the session under the client's connection) or a new
+    /// session was accepted.
     pub reconnected: usize,
-    /// Seconds from the hang until the last client was connected again; `None` when some
+    /// Of those, the clients whose connection never closed (no new session needed).
+    #[serde(default)]
+    pub kept_session: usize,
+    /// Seconds from the hang until the last client was served again; `None` when some
     /// client was not back within the deadline.
     pub all_reconnected_s: Option<f64>,
     pub deadline_s: f64,
     /// Hang to the client noticing (closed by the front end, or no PINGRESP in time).
     pub noticed: Percentiles,
-    /// Hang to the client's new session.
+    /// Hang to the client being served again.
     pub reconnect: Percentiles,
     /// Clients connected again by the end of each 100 ms after the hang.
     pub timeline: Vec<u64>,
@@ -302,6 +307,8 @@ impl Drop for Resume {
 struct ClientOutcome {
     noticed: Option<Duration>,
     reconnected: Option<Duration>,
+    /// Served again on its first connection.
+    kept: bool,
     attempts: u64,
     failed: Errors,
     errors: Errors,
@@ -365,6 +372,7 @@ pub async fn failover(o: FailoverOptions, progress: bool) -> anyhow::Result<Fail
     drop(_resume);
     let mut noticed = Vec::new();
     let mut reconnect = Vec::new();
+    let mut kept_session = 0;
     let mut attempts = 0;
     let mut failed_attempts = Errors::default();
     for t in tasks {
@@ -377,6 +385,7 @@ pub async fn failover(o: FailoverOptions, progress: bool) -> anyhow::Result<Fail
         }
         if let Some(d) = r.reconnected {
             reconnect.push(d.as_nanos() as u64);
+            kept_session += usize::from(r.kept);
         }
     }
     let bucket = Duration::from_millis(100);
@@ -390,6 +399,7 @@ pub async fn failover(o: FailoverOptions, progress: bool) -> anyhow::Result<Fail
         clients: o.clients,
         connected_before,
         reconnected: reconnect.len(),
+        kept_session,
         all_reconnected_s: all,
         deadline_s: o.deadline.as_secs_f64(),
         noticed: Percentiles::from_ns(&mut noticed),
@@ -403,7 +413,8 @@ pub async fn failover(o: FailoverOptions, progress: bool) -> anyhow::Result<Fail
 }
 
 /// One client: pings every `ping_interval`; when the session dies (closed, or no PINGRESP
-/// within `ping_timeout`) reconnects with the same client id until a CONNACK accepts it.
+/// within `ping_timeout`) reconnects with the same client id until a CONNACK accepts it. It is
+/// served again at the first PINGRESP to a PINGREQ sent after the fault, or its new session.
 async fn client(
     id: String,
     mut stream: TcpStream,
@@ -420,10 +431,16 @@ async fn client(
         _ = stop.cancelled() => return out,
     }
     loop {
+        let after_fault = fault.since().is_some();
         let alive = tokio::select! {
             r = ping(&mut stream, o.ping_timeout) => r,
             _ = stop.cancelled() => return out,
         };
+        if alive && after_fault && out.reconnected.is_none() {
+            out.reconnected = fault.since();
+            out.kept = true;
+            back.fetch_add(1, Ordering::Relaxed);
+        }
         if alive {
             tokio::select! {
                 _ = tokio::time::sleep(o.ping_interval) => continue,

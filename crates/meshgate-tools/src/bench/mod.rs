@@ -340,7 +340,7 @@ pub fn table(r: &Report) -> String {
             row("target", f.target.clone());
             row("clients connected before", format!("{} of {}", f.connected_before, f.clients));
             row(
-                "all connected again after",
+                "all served again after",
                 match f.all_reconnected_s {
                     Some(s) => format!("{s:.2} s"),
                     None => {
@@ -348,9 +348,10 @@ pub fn table(r: &Report) -> String {
                     }
                 },
             );
+            row("kept their connection", format!("{} of {}", f.kept_session, f.reconnected));
             row("noticed p50 / max", format!("{} / {}", us(f.noticed.p50_us), us(f.noticed.max_us)));
             row(
-                "reconnected p50 / p99 / max",
+                "served again p50 / p99 / max",
                 format!("{} / {} / {}", us(f.reconnect.p50_us), us(f.reconnect.p99_us), us(f.reconnect.max_us)),
             );
             row("connect attempts", f.connect_attempts.to_string());

@@ -451,7 +451,12 @@ pub fn one_line(r: &Report) -> String {
             errors(i.errors.total)
         ),
         Report::Failover(f) => match f.all_reconnected_s {
-            Some(s) => format!("all {} back after {s:.2} s{}", f.connected_before, errors(f.errors.total)),
+            Some(s) => format!(
+                "all {} back after {s:.2} s ({} without reconnecting){}",
+                f.connected_before,
+                f.kept_session,
+                errors(f.errors.total)
+            ),
             None => format!(
                 "{} of {} back within {:.0} s{}",
                 f.reconnected,

@@ -357,6 +357,9 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
     // Fault windows: from just before the fault until every client it cut off is back.
     let mut windows = Vec::new();
     let mut reconnect_times = Vec::new();
+    // Clients whose connection closed, per fault: while it lasted, and when the broker came back.
+    let mut cut_by_fault = Vec::new();
+    let mut cut_by_recovery = vec![0usize; faults.len()];
     for (k, f) in faults.iter().enumerate() {
         // Clients cut off while the fault lasts; sessions moved back after the recovery
         // belong to the recovery's window below.
@@ -377,6 +380,7 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
             }
         }
         windows.push((f.at - IN_FLIGHT, back_at));
+        cut_by_fault.push(cut.len());
     }
     // The recovery a cycle later opens a window too: meshgate moves sessions back to the
     // recovered broker (failback), and a clean-session subscriber misses what is published
@@ -385,6 +389,7 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
         let Some(rec) = f.recovered_at else { continue };
         let until = faults.get(k + 1).map(|n| n.at).unwrap_or(end + 10.0).min(rec + 5.0);
         let mut close = rec;
+        cut_by_recovery[k] = log.losses.iter().filter(|(_, at)| *at >= rec && *at < until).count();
         for (c, at) in log.losses.iter().filter(|(_, at)| *at >= rec && *at < until) {
             if let Some((_, b)) = log.reconnects.iter().find(|(rc, b)| rc == c && *b >= *at) {
                 close = close.max(*b);
@@ -449,6 +454,8 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
             format!("{} {}", f.kind, f.broker),
             gap.map(|g| format!("{g:.2} s")).unwrap_or_else(|| "never (until recovery)".into()),
             fails.to_string(),
+            cut_by_fault[k].to_string(),
+            cut_by_recovery[k].to_string(),
             format!("{:.2} s", wb - wa - IN_FLIGHT),
             in_window.to_string(),
         ]);
@@ -463,6 +470,7 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
     r.metric("out_of_order", log.out_of_order as f64, "");
     r.metric("connect_attempts", log.connects.len() as f64, "");
     r.metric("failed_connects", failed_connects as f64, "");
+    r.metric("client_disconnects", log.losses.len() as f64, "");
     r.metric("worst_takeover_s", if all_taken_over { worst_takeover } else { f64::NAN }, "s");
     reconnect_times.sort_by(f64::total_cmp);
     r.metric("reconnect_p50_s", percentile(&reconnect_times, 0.5), "s");
@@ -474,10 +482,11 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
         && lost_outside <= opts.max_lost_outside
         && !acked.is_empty();
     r.summary = format!(
-        "{} faults in {:.0} s: {} acknowledged, {lost_outside} lost outside fault windows ({lost_inside} inside), {failed_connects} failed connects, worst takeover {}",
+        "{} faults in {:.0} s: {} acknowledged, {lost_outside} lost outside fault windows ({lost_inside} inside), {failed_connects} failed connects, {} client disconnects, worst takeover {}",
         faults.len(),
         end,
         acked.len(),
+        log.losses.len(),
         if all_taken_over { format!("{worst_takeover:.2} s") } else { "never".into() }
     );
     if !takeover_ok {
@@ -501,9 +510,19 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
     }
     r.tables.push(Table {
         title: "faults".into(),
-        columns: ["#", "at", "fault", "takeover", "failed connects", "window", "acked in window"]
-            .map(String::from)
-            .to_vec(),
+        columns: [
+            "#",
+            "at",
+            "fault",
+            "takeover",
+            "failed connects",
+            "clients cut off",
+            "cut off at recovery",
+            "window",
+            "acked in window",
+        ]
+        .map(String::from)
+        .to_vec(),
         rows,
     });
     let markers: Vec<(f64, String)> = faults

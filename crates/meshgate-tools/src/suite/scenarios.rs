@@ -291,7 +291,8 @@ struct Attempt {
 
 /// Hang the active broker and recover it, then kill it and restart it. For each
 /// fault: when new clients connect again, how many connects failed, how long existing clients
-/// take to be connected again.
+/// take to be served again, and how many of them had to reconnect (meshgate switches them
+/// under their open connections; a front end that closes them makes them reconnect).
 pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
     let mut r = ScenarioResult::new("failover");
     let mut passed = true;
@@ -318,7 +319,7 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
         }
         let phase = fault_phase(t, opts, fault, &active).await;
         let back = phase.back_after_s;
-        let ok = back.is_some() && phase.failed == 0 && phase.reconnected == phase.affected;
+        let ok = back.is_some() && phase.failed == 0 && phase.back_s.len() == phase.existing;
         passed &= ok;
         let back_txt = back
             .map(|b| format!("{:.2} s", b))
@@ -329,19 +330,18 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
         r.metric(&format!("{label}_connect_attempts"), phase.attempts.len() as f64, "");
         r.metric(&format!("{label}_existing_affected"), phase.affected as f64, "");
         r.metric(&format!("{label}_existing_reconnected"), phase.reconnected as f64, "");
-        r.metric(&format!("{label}_existing_reconnect_p50_s"), percentile(&phase.reconnect_s, 0.5), "s");
-        r.metric(
-            &format!("{label}_existing_reconnect_max_s"),
-            phase.reconnect_s.last().copied().unwrap_or(f64::NAN),
-            "s",
-        );
+        r.metric(&format!("{label}_existing_kept"), phase.kept as f64, "");
+        r.metric(&format!("{label}_existing_back"), phase.back_s.len() as f64, "");
+        r.metric(&format!("{label}_existing_back_p50_s"), percentile(&phase.back_s, 0.5), "s");
+        r.metric(&format!("{label}_existing_back_max_s"), phase.back_s.last().copied().unwrap_or(f64::NAN), "s");
         table.push(vec![
             label.to_string(),
             active.clone(),
             back_txt,
             format!("{}/{}", phase.failed, phase.attempts.len()),
+            format!("{} of {}", phase.kept, phase.existing),
             format!("{}/{}", phase.reconnected, phase.affected),
-            phase.reconnect_s.last().map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into()),
+            phase.back_s.last().map(|v| format!("{v:.2} s")).unwrap_or_else(|| "-".into()),
         ]);
         let ok_pts: Vec<(f64, f64)> = phase.attempts.iter().filter(|a| a.ok).map(|a| (a.start, a.latency_ms)).collect();
         let bad_pts: Vec<(f64, f64)> =
@@ -359,12 +359,12 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
             markers: vec![(0.0, format!("{active} {label}ed")), (phase.restored_at_s, format!("{active} recovered"))],
         });
         r.charts.push(Chart {
-            title: format!("{label} {active}: existing clients connected again after"),
+            title: format!("{label} {active}: existing clients served again after"),
             kind: ChartKind::Histogram,
             x_label: "seconds".into(),
             y_label: "clients".into(),
             categories: vec![],
-            series: vec![Series { name: "clients".into(), points: histogram(&phase.reconnect_s) }],
+            series: vec![Series { name: "clients".into(), points: histogram(&phase.back_s) }],
             markers: vec![],
         });
     }
@@ -382,8 +382,9 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
             "broker",
             "new clients back after",
             "failed connects",
+            "existing clients kept their connection",
             "cut existing clients reconnected",
-            "slowest reconnect",
+            "slowest existing client served again",
         ]
         .map(String::from)
         .to_vec(),
@@ -408,10 +409,15 @@ struct Phase {
     attempts: Vec<Attempt>,
     failed: usize,
     back_after_s: Option<f64>,
+    existing: usize,
     /// Existing clients that lost their connection during the fault.
     affected: usize,
     reconnected: usize,
-    reconnect_s: Vec<f64>,
+    /// Existing clients served again without losing their connection (moved under it).
+    kept: usize,
+    /// When each existing client was served again after the fault (a ping sent after it
+    /// answered, or its new session), sorted.
+    back_s: Vec<f64>,
     restored_at_s: f64,
 }
 
@@ -423,11 +429,12 @@ async fn fault_phase(t: &Target, opts: &Options, fault: Fault, active: &str) -> 
     // Per existing client: when it lost its connection, and when it was connected again (first time).
     let lost: Arc<Mutex<BTreeMap<usize, f64>>> = Arc::default();
     let reconnects: Arc<Mutex<BTreeMap<usize, f64>>> = Arc::default();
+    let served: Arc<Mutex<BTreeMap<usize, f64>>> = Arc::default();
     let mut existing = JoinSet::new();
     let ready = Arc::new(tokio::sync::Semaphore::new(0));
     for i in 0..EXISTING {
         let (front, stop, t0, ready) = (t.front.clone(), stop.clone(), t0.clone(), ready.clone());
-        let (lost, reconnects) = (lost.clone(), reconnects.clone());
+        let (lost, reconnects, served) = (lost.clone(), reconnects.clone(), served.clone());
         let id = format!("suite-ex-{tag}-{i}");
         existing.spawn(async move {
             let mut c = loop {
@@ -446,7 +453,12 @@ async fn fault_phase(t: &Target, opts: &Options, fault: Fault, active: &str) -> 
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
+                let sent_at = *t0.lock().unwrap();
                 if c.ping(Duration::from_secs(1)).await.is_ok() {
+                    // Served again: a ping sent after the fault was answered.
+                    if let Some(t0) = sent_at {
+                        served.lock().unwrap().entry(i).or_insert(t0.elapsed().as_secs_f64());
+                    }
                     continue;
                 }
                 if let Some(t0) = *t0.lock().unwrap() {
@@ -460,7 +472,9 @@ async fn fault_phase(t: &Target, opts: &Options, fault: Fault, active: &str) -> 
                         Ok((nc, 0, _)) => {
                             c = nc;
                             if let Some(t0) = *t0.lock().unwrap() {
-                                reconnects.lock().unwrap().entry(i).or_insert(t0.elapsed().as_secs_f64());
+                                let at = t0.elapsed().as_secs_f64();
+                                reconnects.lock().unwrap().entry(i).or_insert(at);
+                                served.lock().unwrap().entry(i).or_insert(at);
                             }
                             break;
                         }
@@ -530,20 +544,25 @@ async fn fault_phase(t: &Target, opts: &Options, fault: Fault, active: &str) -> 
         .min_by(f64::total_cmp)
         .filter(|b| *b <= restored_at_s);
     let lost = lost.lock().unwrap().clone();
-    let mut reconnect_s: Vec<f64> = reconnects
+    let reconnect_s: Vec<f64> = reconnects
         .lock()
         .unwrap()
         .iter()
         .filter(|(i, v)| lost.contains_key(i) && **v <= restored_at_s)
         .map(|(_, v)| *v)
         .collect();
-    reconnect_s.sort_by(f64::total_cmp);
+    let served = served.lock().unwrap().clone();
+    let mut back_s: Vec<f64> = served.values().copied().filter(|v| *v <= restored_at_s).collect();
+    back_s.sort_by(f64::total_cmp);
+    let kept = served.iter().filter(|(i, v)| !lost.contains_key(i) && **v <= restored_at_s).count();
     Phase {
         failed,
         back_after_s,
+        existing: EXISTING,
         affected: lost.len(),
         reconnected: reconnect_s.len(),
-        reconnect_s,
+        kept,
+        back_s,
         restored_at_s,
         attempts,
     }

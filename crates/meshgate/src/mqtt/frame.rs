@@ -36,19 +36,41 @@ enum Scanned<'a> {
     Body(&'a [u8], bool),
 }
 
+/// How much of a packet `FrameScanner::feed_capture` is to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Skip,
+    /// The whole body, if it is at most this long (else as much as fits).
+    Whole(usize),
+    /// Only as far as the packet identifier: the first two bytes of an acknowledgement, or a
+    /// PUBLISH's topic and identifier (never its payload).
+    PacketId,
+}
+
 /// A packet body being assembled by `FrameScanner::feed_capture`.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Capture {
-    current: Option<Header>,
+    current: Option<(Header, Want)>,
     buf: Vec<u8>,
-    overflow: bool,
-    limit: usize,
 }
 
 impl Capture {
-    /// Bodies longer than `limit` are reported as `None` instead of being kept.
-    pub fn new(limit: usize) -> Capture {
-        Capture { current: None, buf: Vec::new(), overflow: false, limit }
+    pub fn new() -> Capture {
+        Capture::default()
+    }
+}
+
+/// How many body bytes `want` asks for, as far as `got` tells (a PUBLISH's topic length comes
+/// first).
+fn wanted_len(h: Header, want: Want, got: &[u8]) -> usize {
+    match want {
+        Want::Skip => 0,
+        Want::Whole(limit) => limit,
+        Want::PacketId if h.kind() == kind::PUBLISH => match got {
+            [a, b, ..] => 2 + usize::from(u16::from_be_bytes([*a, *b])) + 2,
+            _ => 2,
+        },
+        Want::PacketId => 2,
     }
 }
 
@@ -76,36 +98,52 @@ impl FrameScanner {
         })
     }
 
-    /// Like `feed`, and also hands `on_captured` the whole body of every packet whose type
-    /// `want` accepts, assembled in `cap` across reads. Used only for the few packet types
-    /// meshgate must read (a persistent session's SUBSCRIBE and SUBACK), so ordinary traffic
-    /// is still only counted.
+    /// Like `feed`, and also hands `on_captured` the body of every packet `want` asks for,
+    /// assembled in `cap` across reads, with `true` when it holds all that was asked (`false`:
+    /// a whole body over its limit, of which it holds the start). The callee may take the
+    /// buffer. Used only for the packets meshgate must read (subscriptions, QoS flows), so
+    /// ordinary traffic is still only counted.
     pub fn feed_capture(
         &mut self,
         data: &[u8],
-        want: impl Fn(u8) -> bool,
+        want: impl Fn(Header) -> Want,
         cap: &mut Capture,
         mut on_packet: impl FnMut(Header),
-        mut on_captured: impl FnMut(Header, Option<&[u8]>),
+        mut on_captured: impl FnMut(Header, &mut Vec<u8>, bool),
     ) -> Result<(), FrameError> {
         self.scan(data, |e| match e {
             Scanned::Header(h) => {
                 on_packet(h);
-                cap.current = want(h.kind()).then_some(h);
+                let w = want(h);
+                cap.current = (w != Want::Skip).then_some((h, w));
                 cap.buf.clear();
-                cap.overflow = false;
             }
-            Scanned::Body(chunk, last) => {
-                let Some(h) = cap.current else { return };
-                if cap.buf.len() + chunk.len() > cap.limit {
-                    cap.overflow = true;
-                } else if !cap.overflow {
-                    cap.buf.extend_from_slice(chunk);
+            Scanned::Body(mut chunk, last) => {
+                let Some((h, w)) = cap.current else { return };
+                // Taken a piece at a time: a PUBLISH says how much of it is wanted only once
+                // its topic length is in.
+                while !chunk.is_empty() {
+                    let room = wanted_len(h, w, &cap.buf).saturating_sub(cap.buf.len());
+                    if room == 0 {
+                        break;
+                    }
+                    let n = room.min(chunk.len()).min(if cap.buf.len() < 2 { 2 - cap.buf.len() } else { usize::MAX });
+                    cap.buf.extend_from_slice(&chunk[..n]);
+                    chunk = &chunk[n..];
                 }
                 if last {
-                    on_captured(h, (!cap.overflow).then_some(&cap.buf[..]));
+                    let complete = match w {
+                        Want::Whole(limit) => h.remaining as usize <= limit,
+                        _ => cap.buf.len() >= wanted_len(h, w, &cap.buf),
+                    };
+                    on_captured(h, &mut cap.buf, complete);
                     cap.current = None;
-                    cap.buf = Vec::new();
+                    // A small buffer is kept for the next acknowledgement; a large one is not
+                    // held by an idle session.
+                    if cap.buf.capacity() > 256 {
+                        cap.buf = Vec::new();
+                    }
+                    cap.buf.clear();
                 }
             }
         })
@@ -156,6 +194,12 @@ impl FrameScanner {
             }
         }
         Ok(())
+    }
+
+    /// Body bytes of the current packet still to come, once its header is complete (`None`
+    /// while in the middle of a fixed header).
+    pub fn left_in_packet(&self) -> Option<u32> {
+        (self.header_len == 0).then_some(self.body_left)
     }
 
     /// True between packets: nothing of a packet is pending.
@@ -231,16 +275,22 @@ mod tests {
         ];
         for split in [1usize, 3, 7, bytes.len()] {
             let mut s = FrameScanner::new(1024);
-            let mut cap = Capture::new(64);
+            let mut cap = Capture::new();
             let mut got: Vec<(u8, Vec<u8>)> = Vec::new();
             let mut headers = 0;
             for chunk in bytes.chunks(split) {
                 s.feed_capture(
                     chunk,
-                    |k| k == 8 || k == 11 || k == 12,
+                    |h| match h.kind() {
+                        8 | 11 | 12 => Want::Whole(64),
+                        _ => Want::Skip,
+                    },
                     &mut cap,
                     |_| headers += 1,
-                    |h, b| got.push((h.kind(), b.unwrap().to_vec())),
+                    |h, b, whole| {
+                        assert!(whole);
+                        got.push((h.kind(), b.to_vec()))
+                    },
                 )
                 .unwrap();
             }
@@ -254,14 +304,42 @@ mod tests {
     }
 
     #[test]
-    fn capture_over_limit_is_reported_as_none() {
+    fn capture_over_limit_keeps_its_start_and_says_so() {
         let mut s = FrameScanner::new(1024);
-        let mut cap = Capture::new(4);
+        let mut cap = Capture::new();
         let mut got = Vec::new();
         let bytes = [0x82, 0x08, 0x00, 0x01, 0x00, 0x03, b'a', b'/', b'b', 0x01, 0xc0, 0x00];
-        s.feed_capture(&bytes, |k| k == 8 || k == 12, &mut cap, |_| {}, |h, b| got.push((h.kind(), b.is_some())))
-            .unwrap();
-        assert_eq!(got, vec![(8, false), (12, true)]);
+        let want = |h: Header| if h.kind() == 8 || h.kind() == 12 { Want::Whole(4) } else { Want::Skip };
+        s.feed_capture(&bytes, want, &mut cap, |_| {}, |h, b, whole| got.push((h.kind(), b.to_vec(), whole))).unwrap();
+        assert_eq!(got, vec![(8, vec![0, 1, 0, 3], false), (12, vec![], true)]);
+    }
+
+    #[test]
+    fn packet_id_capture_reads_a_publish_up_to_its_identifier_only() {
+        // PUBLISH QoS 1 "a/b" id 0x0102, payload of 300 bytes; PUBACK id 9.
+        let mut bytes = vec![0x32, 0xb3, 0x02, 0x00, 0x03, b'a', b'/', b'b', 0x01, 0x02];
+        bytes.extend(std::iter::repeat_n(7u8, 300));
+        bytes.extend([0x40, 0x02, 0x00, 0x09]);
+        for split in [1usize, 2, 5, bytes.len()] {
+            let mut s = FrameScanner::new(1024);
+            let mut cap = Capture::new();
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(split) {
+                s.feed_capture(
+                    chunk,
+                    |_| Want::PacketId,
+                    &mut cap,
+                    |_| {},
+                    |h, b, whole| got.push((h.kind(), b.to_vec(), whole)),
+                )
+                .unwrap();
+            }
+            assert_eq!(
+                got,
+                vec![(3, vec![0, 3, b'a', b'/', b'b', 1, 2], true), (4, vec![0, 9], true)],
+                "split {split}"
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod subscribe;
 
 pub use connack::{Connack, ConnackError};
 pub use connect::{Connect, ConnectError};
-pub use frame::{Capture, FrameError, FrameScanner};
+pub use frame::{Capture, FrameError, FrameScanner, Want};
 
 /// The protocol a CONNECT's level names, as the API shows it.
 pub fn protocol_name(level: u8) -> &'static str {

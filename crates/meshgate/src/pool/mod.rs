@@ -78,6 +78,10 @@ pub struct Broker {
     active: AtomicU64,
     total: AtomicU64,
     removed: AtomicBool,
+    /// Sessions asked to leave this broker because it failed whose new broker is not ready
+    /// yet: each waits (briefly) for the others, so a publisher's resent messages do not reach
+    /// the new broker before a subscriber's subscriptions do.
+    evacuating: tokio::sync::watch::Sender<usize>,
 }
 
 impl Broker {
@@ -98,6 +102,7 @@ impl Broker {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
             removed: AtomicBool::new(false),
+            evacuating: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -136,6 +141,24 @@ impl Broker {
     pub fn total_sessions(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
+    /// Waits until every session leaving this failed broker has its new broker ready, or
+    /// `limit` passed.
+    pub async fn evacuated(&self, limit: std::time::Duration) {
+        let mut rx = self.evacuating.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+    }
+
+    fn evacuation_joined(&self) {
+        self.evacuating.send_modify(|n| *n += 1);
+    }
+
+    fn evacuation_left(&self) {
+        self.evacuating.send_modify(|n| {
+            debug_assert!(*n > 0, "an evacuation left that never joined");
+            *n = n.saturating_sub(1)
+        });
+    }
+
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Relaxed)
     }
@@ -412,7 +435,7 @@ impl Pool {
             );
             self.hooks.broker_changed(&broker.name, true);
             if self.proxy.load().on_down == OnDown::Close {
-                self.close_sessions(&broker.name, "broker_down");
+                self.move_sessions(&broker.name, "broker_down");
             }
         }
         self.after_change();
@@ -520,6 +543,7 @@ impl Pool {
     }
 
     fn unregister(&self, s: &Session) {
+        s.evacuated();
         let last = self.sessions.lock().remove(s);
         if last && s.info.persistent {
             self.hooks.client_gone(&s.info.client_id);
@@ -548,11 +572,16 @@ impl Pool {
         self.sessions.lock().of(client_id).first().map(|s| s.broker.name.clone())
     }
 
-    /// Moves every session off `broker` at once (it was disabled): switched under their
-    /// clients' connections with `[proxy] move = "switch"`, closed otherwise.
+    /// Moves every session off `broker` at once (it failed, or was disabled): switched under
+    /// their clients' connections with `[proxy] move = "switch"`, closed otherwise.
     pub fn move_sessions(&self, broker: &str, reason: &'static str) -> usize {
         if self.proxy.load().moves == crate::config::Move::Close {
-            return self.close_sessions(broker, reason);
+            let n = self.close_sessions(broker, reason);
+            if n > 0 {
+                let message = format!("closed {n} session(s) on {broker} ({reason}); their clients reconnect");
+                self.events.push("session_closed", Some(broker), message);
+            }
+            return n;
         }
         let movers: Vec<_> = self
             .sessions
@@ -562,11 +591,19 @@ impl Pool {
             .filter(|s| s.broker.name == broker && !s.is_closing())
             .cloned()
             .collect();
+        let failed = reason == "broker_down";
+        let mut asked = 0;
         for s in &movers {
-            s.request_move(reason);
+            let newly = if failed { s.request_evacuation(reason) } else { s.request_move(reason) };
+            asked += usize::from(newly);
         }
-        if !movers.is_empty() {
+        if asked > 0 {
             tracing::info!(broker, reason, count = movers.len(), "moving sessions to another broker");
+            let message = format!(
+                "switching {} session(s) off {broker} ({reason}) under their clients' connections",
+                movers.len()
+            );
+            self.events.push("switch", Some(broker), message);
         }
         movers.len()
     }

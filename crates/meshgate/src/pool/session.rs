@@ -81,6 +81,8 @@ pub struct Session {
     /// Asked to move to another broker under its open client connection (`close_reason`
     /// says why) rather than to close.
     moving: std::sync::atomic::AtomicBool,
+    /// Counted among the sessions leaving its failed broker (`Broker::evacuated`).
+    evacuating: std::sync::atomic::AtomicBool,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub packets_in: AtomicU64,
@@ -98,6 +100,7 @@ impl Session {
             cancel: closing.child_token(),
             close_reason: Mutex::new(None),
             moving: std::sync::atomic::AtomicBool::new(false),
+            evacuating: std::sync::atomic::AtomicBool::new(false),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             packets_in: AtomicU64::new(0),
@@ -115,16 +118,39 @@ impl Session {
 
     /// Asks the session's task to move the session to the broker that takes new clients,
     /// keeping the client's connection; the task closes it (for `reason`) where it cannot.
-    pub fn request_move(&self, reason: &'static str) {
+    /// `false` when it was closing or moving already (for that reason, which stands).
+    pub fn request_move(&self, reason: &'static str) -> bool {
+        self.ask_to_move(reason, false)
+    }
+
+    /// Like `request_move`, for a session leaving a failed broker: counted among those the
+    /// others wait for (`Broker::evacuated`) before its task can see the request.
+    pub(super) fn request_evacuation(&self, reason: &'static str) -> bool {
+        self.ask_to_move(reason, true)
+    }
+
+    fn ask_to_move(&self, reason: &'static str, evacuating: bool) -> bool {
         let mut why = self.close_reason.lock();
-        // Already closing (or moving) for another reason: that stands.
         if why.is_some() {
-            return;
+            return false;
         }
         *why = Some(reason);
         self.moving.store(true, Ordering::Relaxed);
+        if evacuating {
+            self.evacuating.store(true, Ordering::Relaxed);
+            self.broker.evacuation_joined();
+        }
         drop(why);
         self.cancel.cancel();
+        true
+    }
+
+    /// This session's new broker is ready (or it will not move): the others leaving its failed
+    /// broker need not wait for it.
+    pub fn evacuated(&self) {
+        if self.evacuating.swap(false, Ordering::Relaxed) {
+            self.broker.evacuation_left();
+        }
     }
 
     /// The reason a move was requested for, if one was.

@@ -33,8 +33,13 @@ thread_local! {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
+    /// Reading failed.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// Writing to the other side failed: which socket broke matters to a session that must
+    /// tell a failed broker from a client that left.
+    #[error("writing: {0}")]
+    Write(io::Error),
     #[error("client sent a malformed stream: {0}")]
     Malformed(#[from] FrameError),
 }
@@ -65,6 +70,13 @@ impl Held {
     /// Everything read has been handed to the destination.
     pub fn is_empty(&self) -> bool {
         self.pending.is_none() && !self.unflushed
+    }
+
+    /// What was read but not yet written (the destination failed: a session leaving a failed
+    /// broker takes it over), and whether the destination may hold unflushed bytes.
+    pub fn take(&mut self) -> (Vec<u8>, bool) {
+        let pending = self.pending.take().map(|b| *b).unwrap_or_default();
+        (pending, std::mem::take(&mut self.unflushed))
     }
 }
 
@@ -144,7 +156,7 @@ impl Direction<'_> {
         if self.side.held.unflushed {
             // Pending registers the write wake-up, which polls this direction again.
             if let Poll::Ready(r) = Pin::new(&mut *to).poll_flush(cx) {
-                r?;
+                r.map_err(ForwardError::Write)?;
                 self.side.held.unflushed = false;
             }
         }
@@ -159,10 +171,10 @@ impl Direction<'_> {
         loop {
             let held = &mut *self.side.held;
             if let Some(pending) = &mut held.pending {
-                let n = ready!(Pin::new(&mut *to).poll_write(cx, pending))?;
+                let n = ready!(Pin::new(&mut *to).poll_write(cx, pending)).map_err(ForwardError::Write)?;
                 held.unflushed = true;
                 if n == 0 {
-                    return Poll::Ready(Err(io::Error::from(ErrorKind::WriteZero).into()));
+                    return Poll::Ready(Err(ForwardError::Write(ErrorKind::WriteZero.into())));
                 }
                 pending.drain(..n);
                 if pending.is_empty() {
@@ -210,12 +222,12 @@ impl Direction<'_> {
         let mut off = 0;
         while off < data.len() {
             match Pin::new(&mut *to).poll_write(cx, &data[off..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::Error::from(ErrorKind::WriteZero).into())),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(ForwardError::Write(ErrorKind::WriteZero.into()))),
                 Poll::Ready(Ok(k)) => {
                     off += k;
                     self.side.held.unflushed = true;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(ForwardError::Write(e))),
                 // The write wake-up is registered; the rest waits on the heap.
                 Poll::Pending => {
                     self.side.held.pending = Some(Box::new(data[off..].to_vec()));

@@ -38,10 +38,16 @@ pub struct Proxy {
     /// deliveries from its old broker at the cut (`switch`).
     pub replicated: bool,
     refusals: limits::RefusalLog,
+    /// Per broker, the last verdict on whether it is gone (`session::broker_gone`): one check at
+    /// a time, shared by every session the broker closed at once.
+    gone_checks: parking_lot::Mutex<std::collections::HashMap<String, GoneCheck>>,
 }
 
+/// One broker's gone-or-not check: taken by one session at a time, the verdict kept briefly.
+type GoneCheck = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>>;
+
 /// Why sessions move (the `reason` of `meshgate_session_switches_total`).
-pub const MOVE_REASONS: [&str; 4] = ["failback", "drain", "broker_disabled", "broker_removed"];
+pub const MOVE_REASONS: [&str; 5] = ["failback", "drain", "broker_disabled", "broker_removed", "broker_down"];
 
 /// Every `reason` of `meshgate_rejected_connections_total`: the setup's (`session`), the
 /// admission limits' (`limits`) and the TLS handshake's.
@@ -59,6 +65,10 @@ pub const REJECT_REASONS: [&str; 10] = [
 ];
 
 impl Proxy {
+    fn gone_check(&self, broker: &str) -> GoneCheck {
+        self.gone_checks.lock().entry(broker.to_string()).or_default().clone()
+    }
+
     /// Every counter series whose labels are known now, at zero: brokers by upstream failure
     /// reason, refusals, session closes, reload results and persistent-session operations.
     /// Called at start and after each reload (new brokers).
@@ -100,6 +110,7 @@ impl Proxy {
             limits: Default::default(),
             acceptor: Default::default(),
             refusals: Default::default(),
+            gone_checks: Default::default(),
         }
     }
 
@@ -181,7 +192,9 @@ pub async fn rebalance_loop(pool: Arc<Pool>, stop: CancellationToken) {
                 debug!(session = session.id, client_id = %session.info.client_id, broker = %session.broker.name, why, "moving session");
                 // A switch that fails closes the session and counts it there.
                 match pool.proxy_config().moves {
-                    crate::config::Move::Switch => session.request_move(why),
+                    crate::config::Move::Switch => {
+                        session.request_move(why);
+                    }
                     crate::config::Move::Close => {
                         session.close(why);
                         pool.metrics.sessions_closed.with_label_values(&[why]).inc();
@@ -197,6 +210,11 @@ pub async fn rebalance_loop(pool: Arc<Pool>, stop: CancellationToken) {
         if idle {
             for ((broker, why), n) in std::mem::take(&mut moved) {
                 info!(broker = %broker, why, sessions = n, "moved {n} session(s) off {broker} ({why})");
+                let (kind, how) = match pool.proxy_config().moves {
+                    crate::config::Move::Switch => ("switch", "switched under their clients' connections"),
+                    crate::config::Move::Close => ("session_closed", "closed; their clients reconnect"),
+                };
+                pool.events.push(kind, Some(&broker), format!("moved {n} session(s) off {broker} ({why}): {how}"));
             }
         }
         tokio::select! {

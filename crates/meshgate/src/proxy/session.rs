@@ -183,8 +183,38 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
             // Also fires when meshgate shuts down: the session's token is a child of the pool's.
             _ = session.cancelled() => None,
         };
-        if ended.is_some() || proxy.pool.closing.is_cancelled() {
+        if proxy.pool.closing.is_cancelled() {
             break ended;
+        }
+        if let Some(e) = &ended {
+            // A broker that closed the connection and no longer takes one has failed: every
+            // session there moves, without waiting for its probes to say so.
+            // The broker's socket ended: it closed, reading from it failed, or writing to it
+            // did (not writing to the client: that client is gone).
+            let broke = matches!(
+                e,
+                Ended::BrokerClosed
+                    | Ended::BrokerSide(ForwardError::Io(_))
+                    | Ended::ClientSide(ForwardError::Write(_))
+            );
+            let cfg = proxy.pool.proxy_config();
+            if !broke || cfg.moves == Move::Close || cfg.on_down != crate::config::OnDown::Close {
+                break ended;
+            }
+            let broker = live.session.broker.clone();
+            if live.session.move_requested().is_none() {
+                // Another session's check may settle it first (its move request cancels this).
+                let gone = tokio::select! {
+                    gone = broker_gone(proxy, &broker) => gone,
+                    _ = live.session.cancelled() => false,
+                };
+                if gone {
+                    proxy.pool.move_sessions(&broker.name, "broker_down");
+                }
+            }
+            if live.session.move_requested() != Some("broker_down") {
+                break ended;
+            }
         }
         let Some(why) = live.session.move_requested() else { break ended };
         if proxy.pool.proxy_config().moves == Move::Close {
@@ -252,6 +282,62 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
     });
 }
 
+/// Whether `broker`, which closed a session's connection, is gone: its probes say so, or it
+/// refuses a connection, or does not answer a CONNECT, now and 100 ms later. (A TCP connect
+/// alone is not enough: a killed broker's listening socket may take one for a moment after
+/// its connections closed.) A broker that answers, refusals included, is there and closed the
+/// session on purpose. One check runs per broker at a time; sessions it closed together share
+/// the verdict, and a gone broker counts as a passive failure, so no new session or failback
+/// picks it before its probes catch up.
+async fn broker_gone(proxy: &Proxy, broker: &Broker) -> bool {
+    const FRESH: Duration = Duration::from_secs(1);
+    if broker.probe_up() == Some(false) {
+        return true;
+    }
+    let check = proxy.gone_check(&broker.name);
+    let mut verdict = check.lock().await;
+    if let Some((at, gone)) = *verdict {
+        if at.elapsed() < FRESH {
+            return gone;
+        }
+    }
+    // Why it is gone: the check's own failure, counted like any failed attempt.
+    let mut gone: Option<&'static str> = None;
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let id = format!("meshgate-check-{}-{}", std::process::id(), CHECKS.fetch_add(1, Ordering::Relaxed));
+        let connect = mqtt::encode::connect(4, &id, true, 5, None, None);
+        match proxy.upstream.handshake(&broker.config(), &connect, 4).await {
+            Ok((mut conn, _, _)) => {
+                let _ = timeout(Duration::from_millis(200), write_all(&mut conn, &mqtt::encode::disconnect())).await;
+                gone = None;
+                break;
+            }
+            // "Server unavailable" or "busy": it answered.
+            Err(crate::upstream::AttemptError::Refused { .. }) => {
+                gone = None;
+                break;
+            }
+            Err(e @ (crate::upstream::AttemptError::Connect(_) | crate::upstream::AttemptError::ConnectTimeout(_))) => {
+                gone = Some(e.reason());
+                break;
+            }
+            // Closed before its CONNACK, or none in time: a broker dying (or hung), or one
+            // at its connection limit; the second look tells them apart.
+            Err(e) => gone = Some(e.reason()),
+        }
+    }
+    if let Some(reason) = gone {
+        proxy.pool.record_failure(broker, reason);
+    }
+    *verdict = Some((tokio::time::Instant::now(), gone.is_some()));
+    gone.is_some()
+}
+
+static CHECKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The MQTT 5 DISCONNECT reason for a session meshgate closes: the server is shutting down
 /// (0x8B), another session took this client id over (0x8E), or the client should use another
 /// server (0x9C: its broker went down, was disabled or drained, or a move could not switch).
@@ -308,6 +394,10 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
 
     let max_subs = proxy.durable.config().max_subscriptions;
     let mut track = Track::new(connect.client_id.clone(), connect.version, max_subs);
+    if cfg.moves == Move::Close || cfg.on_down != crate::config::OnDown::Close {
+        // Never switched off a failed broker: nothing to send again, so nothing is copied.
+        track = track.without_copies();
+    }
     if turn.is_some() && ack.code == 0 {
         let broker = &lease.broker().name;
         // Accepted: a clean CONNECT has now ended the old session on this broker.

@@ -16,9 +16,23 @@
 //! 4. the switch: DISCONNECT to the old broker (its copy of the will is discarded), what the
 //!    client sent meanwhile to the new one, and forwarding goes on there.
 //!
+//! A session whose broker failed (its probes say down, or it closed the connection and no
+//! longer accepts one) moves the same way, without the old broker:
+//! 1. the new session is made as above, without forwarding meanwhile; every session leaving
+//!    the failed broker then waits briefly for the others' (`Broker::evacuated`), so what a
+//!    publisher sends again is not published before a subscriber is subscribed there;
+//! 2. what the old broker had sent whole goes to the client; what the client sent it and it
+//!    never acknowledged (its QoS 1/2 PUBLISHes, copied in `track`) goes to the new broker
+//!    again, marked DUP; QoS 2 flows whose message already arrived are finished by meshgate
+//!    in the old broker's place (PUBREL, PUBCOMP);
+//! 3. the cut: until the client has acknowledged everything the old broker delivered, its
+//!    acknowledgements end there and everything else waits for the new broker, so the two
+//!    brokers' packet identifiers never meet at the client.
+//!
 //! What cannot move this way closes as before, and says why: MQTT 5 enhanced
 //! authentication, subscriptions not all known, no broker to move to, the new broker refusing,
-//! QoS flows still open on the old broker after the deadline.
+//! QoS flows still open on the old broker after the deadline, a failed broker's packet cut
+//! off halfway to the client, or a PUBLISH it never acknowledged that was not copied.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,6 +52,12 @@ use crate::upstream::AttemptError;
 /// How long both brokers deliver to a moving session before the old one stops: longer than
 /// replication takes to copy a message from one broker to another on a healthy network.
 const OVERLAP: Duration = Duration::from_millis(100);
+
+/// How long a session leaving a failed broker waits for the others' new sessions (step 1 of
+/// a failed broker's move): a publisher's messages sent again must not reach the new broker
+/// before a subscriber's subscriptions do, and the clients' delivery gap grows by what this
+/// waits.
+const EVACUATION_WAIT: Duration = Duration::from_millis(300);
 
 /// Why a session could not move; the label is the `result` of `meshgate_session_switches_total`.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +85,10 @@ pub enum SwitchError {
     Restore(String),
     #[error("QoS 1/2 flows still open on the old broker after {0:?} ({1} of the client's, {2} to it)")]
     Inflight(Duration, u32, u32),
+    #[error("the failed broker's last packet to the client was cut off")]
+    Torn,
+    #[error("a PUBLISH the failed broker never acknowledged was not copied (over {} KiB in flight)", super::track::COPY_LIMIT / 1024)]
+    Uncopied,
     /// The session ended on its own meanwhile (a side closed or failed).
     #[error("the session ended while moving")]
     Ended(Ended),
@@ -83,12 +107,14 @@ impl SwitchError {
             SwitchError::Refused(_) => "refused",
             SwitchError::Restore(_) => "restore_failed",
             SwitchError::Inflight(..) => "inflight",
+            SwitchError::Torn => "torn_packet",
+            SwitchError::Uncopied => "uncopied",
             SwitchError::Ended(_) => "ended",
         }
     }
 
     /// Every `result` label besides "ok", so the metrics start at zero.
-    pub const RESULTS: [&'static str; 11] = [
+    pub const RESULTS: [&'static str; 13] = [
         "no_target",
         "cancelled",
         "enhanced_auth",
@@ -99,6 +125,8 @@ impl SwitchError {
         "refused",
         "restore_failed",
         "inflight",
+        "torn_packet",
+        "uncopied",
         "ended",
     ];
 
@@ -116,11 +144,14 @@ impl SwitchError {
 /// on failure the session is to be closed (the client reconnects, as without switching).
 pub(super) async fn switch(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) -> Result<(), SwitchError> {
     let started = Instant::now();
+    let failed = why == "broker_down";
     // Shutdown does not wait for a move: the session closes as every other does then.
     let result = tokio::select! {
-        r = switch_inner(proxy, live) => r,
+        r = switch_inner(proxy, live, failed) => r,
         _ = proxy.pool.closing.cancelled() => Err(SwitchError::Cancelled),
     };
+    // Whatever happened, the others leaving a failed broker need not wait for this one.
+    live.session.evacuated();
     let m = &proxy.pool.metrics;
     let label = match &result {
         Ok(()) => "ok",
@@ -140,7 +171,7 @@ pub(super) async fn switch(proxy: &Arc<Proxy>, live: &mut Live, why: &'static st
     result
 }
 
-async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchError> {
+async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Result<(), SwitchError> {
     let cfg = proxy.pool.proxy_config();
     let connect = crate::mqtt::connect::parse(&live.connect).map_err(|e| SwitchError::Restore(e.to_string()))?;
     if connect.enhanced_auth {
@@ -189,11 +220,15 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
         abandon.clone(),
     ));
     tokio::pin!(task);
-    let prepared = tokio::select! {
-        r = &mut task => r.map_err(|e| SwitchError::Restore(e.to_string()))?,
-        e = live.forward() => return Err(SwitchError::Ended(e)),
+    let prepared = match failed {
+        // Nothing more comes from a failed broker; what the client sends waits for the new one.
+        true => (&mut task).await.map_err(|e| SwitchError::Restore(e.to_string()))?,
+        false => tokio::select! {
+            r = &mut task => r.map_err(|e| SwitchError::Restore(e.to_string()))?,
+            e = live.forward() => return Err(SwitchError::Ended(e)),
+        },
     };
-    let (mut conn, to_client) = match prepared {
+    let (mut conn, mut to_client) = match prepared {
         Ok(p) => {
             proxy.pool.record_success(&target);
             p
@@ -205,73 +240,47 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
             return Err(e);
         }
     };
-
-    // 2. Both brokers deliver a while longer: a message published on the new broker just
-    // before its subscription existed reaches the old one through replication, and must still
-    // be forwarded from there (the client may get it twice; it does not miss it). A broker that
-    // just came back may not have replication's link yet: until it has, only the old broker
-    // has what other brokers take, so forwarding from there goes on (up to a limit; past it,
-    // the cut forwards the old broker's deliveries too).
-    let link_deadline = Instant::now() + 2 * cfg.connack_timeout;
-    let mut linked = !proxy.replicated || target.replicated();
-    while !linked && Instant::now() < link_deadline {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(10)) => linked = target.replicated(),
-            e = live.forward() => {
-                give_up(&mut conn).await;
-                return Err(SwitchError::Ended(e));
-            }
-        }
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(OVERLAP) => {}
-        e = live.forward() => {
+    let to_new = if failed {
+        live.session.evacuated();
+        old.evacuated(EVACUATION_WAIT).await;
+        if live.session.move_requested().is_none() {
             give_up(&mut conn).await;
-            return Err(SwitchError::Ended(e));
+            return Err(SwitchError::Cancelled);
         }
-    }
-    // Between packets both ways.
-    let limit = cfg.connack_timeout;
-    let deadline = Instant::now() + limit;
-    while !live.at_boundaries() {
-        tokio::select! {
-            e = live.forward() => {
+        let deadline = Instant::now() + 2 * cfg.connack_timeout;
+        match cut_failed(proxy, live, deadline).await {
+            Ok(Cut::Done(b)) => {
+                // The client's released QoS 2 PUBLISHes, finished on the new broker.
+                let released = live.track.lock().released().unwrap_or_default();
+                match finish_released(&mut conn, &released, deadline).await {
+                    Ok(more) => to_client.extend_from_slice(&more),
+                    Err(e) => {
+                        give_up(&mut conn).await;
+                        return Err(e);
+                    }
+                }
+                b
+            }
+            Ok(Cut::ClientLeft) => {
                 give_up(&mut conn).await;
-                return Err(SwitchError::Ended(e));
+                let _ = timeout_at(Instant::now(), write_all(&mut live.upstream, &encode::disconnect())).await;
+                return Err(SwitchError::Ended(Ended::ClientClosed));
             }
-            _ = sleep_until(deadline) => {
+            Err((e, _)) => {
                 give_up(&mut conn).await;
-                return Err(SwitchError::Boundary(limit));
+                return Err(e);
             }
-            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
         }
-    }
-    // Closed (a broker going down, shutdown) while it got here: the close stands.
-    if live.session.move_requested().is_none() {
-        give_up(&mut conn).await;
-        return Err(SwitchError::Cancelled);
-    }
-
-    // 3. The cut.
-    let deadline = Instant::now() + 2 * cfg.connack_timeout;
-    let cut = cut(proxy, live, deadline, !linked).await;
-    let to_new = match cut {
-        Ok(Cut::Done(b)) => b,
-        Ok(Cut::ClientLeft) => {
-            // The client said DISCONNECT (passed to the old broker): the session ends there.
-            give_up(&mut conn).await;
-            return Err(SwitchError::Ended(Ended::ClientClosed));
-        }
-        Err((e, to_new)) => {
-            give_up(&mut conn).await;
-            // What the client sent meanwhile goes where it was going before: nothing of its
-            // is lost to the failed move (the session closes after this).
-            if !to_new.is_empty() {
-                best_effort(&mut live.upstream, &to_new).await;
+    } else {
+        match planned_cut(proxy, live, &target).await {
+            Ok(b) => b,
+            Err(e) => {
+                give_up(&mut conn).await;
+                return Err(e);
             }
-            return Err(e);
         }
     };
+
     // The subscriptions may have changed while forwarding went on: the new broker must hold
     // exactly what the client thinks it holds.
     let now_subs = live.track.lock().subscriptions();
@@ -282,7 +291,9 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
             }
             _ => {
                 give_up(&mut conn).await;
-                best_effort(&mut live.upstream, &to_new).await;
+                if !failed {
+                    best_effort(&mut live.upstream, &to_new).await;
+                }
                 return Err(SwitchError::Incomplete);
             }
         };
@@ -293,15 +304,19 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
                 // Anything the new broker sent besides would have to be ordered with what it
                 // sent before; rare enough to close instead.
                 give_up(&mut conn).await;
-                best_effort(&mut live.upstream, &to_new).await;
+                if !failed {
+                    best_effort(&mut live.upstream, &to_new).await;
+                }
                 return Err(SwitchError::Incomplete);
             }
         }
     }
 
-    // 4. The switch.
+    // 4. The switch. A failed broker gets one try at the DISCONNECT, which a hung one reads
+    // when it wakes (so it drops the client's will); the new broker has the client now.
     let write_limit = Instant::now() + cfg.connack_timeout;
-    let _ = timeout_at(write_limit, write_all(&mut live.upstream, &encode::disconnect())).await;
+    let bye = if failed { Instant::now() } else { write_limit };
+    let _ = timeout_at(bye, write_all(&mut live.upstream, &encode::disconnect())).await;
     live.upstream = conn;
     if !to_new.is_empty() {
         timeout_at(write_limit, write_all(&mut live.upstream, &to_new))
@@ -344,6 +359,64 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live) -> Result<(), SwitchE
     }
     drop(turn);
     Ok(())
+}
+
+/// Steps 2 and 3 of a planned move: both brokers deliver a while, then the cut. Returns what
+/// the client sent for the new broker meanwhile.
+async fn planned_cut(
+    proxy: &Arc<Proxy>,
+    live: &mut Live,
+    target: &crate::pool::Broker,
+) -> Result<Vec<u8>, SwitchError> {
+    let cfg = proxy.pool.proxy_config();
+    // 2. Both brokers deliver a while longer: a message published on the new broker just
+    // before its subscription existed reaches the old one through replication, and must still
+    // be forwarded from there (the client may get it twice; it does not miss it). A broker that
+    // just came back may not have replication's link yet: until it has, only the old broker
+    // has what other brokers take, so forwarding from there goes on (up to a limit; past it,
+    // the cut forwards the old broker's deliveries too).
+    let link_deadline = Instant::now() + 2 * cfg.connack_timeout;
+    let mut linked = !proxy.replicated || target.replicated();
+    while !linked && Instant::now() < link_deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => linked = target.replicated(),
+            e = live.forward() => return Err(SwitchError::Ended(e)),
+        }
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(OVERLAP) => {}
+        e = live.forward() => return Err(SwitchError::Ended(e)),
+    }
+    // Between packets both ways.
+    let limit = cfg.connack_timeout;
+    let deadline = Instant::now() + limit;
+    while !live.at_boundaries() {
+        tokio::select! {
+            e = live.forward() => return Err(SwitchError::Ended(e)),
+            _ = sleep_until(deadline) => return Err(SwitchError::Boundary(limit)),
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
+    // Closed (a broker going down, shutdown) while it got here: the close stands.
+    if live.session.move_requested().is_none() {
+        return Err(SwitchError::Cancelled);
+    }
+
+    // 3. The cut.
+    let deadline = Instant::now() + 2 * cfg.connack_timeout;
+    match cut(proxy, live, deadline, !linked).await {
+        Ok(Cut::Done(b)) => Ok(b),
+        // The client said DISCONNECT (passed to the old broker): the session ends there.
+        Ok(Cut::ClientLeft) => Err(SwitchError::Ended(Ended::ClientClosed)),
+        Err((e, to_new)) => {
+            // What the client sent meanwhile goes where it was going before: nothing of its
+            // is lost to the failed move (the session closes after this).
+            if !to_new.is_empty() {
+                best_effort(&mut live.upstream, &to_new).await;
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Step 1 in its own task: the new connection, its subscriptions, and what the new broker sent
@@ -515,9 +588,10 @@ async fn cut(
     let Live { client, upstream, track, scanner, down_scanner, session, .. } = live;
     let mut from_client = PacketReader::new(&mut *client, max);
     let mut from_old = PacketReader::new(&mut *upstream, crate::mqtt::MAX_REMAINING_LENGTH as usize + 5);
-    // Flows the client opened on the old broker: counted down by its answers there, apart
-    // from the ones the client opens meanwhile for the new broker.
-    let mut old_open = track.lock().up_open;
+    // Flows the client opened on the old broker (not the ones it opens meanwhile for the new
+    // broker): ended by the old broker's answers, which `track` reads.
+    let old_ids = track.lock().up_ids();
+    let old_open = |t: &super::track::Track| old_ids.iter().filter(|id| t.up_is_open(**id)).count() as u32;
     let mut to_new = Vec::new();
     let started = Instant::now();
     macro_rules! fail {
@@ -528,7 +602,7 @@ async fn cut(
     loop {
         {
             let t = track.lock();
-            if old_open == 0 && t.down_open == 0 && t.pings_open == 0 && t.settled_requests() {
+            if old_open(&t) == 0 && t.down_open() == 0 && t.pings_open == 0 && t.settled_requests() {
                 break;
             }
         }
@@ -564,7 +638,10 @@ async fn cut(
                 match timeout_at(deadline, write_all(*from_old.stream(), &p.bytes)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => fail!(SwitchError::Ended(Ended::ClientSide(ForwardError::Io(e)))),
-                    Err(_) => fail!(SwitchError::Inflight(started.elapsed(), old_open, track.lock().down_open)),
+                    Err(_) => {
+                        let t = track.lock();
+                        fail!(SwitchError::Inflight(started.elapsed(), old_open(&t), t.down_open()))
+                    },
                 }
                 if p.kind() == kind::DISCONNECT {
                     return Ok(Cut::ClientLeft);
@@ -581,9 +658,6 @@ async fn cut(
                     // copies it there); unacknowledged here, it stays the old broker's business.
                     continue;
                 }
-                if matches!(p.kind(), kind::PUBACK | kind::PUBCOMP) {
-                    old_open = old_open.saturating_sub(1);
-                }
                 let mut n = 0;
                 if let Err(e) = track.lock().feed(false, down_scanner, &p.bytes, &mut n) {
                     fail!(SwitchError::Ended(Ended::BrokerSide(e.into())));
@@ -593,12 +667,15 @@ async fn cut(
                 match timeout_at(deadline, write_all(*from_client.stream(), &p.bytes)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => fail!(SwitchError::Ended(Ended::BrokerSide(ForwardError::Io(e)))),
-                    Err(_) => fail!(SwitchError::Inflight(started.elapsed(), old_open, track.lock().down_open)),
+                    Err(_) => {
+                        let t = track.lock();
+                        fail!(SwitchError::Inflight(started.elapsed(), old_open(&t), t.down_open()))
+                    },
                 }
             }
             _ = sleep_until(deadline) => {
-                let down_open = track.lock().down_open;
-                fail!(SwitchError::Inflight(started.elapsed(), old_open, down_open));
+                let t = track.lock();
+                fail!(SwitchError::Inflight(started.elapsed(), old_open(&t), t.down_open()));
             }
         }
     }
@@ -612,6 +689,196 @@ async fn cut(
         to_new.extend_from_slice(&partial);
     }
     Ok(Cut::Done(to_new))
+}
+
+/// The cut of a session leaving a failed broker (steps 2 and 3 of that move): returns what
+/// goes to the new broker, the client's unacknowledged PUBLISHes first.
+async fn cut_failed(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> Result<Cut, (SwitchError, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let max = proxy.pool.proxy_config().max_packet_size as usize;
+    let started = Instant::now();
+    let Live { client, track, scanner, down_scanner, session, up_held, down_held, .. } = live;
+    let mut to_new = Vec::new();
+    macro_rules! fail {
+        ($e:expr) => {
+            return Err(($e, to_new))
+        };
+    }
+    // The flows still open when the deadline passes, for the error.
+    let inflight = |track: &super::track::SharedTrack| {
+        let t = track.lock();
+        SwitchError::Inflight(started.elapsed(), t.up_open(), t.down_open())
+    };
+    macro_rules! client_io {
+        ($f:expr) => {
+            match timeout_at(deadline, $f).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => fail!(SwitchError::Ended(Ended::ClientSide(ForwardError::Io(e)))),
+                Err(_) => fail!(inflight(track)),
+            }
+        };
+    }
+    // What the old broker sent and the client has not got yet: whole packets are the client's.
+    let (pending, unflushed) = down_held.take();
+    if !pending.is_empty() || unflushed {
+        client_io!(write_all(&mut *client, &pending));
+    }
+    if !down_scanner.at_boundary() {
+        fail!(SwitchError::Torn);
+    }
+    // What the client sent that the old broker never got is lost with it, as with a broken
+    // connection, but for its QoS 1/2 PUBLISHes: `track` has copies of those.
+    drop(up_held.take());
+    // The client's packet under way: its start went to the old broker, so the rest is dropped
+    // too (after `track` has seen it).
+    let mut buf = Vec::new();
+    while !scanner.at_boundary() {
+        if buf.is_empty() && client_io!(client.read_buf(&mut buf)) == 0 {
+            fail!(SwitchError::Ended(Ended::ClientClosed));
+        }
+        let n = scanner.left_in_packet().map_or(1, |n| (n as usize).min(buf.len()));
+        let mut packets = 0;
+        if let Err(e) = track.lock().feed(true, scanner, &buf[..n], &mut packets) {
+            fail!(SwitchError::Ended(Ended::ClientSide(e.into())));
+        }
+        buf.drain(..n);
+    }
+    if !track.lock().settled_requests() {
+        // A SUBSCRIBE or UNSUBSCRIBE the old broker never answered.
+        fail!(SwitchError::Incomplete);
+    }
+    let mut resend = match track.lock().unacknowledged() {
+        Some(r) => r,
+        None => fail!(SwitchError::Uncopied),
+    };
+    if track.lock().released().is_none() {
+        fail!(SwitchError::Uncopied);
+    }
+    // PINGREQs the old broker never answered: the new one answers them.
+    for _ in 0..track.lock().pings_open {
+        resend.extend_from_slice(&encode::pingreq());
+    }
+    let mut from_client = PacketReader::with_buffered(&mut *client, buf, max);
+    // The old broker's part in QoS 2 flows whose message has arrived, then the cut.
+    let mut reply = track.lock().owed_by_failed_broker();
+    loop {
+        if !reply.is_empty() {
+            let mut n = 0;
+            if let Err(e) = track.lock().feed(false, down_scanner, &reply, &mut n) {
+                fail!(SwitchError::Ended(Ended::BrokerSide(e.into())));
+            }
+            session.packets_out.fetch_add(n, Ordering::Relaxed);
+            session.bytes_out.fetch_add(reply.len() as u64, Ordering::Relaxed);
+            client_io!(write_all(*from_client.stream(), &reply));
+            reply.clear();
+        }
+        if track.lock().ready_to_leave_failed_broker() {
+            break;
+        }
+        tokio::select! {
+            p = from_client.next(), if to_new.len() < CUT_BUFFER => {
+                let p = match p {
+                    Ok(p) => p,
+                    Err(ReadError::Closed) => fail!(SwitchError::Ended(Ended::ClientClosed)),
+                    Err(e) => fail!(SwitchError::Ended(Ended::ClientSide(read_error(e)))),
+                };
+                let mut n = 0;
+                if let Err(e) = track.lock().feed(true, scanner, &p.bytes, &mut n) {
+                    fail!(SwitchError::Ended(Ended::ClientSide(e.into())));
+                }
+                session.packets_in.fetch_add(n, Ordering::Relaxed);
+                session.bytes_in.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+                let id = p.body().get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                match p.kind() {
+                    // Acknowledgements of the old broker's deliveries end with it; a QoS 2 one
+                    // gets the PUBREL it would have sent (not a refusal: that ended the flow).
+                    kind::PUBACK | kind::PUBCOMP => {}
+                    kind::PUBREC if p.body().get(2).is_some_and(|&r| r >= 0x80) => {}
+                    kind::PUBREC => reply.extend_from_slice(&super::track::pubrel(id)),
+                    // The client releases its QoS 2 PUBLISH: `track` marks it, and the flow is
+                    // finished on the new broker from its copy.
+                    kind::PUBREL => {}
+                    // The session ends here; a hung broker that wakes reads the DISCONNECT
+                    // too, so it drops the will.
+                    kind::DISCONNECT => return Ok(Cut::ClientLeft),
+                    _ => to_new.extend_from_slice(&p.bytes),
+                }
+            }
+            _ = sleep_until(deadline) => fail!(inflight(track)),
+        }
+    }
+    let (_, partial) = from_client.into_parts();
+    if !partial.is_empty() {
+        let mut n = 0;
+        if let Err(e) = track.lock().feed(true, scanner, &partial, &mut n) {
+            fail!(SwitchError::Ended(Ended::ClientSide(e.into())));
+        }
+        to_new.extend_from_slice(&partial);
+    }
+    resend.extend_from_slice(&to_new);
+    Ok(Cut::Done(resend))
+}
+
+/// Finishes the client's released QoS 2 flows of a failed broker on the new one: the PUBLISH
+/// again (DUP), its PUBREC taken here (the client had one), the PUBREL, and the new broker's
+/// PUBCOMP passed on to the client, which ends the flow there. Returns what goes to the client:
+/// those PUBCOMPs and whatever the new broker sent meanwhile, in order.
+async fn finish_released(
+    conn: &mut Conn,
+    released: &[(u16, Vec<u8>)],
+    deadline: Instant,
+) -> Result<Vec<u8>, SwitchError> {
+    let mut to_client = Vec::new();
+    if released.is_empty() {
+        return Ok(to_client);
+    }
+    let mut packets = remote::packets(conn, Vec::new());
+    for (id, publish) in released {
+        send(&mut packets, publish, deadline).await?;
+        let rec = answer(&mut packets, kind::PUBREC, *id, deadline, &mut to_client).await?;
+        if rec.body().get(2).is_some_and(|&r| r >= 0x80) {
+            // Refused there: the flow ends, and the client hears so from meshgate.
+            to_client.extend_from_slice(&encode::ack(kind::PUBCOMP, *id));
+            continue;
+        }
+        send(&mut packets, &super::track::pubrel(*id), deadline).await?;
+        let comp = answer(&mut packets, kind::PUBCOMP, *id, deadline, &mut to_client).await?;
+        to_client.extend_from_slice(&comp.bytes);
+    }
+    let (_, leftover) = packets.into_parts();
+    to_client.extend_from_slice(&leftover);
+    Ok(to_client)
+}
+
+fn unfinished(what: impl std::fmt::Display) -> SwitchError {
+    SwitchError::Restore(format!("finishing a QoS 2 flow on the new broker: {what}"))
+}
+
+async fn send(packets: &mut remote::Packets<'_>, bytes: &[u8], deadline: Instant) -> Result<(), SwitchError> {
+    timeout_at(deadline, write_all(*packets.stream(), bytes))
+        .await
+        .map_err(|_| unfinished("no room to write"))?
+        .map_err(unfinished)
+}
+
+/// The new broker's `kind` for packet `id`; what it sends before that is the client's.
+async fn answer(
+    packets: &mut remote::Packets<'_>,
+    kind: u8,
+    id: u16,
+    deadline: Instant,
+    to_client: &mut Vec<u8>,
+) -> Result<crate::mqtt::io::Packet, SwitchError> {
+    loop {
+        let p = timeout_at(deadline, packets.next())
+            .await
+            .map_err(|_| unfinished("no answer in time"))?
+            .map_err(unfinished)?;
+        if p.kind() == kind && p.body().get(..2) == Some(&id.to_be_bytes()[..]) {
+            return Ok(p);
+        }
+        to_client.extend_from_slice(&p.bytes);
+    }
 }
 
 fn read_error(e: ReadError) -> ForwardError {

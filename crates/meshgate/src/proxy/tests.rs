@@ -385,7 +385,7 @@ async fn a_broken_broker_connection_ends_on_the_client_side() {
     client_far.write_all(&encode::pingreq()).await.unwrap();
     let task = spawn_forward(client_near, broker_near, Counts::new(), Counts::new());
     match within(task).await.unwrap() {
-        Ended::ClientSide(ForwardError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe),
+        Ended::ClientSide(ForwardError::Write(e)) => assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe),
         other => panic!("expected a client-side write error, got {other:?}"),
     }
 }
@@ -401,7 +401,7 @@ async fn a_broken_client_connection_ends_on_the_broker_side() {
     broker_far.write_all(&encode::pingreq()).await.unwrap();
     let task = spawn_forward(client, broker_near, Counts::new(), Counts::new());
     match within(task).await.unwrap() {
-        Ended::BrokerSide(ForwardError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe),
+        Ended::BrokerSide(ForwardError::Write(e)) => assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe),
         other => panic!("expected a broker-side error, got {other:?}"),
     }
 }

@@ -1,10 +1,13 @@
 //! What one session's traffic says about its state: the subscriptions its broker acknowledged, and the QoS 1/2 flows still open each way; for persistent sessions the subscriptions also go to their record in `durable`.
 //!
 //! A session that moves to another broker under its client (`switch`) takes its subscriptions
-//! from here and waits here until no flow is open on the old broker. The forwarding path only
-//! reads packet headers for the counts; the few packets that change subscriptions (SUBSCRIBE,
-//! UNSUBSCRIBE and their acknowledgements, and an MQTT 5 DISCONNECT that ends a persistent
-//! session) are read whole.
+//! from here and waits here until no flow is open on the old broker; when the old broker
+//! failed, it sends the client's unacknowledged PUBLISHes again from the copies kept here. The
+//! forwarding path reads most packets' headers only; it reads the few packets that change
+//! subscriptions (SUBSCRIBE, UNSUBSCRIBE and their acknowledgements, and an MQTT 5 DISCONNECT
+//! that ends a persistent session) whole, QoS 1/2 acknowledgements and the broker's QoS 1/2
+//! PUBLISHes as far as their packet identifier, and keeps a copy of each QoS 1/2 PUBLISH of
+//! the client until its broker has it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,10 +15,99 @@ use std::sync::Arc;
 use crate::durable::{Durable, Sub};
 use crate::mqtt::frame::Header;
 use crate::mqtt::subscribe::{disconnect_expiry, granted, parse_ack, parse_subscribe, parse_unsubscribe};
-use crate::mqtt::{kind, Capture, FrameError, FrameScanner};
+use crate::mqtt::{kind, Capture, FrameError, FrameScanner, Want};
 
 /// Largest SUBSCRIBE or UNSUBSCRIBE body meshgate reads to record it.
 const CAPTURE_LIMIT: usize = 64 * 1024;
+
+/// The most one session keeps in copies of unacknowledged PUBLISHes. A client that has more
+/// in flight (or one larger PUBLISH) is not copied past it: a failed broker's session then
+/// cannot switch and closes, as without switching (the client sends them again itself).
+pub const COPY_LIMIT: usize = 1 << 20;
+
+/// Where one QoS 1/2 PUBLISH of the client stands on its broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpStage {
+    /// Not acknowledged.
+    Sent,
+    /// QoS 2 the broker has (PUBREC); the client's PUBREL is to come. Mosquitto passes a QoS 2
+    /// message on only at the PUBREL, so until the flow ends the copy is still needed.
+    Received,
+    /// QoS 2 the client released (PUBREL); the broker's PUBCOMP is owed.
+    Released,
+}
+
+/// One open QoS 1/2 flow of the client: its stage, and a copy of the PUBLISH (first byte,
+/// body) to send again to another broker if this one fails; `None` when it was not kept
+/// (past `COPY_LIMIT`, or the session keeps none).
+struct UpFlow {
+    stage: UpStage,
+    copy: Option<(u8, Vec<u8>)>,
+}
+
+/// Where one QoS 1/2 PUBLISH of the broker stands with the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DownFlow {
+    /// The client's PUBACK or PUBREC is owed.
+    Sent,
+    /// QoS 2 the client has (PUBREC); the broker's PUBREL is owed.
+    Received,
+    /// QoS 2 the broker released; the client's PUBCOMP is owed.
+    Released,
+}
+
+/// The open QoS 1/2 flows of one session, by packet identifier. Few at a time (a client's
+/// in-flight window), so a list: empty, it costs an idle session nothing on the heap.
+#[derive(Default)]
+struct Flows {
+    up: Vec<(u16, UpFlow)>,
+    down: Vec<(u16, DownFlow)>,
+    /// Bytes held in copies.
+    copied: usize,
+    /// Whether copies are kept at all (only a session that may switch off a failed broker
+    /// needs them).
+    keep_copies: bool,
+}
+
+impl Flows {
+    fn end_up(&mut self, id: u16) {
+        if let Some(i) = self.up.iter().position(|(i, _)| *i == id) {
+            let (_, f) = self.up.remove(i);
+            self.copied -= f.copy.map_or(0, |(_, body)| body.len());
+        }
+    }
+
+    fn set_up(&mut self, id: u16, to: UpStage) {
+        if let Some((_, f)) = self.up.iter_mut().find(|(i, _)| *i == id) {
+            f.stage = to;
+        }
+    }
+
+    fn end_down(&mut self, id: u16) {
+        self.down.retain(|(i, _)| *i != id);
+    }
+
+    fn set_down(&mut self, id: u16, to: DownFlow) {
+        if let Some((_, f)) = self.down.iter_mut().find(|(i, _)| *i == id) {
+            *f = to;
+        }
+    }
+}
+
+/// The packet identifier at the start of an acknowledgement's body, and its MQTT 5 reason code
+/// (0 when it has none).
+fn ack_of(body: &[u8]) -> Option<(u16, u8)> {
+    match body {
+        [a, b, rest @ ..] => Some((u16::from_be_bytes([*a, *b]), rest.first().copied().unwrap_or(0))),
+        _ => None,
+    }
+}
+
+/// A PUBLISH body's packet identifier (it follows the topic).
+fn publish_id(body: &[u8]) -> Option<u16> {
+    let topic = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    Some(u16::from_be_bytes([*body.get(2 + topic)?, *body.get(3 + topic)?]))
+}
 
 /// Client-side requests awaiting an answer, at most, and their size: a client that never
 /// reads its SUBACKs cannot grow this; what does not fit makes the record incomplete.
@@ -38,10 +130,7 @@ pub struct Track {
     subs: Subs,
     up: Capture,
     down: Capture,
-    /// QoS 1 and 2 PUBLISHes of the client its broker has not finished (PUBACK, PUBCOMP), and
-    /// the broker's the client has not.
-    pub up_open: u32,
-    pub down_open: u32,
+    flows: Flows,
     /// The client's PINGREQs its broker has not answered yet.
     pub pings_open: u32,
 }
@@ -77,10 +166,9 @@ impl Track {
                 max: max_subs,
                 incomplete: false,
             },
-            up: Capture::new(CAPTURE_LIMIT),
-            down: Capture::new(CAPTURE_LIMIT),
-            up_open: 0,
-            down_open: 0,
+            up: Capture::new(),
+            down: Capture::new(),
+            flows: Flows { keep_copies: true, ..Flows::default() },
             pings_open: 0,
         }
     }
@@ -88,6 +176,14 @@ impl Track {
     /// Subscription changes also go to this persistent session's record, which lives on `broker`.
     pub fn with_record(mut self, durable: Arc<Durable>, broker: String) -> Track {
         self.subs.record = Some(Record { durable, broker });
+        self
+    }
+
+    /// Keeps no copies of the client's PUBLISHes: this session never switches off a failed
+    /// broker (`[proxy] move = "close"` or `on_down = "keep"`), so the forwarding path copies
+    /// nothing.
+    pub fn without_copies(mut self) -> Track {
+        self.flows.keep_copies = false;
         self
     }
 
@@ -120,11 +216,74 @@ impl Track {
         self.subs.pending.is_empty()
     }
 
+    /// QoS 1 and 2 PUBLISHes of the client its broker has not finished (PUBACK, PUBCOMP).
+    pub fn up_open(&self) -> u32 {
+        self.flows.up.len() as u32
+    }
+
+    /// QoS 1 and 2 PUBLISHes of the broker the client has not finished.
+    pub fn down_open(&self) -> u32 {
+        self.flows.down.len() as u32
+    }
+
+    /// The packet identifiers of the client's open QoS 1/2 flows.
+    pub fn up_ids(&self) -> Vec<u16> {
+        self.flows.up.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// Whether the client's flow `id` is still open on its broker.
+    pub fn up_is_open(&self, id: u16) -> bool {
+        self.flows.up.iter().any(|(i, _)| *i == id)
+    }
+
     /// No QoS 1 or 2 flow is open either way, and every request of the client (SUBSCRIBE,
     /// UNSUBSCRIBE, PINGREQ) has its broker's answer: nothing the client waits for is owed by
     /// its current broker.
     pub fn settled(&self) -> bool {
-        self.up_open == 0 && self.down_open == 0 && self.pings_open == 0 && self.subs.pending.is_empty()
+        self.flows.up.is_empty() && self.flows.down.is_empty() && self.pings_open == 0 && self.subs.pending.is_empty()
+    }
+
+    /// A failed broker's session may switch: the client has answered every QoS 2 PUBREC of
+    /// its (its PUBREL is what finishes the flow on the new broker), and has finished every
+    /// delivery of the old broker's (so the two brokers' identifiers never meet at the client).
+    pub fn ready_to_leave_failed_broker(&self) -> bool {
+        self.flows.down.is_empty() && self.flows.up.iter().all(|(_, f)| f.stage != UpStage::Received)
+    }
+
+    /// The client's PUBLISHes its (failed) broker never acknowledged, to send to the new one:
+    /// marked DUP, in the order the client sent them. `None` when a copy was not kept.
+    pub fn unacknowledged(&self) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        for (_, f) in self.flows.up.iter().filter(|(_, f)| f.stage == UpStage::Sent) {
+            dup_publish(f.copy.as_ref()?, &mut out);
+        }
+        Some(out)
+    }
+
+    /// The client's released QoS 2 PUBLISHes whose PUBCOMP its (failed) broker still owed, by
+    /// packet identifier, each marked DUP: they are finished on the new broker (PUBLISH,
+    /// PUBREL), since Mosquitto passes a QoS 2 message on only at its PUBREL. `None` when a
+    /// copy was not kept.
+    pub fn released(&self) -> Option<Vec<(u16, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for (id, f) in self.flows.up.iter().filter(|(_, f)| f.stage == UpStage::Released) {
+            let mut p = Vec::new();
+            dup_publish(f.copy.as_ref()?, &mut p);
+            out.push((*id, p));
+        }
+        Some(out)
+    }
+
+    /// What a failed broker owed the client for its deliveries the client has (QoS 2, after
+    /// the client's PUBREC): the PUBREL, which meshgate sends in its place.
+    pub fn owed_by_failed_broker(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (id, f) in &self.flows.down {
+            if *f == DownFlow::Received {
+                out.extend_from_slice(&pubrel(*id));
+            }
+        }
+        out
     }
 
     /// Scans forwarded bytes like `FrameScanner::feed`, counting flows and reading the packets
@@ -136,15 +295,25 @@ impl Track {
         data: &[u8],
         packets: &mut u64,
     ) -> Result<(), FrameError> {
-        let Track { subs, up, down, up_open, down_open, pings_open } = self;
+        let Track { subs, up, down, flows, pings_open } = self;
         let version = subs.version;
-        let (cap, opens, closes) = if from_client { (up, up_open, down_open) } else { (down, down_open, up_open) };
-        let want = |k: u8| -> bool {
-            if from_client {
+        let cap = if from_client { up } else { down };
+        // Room for copies, updated as they are taken within one read.
+        let room = std::cell::Cell::new(if flows.keep_copies { COPY_LIMIT.saturating_sub(flows.copied) } else { 0 });
+        let want = |h: Header| -> Want {
+            match h.kind() {
+                kind::PUBLISH if h.first_byte & 0x06 == 0 => Want::Skip,
+                // A copy of the client's PUBLISH, while the session has room for it (else
+                // only its packet identifier).
+                kind::PUBLISH if from_client && h.remaining as usize <= room.get() => Want::Whole(room.get()),
+                kind::PUBLISH | kind::PUBACK | kind::PUBREL | kind::PUBCOMP => Want::PacketId,
+                // An MQTT 5 PUBREC with a failure reason ends the flow.
+                kind::PUBREC => Want::Whole(3),
+                kind::SUBSCRIBE | kind::UNSUBSCRIBE if from_client => Want::Whole(CAPTURE_LIMIT),
                 // MQTT 5 DISCONNECT can end the session (Session Expiry Interval 0).
-                k == kind::SUBSCRIBE || k == kind::UNSUBSCRIBE || (version == 5 && k == kind::DISCONNECT)
-            } else {
-                k == kind::SUBACK || k == kind::UNSUBACK
+                kind::DISCONNECT if from_client && version == 5 => Want::Whole(CAPTURE_LIMIT),
+                kind::SUBACK | kind::UNSUBACK if !from_client => Want::Whole(CAPTURE_LIMIT),
+                _ => Want::Skip,
             }
         };
         scanner.feed_capture(
@@ -154,16 +323,68 @@ impl Track {
             |h: Header| {
                 *packets += 1;
                 match h.kind() {
-                    kind::PUBLISH if h.first_byte & 0x06 != 0 => *opens += 1,
-                    // PUBACK ends a QoS 1 flow, PUBCOMP a QoS 2 one: the other side's.
-                    kind::PUBACK | kind::PUBCOMP => *closes = closes.saturating_sub(1),
                     kind::PINGREQ if from_client => *pings_open += 1,
                     kind::PINGRESP if !from_client => *pings_open = pings_open.saturating_sub(1),
                     _ => {}
                 }
             },
-            |h, body| subs.captured(from_client, h, body),
+            |h, body, whole| match h.kind() {
+                kind::PUBLISH | kind::PUBACK | kind::PUBREC | kind::PUBREL | kind::PUBCOMP => {
+                    flows.seen(from_client, h, body, whole);
+                    room.set(if flows.keep_copies { COPY_LIMIT.saturating_sub(flows.copied) } else { 0 });
+                }
+                _ => subs.captured(from_client, h, whole.then_some(&body[..])),
+            },
         )
+    }
+}
+
+/// Appends a copied PUBLISH, marked DUP.
+fn dup_publish((first, body): &(u8, Vec<u8>), out: &mut Vec<u8>) {
+    out.push(first | 0x08);
+    crate::mqtt::encode_length(body.len(), out);
+    out.extend_from_slice(body);
+}
+
+/// PUBREL for `packet_id` (its fixed header has flag bits 0010).
+pub fn pubrel(packet_id: u16) -> [u8; 4] {
+    let id = packet_id.to_be_bytes();
+    [0x62, 2, id[0], id[1]]
+}
+
+impl Flows {
+    /// One QoS packet going `from_client` or to it; `body` as far as `Track::feed` asked.
+    fn seen(&mut self, from_client: bool, h: Header, body: &mut Vec<u8>, whole: bool) {
+        if h.kind() == kind::PUBLISH {
+            let Some(id) = publish_id(body) else { return };
+            if from_client {
+                // A whole body is a copy only if one was asked for (else it is the start).
+                let copy = (whole && body.len() == h.remaining as usize && self.keep_copies)
+                    .then(|| (h.first_byte, std::mem::take(body)));
+                self.end_up(id);
+                self.copied += copy.as_ref().map_or(0, |(_, b)| b.len());
+                self.up.push((id, UpFlow { stage: UpStage::Sent, copy }));
+            } else {
+                self.end_down(id);
+                self.down.push((id, DownFlow::Sent));
+            }
+            return;
+        }
+        let Some((id, reason)) = ack_of(body) else { return };
+        let failed = reason >= 0x80;
+        match (h.kind(), from_client) {
+            // The broker's answers to the client's flows.
+            (kind::PUBACK | kind::PUBCOMP, false) => self.end_up(id),
+            (kind::PUBREC, false) if failed => self.end_up(id),
+            (kind::PUBREC, false) => self.set_up(id, UpStage::Received),
+            (kind::PUBREL, true) => self.set_up(id, UpStage::Released),
+            // The client's answers to the broker's.
+            (kind::PUBACK | kind::PUBCOMP, true) => self.end_down(id),
+            (kind::PUBREC, true) if failed => self.end_down(id),
+            (kind::PUBREC, true) => self.set_down(id, DownFlow::Received),
+            (kind::PUBREL, false) => self.set_down(id, DownFlow::Released),
+            _ => {}
+        }
     }
 }
 
@@ -316,14 +537,100 @@ mod tests {
         let q2 = crate::mqtt::encode::publish_with(4, "t", b"x", 2, false, 8);
         let q0 = crate::mqtt::encode::publish(4, "t", b"x");
         t.feed(true, &mut up, &[q1.clone(), q2.clone(), q0.clone()].concat(), &mut n).unwrap();
-        assert_eq!((t.up_open, t.down_open), (2, 0));
+        assert_eq!((t.up_open(), t.down_open()), (2, 0));
         // The broker: PUBACK 7, PUBREC 8 (still open), then a QoS 1 delivery to the client.
         t.feed(false, &mut down, &[0x40, 2, 0, 7, 0x50, 2, 0, 8], &mut n).unwrap();
         t.feed(false, &mut down, &q1, &mut n).unwrap();
-        assert_eq!((t.up_open, t.down_open, t.settled()), (1, 1, false));
+        assert_eq!((t.up_open(), t.down_open(), t.settled()), (1, 1, false));
         // The client: PUBREL 8, PUBACK 7 (its delivery); the broker: PUBCOMP 8.
         t.feed(true, &mut up, &[0x62, 2, 0, 8, 0x40, 2, 0, 7], &mut n).unwrap();
         t.feed(false, &mut down, &[0x70, 2, 0, 8], &mut n).unwrap();
-        assert!(t.settled(), "{} {}", t.up_open, t.down_open);
+        assert!(t.settled(), "{} {}", t.up_open(), t.down_open());
+    }
+
+    #[test]
+    fn a_failed_brokers_unfinished_flows_are_sent_again_or_finished_for_it() {
+        let mut t = Track::new("c".into(), 4, 10);
+        let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
+        let mut n = 0;
+        let p = |qos, id| crate::mqtt::encode::publish_with(4, "t", &[id as u8; 3], qos, false, id);
+        // The client: QoS 1 id 1 (acked), QoS 1 id 2, QoS 2 id 3 (PUBREC'd, then released),
+        // QoS 2 id 4; split mid-packet.
+        let sent = [p(1, 1), p(1, 2), p(2, 3), p(2, 4)].concat();
+        t.feed(true, &mut up, &sent[..5], &mut n).unwrap();
+        t.feed(true, &mut up, &sent[5..], &mut n).unwrap();
+        t.feed(false, &mut down, &[0x40, 2, 0, 1, 0x50, 2, 0, 3], &mut n).unwrap();
+        t.feed(true, &mut up, &pubrel(3), &mut n).unwrap();
+        // The broker: QoS 2 id 9 the client PUBRECs (its PUBREL never comes), QoS 1 id 8.
+        t.feed(false, &mut down, &[p(2, 9), p(1, 8)].concat(), &mut n).unwrap();
+        t.feed(true, &mut up, &[0x50, 2, 0, 9], &mut n).unwrap();
+        assert_eq!((t.up_open(), t.down_open()), (3, 2));
+        let dup = |qos: u8, id| {
+            let mut b = p(qos, id);
+            b[0] |= 0x08;
+            b
+        };
+        assert_eq!(t.unacknowledged(), Some([dup(1, 2), dup(2, 4)].concat()), "unacknowledged ones, DUP, in order");
+        // QoS 2 id 3 was released: it is finished on the new broker, from its copy.
+        assert_eq!(t.released(), Some(vec![(3, dup(2, 3))]));
+        // The broker's delivery 9 the client has: meshgate sends its PUBREL.
+        assert_eq!(t.owed_by_failed_broker(), pubrel(9).to_vec());
+        assert!(!t.ready_to_leave_failed_broker(), "deliveries 8 and 9 not finished by the client");
+        let owed = t.owed_by_failed_broker();
+        t.feed(false, &mut down, &owed, &mut n).unwrap();
+        t.feed(true, &mut up, &[0x70, 2, 0, 9, 0x40, 2, 0, 8], &mut n).unwrap();
+        assert!(t.ready_to_leave_failed_broker());
+        // The new broker's PUBCOMP for 3 (after meshgate finished it there) reaches the client.
+        t.feed(false, &mut down, &[0x70, 2, 0, 3], &mut n).unwrap();
+        assert_eq!((t.up_open(), t.down_open()), (2, 0));
+        assert_eq!(t.up_ids(), vec![2, 4]);
+    }
+
+    #[test]
+    fn a_pubrec_not_yet_answered_by_the_client_holds_a_failed_brokers_switch() {
+        let mut t = Track::new("c".into(), 4, 10);
+        let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
+        let mut n = 0;
+        t.feed(true, &mut up, &crate::mqtt::encode::publish_with(4, "t", b"x", 2, false, 3), &mut n).unwrap();
+        t.feed(false, &mut down, &[0x50, 2, 0, 3], &mut n).unwrap();
+        assert!(!t.ready_to_leave_failed_broker(), "the client's PUBREL is to come");
+        t.feed(true, &mut up, &pubrel(3), &mut n).unwrap();
+        assert!(t.ready_to_leave_failed_broker());
+        assert_eq!(t.released().map(|r| r.len()), Some(1));
+    }
+
+    #[test]
+    fn a_session_without_copies_copies_nothing_and_cannot_resend() {
+        let mut t = Track::new("c".into(), 4, 10).without_copies();
+        let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
+        let mut n = 0;
+        t.feed(true, &mut up, &crate::mqtt::encode::publish_with(4, "t", b"x", 1, false, 3), &mut n).unwrap();
+        assert_eq!((t.up_open(), t.flows.copied, t.unacknowledged()), (1, 0, None));
+        t.feed(false, &mut down, &[0x40, 2, 0, 3], &mut n).unwrap();
+        assert_eq!(t.unacknowledged(), Some(vec![]));
+    }
+
+    #[test]
+    fn an_mqtt5_pubrec_with_a_failure_reason_ends_the_flow() {
+        let mut t = Track::new("c".into(), 5, 10);
+        let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
+        let mut n = 0;
+        t.feed(true, &mut up, &crate::mqtt::encode::publish_with(5, "t", b"x", 2, false, 5), &mut n).unwrap();
+        // PUBREC id 5, reason 0x87 (not authorized), no properties.
+        t.feed(false, &mut down, &[0x50, 3, 0, 5, 0x87], &mut n).unwrap();
+        assert!(t.settled());
+    }
+
+    #[test]
+    fn copies_stop_at_the_limit_and_the_flow_is_still_counted() {
+        let mut t = Track::new("c".into(), 4, 10);
+        let (mut up, mut down) = (FrameScanner::new(4 << 20), FrameScanner::new(u32::MAX));
+        let mut n = 0;
+        let big = crate::mqtt::encode::publish_with(4, "t", &vec![0; COPY_LIMIT + 10], 1, false, 1);
+        t.feed(true, &mut up, &big, &mut n).unwrap();
+        assert_eq!((t.up_open(), t.unacknowledged()), (1, None));
+        t.feed(false, &mut down, &[0x40, 2, 0, 1], &mut n).unwrap();
+        assert_eq!((t.up_open(), t.unacknowledged()), (0, Some(vec![])));
+        assert_eq!(t.flows.copied, 0);
     }
 }

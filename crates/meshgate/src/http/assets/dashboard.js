@@ -475,7 +475,8 @@
   /** Short names for the event kinds, so the badge column stays narrow. */
   const KIND_LABELS = {
     state_change: "state", failover: "failover", passive_bar: "barred", passive_reopen: "reopened",
-    drain: "drain", admin: "admin", reload: "reload", session_closed: "closed", replication: "repl", nginx_reload: "nginx",
+    drain: "drain", admin: "admin", reload: "reload", session_closed: "closed", switch: "switch", replication: "repl",
+    nginx_reload: "nginx",
   };
 
   function renderEvents(changed) {
@@ -610,7 +611,7 @@
 
   async function admin(name, action, btn) {
     const warn = {
-      disable: `Disable ${name}? Its open sessions are closed now and their clients reconnect elsewhere.`,
+      disable: `Disable ${name}? Its open sessions move to another broker now (switched under their clients' connections, or closed with [proxy] move = "close").`,
       drain: `Drain ${name}? Its sessions are moved away at the failback rate.`,
     }[action];
     if (warn && !confirm(warn)) return;
