@@ -454,6 +454,11 @@ struct Recorder {
 
 impl Recorder {
     async fn start(addr: std::net::SocketAddr, completes: bool) -> Recorder {
+        Recorder::start_with(addr, completes, 0).await
+    }
+
+    /// `connack`: the CONNACK return code it answers every CONNECT with.
+    async fn start_with(addr: std::net::SocketAddr, completes: bool, connack: u8) -> Recorder {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -462,14 +467,14 @@ impl Recorder {
             loop {
                 let Ok((s, _)) = listener.accept().await else { return };
                 let g = g.clone();
-                t.lock().unwrap().push(tokio::spawn(Self::serve(s, g, completes)));
+                t.lock().unwrap().push(tokio::spawn(Self::serve(s, g, completes, connack)));
             }
         });
         tasks.lock().unwrap().push(accept);
         Recorder { got, tasks }
     }
 
-    async fn serve(mut s: tokio::net::TcpStream, got: Arc<Mutex<Vec<Vec<u8>>>>, completes: bool) {
+    async fn serve(mut s: tokio::net::TcpStream, got: Arc<Mutex<Vec<Vec<u8>>>>, completes: bool, connack: u8) {
         let mut buf = Vec::new();
         loop {
             let mut chunk = [0u8; 4096];
@@ -488,7 +493,7 @@ impl Recorder {
                 let body = &p[1 + used..];
                 let id = |at: usize| [body[at], body[at + 1]];
                 let reply: Vec<u8> = match p[0] >> 4 {
-                    1 => vec![0x20, 0x02, 0x00, 0x00],
+                    1 => vec![0x20, 0x02, 0x00, connack],
                     3 => {
                         let tl = u16::from_be_bytes([body[0], body[1]]) as usize;
                         match (p[0] >> 1) & 3 {
@@ -560,6 +565,37 @@ async fn a_dead_brokers_open_qos_flows_are_finished_on_the_next_broker() {
     assert_eq!(raw::read_packet(&mut c, 5 * SECOND).await.unwrap().0, 0xd0, "still connected, now to the next broker");
     assert_eq!(pool.metrics.switches.with_label_values(&["broker_down", "ok"]).get(), 1);
     next.die();
+    mg.shutdown().await;
+}
+
+/// A failback that cannot be made (the returning broker refuses the client's CONNECT) leaves
+/// the session where it was, working: failback happens when nothing is wrong, and must not
+/// cost the client its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_that_cannot_switch_leaves_the_session_where_it_is() {
+    let slot = common::Slot::acquire();
+    let backup = Recorder::start(slot.addr(11, 1883), true).await;
+    let extra = "[health]\nprobe = \"tcp\"\ninterval = \"100ms\"\n[proxy]\nfailback_rate = 100\n";
+    let text = common::slot_config_text(&slot, 2, extra, "");
+    let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
+    let pool = mg.pool().clone();
+    let p = pool.clone();
+    wait_until(5 * SECOND, || p.broker("broker1").unwrap().probe_up() == Some(false)).await.unwrap();
+    let (mut c, ack) = raw::connect(slot.addr(1, 1883), 4, "stayer", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    assert_eq!(pool.broker_of("stayer").as_deref(), Some("broker2"));
+    // broker1 comes back, answering TCP probes but refusing every CONNECT (not authorized).
+    let primary = Recorder::start_with(slot.addr(10, 1883), true, 5).await;
+    let m = pool.clone();
+    wait_until(5 * SECOND, || m.metrics.switches.with_label_values(&["failback", "refused"]).get() >= 2)
+        .await
+        .expect("failback tried, and tried again later");
+    assert_eq!(pool.metrics.sessions_closed.with_label_values(&["failback"]).get(), 0, "never closed");
+    assert_eq!(pool.broker_of("stayer").as_deref(), Some("broker2"));
+    c.write_all(&raw::pingreq_packet()).await.unwrap();
+    assert_eq!(raw::read_packet(&mut c, 5 * SECOND).await.unwrap().0, 0xd0, "still served by broker2");
+    primary.die();
+    backup.die();
     mg.shutdown().await;
 }
 

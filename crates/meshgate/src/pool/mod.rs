@@ -515,6 +515,26 @@ impl Pool {
 
     // ---- sessions -------------------------------------------------------
 
+    /// The same session going on at the same broker under a fresh registration, for a move
+    /// that could not be made: the old registration was asked to move, which cannot be taken
+    /// back. The fresh one queues behind every other session for the next move.
+    pub fn renew(self: &Arc<Self>, old: &Registered) -> Registered {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let broker = Lease::new(&old.broker).into_broker();
+        self.metrics.sessions_active.with_label_values(&[&broker.name]).inc();
+        let s = Arc::new(Session::new(id, broker, old.info.clone(), &self.closing));
+        for (to, from) in [
+            (&s.bytes_in, &old.bytes_in),
+            (&s.bytes_out, &old.bytes_out),
+            (&s.packets_in, &old.packets_in),
+            (&s.packets_out, &old.packets_out),
+        ] {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.sessions.lock().insert(s.clone());
+        Registered { pool: self.clone(), session: s }
+    }
+
     /// Turns a lease into a registered session; dropping the returned guard unregisters it,
     /// so a session task that ends any way at all (even cancelled mid-await) is accounted for.
     pub fn register(self: &Arc<Self>, lease: Lease, info: SessionInfo) -> Registered {

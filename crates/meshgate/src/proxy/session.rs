@@ -223,6 +223,12 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
         }
         match super::switch::switch(proxy, live, why).await {
             Ok(()) => continue,
+            // A failback that could not be made: the session goes on where it is.
+            Err(e) if e.stays(why) => {
+                let fresh = proxy.pool.renew(&live.session);
+                drop(std::mem::replace(&mut live.session, fresh));
+                continue;
+            }
             Err(e) => {
                 proxy.pool.metrics.sessions_closed.with_label_values(&[why]).inc();
                 break e.ended();

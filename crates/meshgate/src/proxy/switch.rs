@@ -130,6 +130,23 @@ impl SwitchError {
         "ended",
     ];
 
+    /// Whether a session that could not move for `why` may stay where it is: a failback (its
+    /// broker works) that failed before the cut, while the old broker still delivered
+    /// everything. The rebalancer tries again later; the failed attempts count against the
+    /// target broker, which passive accounting then bars.
+    pub fn stays(&self, why: &str) -> bool {
+        why == "failback"
+            && matches!(
+                self,
+                SwitchError::NoTarget
+                    | SwitchError::Busy
+                    | SwitchError::Connect(_)
+                    | SwitchError::Refused(_)
+                    | SwitchError::Restore(_)
+                    | SwitchError::Boundary(_)
+            )
+    }
+
     /// How the session ended, for its last log and access log line: on its own (a side closed
     /// or failed while it moved), or closed by meshgate (`None`).
     pub fn ended(self) -> Option<Ended> {
@@ -164,6 +181,9 @@ pub(super) async fn switch(proxy: &Arc<Proxy>, live: &mut Live, why: &'static st
             tracing::debug!(client_id = %live.session.info.client_id, broker = %live.session.broker.name, why, took_ms = started.elapsed().as_millis() as u64, "session switched");
         }
         Err(SwitchError::Ended(_)) => {}
+        Err(e) if e.stays(why) => {
+            tracing::info!(client_id = %live.session.info.client_id, broker = %live.session.broker.name, why, "session could not switch, it stays where it is: {e}")
+        }
         Err(e) => {
             tracing::info!(client_id = %live.session.info.client_id, broker = %live.session.broker.name, why, "session could not switch, closing it: {e}")
         }
@@ -318,11 +338,13 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
     let bye = if failed { Instant::now() } else { write_limit };
     let _ = timeout_at(bye, write_all(&mut live.upstream, &encode::disconnect())).await;
     live.upstream = conn;
+    // Past this point the session is on the new broker: a failure ends it there.
     if !to_new.is_empty() {
+        let broken = |e: std::io::Error| SwitchError::Ended(Ended::ClientSide(ForwardError::Write(e)));
         timeout_at(write_limit, write_all(&mut live.upstream, &to_new))
             .await
-            .map_err(|_| SwitchError::Connect(AttemptError::ConnackTimeout(cfg.connack_timeout)))?
-            .map_err(|e| SwitchError::Connect(AttemptError::Connect(e)))?;
+            .map_err(|_| broken(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(broken)?;
         live.up_total.inc_by(to_new.len() as u64);
     }
     if !to_client.is_empty() {
@@ -330,14 +352,16 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
         live.track
             .lock()
             .feed(false, &mut live.down_scanner, &to_client, &mut n)
-            .map_err(|e| SwitchError::Restore(e.to_string()))?;
+            .map_err(|e| SwitchError::Ended(Ended::BrokerSide(e.into())))?;
         live.session.packets_out.fetch_add(n, Ordering::Relaxed);
         live.session.bytes_out.fetch_add(to_client.len() as u64, Ordering::Relaxed);
         live.down_total.inc_by(to_client.len() as u64);
         timeout_at(write_limit, write_all(&mut live.client, &to_client))
             .await
-            .map_err(|_| SwitchError::Ended(Ended::BrokerSide(ForwardError::Io(std::io::ErrorKind::TimedOut.into()))))?
-            .map_err(|e| SwitchError::Ended(Ended::BrokerSide(ForwardError::Io(e))))?;
+            .map_err(|_| {
+                SwitchError::Ended(Ended::BrokerSide(ForwardError::Write(std::io::ErrorKind::TimedOut.into())))
+            })?
+            .map_err(|e| SwitchError::Ended(Ended::BrokerSide(ForwardError::Write(e))))?;
     }
     let info = live.session.info.clone();
     // The old registration is closing (the move asked it to), so the new one does not count
