@@ -132,6 +132,9 @@ async fn stopping_broker1_shows_it_down_and_the_new_active_broker_within_3s_with
     assert_eq!(card(&cards, "broker1")["current"], true);
     // A reload would lose this.
     browser.js("window.__sameDocument = 'still here'; return true;", json!([])).await;
+    // A client on broker1, which meshgate switches to broker2 under its connection.
+    let (_client, ack) = raw::connect(net.mqtt_addr(), 4, "dash-mover", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(ack.code, 0);
 
     let stopped = Instant::now();
     blocking(|| net.broker("broker1").kill());
@@ -151,7 +154,10 @@ async fn stopping_broker1_shows_it_down_and_the_new_active_broker_within_3s_with
         .await;
     let took = stopped.elapsed();
     assert!(took < SHOWN_WITHIN, "shown after {took:?}");
-    assert!(shown["reason"].as_str().unwrap().contains("probes failing"), "the card says why: {shown}");
+    // Why: the sessions' lost connections (a passive bar) tell of a killed broker before its
+    // probes do.
+    let reason = shown["reason"].as_str().unwrap();
+    assert!(reason.contains("probes failing") || reason.contains("passive: max_fails"), "the card says why: {shown}");
     assert!(shown["role"].as_str().unwrap().contains("takes new clients"), "{shown}");
     let same = browser.js("return window.__sameDocument;", json!([])).await;
     assert_eq!(same, "still here", "the page was not reloaded");
@@ -165,6 +171,21 @@ async fn stopping_broker1_shows_it_down_and_the_new_active_broker_within_3s_with
         )
         .await;
     assert!(failover.as_str().is_some_and(|t| t.len() == 8 && t.as_bytes()[2] == b':'), "HH:MM:SS: {failover}");
+    // The client's move shows as a switch, not as a disconnect.
+    let moved = browser
+        .wait_for(
+            "the switch in the event log",
+            SECOND,
+            r#"const e = [...document.querySelectorAll('#events li')].find(li => li.textContent.includes('off broker1 (broker_down)'));
+               return e ? { badge: e.querySelector('.kind').textContent, msg: e.querySelector('.msg').textContent } : null;"#,
+        )
+        .await;
+    assert_eq!(moved["badge"], "switch", "{moved}");
+    assert!(moved["msg"].as_str().unwrap().contains("under their clients' connections"), "{moved}");
+    let closed = browser
+        .js("return document.querySelectorAll('#events .kind[data-kind=\"session_closed\"]').length;", json!([]))
+        .await;
+    assert_eq!(closed, 0, "no session shown as closed");
     let status = browser.js("return document.getElementById('status').textContent;", json!([])).await;
     assert_eq!(status, "degraded", "the primary tier is down");
     println!("broker1 stopped -> page showed it down and broker2 current after {took:?}");

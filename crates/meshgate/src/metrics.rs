@@ -127,7 +127,7 @@ impl Metrics {
             ),
             switches: counter(
                 "meshgate_session_switches_total",
-                "Sessions moved to another broker under the client's open connection, by why they moved (failback, drain, broker_disabled, broker_removed) and result (ok, or why the session was closed instead)",
+                "Sessions moved to another broker under the client's open connection, by why they moved (failback, drain, broker_disabled, broker_removed, broker_down) and result (ok, or why it could not switch)",
                 &["reason", "result"],
             ),
             switch_duration: reg(

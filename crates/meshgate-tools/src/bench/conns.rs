@@ -454,6 +454,8 @@ async fn client(
         if out.noticed.is_none() {
             out.noticed = after_fault;
         }
+        // Its connection closed after all: not one that kept it.
+        out.kept = false;
         loop {
             out.attempts += 1;
             let r = tokio::select! {
