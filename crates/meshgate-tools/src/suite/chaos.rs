@@ -5,8 +5,8 @@
 //! hung) and recovered one cycle later. A message acknowledged to its publisher but never
 //! received by a subscriber is lost; losses are split into those inside a fault window (from
 //! just before the fault, when messages were in flight, until every client it cut off was
-//! connected again; and likewise around the recovery, when sessions move back to the
-//! recovered broker) and those outside, which should never happen.
+//! connected again and every subscriber received again; and likewise around the recovery, when
+//! sessions move back to the recovered broker) and those outside, which should never happen.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -71,6 +71,8 @@ struct Log {
     published: BTreeMap<(usize, u64), (f64, Option<f64>)>,
     /// per subscriber: (publisher, seq) -> deliveries
     received: Vec<HashMap<(usize, u64), u32>>,
+    /// per subscriber: when it received each message (first or not), in order
+    received_at: Vec<Vec<f64>>,
     out_of_order: u64,
     /// receive times, for the delivery chart
     receive_times: Vec<f64>,
@@ -206,6 +208,7 @@ async fn subscriber(
                     *l.received[s].entry((p, q)).or_default() += 1;
                     let at = now(t0);
                     l.receive_times.push(at);
+                    l.received_at[s].push(at);
                     let prev = last_seq.insert(p, q);
                     if prev.is_some_and(|prev| q < prev) {
                         l.out_of_order += 1;
@@ -241,7 +244,11 @@ pub async fn chaos(t: &Target, opts: &ChaosOptions) -> ScenarioResult {
     // Publishers stop first, so the last messages have time to arrive before subscribers stop.
     let stop_publishing = CancellationToken::new();
     let log: Shared =
-        Arc::new(Mutex::new(Log { received: vec![HashMap::new(); opts.subscribers], ..Default::default() }));
+        Arc::new(Mutex::new(Log {
+            received: vec![HashMap::new(); opts.subscribers],
+            received_at: vec![Vec::new(); opts.subscribers],
+            ..Default::default()
+        }));
     let mut tasks = JoinSet::new();
     for s in 0..opts.subscribers {
         let id = format!("chaos-{tag}-sub{s}");
@@ -377,6 +384,13 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
                 reconnect_times.push(b - f.at);
             } else {
                 back_at = back_at.max(f.recovered_at.unwrap_or(end));
+            }
+        }
+        // A subscriber the fault did not cut off (its session was moved under it) is served
+        // again at its first message after the fault: until then it missed what it missed.
+        for times in &log.received_at {
+            if let Some(first) = times.iter().find(|at| **at >= f.at && **at < next) {
+                back_at = back_at.max(*first);
             }
         }
         windows.push((f.at - IN_FLIGHT, back_at));
