@@ -454,11 +454,12 @@ struct Recorder {
 
 impl Recorder {
     async fn start(addr: std::net::SocketAddr, completes: bool) -> Recorder {
-        Recorder::start_with(addr, completes, 0).await
+        Recorder::start_with(addr, completes, Some(0)).await
     }
 
-    /// `connack`: the CONNACK return code it answers every CONNECT with.
-    async fn start_with(addr: std::net::SocketAddr, completes: bool, connack: u8) -> Recorder {
+    /// `connack`: the CONNACK return code it answers every CONNECT with (`None`: it never
+    /// answers one).
+    async fn start_with(addr: std::net::SocketAddr, completes: bool, connack: Option<u8>) -> Recorder {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -474,7 +475,7 @@ impl Recorder {
         Recorder { got, tasks }
     }
 
-    async fn serve(mut s: tokio::net::TcpStream, got: Arc<Mutex<Vec<Vec<u8>>>>, completes: bool, connack: u8) {
+    async fn serve(mut s: tokio::net::TcpStream, got: Arc<Mutex<Vec<Vec<u8>>>>, completes: bool, connack: Option<u8>) {
         let mut buf = Vec::new();
         loop {
             let mut chunk = [0u8; 4096];
@@ -493,7 +494,7 @@ impl Recorder {
                 let body = &p[1 + used..];
                 let id = |at: usize| [body[at], body[at + 1]];
                 let reply: Vec<u8> = match p[0] >> 4 {
-                    1 => vec![0x20, 0x02, 0x00, connack],
+                    1 => connack.map_or(vec![], |code| vec![0x20, 0x02, 0x00, code]),
                     3 => {
                         let tl = u16::from_be_bytes([body[0], body[1]]) as usize;
                         match (p[0] >> 1) & 3 {
@@ -568,14 +569,15 @@ async fn a_dead_brokers_open_qos_flows_are_finished_on_the_next_broker() {
     mg.shutdown().await;
 }
 
-/// A failback that cannot be made (the returning broker refuses the client's CONNECT) leaves
-/// the session where it was, working: failback happens when nothing is wrong, and must not
-/// cost the client its connection.
+/// A failback that cannot be made (the returning broker takes TCP connections, so its probes
+/// pass, but never answers a CONNECT) leaves the session where it was, working, and accounted
+/// once: failback happens when nothing is wrong, and must not cost the client its connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failback_that_cannot_switch_leaves_the_session_where_it_is() {
     let slot = common::Slot::acquire();
     let backup = Recorder::start(slot.addr(11, 1883), true).await;
-    let extra = "[health]\nprobe = \"tcp\"\ninterval = \"100ms\"\n[proxy]\nfailback_rate = 100\n";
+    let extra =
+        "[health]\nprobe = \"tcp\"\ninterval = \"100ms\"\n[proxy]\nfailback_rate = 100\nconnack_timeout = \"300ms\"\n";
     let text = common::slot_config_text(&slot, 2, extra, "");
     let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
     let pool = mg.pool().clone();
@@ -584,18 +586,49 @@ async fn a_failback_that_cannot_switch_leaves_the_session_where_it_is() {
     let (mut c, ack) = raw::connect(slot.addr(1, 1883), 4, "stayer", 5 * SECOND).await.unwrap();
     assert_eq!(ack.code, 0);
     assert_eq!(pool.broker_of("stayer").as_deref(), Some("broker2"));
-    // broker1 comes back, answering TCP probes but refusing every CONNECT (not authorized).
-    let primary = Recorder::start_with(slot.addr(10, 1883), true, 5).await;
+    // broker1 comes back: it answers TCP probes, but no CONNECT.
+    let primary = Recorder::start_with(slot.addr(10, 1883), true, None).await;
     let m = pool.clone();
-    wait_until(5 * SECOND, || m.metrics.switches.with_label_values(&["failback", "refused"]).get() >= 2)
+    wait_until(5 * SECOND, || m.metrics.switches.with_label_values(&["failback", "connect_failed"]).get() >= 1)
         .await
-        .expect("failback tried, and tried again later");
+        .expect("failback tried");
     assert_eq!(pool.metrics.sessions_closed.with_label_values(&["failback"]).get(), 0, "never closed");
     assert_eq!(pool.broker_of("stayer").as_deref(), Some("broker2"));
+    // One session, counted once, on broker2.
+    assert_eq!(pool.session_count(), 1);
+    let b2 = pool.broker("broker2").unwrap();
+    assert_eq!(b2.active_sessions(), 1);
+    assert_eq!(pool.metrics.sessions_active.with_label_values(&["broker2"]).get(), 1);
     c.write_all(&raw::pingreq_packet()).await.unwrap();
     assert_eq!(raw::read_packet(&mut c, 5 * SECOND).await.unwrap().0, 0xd0, "still served by broker2");
     primary.die();
     backup.die();
+    mg.shutdown().await;
+}
+
+/// A healthy broker that closes one session on purpose (its client id connected to it
+/// directly, a takeover) is not taken for a failed one: that session closes as the broker
+/// meant, and nothing else moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_closes_a_session_on_purpose_is_not_left() {
+    let net = Net::start(2);
+    let mg = net.meshgate("").await;
+    let pool = mg.pool().clone();
+    let (mut taken, _) = raw::connect(net.mqtt_addr(), 4, "taken-over", 5 * SECOND).await.unwrap();
+    let (mut other, _) = raw::connect(net.mqtt_addr(), 4, "bystander", 5 * SECOND).await.unwrap();
+    assert_eq!(pool.broker_of("bystander").as_deref(), Some("broker1"));
+    // The same client id straight at broker1: Mosquitto closes meshgate's connection for it.
+    let (_direct, ack) = raw::connect(net.brokers[0].addr, 4, "taken-over", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    assert!(raw::closed_within(&mut taken, 3 * SECOND).await, "the taken-over session closed");
+    // Give a wrong verdict time to move the bystander; then it must still be on broker1.
+    let p = pool.clone();
+    let moved = wait_until(SECOND, || p.broker_of("bystander").as_deref() != Some("broker1")).await;
+    assert!(moved.is_none(), "the bystander was moved: {:?}", pool.broker_of("bystander"));
+    assert_eq!(pool.metrics.switches.with_label_values(&["broker_down", "ok"]).get(), 0);
+    other.write_all(&raw::pingreq_packet()).await.unwrap();
+    assert_eq!(raw::read_packet(&mut other, 5 * SECOND).await.unwrap().0, 0xd0);
+    assert!(pool.broker("broker1").unwrap().available(tokio::time::Instant::now()), "broker1 not barred");
     mg.shutdown().await;
 }
 

@@ -243,12 +243,11 @@ pub async fn chaos(t: &Target, opts: &ChaosOptions) -> ScenarioResult {
     let stop = CancellationToken::new();
     // Publishers stop first, so the last messages have time to arrive before subscribers stop.
     let stop_publishing = CancellationToken::new();
-    let log: Shared =
-        Arc::new(Mutex::new(Log {
-            received: vec![HashMap::new(); opts.subscribers],
-            received_at: vec![Vec::new(); opts.subscribers],
-            ..Default::default()
-        }));
+    let log: Shared = Arc::new(Mutex::new(Log {
+        received: vec![HashMap::new(); opts.subscribers],
+        received_at: vec![Vec::new(); opts.subscribers],
+        ..Default::default()
+    }));
     let mut tasks = JoinSet::new();
     for s in 0..opts.subscribers {
         let id = format!("chaos-{tag}-sub{s}");

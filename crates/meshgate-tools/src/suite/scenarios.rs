@@ -324,7 +324,10 @@ pub async fn failover(t: &Target, opts: &Options) -> ScenarioResult {
         let back_txt = back
             .map(|b| format!("{:.2} s", b))
             .unwrap_or_else(|| format!("never within {:.0} s", opts.duration.as_secs_f64()));
-        summaries.push(format!("{label}: new clients back after {back_txt}, {} failed connects", phase.failed));
+        summaries.push(format!(
+            "{label}: new clients back after {back_txt}, {} failed connects, {} of {} existing clients kept their connection",
+            phase.failed, phase.kept, phase.existing
+        ));
         r.metric(&format!("{label}_new_clients_back_s"), back.unwrap_or(f64::NAN), "s");
         r.metric(&format!("{label}_failed_connects"), phase.failed as f64, "");
         r.metric(&format!("{label}_connect_attempts"), phase.attempts.len() as f64, "");

@@ -211,10 +211,11 @@ pub async fn rebalance_loop(pool: Arc<Pool>, stop: CancellationToken) {
             for ((broker, why), n) in std::mem::take(&mut moved) {
                 info!(broker = %broker, why, sessions = n, "moved {n} session(s) off {broker} ({why})");
                 let (kind, how) = match pool.proxy_config().moves {
-                    crate::config::Move::Switch => ("switch", "switched under their clients' connections"),
+                    crate::config::Move::Switch => ("switch", "switching under their clients' connections"),
                     crate::config::Move::Close => ("session_closed", "closed; their clients reconnect"),
                 };
                 pool.events.push(kind, Some(&broker), format!("moved {n} session(s) off {broker} ({why}): {how}"));
+                // (Requests: a switch that fails is counted and logged by the session.)
             }
         }
         tokio::select! {

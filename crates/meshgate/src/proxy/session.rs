@@ -223,8 +223,13 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
         }
         match super::switch::switch(proxy, live, why).await {
             Ok(()) => continue,
-            // A failback that could not be made: the session goes on where it is.
-            Err(e) if e.stays(why) => {
+            // A failback that could not be made: the session goes on where it is, unless a
+            // close came meanwhile or the client connected again elsewhere.
+            Err(e)
+                if e.stays(why, live.session.info.persistent)
+                    && live.session.move_requested() == Some(why)
+                    && proxy.pool.live_brokers(&live.session.info.client_id).is_empty() =>
+            {
                 let fresh = proxy.pool.renew(&live.session);
                 drop(std::mem::replace(&mut live.session, fresh));
                 continue;
@@ -289,12 +294,13 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
 }
 
 /// Whether `broker`, which closed a session's connection, is gone: its probes say so, or it
-/// refuses a connection, or does not answer a CONNECT, now and 100 ms later. (A TCP connect
-/// alone is not enough: a killed broker's listening socket may take one for a moment after
-/// its connections closed.) A broker that answers, refusals included, is there and closed the
-/// session on purpose. One check runs per broker at a time; sessions it closed together share
-/// the verdict, and a gone broker counts as a passive failure, so no new session or failback
-/// picks it before its probes catch up.
+/// cannot be reached (connection refused or timed out). A broker that takes the connection
+/// but closes it or does not answer is asked again 100 ms later (a killed broker's listening
+/// socket may take a connection for a moment after its connections closed; one at its
+/// connection limit does so every time, and is not gone). A broker that answers, refusals
+/// included, is there and closed the session on purpose. One check runs per broker at a time;
+/// sessions it closed together share the verdict, and a gone broker counts as a passive
+/// failure (`max_fails`).
 async fn broker_gone(proxy: &Proxy, broker: &Broker) -> bool {
     const FRESH: Duration = Duration::from_secs(1);
     if broker.probe_up() == Some(false) {
@@ -307,39 +313,28 @@ async fn broker_gone(proxy: &Proxy, broker: &Broker) -> bool {
             return gone;
         }
     }
-    // Why it is gone: the check's own failure, counted like any failed attempt.
-    let mut gone: Option<&'static str> = None;
+    let mut gone = false;
     for attempt in 0..2 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let id = format!("meshgate-check-{}-{}", std::process::id(), CHECKS.fetch_add(1, Ordering::Relaxed));
         let connect = mqtt::encode::connect(4, &id, true, 5, None, None);
-        match proxy.upstream.handshake(&broker.config(), &connect, 4).await {
-            Ok((mut conn, _, _)) => {
-                let _ = timeout(Duration::from_millis(200), write_all(&mut conn, &mqtt::encode::disconnect())).await;
-                gone = None;
+        match proxy.upstream.reachable(&broker.config(), &connect).await {
+            Some(answered) => {
+                gone = !answered;
                 break;
             }
-            // "Server unavailable" or "busy": it answered.
-            Err(crate::upstream::AttemptError::Refused { .. }) => {
-                gone = None;
-                break;
-            }
-            Err(e @ (crate::upstream::AttemptError::Connect(_) | crate::upstream::AttemptError::ConnectTimeout(_))) => {
-                gone = Some(e.reason());
-                break;
-            }
-            // Closed before its CONNACK, or none in time: a broker dying (or hung), or one
-            // at its connection limit; the second look tells them apart.
-            Err(e) => gone = Some(e.reason()),
+            // Taken and closed (or silent) twice: there, but not answering this; the probes
+            // decide.
+            None => gone = false,
         }
     }
-    if let Some(reason) = gone {
-        proxy.pool.record_failure(broker, reason);
+    if gone {
+        proxy.pool.record_failure(broker, "connect_error");
     }
-    *verdict = Some((tokio::time::Instant::now(), gone.is_some()));
-    gone.is_some()
+    *verdict = Some((tokio::time::Instant::now(), gone));
+    gone
 }
 
 static CHECKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -132,18 +132,17 @@ impl SwitchError {
 
     /// Whether a session that could not move for `why` may stay where it is: a failback (its
     /// broker works) that failed before the cut, while the old broker still delivered
-    /// everything. The rebalancer tries again later; the failed attempts count against the
-    /// target broker, which passive accounting then bars.
-    pub fn stays(&self, why: &str) -> bool {
+    /// everything, for a reason that passes (the target unreachable: each attempt counts
+    /// against it, which passive accounting then bars; no target; busy; no boundary). A target
+    /// that refuses the client closes the session as before.
+    /// Only a clean session stays: a persistent one may have left a session on the target
+    /// broker that would queue its messages from then on.
+    pub fn stays(&self, why: &str, persistent: bool) -> bool {
         why == "failback"
+            && !persistent
             && matches!(
                 self,
-                SwitchError::NoTarget
-                    | SwitchError::Busy
-                    | SwitchError::Connect(_)
-                    | SwitchError::Refused(_)
-                    | SwitchError::Restore(_)
-                    | SwitchError::Boundary(_)
+                SwitchError::NoTarget | SwitchError::Busy | SwitchError::Connect(_) | SwitchError::Boundary(_)
             )
     }
 
@@ -181,7 +180,7 @@ pub(super) async fn switch(proxy: &Arc<Proxy>, live: &mut Live, why: &'static st
             tracing::debug!(client_id = %live.session.info.client_id, broker = %live.session.broker.name, why, took_ms = started.elapsed().as_millis() as u64, "session switched");
         }
         Err(SwitchError::Ended(_)) => {}
-        Err(e) if e.stays(why) => {
+        Err(e) if e.stays(why, live.session.info.persistent) => {
             tracing::info!(client_id = %live.session.info.client_id, broker = %live.session.broker.name, why, "session could not switch, it stays where it is: {e}")
         }
         Err(e) => {
@@ -271,7 +270,10 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
         match cut_failed(proxy, live, deadline).await {
             Ok(Cut::Done(b)) => {
                 // The client's released QoS 2 PUBLISHes, finished on the new broker.
-                let released = live.track.lock().released().unwrap_or_default();
+                let Some(released) = live.track.lock().released() else {
+                    give_up(&mut conn).await;
+                    return Err(SwitchError::Uncopied);
+                };
                 match finish_released(&mut conn, &released, deadline).await {
                     Ok(more) => to_client.extend_from_slice(&more),
                     Err(e) => {
@@ -771,15 +773,15 @@ async fn cut_failed(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> R
         // A SUBSCRIBE or UNSUBSCRIBE the old broker never answered.
         fail!(SwitchError::Incomplete);
     }
-    let mut resend = match track.lock().unacknowledged() {
-        Some(r) => r,
-        None => fail!(SwitchError::Uncopied),
-    };
-    if track.lock().released().is_none() {
+    // Every open flow of the client's is finished from its copy: unacknowledged ones are
+    // sent again, released ones (including those released during the cut) finished.
+    if !track.lock().all_copied() {
         fail!(SwitchError::Uncopied);
     }
+    let mut resend = track.lock().unacknowledged().unwrap_or_default();
     // PINGREQs the old broker never answered: the new one answers them.
-    for _ in 0..track.lock().pings_open {
+    let pings = track.lock().pings_open;
+    for _ in 0..pings {
         resend.extend_from_slice(&encode::pingreq());
     }
     let mut from_client = PacketReader::with_buffered(&mut *client, buf, max);
@@ -860,8 +862,13 @@ async fn finish_released(
     for (id, publish) in released {
         send(&mut packets, publish, deadline).await?;
         let rec = answer(&mut packets, kind::PUBREC, *id, deadline, &mut to_client).await?;
-        if rec.body().get(2).is_some_and(|&r| r >= 0x80) {
-            // Refused there: the flow ends, and the client hears so from meshgate.
+        if let Some(&code) = rec.body().get(2).filter(|&&r| r >= 0x80) {
+            // Refused there (MQTT 5): the flow ends, and the client hears so from meshgate.
+            tracing::warn!(
+                packet_id = id,
+                code,
+                "the new broker refused a QoS 2 PUBLISH sent again after its broker failed"
+            );
             to_client.extend_from_slice(&encode::ack(kind::PUBCOMP, *id));
             continue;
         }

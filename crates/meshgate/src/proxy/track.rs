@@ -250,6 +250,11 @@ impl Track {
         self.flows.down.is_empty() && self.flows.up.iter().all(|(_, f)| f.stage != UpStage::Received)
     }
 
+    /// Every open flow of the client's has its copy.
+    pub fn all_copied(&self) -> bool {
+        self.flows.up.iter().all(|(_, f)| f.copy.is_some())
+    }
+
     /// The client's PUBLISHes its (failed) broker never acknowledged, to send to the new one:
     /// marked DUP, in the order the client sent them. `None` when a copy was not kept.
     pub fn unacknowledged(&self) -> Option<Vec<u8>> {

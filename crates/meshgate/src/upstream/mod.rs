@@ -207,6 +207,31 @@ impl Upstream {
         Ok((conn, ack, bytes))
     }
 
+    /// Whether `broker` is there, asked with a CONNECT outside the handshake slots: `Some(true)`
+    /// when it answers with any CONNACK, `Some(false)` when it cannot be reached (connection
+    /// refused or timed out), `None` when it took the connection but closed it or said nothing
+    /// in time (a process dying, or one at its connection limit: ask again to tell which).
+    pub async fn reachable(&self, broker: &BrokerConfig, packet: &[u8]) -> Option<bool> {
+        let t = **self.timeouts.load();
+        let mut conn = match self.connect(broker).await {
+            Ok(c) => c,
+            Err(AttemptError::Connect(_) | AttemptError::ConnectTimeout(_)) => return Some(false),
+            Err(_) => return None,
+        };
+        let exchange = async {
+            crate::transport::write_all(&mut conn, packet).await.ok()?;
+            let p = PacketReader::new(&mut conn, CONNACK_READ_LIMIT).next().await.ok()?;
+            (p.kind() == crate::mqtt::kind::CONNACK).then_some(())
+        };
+        let answered = matches!(timeout(t.connack, exchange).await, Ok(Some(())));
+        if !answered {
+            return None;
+        }
+        let disconnect = crate::mqtt::encode::disconnect();
+        let _ = timeout(Duration::from_millis(200), crate::transport::write_all(&mut conn, &disconnect)).await;
+        Some(true)
+    }
+
     /// How an `rumqttc` client (replication links, snapshots) reaches `broker`: the same TCP or
     /// TLS choice and certificate checks as every other connection.
     pub fn mqtt_transport(&self, broker: &BrokerConfig) -> Result<rumqttc::Transport, String> {
