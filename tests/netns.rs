@@ -611,6 +611,12 @@ fn failover_scenario(k: u32, fault: Fault) {
     lab.start_brokers();
     lab.start_meshgate(false);
     let seq = lab.last_event_seq();
+    // A client connected before the fault, on broker1: meshgate switches it under its
+    // connection, so every one of its pings is answered, the slowest after the detection.
+    let kept = lab.start_helper(
+        Host::Client,
+        json!({"role": "keep", "addr": lab.mqtt(), "every_ms": 200, "for_ms": 6000, "timeout_ms": 5000}),
+    );
     let clients = lab.start_helper(
         Host::Client,
         json!({"role": "connect_loop", "addr": lab.mqtt(), "every_ms": 100, "for_ms": 6000, "timeout_ms": 8000}),
@@ -619,6 +625,7 @@ fn failover_scenario(k: u32, fault: Fault) {
     let t_fault = now_ms();
     lab.fault(fault, 0, true);
     let attempts = clients.finish(Duration::from_secs(20));
+    let pings = kept.finish(Duration::from_secs(20));
     let events = lab.events_since(seq);
     let down = events
         .iter()
@@ -671,6 +678,16 @@ fn failover_scenario(k: u32, fault: Fault) {
     assert!(last_routed <= 1500.0, "a client was still routed to broker1 {last_routed:.0} ms after the fault");
     assert_eq!(b1["state"], "down", "{b1}");
     assert_eq!(current, Some(json!("broker2")), "new clients go to broker2");
+    let slowest_ping = pings.iter().filter_map(|p| p["ms"].as_f64()).fold(0.0, f64::max);
+    println!(
+        "netns {fault:?}: the client connected before the fault: {} pings, slowest answered after {slowest_ping:.0} ms",
+        pings.len()
+    );
+    assert!(pings.len() >= 20 && pings.iter().all(|p| p["ok"] == true), "its connection was kept: {pings:?}");
+    assert!(slowest_ping <= detection + 500.0, "slowest ping {slowest_ping:.0} ms, detection {detection:.0} ms");
+    let switches =
+        sample(&lab.metrics(), "meshgate_session_switches_total", &[("reason", "broker_down"), ("result", "ok")]);
+    assert_eq!(switches, Some(1.0), "switched to broker2");
 }
 
 #[test]
@@ -956,6 +973,7 @@ mod helper {
         match spec["role"].as_str().unwrap() {
             "http" => http(spec),
             "connect_loop" => connect_loop(spec),
+            "keep" => keep(spec),
             "publish" => publish(spec),
             "subscribe" => subscribe(spec),
             "retained" => retained(spec),
@@ -1047,6 +1065,34 @@ mod helper {
         }
         for t in threads {
             t.join().unwrap();
+        }
+    }
+
+    /// One client that stays connected: a PINGREQ every `every_ms` for `for_ms`, each waited
+    /// for up to `timeout_ms`; one report per ping, and it stops at the first that fails (its
+    /// connection closed or its PINGRESP never came).
+    fn keep(spec: &Value) {
+        let (every, total, timeout) =
+            (ms(spec, "every_ms", 200), ms(spec, "for_ms", 5000), ms(spec, "timeout_ms", 5000));
+        let id = format!("netns-keep-{}", std::process::id());
+        let (mut s, code) = connect(addr(spec), &id, Duration::from_secs(5)).expect("the client connects");
+        assert_eq!(code, 0, "the client was refused");
+        s.set_read_timeout(Some(timeout)).unwrap();
+        let start = Instant::now();
+        while start.elapsed() < total {
+            let t = now_ms();
+            let began = Instant::now();
+            let answered = s.write_all(&mqtt::pingreq_packet()).and_then(|_| loop {
+                if read_packet(&mut s)?.0 == 0xd0 {
+                    return Ok(());
+                }
+            });
+            let took = began.elapsed().as_secs_f64() * 1000.0;
+            report(json!({"t": t, "ok": answered.is_ok(), "ms": took}));
+            if answered.is_err() {
+                return;
+            }
+            std::thread::sleep(every);
         }
     }
 
