@@ -109,6 +109,107 @@ async fn paho_sub(addr: std::net::SocketAddr, id: &str, version: &str) -> (tokio
     (child, seen)
 }
 
+/// The load every move is tested under: a clean-session rumqttc subscriber, persistent
+/// paho-mqtt subscribers (3.1.1 and 5) and a rumqttc QoS 1 publisher at 200 msg/s, all through
+/// meshgate.
+struct Load {
+    ids: Vec<String>,
+    subs: [(&'static str, Shared); 3],
+    pub_seen: Shared,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    publishing: tokio::task::JoinHandle<()>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+    paho: [tokio::process::Child; 2],
+}
+
+impl Load {
+    /// Connects the four clients (client ids start with `tag`), waits until all are on
+    /// `broker`, and starts publishing.
+    async fn start(pool: &Arc<meshgate::pool::Pool>, addr: std::net::SocketAddr, tag: &str, broker: &str) -> Load {
+        let id = |who: &str| format!("{tag}-{who}");
+        let (_sub, sub_seen, sub_task) = rumqttc_client(addr, &id("sub"), true, Some("switch/#"));
+        let (paho4, paho4_seen) = paho_sub(addr, &id("paho4"), "4").await;
+        let (paho5, paho5_seen) = paho_sub(addr, &id("paho5"), "5").await;
+        let (publ, pub_seen, pub_task) = rumqttc_client(addr, &id("pub"), true, None);
+        let load = Load {
+            ids: vec![id("sub"), id("paho4"), id("paho5"), id("pub")],
+            subs: [("rumqttc", sub_seen.clone()), ("paho 3.1.1", paho4_seen), ("paho 5", paho5_seen)],
+            pub_seen,
+            sent: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            publishing: tokio::spawn(async {}),
+            tasks: [sub_task, pub_task],
+            paho: [paho4, paho5],
+        };
+        assert!(load.all_on(pool, broker, 5 * SECOND).await, "every client on {broker}");
+        let s = sub_seen.clone();
+        wait_until(5 * SECOND, || s.lock().unwrap().connacks == 1).await.expect("subscriber connected");
+        let n = load.sent.clone();
+        let publishing = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            loop {
+                tick.tick().await;
+                let seq = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if publ.publish("switch/x", QoS::AtLeastOnce, false, seq.to_string()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Load { publishing, ..load }
+    }
+
+    /// Whether every client's session is on `broker` within `limit`.
+    async fn all_on(&self, pool: &Arc<meshgate::pool::Pool>, broker: &str, limit: Duration) -> bool {
+        let ids = self.ids.clone();
+        let p = pool.clone();
+        wait_until(limit, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some(broker))).await.is_some()
+    }
+
+    /// Stops publishing and checks what every client saw: each subscriber got every
+    /// acknowledged message (duplicates counted), and no client saw a second CONNACK or an
+    /// error. Returns each subscriber's longest time without a new message after `from`.
+    async fn finish(mut self, label: &str, from: Instant) -> Vec<(&'static str, Duration)> {
+        self.publishing.abort();
+        // rumqttc acknowledges in order, so the first `acked` sequence numbers are the
+        // acknowledged ones.
+        let acked = {
+            let (ps, sent) = (self.pub_seen.clone(), self.sent.clone());
+            wait_until(5 * SECOND, || ps.lock().unwrap().acked + 50 >= sent.load(std::sync::atomic::Ordering::Relaxed))
+                .await;
+            self.pub_seen.lock().unwrap().acked
+        };
+        assert!(acked >= 300, "the publisher kept going: {acked} acknowledged");
+        let mut gaps = Vec::new();
+        for (who, seen) in &self.subs {
+            let s = seen.clone();
+            wait_until(5 * SECOND, || (0..acked).all(|n| s.lock().unwrap().got.contains_key(&n))).await;
+            let s = seen.lock().unwrap();
+            let lost: Vec<u64> = (0..acked).filter(|n| !s.got.contains_key(n)).collect();
+            let dups: u32 = s.got.values().map(|c| c - 1).sum();
+            let gap = s.gap_after(from);
+            eprintln!(
+                "{label} {who}: {acked} acknowledged, {} lost, {dups} duplicates, {} CONNACK(s), longest gap {gap:?}",
+                lost.len(),
+                s.connacks
+            );
+            assert!(lost.is_empty(), "{who} lost {} acknowledged messages: {lost:?}", lost.len());
+            assert_eq!((s.connacks, s.errors), (1, 0), "{who} never noticed the move");
+            gaps.push((*who, gap));
+        }
+        let (connacks, errors) = {
+            let ps = self.pub_seen.lock().unwrap();
+            (ps.connacks, ps.errors)
+        };
+        assert_eq!((connacks, errors), (1, 0), "the publisher never noticed the move");
+        for t in &self.tasks {
+            t.abort();
+        }
+        for c in &mut self.paho {
+            let _ = c.kill().await;
+        }
+        gaps
+    }
+}
+
 /// Failback with load: a clean-session rumqttc subscriber, persistent paho-mqtt subscribers
 /// (3.1.1 and 5) and a rumqttc QoS 1 publisher at 200 msg/s, all on broker2 while broker1 is
 /// down; broker1 returns and every one of them is switched to it: no client sees a disconnect
@@ -121,68 +222,15 @@ async fn failback_switches_clients_without_a_disconnect_or_a_lost_message() {
     let pool = mg.pool().clone();
     blocking(|| net.broker("broker1").kill());
     wait_until(5 * SECOND, || pool.current_broker().is_some_and(|b| b.name == "broker2")).await.expect("failover");
-    let addr = net.mqtt_addr();
-
-    let (_sub, sub_seen, sub_task) = rumqttc_client(addr, "switch-sub", true, Some("switch/#"));
-    let (mut paho4, paho4_seen) = paho_sub(addr, "switch-paho4", "4").await;
-    let (mut paho5, paho5_seen) = paho_sub(addr, "switch-paho5", "5").await;
-    let (publ, pub_seen, pub_task) = rumqttc_client(addr, "switch-pub", true, None);
-    let ids = ["switch-sub", "switch-paho4", "switch-paho5", "switch-pub"];
-    let p = pool.clone();
-    wait_until(5 * SECOND, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some("broker2")))
-        .await
-        .expect("every client on broker2");
-    let s = sub_seen.clone();
-    wait_until(5 * SECOND, || s.lock().unwrap().connacks == 1).await.expect("subscriber connected");
-
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (c, n) = (publ.clone(), sent.clone());
-    let publishing = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        loop {
-            tick.tick().await;
-            let seq = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if c.publish("switch/x", QoS::AtLeastOnce, false, seq.to_string()).await.is_err() {
-                return;
-            }
-        }
-    });
+    let load = Load::start(&pool, net.mqtt_addr(), "switch", "broker2").await;
     tokio::time::sleep(SECOND).await;
+    let back_at = Instant::now();
     blocking(|| net.broker("broker1").restart());
-    let moved = wait_until(10 * SECOND, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some("broker1"))).await;
-    assert!(moved.is_some(), "every client switched to broker1: {:?}", ids.map(|id| p.broker_of(id)));
+    assert!(load.all_on(&pool, "broker1", 10 * SECOND).await, "every client switched to broker1");
     tokio::time::sleep(SECOND).await;
-    publishing.abort();
-    // Every acknowledged message arrives (rumqttc acknowledges in order, so the first `acked`
-    // sequence numbers are the acknowledged ones).
-    let acked = {
-        let ps = pub_seen.clone();
-        wait_until(5 * SECOND, || ps.lock().unwrap().acked + 50 >= sent.load(std::sync::atomic::Ordering::Relaxed))
-            .await;
-        pub_seen.lock().unwrap().acked
-    };
-    assert!(acked >= 300, "the publisher kept going: {acked} acknowledged");
-    for (who, seen) in [("rumqttc", &sub_seen), ("paho 3.1.1", &paho4_seen), ("paho 5", &paho5_seen)] {
-        let s = seen.clone();
-        wait_until(5 * SECOND, || (0..acked).all(|n| s.lock().unwrap().got.contains_key(&n))).await;
-        let s = seen.lock().unwrap();
-        let lost: Vec<u64> = (0..acked).filter(|n| !s.got.contains_key(n)).collect();
-        let dups: u32 = s.got.values().map(|c| c - 1).sum();
-        eprintln!("{who}: {acked} acknowledged, {} lost, {dups} duplicates, {} CONNACK(s)", lost.len(), s.connacks);
-        assert!(lost.is_empty(), "{who} lost {} acknowledged messages: {lost:?}", lost.len());
-        assert_eq!((s.connacks, s.errors), (1, 0), "{who} never noticed the move");
-    }
-    let (connacks, errors) = {
-        let ps = pub_seen.lock().unwrap();
-        (ps.connacks, ps.errors)
-    };
-    assert_eq!((connacks, errors), (1, 0), "the publisher never noticed the move");
+    load.finish("failback", back_at).await;
     let switched = mg.pool().metrics.switches.with_label_values(&["failback", "ok"]).get();
     assert_eq!(switched, 4, "four sessions switched");
-    sub_task.abort();
-    pub_task.abort();
-    let _ = paho4.kill().await;
-    let _ = paho5.kill().await;
     mg.shutdown().await;
 }
 
@@ -204,33 +252,8 @@ async fn failed_primary_switches_its_clients(fault: Fault) {
     let extra = "[health]\ninterval = \"100ms\"\ntimeout = \"200ms\"\n[replication]\nenabled = true\n";
     let mg = net.meshgate(extra).await;
     let pool = mg.pool().clone();
-    let addr = net.mqtt_addr();
     let tag = format!("{fault:?}").to_lowercase();
-    let id = |who: &str| format!("{tag}-{who}");
-    let (_sub, sub_seen, sub_task) = rumqttc_client(addr, &id("sub"), true, Some("switch/#"));
-    let (mut paho4, paho4_seen) = paho_sub(addr, &id("paho4"), "4").await;
-    let (mut paho5, paho5_seen) = paho_sub(addr, &id("paho5"), "5").await;
-    let (publ, pub_seen, pub_task) = rumqttc_client(addr, &id("pub"), true, None);
-    let ids = [id("sub"), id("paho4"), id("paho5"), id("pub")];
-    let p = pool.clone();
-    wait_until(5 * SECOND, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some("broker1")))
-        .await
-        .expect("every client on broker1");
-    let s = sub_seen.clone();
-    wait_until(5 * SECOND, || s.lock().unwrap().connacks == 1).await.expect("subscriber connected");
-
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (c, n) = (publ.clone(), sent.clone());
-    let publishing = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        loop {
-            tick.tick().await;
-            let seq = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if c.publish("switch/x", QoS::AtLeastOnce, false, seq.to_string()).await.is_err() {
-                return;
-            }
-        }
-    });
+    let load = Load::start(&pool, net.mqtt_addr(), &tag, "broker1").await;
     tokio::time::sleep(SECOND).await;
     let fault_at = Instant::now();
     match fault {
@@ -247,39 +270,11 @@ async fn failed_primary_switches_its_clients(fault: Fault) {
         }
         Fault::Kill => Duration::ZERO,
     };
-    let moved = wait_until(10 * SECOND, || ids.iter().all(|id| p.broker_of(id).as_deref() == Some("broker2"))).await;
-    assert!(moved.is_some(), "every client switched to broker2: {:?}", ids.clone().map(|id| p.broker_of(&id)));
+    assert!(load.all_on(&pool, "broker2", 10 * SECOND).await, "every client switched to broker2");
     tokio::time::sleep(SECOND).await;
-    publishing.abort();
-    let acked = {
-        let ps = pub_seen.clone();
-        wait_until(5 * SECOND, || ps.lock().unwrap().acked + 50 >= sent.load(std::sync::atomic::Ordering::Relaxed))
-            .await;
-        pub_seen.lock().unwrap().acked
-    };
-    assert!(acked >= 300, "the publisher kept going: {acked} acknowledged");
-    for (who, seen) in [("rumqttc", &sub_seen), ("paho 3.1.1", &paho4_seen), ("paho 5", &paho5_seen)] {
-        let s = seen.clone();
-        wait_until(5 * SECOND, || (0..acked).all(|n| s.lock().unwrap().got.contains_key(&n))).await;
-        let s = seen.lock().unwrap();
-        let lost: Vec<u64> = (0..acked).filter(|n| !s.got.contains_key(n)).collect();
-        let dups: u32 = s.got.values().map(|c| c - 1).sum();
-        let gap = s.gap_after(fault_at);
-        eprintln!(
-            "{fault:?} {who}: {acked} acknowledged, {} lost, {dups} duplicates, {} CONNACK(s), \
-             detection {detection:?}, longest gap {gap:?}",
-            lost.len(),
-            s.connacks
-        );
-        assert!(lost.is_empty(), "{who} lost {} acknowledged messages: {lost:?}", lost.len());
-        assert_eq!((s.connacks, s.errors), (1, 0), "{who} never noticed the move");
+    for (who, gap) in load.finish(&format!("{fault:?} (detection {detection:?})"), fault_at).await {
         assert!(gap <= detection + SECOND / 2, "{who}: delivery gap {gap:?}, detection {detection:?}");
     }
-    let (connacks, errors) = {
-        let ps = pub_seen.lock().unwrap();
-        (ps.connacks, ps.errors)
-    };
-    assert_eq!((connacks, errors), (1, 0), "the publisher never noticed the move");
     let switched = mg.pool().metrics.switches.with_label_values(&["broker_down", "ok"]).get();
     assert_eq!(switched, 4, "four sessions switched");
     // The dashboard's event log says switched, not closed.
@@ -293,10 +288,6 @@ async fn failed_primary_switches_its_clients(fault: Fault) {
     if fault == Fault::Hang {
         blocking(|| net.broker("broker1").resume());
     }
-    sub_task.abort();
-    pub_task.abort();
-    let _ = paho4.kill().await;
-    let _ = paho5.kill().await;
     mg.shutdown().await;
 }
 
@@ -346,6 +337,13 @@ async fn a_drain_switches_a_thousand_idle_sessions_and_closes_none() {
     mg.shutdown().await;
 }
 
+/// The first whole packet in `buf`, taken out, with the length of its remaining-length field.
+fn next_packet(buf: &mut Vec<u8>) -> Option<(Vec<u8>, usize)> {
+    let (len, used) = raw::decode_remaining_length(buf.get(1..)?)?;
+    let total = 1 + used + len;
+    (buf.len() >= total).then(|| (buf.drain(..total).collect(), used))
+}
+
 /// A broker that answers whatever CONNECT it gets with a successful CONNACK (also one with
 /// MQTT 5 enhanced authentication, which Mosquitto without an auth plugin refuses), acknowledges
 /// QoS 2 PUBLISHes with PUBREC and waits for the PUBREL, and answers PINGREQ.
@@ -361,13 +359,7 @@ async fn fake_broker(listener: tokio::net::TcpListener) {
                     return;
                 }
                 buf.extend_from_slice(&chunk[..n]);
-                while buf.len() >= 2 {
-                    let Some((len, used)) = raw::decode_remaining_length(&buf[1..]) else { break };
-                    let total = 1 + used + len;
-                    if buf.len() < total {
-                        break;
-                    }
-                    let p: Vec<u8> = buf.drain(..total).collect();
+                while let Some((p, used)) = next_packet(&mut buf) {
                     let reply: Vec<u8> = match p[0] >> 4 {
                         1 => vec![0x20, 0x03, 0x00, 0x00, 0x00], // MQTT 5 CONNACK, success, no properties
                         3 if p[0] & 0x06 == 0x04 => {
@@ -484,13 +476,7 @@ impl Recorder {
                 Ok(n) => n,
             };
             buf.extend_from_slice(&chunk[..n]);
-            while buf.len() >= 2 {
-                let Some((len, used)) = raw::decode_remaining_length(&buf[1..]) else { break };
-                let total = 1 + used + len;
-                if buf.len() < total {
-                    break;
-                }
-                let p: Vec<u8> = buf.drain(..total).collect();
+            while let Some((p, used)) = next_packet(&mut buf) {
                 let body = &p[1 + used..];
                 let id = |at: usize| [body[at], body[at + 1]];
                 let reply: Vec<u8> = match p[0] >> 4 {

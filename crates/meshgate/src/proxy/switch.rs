@@ -634,17 +634,10 @@ async fn cut(
         }
         tokio::select! {
             p = from_client.next(), if to_new.len() < CUT_BUFFER => {
-                let p = match p {
+                let p = match seen_from_client(p, track, scanner, session) {
                     Ok(p) => p,
-                    Err(ReadError::Closed) => fail!(SwitchError::Ended(Ended::ClientClosed)),
-                    Err(e) => fail!(SwitchError::Ended(Ended::ClientSide(read_error(e)))),
+                    Err(e) => fail!(e),
                 };
-                let mut n = 0;
-                if let Err(e) = track.lock().feed(true, scanner, &p.bytes, &mut n) {
-                    fail!(SwitchError::Ended(Ended::ClientSide(e.into())));
-                }
-                session.packets_in.fetch_add(n, Ordering::Relaxed);
-                session.bytes_in.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
                 let to_old = match p.kind() {
                     // Acknowledgements of what the old broker delivered, and the client's own
                     // QoS 2 releases there, finish on the old broker; a DISCONNECT ends the
@@ -803,17 +796,10 @@ async fn cut_failed(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> R
         }
         tokio::select! {
             p = from_client.next(), if to_new.len() < CUT_BUFFER => {
-                let p = match p {
+                let p = match seen_from_client(p, track, scanner, session) {
                     Ok(p) => p,
-                    Err(ReadError::Closed) => fail!(SwitchError::Ended(Ended::ClientClosed)),
-                    Err(e) => fail!(SwitchError::Ended(Ended::ClientSide(read_error(e)))),
+                    Err(e) => fail!(e),
                 };
-                let mut n = 0;
-                if let Err(e) = track.lock().feed(true, scanner, &p.bytes, &mut n) {
-                    fail!(SwitchError::Ended(Ended::ClientSide(e.into())));
-                }
-                session.packets_in.fetch_add(n, Ordering::Relaxed);
-                session.bytes_in.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
                 let id = p.body().get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
                 match p.kind() {
                     // Acknowledgements of the old broker's deliveries end with it; a QoS 2 one
@@ -910,6 +896,25 @@ async fn answer(
         }
         to_client.extend_from_slice(&p.bytes);
     }
+}
+
+/// A packet read from the client during a cut: seen by `track` and counted as forwarded.
+fn seen_from_client(
+    read: Result<crate::mqtt::io::Packet, ReadError>,
+    track: &super::track::SharedTrack,
+    scanner: &mut crate::mqtt::FrameScanner,
+    session: &crate::pool::Session,
+) -> Result<crate::mqtt::io::Packet, SwitchError> {
+    let p = match read {
+        Ok(p) => p,
+        Err(ReadError::Closed) => return Err(SwitchError::Ended(Ended::ClientClosed)),
+        Err(e) => return Err(SwitchError::Ended(Ended::ClientSide(read_error(e)))),
+    };
+    let mut n = 0;
+    track.lock().feed(true, scanner, &p.bytes, &mut n).map_err(|e| SwitchError::Ended(Ended::ClientSide(e.into())))?;
+    session.packets_in.fetch_add(n, Ordering::Relaxed);
+    session.bytes_in.fetch_add(p.bytes.len() as u64, Ordering::Relaxed);
+    Ok(p)
 }
 
 fn read_error(e: ReadError) -> ForwardError {
