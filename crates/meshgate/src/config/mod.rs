@@ -239,6 +239,14 @@ pub struct ProxyConfig {
     pub workers: u32,
 }
 
+impl ProxyConfig {
+    /// Sessions of a broker that fails are switched under their clients' connections (rather
+    /// than closed, or left where they are): only then are the clients' PUBLISHes copied.
+    pub fn switches_off_failed_brokers(&self) -> bool {
+        self.moves == Move::Switch && self.on_down == OnDown::Close
+    }
+}
+
 #[derive(Clone, PartialEq, Default)]
 pub struct AdminConfig {
     pub token: Option<String>,

@@ -55,7 +55,11 @@ pub const HISTORY_LEN: usize = 60;
 /// down (with `on_down = "close"`), disabled, a newer session of the client id elsewhere, and
 /// the rebalancer's moves.
 pub const CLOSE_REASONS: [&str; 6] =
-    ["broker_down", "broker_disabled", "duplicate_client_id", "drain", "failback", "broker_removed"];
+    [BROKER_DOWN, "broker_disabled", "duplicate_client_id", "drain", "failback", "broker_removed"];
+
+/// Why sessions leave a broker that failed (probes said down, or it closed their connections
+/// and cannot be reached): the one move made without the old broker's part.
+pub const BROKER_DOWN: &str = "broker_down";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -435,7 +439,7 @@ impl Pool {
             );
             self.hooks.broker_changed(&broker.name, true);
             if self.proxy.load().on_down == OnDown::Close {
-                self.move_sessions(&broker.name, "broker_down");
+                self.move_sessions(&broker.name, BROKER_DOWN);
             }
         }
         self.after_change();
@@ -611,7 +615,7 @@ impl Pool {
             .filter(|s| s.broker.name == broker && !s.is_closing())
             .cloned()
             .collect();
-        let failed = reason == "broker_down";
+        let failed = reason == BROKER_DOWN;
         let mut asked = 0;
         for s in &movers {
             let newly = if failed { s.request_evacuation(reason) } else { s.request_move(reason) };

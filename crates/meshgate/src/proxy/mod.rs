@@ -47,7 +47,8 @@ pub struct Proxy {
 type GoneCheck = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>>;
 
 /// Why sessions move (the `reason` of `meshgate_session_switches_total`).
-pub const MOVE_REASONS: [&str; 5] = ["failback", "drain", "broker_disabled", "broker_removed", "broker_down"];
+pub const MOVE_REASONS: [&str; 5] =
+    ["failback", "drain", "broker_disabled", "broker_removed", crate::pool::BROKER_DOWN];
 
 /// Every `reason` of `meshgate_rejected_connections_total`: the setup's (`session`), the
 /// admission limits' (`limits`) and the TLS handshake's.

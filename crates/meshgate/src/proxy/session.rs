@@ -24,7 +24,7 @@ use super::track::{SharedTrack, Track};
 use super::Proxy;
 use crate::config::Move;
 use crate::mqtt::{self, connack, Connack, Connect, ConnectError, FrameScanner};
-use crate::pool::{Broker, Lease, Registered, SessionInfo};
+use crate::pool::{Broker, Lease, Registered, SessionInfo, BROKER_DOWN};
 use crate::transport::write_all;
 use crate::transport::Conn;
 
@@ -187,32 +187,7 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
             break ended;
         }
         if let Some(e) = &ended {
-            // A broker that closed the connection and no longer takes one has failed: every
-            // session there moves, without waiting for its probes to say so.
-            // The broker's socket ended: it closed, reading from it failed, or writing to it
-            // did (not writing to the client: that client is gone).
-            let broke = matches!(
-                e,
-                Ended::BrokerClosed
-                    | Ended::BrokerSide(ForwardError::Io(_))
-                    | Ended::ClientSide(ForwardError::Write(_))
-            );
-            let cfg = proxy.pool.proxy_config();
-            if !broke || cfg.moves == Move::Close || cfg.on_down != crate::config::OnDown::Close {
-                break ended;
-            }
-            let broker = live.session.broker.clone();
-            if live.session.move_requested().is_none() {
-                // Another session's check may settle it first (its move request cancels this).
-                let gone = tokio::select! {
-                    gone = broker_gone(proxy, &broker) => gone,
-                    _ = live.session.cancelled() => false,
-                };
-                if gone {
-                    proxy.pool.move_sessions(&broker.name, "broker_down");
-                }
-            }
-            if live.session.move_requested() != Some("broker_down") {
+            if !left_by_failed_broker(proxy, live, e).await {
                 break ended;
             }
         }
@@ -291,6 +266,32 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
         end: end.to_string(),
         detail,
     });
+}
+
+/// Whether the session whose forwarding ended with `e` is to leave its broker as a failed one:
+/// the broker's socket ended (it closed, reading from it failed, or writing to it did; not
+/// writing to the client: that client is gone) and the broker is gone. Then every session there
+/// moves, without waiting for its probes to say so.
+async fn left_by_failed_broker(proxy: &Proxy, live: &Live, e: &Ended) -> bool {
+    let broke = matches!(
+        e,
+        Ended::BrokerClosed | Ended::BrokerSide(ForwardError::Io(_)) | Ended::ClientSide(ForwardError::Write(_))
+    );
+    if !broke || !proxy.pool.proxy_config().switches_off_failed_brokers() {
+        return false;
+    }
+    let broker = &live.session.broker;
+    if live.session.move_requested().is_none() {
+        // Another session's check may settle it first (its move request cancels this).
+        let gone = tokio::select! {
+            gone = broker_gone(proxy, broker) => gone,
+            _ = live.session.cancelled() => false,
+        };
+        if gone {
+            proxy.pool.move_sessions(&broker.name, BROKER_DOWN);
+        }
+    }
+    live.session.move_requested() == Some(BROKER_DOWN)
 }
 
 /// Whether `broker`, which closed a session's connection, is gone: its probes say so, or it
@@ -395,7 +396,7 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
 
     let max_subs = proxy.durable.config().max_subscriptions;
     let mut track = Track::new(connect.client_id.clone(), connect.version, max_subs);
-    if cfg.moves == Move::Close || cfg.on_down != crate::config::OnDown::Close {
+    if !cfg.switches_off_failed_brokers() {
         // Never switched off a failed broker: nothing to send again, so nothing is copied.
         track = track.without_copies();
     }

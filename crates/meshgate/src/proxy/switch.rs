@@ -160,7 +160,7 @@ impl SwitchError {
 /// on failure the session is to be closed (the client reconnects, as without switching).
 pub(super) async fn switch(proxy: &Arc<Proxy>, live: &mut Live, why: &'static str) -> Result<(), SwitchError> {
     let started = Instant::now();
-    let failed = why == "broker_down";
+    let failed = why == crate::pool::BROKER_DOWN;
     // Shutdown does not wait for a move: the session closes as every other does then.
     let result = tokio::select! {
         r = switch_inner(proxy, live, failed) => r,
