@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod etcd;
 pub mod mqtt;
 pub mod paho;
 pub mod slot;

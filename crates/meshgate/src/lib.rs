@@ -7,6 +7,9 @@
 //! - `proxy`: the client side: accept loops, admission limits shared by every listener, session
 //!   setup with CONNECT replay, forwarding, the rebalancer.
 //! - `replication`: loop-free broker links and retained convergence.
+//! - `coordination`: several instances as one through etcd: the instance registry, which
+//!   instance leads replication, one owner per client id; it hears of sessions through the
+//!   pool's `Hooks` too.
 //! - `durable`: persistent sessions (record, restore, migration, standby); it hears of broker
 //!   and session changes through the pool's `Hooks`, which this file wires.
 //! - `health`: active probes and one checker loop per broker.
@@ -24,6 +27,7 @@
 
 pub mod accesslog;
 pub mod config;
+pub mod coordination;
 pub mod durable;
 pub mod events;
 pub mod health;
@@ -67,13 +71,15 @@ pub enum Error {
     AccessLog(std::io::Error),
     #[error("cannot listen for {what} on {addr}: {err}{hint}")]
     Bind { what: &'static str, addr: String, err: std::io::Error, hint: &'static str },
+    #[error("{0}")]
+    Coordination(String),
 }
 
 impl Error {
     /// A mistake in the configuration (a certificate or file it names cannot be used), as
     /// opposed to the machine's state (a port someone else holds): exit code 2, not 1.
     pub fn is_config(&self) -> bool {
-        matches!(self, Error::Tls(_) | Error::AccessLog(_))
+        matches!(self, Error::Tls(_) | Error::AccessLog(_) | Error::Coordination(_))
     }
 }
 
@@ -102,6 +108,39 @@ async fn bind(what: &'static str, addr: &str) -> Result<TcpListener, Error> {
     socket.listen(4096).map_err(err)
 }
 
+/// The pool's hooks, wired here so that neither the pool nor the engines that listen know of
+/// each other: persistent sessions hear of brokers and persistent clients, coordination of
+/// every connection's client id.
+struct Wiring {
+    durable: Arc<Durable>,
+    coordination: std::sync::OnceLock<Arc<coordination::Coordination>>,
+}
+
+impl pool::Hooks for Wiring {
+    fn broker_changed(&self, broker: &str, lost: bool) {
+        self.durable.broker_changed(broker, lost);
+    }
+    fn wake(&self) {
+        pool::Hooks::wake(&*self.durable);
+    }
+    fn client_registered(&self, client_id: &str) {
+        self.durable.client_registered(client_id);
+    }
+    fn client_gone(&self, client_id: &str) {
+        self.durable.client_gone(client_id);
+    }
+    fn session_opened(&self, session: &pool::Session) {
+        if let Some(c) = self.coordination.get() {
+            c.session_opened(session);
+        }
+    }
+    fn session_ended(&self, session: &pool::Session) {
+        if let Some(c) = self.coordination.get() {
+            c.session_ended(session);
+        }
+    }
+}
+
 /// Which parts run: `meshgate run` is the proxy (plus replication if configured),
 /// `meshgate replicate` replication alone.
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +160,7 @@ pub struct Meshgate {
     mqtt_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
     replication: Option<Arc<replication::Replication>>,
+    coordination: Option<Arc<coordination::Coordination>>,
     tracker: TaskTracker,
     /// Stops accepting new clients and the background loops.
     stop: CancellationToken,
@@ -170,7 +210,17 @@ impl Meshgate {
         // The session engine hears of broker and session changes through the pool's hooks; the
         // pool itself knows nothing of it.
         let durable = Arc::new(Durable::new(&config.sessions));
-        let pool = Arc::new(Pool::with_hooks(&config, durable.clone()));
+        let wiring = Arc::new(Wiring { durable: durable.clone(), coordination: std::sync::OnceLock::new() });
+        let pool = Arc::new(Pool::with_hooks(&config, wiring.clone()));
+        let coordination = match &config.coordination {
+            Some(c) => {
+                Some(coordination::Coordination::new(c, &pool, mqtt_addr, http_addr).map_err(Error::Coordination)?)
+            }
+            None => None,
+        };
+        if let Some(c) = &coordination {
+            let _ = wiring.coordination.set(c.clone());
+        }
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         // The writer outlives the sessions' grace period: it stops with the tracker's last task.
@@ -184,7 +234,9 @@ impl Meshgate {
             upstream.clone(),
             durable.clone(),
             access,
-            config.replication.enabled,
+            // With several instances the links are the leader's, not visible here: a switch
+            // does not wait for them.
+            config.replication.enabled && coordination.is_none(),
         ));
         proxy.acceptor.store(acceptor.map(Arc::new));
         proxy.init_metrics();
@@ -201,8 +253,13 @@ impl Meshgate {
         if parts.proxy {
             tracker.spawn(durable::maintain(pool.clone(), durable.clone(), upstream.clone(), stop.clone()));
         }
-        let replication =
-            parts.replication.then(|| replication::Replication::start(&config, &pool, &upstream, &tracker, &stop));
+        if let Some(c) = &coordination {
+            c.spawn(&tracker, &stop);
+        }
+        let leading = coordination.as_ref().map(|c| c.leading());
+        let replication = parts
+            .replication
+            .then(|| replication::Replication::start(&config, &pool, &upstream, &tracker, &stop, leading));
         if let Some(listener) = http {
             let app = http::router(http::AppState {
                 pool: pool.clone(),
@@ -210,6 +267,7 @@ impl Meshgate {
                 upstream: upstream.clone(),
                 admin_token: admin_token.clone(),
                 replication: replication.clone(),
+                coordination: coordination.clone(),
                 stop: stop.clone(),
             });
             let stop = stop.clone();
@@ -242,6 +300,7 @@ impl Meshgate {
             mqtt_addr,
             http_addr,
             replication,
+            coordination,
             tracker,
             stop,
             checkers: Mutex::new((checkers, config.health.clone())),
@@ -259,6 +318,10 @@ impl Meshgate {
     }
     pub fn replication(&self) -> Option<&Arc<replication::Replication>> {
         self.replication.as_ref()
+    }
+    /// Present with `[coordination]`.
+    pub fn coordination(&self) -> Option<&Arc<coordination::Coordination>> {
+        self.coordination.as_ref()
     }
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
@@ -346,6 +409,7 @@ impl Meshgate {
             replication: s.replication.clone(),
             sessions: self.proxy.durable.config().clone(),
             access_log: self.access_log.lock().clone(),
+            coordination: s.coordination.clone(),
             brokers: self.pool.brokers().iter().filter(|b| !b.is_removed()).map(|b| (*b.config()).clone()).collect(),
             warnings: Vec::new(),
         }

@@ -25,6 +25,9 @@ pub struct Config {
     pub replication: ReplicationConfig,
     pub sessions: SessionsConfig,
     pub access_log: AccessLogConfig,
+    /// `[coordination]`: several instances sharing state through etcd; `None` without the
+    /// section (one instance, state in files).
+    pub coordination: Option<CoordinationConfig>,
     pub brokers: Vec<BrokerConfig>,
     /// What the file said that still works but should change (old key names), one line each;
     /// logged at start and on reload, printed by `validate`.
@@ -74,6 +77,20 @@ pub struct TlsConfig {
     /// When set, clients of the TLS listener must present a certificate signed by this CA.
     pub client_ca: Option<std::path::PathBuf>,
     pub broker_ca: Option<std::path::PathBuf>,
+}
+
+/// Several meshgate instances as one, through etcd (see `coordination`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoordinationConfig {
+    /// etcd client URLs (`http://host:port`); three or more members in production.
+    pub etcd: Vec<String>,
+    /// This instance's name, unique among the instances (default: the host name).
+    pub instance: String,
+    /// The key prefix under which the instances keep their state (default "/meshgate/").
+    pub prefix: String,
+    /// The lease that keeps this instance's keys (and its replication leadership) alive; a
+    /// dead instance's keys vanish this long after its last renewal.
+    pub lease_ttl: Duration,
 }
 
 /// Replication between the brokers (see `replication`).
@@ -315,6 +332,7 @@ struct FileConfig {
     sessions: FileSessions,
     #[serde(default)]
     access_log: FileAccessLog,
+    coordination: Option<FileCoordination>,
     #[serde(default)]
     broker: Vec<FileBroker>,
 }
@@ -351,6 +369,15 @@ struct FileSessions {
     expiry: Option<String>,
     standby: Option<bool>,
     standby_trim: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCoordination {
+    etcd: Option<Vec<String>>,
+    instance: Option<String>,
+    prefix: Option<String>,
+    lease_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -489,6 +516,7 @@ impl Config {
                 standby_trim: Duration::from_secs(10),
             },
             access_log: AccessLogConfig { enabled: true, path: None, format: AccessLogFormat::Text },
+            coordination: None,
             brokers: Vec::new(),
             warnings: Vec::new(),
         }
@@ -582,6 +610,7 @@ impl Config {
             ("proxy.workers", self.proxy.workers != new.proxy.workers),
             ("[replication]", self.replication != new.replication),
             ("[sessions]", self.sessions != new.sessions),
+            ("[coordination]", self.coordination != new.coordination),
         ];
         for (key, differs) in changed {
             if differs {
@@ -615,6 +644,63 @@ fn toml_message(e: &toml::de::Error, text: &str) -> String {
         .map(|l| format!(" in {}", l.split(']').next().unwrap_or(l).to_string() + "]"))
         .unwrap_or_default();
     format!("line {line}{table}: {msg}")
+}
+
+/// The default instance name: the host name, as `hostname` prints it.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "meshgate".to_string())
+}
+
+fn coordination(c: &Checker, f: FileCoordination) -> Result<CoordinationConfig, ConfigError> {
+    let etcd = f.etcd.unwrap_or_default();
+    if etcd.is_empty() {
+        return Err(c.err(
+            "coordination.etcd",
+            "must list at least one etcd client URL, e.g. [\"http://127.0.0.1:2379\"] (three members in production)",
+        ));
+    }
+    for url in &etcd {
+        let Some(rest) = url.strip_prefix("http://") else {
+            return Err(c.err(
+                "coordination.etcd",
+                format!("{url:?} is not an http://host:port URL (TLS to etcd is not supported yet)"),
+            ));
+        };
+        let hostport = rest.trim_end_matches('/');
+        if !hostport.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)) {
+            return Err(
+                c.err("coordination.etcd", format!("{url:?} needs a host and a port, e.g. http://127.0.0.1:2379"))
+            );
+        }
+    }
+    let instance = f.instance.unwrap_or_else(host_name);
+    if instance.is_empty()
+        || instance.len() > 64
+        || !instance.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+    {
+        return Err(c.err(
+            "coordination.instance",
+            format!("{instance:?} must be 1 to 64 letters, digits, '-', '_' or '.' (and unique among the instances)"),
+        ));
+    }
+    let prefix = f.prefix.unwrap_or_else(|| "/meshgate/".to_string());
+    if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
+        return Err(
+            c.err("coordination.prefix", format!("{prefix:?} must start and end with '/', e.g. \"/meshgate/\""))
+        );
+    }
+    let lease_ttl = c.positive_duration("coordination.lease_ttl", f.lease_ttl.as_ref(), Duration::from_secs(3))?;
+    if lease_ttl.subsec_nanos() != 0 || !(2..=300).contains(&lease_ttl.as_secs()) {
+        return Err(c.err(
+            "coordination.lease_ttl",
+            "must be whole seconds from 2s to 300s (etcd leases count seconds; shorter than 2s etcd refuses)",
+        ));
+    }
+    Ok(CoordinationConfig { etcd, instance, prefix, lease_ttl })
 }
 
 pub fn parse_duration(s: &str) -> Option<Duration> {
@@ -916,6 +1002,14 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         },
     };
 
+    let coordination = file.coordination.map(|f| coordination(&c, f)).transpose()?;
+    if coordination.is_some() && replication.enabled && replication.max_qos == 0 {
+        warnings.push(format!(
+            "{}: replication.max_qos = 0 with [coordination]: brokers queue nothing for the replication links while no instance leads, so what is published during a leader takeover is not replicated (set 1)",
+            c.path
+        ));
+    }
+
     let brokers = match nginx {
         Some((stream, nginx_path)) => {
             if !file.broker.is_empty() {
@@ -957,6 +1051,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         replication,
         sessions,
         access_log,
+        coordination,
         brokers,
         warnings,
     })

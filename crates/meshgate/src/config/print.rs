@@ -120,6 +120,15 @@ impl Config {
         });
         doc["access_log"] = Item::Table(access);
 
+        if let Some(co) = &self.coordination {
+            let mut coord = Table::new();
+            coord["etcd"] = value(strings(&co.etcd));
+            coord["instance"] = value(&co.instance);
+            coord["prefix"] = value(&co.prefix);
+            coord["lease_ttl"] = value(duration(co.lease_ttl));
+            doc["coordination"] = Item::Table(coord);
+        }
+
         let mut admin = Table::new();
         opt(&mut admin, "token", self.admin.token.as_ref().map(|_| MASKED.to_string()));
         doc["admin"] = Item::Table(admin);

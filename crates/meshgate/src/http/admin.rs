@@ -47,6 +47,10 @@ fn act(
     authorize(s.admin_token.load().as_deref().map(String::as_str), headers)?;
     let name = path(name)?;
     s.pool.set_admin(&name, to).ok_or_else(|| ApiError::UnknownBroker(name.clone()))?;
+    // Every other instance applies it too, and one that starts later finds it.
+    if let Some(c) = &s.coordination {
+        c.admin_changed(&name, to);
+    }
     let b = s.pool.broker(&name).ok_or(ApiError::UnknownBroker(name))?;
     Ok(Json(BrokerView::new(&b, s.pool.current_broker().as_ref())))
 }

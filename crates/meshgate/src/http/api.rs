@@ -38,9 +38,11 @@ pub(super) fn health_view(s: &AppState) -> HealthView {
     // The primary tier is the lowest priority configured, whatever state its brokers are in.
     let primary = brokers.iter().map(|b| b.priority()).min();
     let primary_up = brokers.iter().any(|b| Some(b.priority()) == primary && b.available(now));
-    let status = match (available, primary_up) {
-        (0, _) => "down",
-        (_, false) => "degraded",
+    let coordination = s.coordination.as_ref().map(|c| c.status());
+    let etcd_away = coordination.as_ref().is_some_and(|c| c.reason.is_some());
+    let status = match (available, primary_up, etcd_away) {
+        (0, _, _) => "down",
+        (_, false, _) | (_, _, true) => "degraded",
         _ => "ok",
     };
     HealthView {
@@ -52,6 +54,7 @@ pub(super) fn health_view(s: &AppState) -> HealthView {
         moves_pending: s.pool.moves_pending(),
         version: crate::VERSION,
         uptime_secs: s.pool.uptime_secs(),
+        coordination,
     }
 }
 
@@ -150,6 +153,23 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         s.pool.metrics.sessions_total.with_label_values(&[&b.name]);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.pool.metrics.render())
+}
+
+/// Every instance of a `[coordination]` group, which leads replication, and this instance's
+/// etcd session; one instance and `"state": "off"` without coordination.
+pub async fn instances(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(match &s.coordination {
+        Some(c) => serde_json::to_value(c.view()).unwrap_or_default(),
+        None => serde_json::json!({
+            "coordination": { "state": "off" },
+            "instances": [{
+                "name": crate::config::host_name(),
+                "version": crate::VERSION,
+                "leader": s.replication.is_some(),
+                "self": true,
+            }],
+        }),
+    })
 }
 
 /// Replication links, per-pair lag and the retained record; `enabled: false` when replication

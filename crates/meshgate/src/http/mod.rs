@@ -32,6 +32,8 @@ pub struct AppState {
     pub admin_token: Arc<arc_swap::ArcSwapOption<String>>,
     /// Present when replication runs in this process.
     pub replication: Option<Arc<crate::replication::Replication>>,
+    /// Present with `[coordination]`: the instances, the leader, the etcd session's state.
+    pub coordination: Option<Arc<crate::coordination::Coordination>>,
     /// Cancelled when meshgate stops: long-lived responses (the dashboard's stream) end then,
     /// so an open browser does not hold the shutdown for its grace period.
     pub stop: tokio_util::sync::CancellationToken,
@@ -51,6 +53,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/events"),
     ("GET", "/metrics"),
     ("GET", "/replication"),
+    ("GET", "/instances"),
     ("POST", "/brokers/{name}/disable"),
     ("POST", "/brokers/{name}/enable"),
     ("POST", "/brokers/{name}/drain"),
@@ -80,6 +83,7 @@ fn endpoint(method: &str, path: &str, feed: &Arc<dashboard::Feed>) -> MethodRout
         ("GET", "/events") => get(api::events),
         ("GET", "/metrics") => get(api::metrics),
         ("GET", "/replication") => get(api::replication),
+        ("GET", "/instances") => get(api::instances),
         ("POST", "/brokers/{name}/disable") => post(admin::disable),
         ("POST", "/brokers/{name}/enable") => post(admin::enable),
         ("POST", "/brokers/{name}/drain") => post(admin::drain),
@@ -188,6 +192,7 @@ mod tests {
             upstream: Arc::new(crate::upstream::Upstream::new(&config).unwrap()),
             admin_token: Default::default(),
             replication: None,
+            coordination: None,
             stop: Default::default(),
         }
     }

@@ -161,7 +161,8 @@ impl ClientView {
 
 #[derive(Debug, Serialize)]
 pub struct HealthView {
-    /// `ok`, `degraded` (no broker of the primary tier available) or `down` (none at all).
+    /// `ok`, `degraded` (no broker of the primary tier available, or with `[coordination]` etcd
+    /// unreachable: see `coordination.reason`) or `down` (no broker at all).
     pub status: &'static str,
     pub current_broker: Option<String>,
     pub brokers_total: usize,
@@ -171,6 +172,9 @@ pub struct HealthView {
     pub moves_pending: usize,
     pub version: &'static str,
     pub uptime_secs: u64,
+    /// With `[coordination]` only: the etcd session, this instance and the replication leader.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordination: Option<crate::coordination::StatusView>,
 }
 
 #[derive(Debug, Serialize)]

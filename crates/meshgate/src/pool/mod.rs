@@ -54,8 +54,12 @@ pub const HISTORY_LEN: usize = 60;
 /// Why the pool closes sessions (the `reason` of `meshgate_sessions_closed_total`): probes said
 /// down (with `on_down = "close"`), disabled, a newer session of the client id elsewhere, and
 /// the rebalancer's moves.
-pub const CLOSE_REASONS: [&str; 6] =
-    [BROKER_DOWN, "broker_disabled", "duplicate_client_id", "drain", "failback", "broker_removed"];
+pub const CLOSE_REASONS: [&str; 7] =
+    [BROKER_DOWN, "broker_disabled", "duplicate_client_id", INSTANCE_TAKEOVER, "drain", "failback", "broker_removed"];
+
+/// The client id connected through another meshgate instance (`[coordination]`), later: this
+/// instance closes its older connection, as a broker does on a client-id takeover.
+pub const INSTANCE_TAKEOVER: &str = "instance_takeover";
 
 /// Why sessions leave a broker that failed (probes said down, or it closed their connections
 /// and cannot be reached): the one move made without the old broker's part.
@@ -229,6 +233,11 @@ pub trait Hooks: Send + Sync {
     fn client_registered(&self, _client_id: &str) {}
     /// The last registered connection of a persistent client id ended.
     fn client_gone(&self, _client_id: &str) {}
+    /// Any session was registered (a CONNECT accepted, or a session moved to another broker).
+    /// Called on the CONNECT path: it must not wait.
+    fn session_opened(&self, _session: &Session) {}
+    /// A registration ended (the connection closed, or the session moved on).
+    fn session_ended(&self, _session: &Session) {}
 }
 
 /// Hooks for a pool nobody else watches (the sidecar, tests).
@@ -563,6 +572,7 @@ impl Pool {
         if s.info.persistent {
             self.hooks.client_registered(&s.info.client_id);
         }
+        self.hooks.session_opened(&s);
         Registered { pool: self.clone(), session: s }
     }
 
@@ -572,6 +582,7 @@ impl Pool {
         if last && s.info.persistent {
             self.hooks.client_gone(&s.info.client_id);
         }
+        self.hooks.session_ended(s);
         s.broker.active.fetch_sub(1, Ordering::Relaxed);
         self.metrics.sessions_active.with_label_values(&[&s.broker.name]).dec();
     }
@@ -584,6 +595,11 @@ impl Pool {
 
     pub fn session_count(&self) -> usize {
         self.sessions.lock().by_id.len()
+    }
+
+    /// The open sessions of `client_id` (more than one only for a moment: a takeover or a move).
+    pub fn sessions_of(&self, client_id: &str) -> Vec<Arc<Session>> {
+        self.sessions.lock().of(client_id).to_vec()
     }
 
     /// The brokers (by name) where `client_id` has an open session that is not closing.

@@ -346,7 +346,7 @@ static CHECKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(
 fn disconnect_reason(shutting_down: bool, reason: Option<&str>) -> u8 {
     match (shutting_down, reason) {
         (true, _) | (_, Some("shutdown")) => 0x8b,
-        (_, Some("duplicate_client_id")) => 0x8e,
+        (_, Some("duplicate_client_id" | crate::pool::INSTANCE_TAKEOVER)) => 0x8e,
         _ => 0x9c,
     }
 }

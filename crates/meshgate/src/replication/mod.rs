@@ -16,18 +16,22 @@
 
 pub mod retained;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::Outgoing;
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -45,10 +49,15 @@ pub const ORIGIN: &str = "meshgate-origin";
 /// Topic prefix of the lag probes; these are replicated like any message, on purpose.
 pub const LAG_TOPIC_PREFIX: &str = "meshgate/lag/";
 
+/// How long a broker keeps a persistent link's session (and queues for it) while no instance
+/// leads replication (`[coordination]` only).
+pub const LINK_SESSION_EXPIRY_S: u32 = 24 * 3600;
+
 struct Metrics {
     forwarded: IntCounterVec,
     dropped: IntCounterVec,
     duplicated: IntCounterVec,
+    redelivered: IntCounterVec,
     lag: GaugeVec,
     link_up: prometheus::IntGaugeVec,
     retained_repairs: IntCounterVec,
@@ -89,7 +98,12 @@ impl Metrics {
             ),
             duplicated: counter(
                 "meshgate_replication_duplicates_total",
-                "Messages received that were already copies or redeliveries, and so not forwarded again",
+                "Messages received that were already copies (marked with their origin), and so not forwarded again",
+                &["broker"],
+            ),
+            redelivered: counter(
+                "meshgate_replication_redelivered_total",
+                "Messages a broker delivered to its link again (after a reconnect or a leader takeover) and that were forwarded again: each may reach the other brokers twice",
                 &["broker"],
             ),
             lag,
@@ -118,6 +132,111 @@ pub struct Link {
     needs_repair: AtomicBool,
     since_ms: AtomicU64,
     received: AtomicU64,
+    /// Counts the link's connections: an acknowledgement belongs to the one it came on.
+    generation: AtomicU64,
+    inflight: Mutex<Inflight>,
+}
+
+/// The copies a link carries, in the order rumqttc sends them, each with the message it is a
+/// copy of: that message is acknowledged to its own broker only once every copy is with its
+/// target broker (or the target is down). A leader that dies leaves its unacknowledged messages
+/// with their brokers, which deliver them again to the next leader: nothing acknowledged by a
+/// broker to a link is lost on the way.
+#[derive(Default)]
+struct Inflight {
+    /// Handed to rumqttc, not yet seen going out.
+    queued: VecDeque<Option<Arc<Source>>>,
+    /// Sent, until the target broker's PUBACK (or PUBREC).
+    sent: HashMap<u16, Option<Arc<Source>>>,
+}
+
+/// A message received on a link, acknowledged to its broker when its last copy is delivered.
+struct Source {
+    link: Arc<Link>,
+    publish: Publish,
+    generation: u64,
+    remaining: AtomicUsize,
+}
+
+impl Source {
+    fn done(&self) {
+        // Acknowledged on the connection it came on only: after a reconnect the broker sends
+        // it again, and that delivery is acknowledged instead.
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.link.generation.load(Ordering::Acquire) == self.generation
+        {
+            let _ = self.link.client.try_ack(&self.publish);
+        }
+    }
+}
+
+fn done(source: Option<Arc<Source>>) {
+    if let Some(s) = source {
+        s.done();
+    }
+}
+
+impl Link {
+    /// Hands a copy to rumqttc and remembers whose it is, in the order rumqttc will send it.
+    fn publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: bytes::Bytes,
+        props: PublishProperties,
+        source: Option<Arc<Source>>,
+    ) -> Result<(), String> {
+        let mut f = self.inflight.lock();
+        if let Some(s) = &source {
+            s.remaining.fetch_add(1, Ordering::AcqRel);
+        }
+        match self.client.try_publish_with_properties(topic, qos, retain, payload, props) {
+            Ok(()) => {
+                f.queued.push_back(source);
+                Ok(())
+            }
+            Err(e) => {
+                drop(f);
+                done(source);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn went_out(&self, pkid: u16) {
+        let mut f = self.inflight.lock();
+        // A retransmission after a reconnect reuses its packet id; it is not a new copy.
+        if pkid != 0 && f.sent.contains_key(&pkid) {
+            return;
+        }
+        let source = f.queued.pop_front().flatten();
+        if pkid == 0 {
+            drop(f);
+            done(source);
+        } else {
+            f.sent.insert(pkid, source);
+        }
+    }
+
+    fn delivered(&self, pkid: u16) {
+        let source = self.inflight.lock().sent.remove(&pkid).flatten();
+        done(source);
+    }
+
+    /// The target is gone (link lost, or probes say down): its copies no longer hold their
+    /// messages back; the broker is caught up on retained state when it returns.
+    fn abandon(&self) {
+        let mut f = self.inflight.lock();
+        // The packet ids stay (without their messages): rumqttc sends them again after a
+        // reconnect, and a retransmission must not be taken for the next new copy.
+        let mut gone: Vec<Arc<Source>> = f.sent.values_mut().filter_map(Option::take).collect();
+        gone.extend(f.queued.iter_mut().filter_map(Option::take));
+        drop(f);
+        for s in gone {
+            s.done();
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -139,6 +258,8 @@ pub struct LagView {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct View {
+    /// Replication runs in this process now (with `[coordination]`: this instance leads it).
+    pub active: bool,
     pub links: Vec<LinkView>,
     pub lag: Vec<LagView>,
     pub retained_topics: usize,
@@ -147,7 +268,12 @@ pub struct View {
 
 pub struct Replication {
     cfg: ReplicationConfig,
-    links: Vec<Arc<Link>>,
+    brokers: Vec<crate::config::BrokerConfig>,
+    /// With `[coordination]`: links keep persistent sessions under fixed client ids, so each
+    /// broker queues what the next leader must forward.
+    persistent: bool,
+    /// The links of the running term (empty while another instance leads).
+    links: ArcSwap<Vec<Arc<Link>>>,
     store: Mutex<Store>,
     dirty: AtomicBool,
     metrics: Metrics,
@@ -173,31 +299,9 @@ fn mqtt_options(upstream: &Upstream, broker: &crate::config::BrokerConfig, clien
 }
 
 impl Replication {
-    /// Builds the links (not yet connected) and loads the retained record.
-    pub fn new(config: &Config, pool: &Arc<Pool>, upstream: &Arc<Upstream>) -> (Arc<Replication>, Vec<EventLoop>) {
+    /// Loads the retained record; no link exists until a term starts.
+    pub fn new(config: &Config, pool: &Arc<Pool>, upstream: &Arc<Upstream>, persistent: bool) -> Arc<Replication> {
         let cfg = config.replication.clone();
-        let mut links = Vec::new();
-        let mut loops = Vec::new();
-        for b in &config.brokers {
-            let mut opts = mqtt_options(upstream, b, format!("meshgate-repl-{}-{}", b.name, std::process::id()));
-            // rumqttc's shortest keepalive; a silently cut link is noticed in about 7.5 s, and
-            // sooner through the health probes (copies to a broker they mark down are held back).
-            opts.set_keep_alive(Duration::from_secs(5));
-            opts.set_clean_start(true);
-            let (client, eventloop) = AsyncClient::new(opts, cfg.queue);
-            links.push(Arc::new(Link {
-                name: b.name.clone(),
-                address: b.address.clone(),
-                config: b.clone(),
-                broker: pool.broker(&b.name),
-                client,
-                connected: AtomicBool::new(false),
-                needs_repair: AtomicBool::new(false),
-                since_ms: AtomicU64::new(unix_ms(SystemTime::now())),
-                received: AtomicU64::new(0),
-            }));
-            loops.push(eventloop);
-        }
         let store = match &cfg.state_file {
             Some(path) => Store::load(path).unwrap_or_else(|e| {
                 warn!("replication state unreadable, starting empty: {e}");
@@ -205,37 +309,139 @@ impl Replication {
             }),
             None => Store::default(),
         };
-        let repl = Arc::new(Replication {
+        Arc::new(Replication {
             cfg,
-            links,
+            brokers: config.brokers.clone(),
+            persistent,
+            links: ArcSwap::from_pointee(Vec::new()),
             store: Mutex::new(store),
             dirty: AtomicBool::new(false),
             metrics: Metrics::new(&pool.metrics.registry),
             pool: pool.clone(),
             upstream: upstream.clone(),
             lag: Mutex::new(HashMap::new()),
-        });
-        (repl, loops)
+        })
     }
 
-    /// Starts every link, the lag probes and the state saver; all stop with `stop`.
+    /// One link per broker, not yet connected, with their event loops.
+    fn build_links(&self) -> (Arc<Vec<Arc<Link>>>, Vec<EventLoop>) {
+        let mut links = Vec::new();
+        let mut loops = Vec::new();
+        for b in &self.brokers {
+            let id = match self.persistent {
+                // The same id from every instance: the broker's client-id takeover closes a
+                // stale leader's link when the next one connects.
+                true => format!("meshgate-repl-{}", b.name),
+                false => format!("meshgate-repl-{}-{}", b.name, std::process::id()),
+            };
+            let mut opts = mqtt_options(&self.upstream, b, id);
+            // rumqttc's shortest keepalive; a silently cut link is noticed in about 7.5 s, and
+            // sooner through the health probes (copies to a broker they mark down are held back).
+            opts.set_keep_alive(Duration::from_secs(5));
+            opts.set_clean_start(!self.persistent);
+            if self.persistent {
+                opts.set_session_expiry_interval(Some(LINK_SESSION_EXPIRY_S));
+            }
+            // A message is acknowledged to its broker once its copies are delivered (`Inflight`).
+            opts.set_manual_acks(true);
+            let (client, eventloop) = AsyncClient::new(opts, self.cfg.queue);
+            links.push(Arc::new(Link {
+                name: b.name.clone(),
+                address: b.address.clone(),
+                config: b.clone(),
+                broker: self.pool.broker(&b.name),
+                client,
+                connected: AtomicBool::new(false),
+                needs_repair: AtomicBool::new(false),
+                since_ms: AtomicU64::new(unix_ms(SystemTime::now())),
+                received: AtomicU64::new(0),
+                generation: AtomicU64::new(0),
+                inflight: Mutex::new(Inflight::default()),
+            }));
+            loops.push(eventloop);
+        }
+        (Arc::new(links), loops)
+    }
+
+    /// Starts the state saver and replication: at once, or with `[coordination]` whenever
+    /// `leading` says this instance leads (and stopped as soon as it says otherwise).
     pub fn start(
         config: &Config,
         pool: &Arc<Pool>,
         upstream: &Arc<Upstream>,
         tracker: &TaskTracker,
         stop: &CancellationToken,
+        leading: Option<watch::Receiver<bool>>,
     ) -> Arc<Replication> {
-        let (repl, loops) = Replication::new(config, pool, upstream);
-        for (i, eventloop) in loops.into_iter().enumerate() {
-            tracker.spawn(repl.clone().link_loop(i, eventloop, stop.clone()));
-        }
-        for i in 0..repl.links.len() {
-            tracker.spawn(repl.clone().lag_probe(i, stop.clone()));
-        }
+        let repl = Replication::new(config, pool, upstream, leading.is_some());
         tracker.spawn(repl.clone().saver(stop.clone()));
-        info!(brokers = repl.links.len(), include = %repl.cfg.include.join(" "), "replication started");
+        match leading {
+            None => repl.start_term(tracker, stop),
+            Some(leading) => {
+                tracker.spawn(repl.clone().follow(leading, stop.clone()));
+            }
+        }
         repl
+    }
+
+    /// Every link, the lag probes: one term of replication, until `stop`.
+    fn start_term(self: &Arc<Self>, tracker: &TaskTracker, stop: &CancellationToken) {
+        let (links, loops) = self.build_links();
+        self.links.store(links.clone());
+        for (i, eventloop) in loops.into_iter().enumerate() {
+            tracker.spawn(self.clone().link_loop(links.clone(), i, eventloop, stop.clone()));
+        }
+        for i in 0..links.len() {
+            tracker.spawn(self.clone().lag_probe(links.clone(), i, stop.clone()));
+        }
+        info!(brokers = links.len(), include = %self.cfg.include.join(" "), "replication started");
+    }
+
+    /// Runs a term while this instance leads; a term ends (every link closed) before the
+    /// leadership could pass to another instance.
+    async fn follow(self: Arc<Self>, mut leading: watch::Receiver<bool>, stop: CancellationToken) {
+        loop {
+            while !*leading.borrow_and_update() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = leading.changed() => if r.is_err() { return },
+                }
+            }
+            let term = stop.child_token();
+            let tasks = TaskTracker::new();
+            self.start_term(&tasks, &term);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = leading.changed() => if r.is_err() || !*leading.borrow_and_update() { break },
+                }
+            }
+            term.cancel();
+            tasks.close();
+            tasks.wait().await;
+            self.end_term();
+            info!("replication stopped: this instance no longer leads it");
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// After a term: no link left, nothing held (what was not acknowledged is delivered to the
+    /// next leader by the brokers).
+    fn end_term(&self) {
+        let links = self.links.swap(Arc::new(Vec::new()));
+        for l in links.iter() {
+            // Breaks the cycles between links' pending copies and the links they came on.
+            let mut f = l.inflight.lock();
+            f.sent.clear();
+            f.queued.clear();
+            drop(f);
+            if let Some(b) = &l.broker {
+                b.set_replicated(false);
+            }
+            self.metrics.link_up.with_label_values(&[&l.name]).set(0);
+        }
     }
 
     fn replicated(&self, topic: &str) -> bool {
@@ -258,8 +464,14 @@ impl Replication {
         }
     }
 
-    async fn link_loop(self: Arc<Self>, i: usize, mut eventloop: EventLoop, stop: CancellationToken) {
-        let link = self.links[i].clone();
+    async fn link_loop(
+        self: Arc<Self>,
+        links: Arc<Vec<Arc<Link>>>,
+        i: usize,
+        mut eventloop: EventLoop,
+        stop: CancellationToken,
+    ) {
+        let link = links[i].clone();
         let mut backoff = Duration::from_millis(100);
         loop {
             let event = tokio::select! {
@@ -272,6 +484,7 @@ impl Replication {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
+                    link.generation.fetch_add(1, Ordering::AcqRel);
                     link.connected.store(true, Ordering::Relaxed);
                     if let Some(b) = &link.broker {
                         b.set_replicated(true);
@@ -298,11 +511,15 @@ impl Replication {
                         Some(&link.name),
                         format!("replication link to {} connected", link.name),
                     );
-                    tokio::spawn(self.clone().reconcile(i));
+                    tokio::spawn(self.clone().reconcile(links.clone(), i));
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(i, p),
+                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&links, i, p),
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => link.went_out(pkid),
+                Ok(Event::Incoming(Packet::PubAck(a))) => link.delivered(a.pkid),
+                Ok(Event::Incoming(Packet::PubRec(r))) => link.delivered(r.pkid),
                 Ok(_) => {}
                 Err(e) => {
+                    link.abandon();
                     if let Some(b) = &link.broker {
                         b.set_replicated(false);
                     }
@@ -326,22 +543,42 @@ impl Replication {
         }
     }
 
-    fn on_publish(&self, i: usize, p: rumqttc::v5::mqttbytes::v5::Publish) {
-        let from = &self.links[i];
+    fn on_publish(&self, links: &[Arc<Link>], i: usize, p: Publish) {
+        let from = &links[i];
         from.received.fetch_add(1, Ordering::Relaxed);
+        // Held until every copy is delivered; released at the end of this function when none
+        // was sent (or every copy is already out).
+        let source = (p.qos != QoS::AtMostOnce).then(|| {
+            Arc::new(Source {
+                link: from.clone(),
+                publish: p.clone(),
+                generation: from.generation.load(Ordering::Acquire),
+                remaining: AtomicUsize::new(1),
+            })
+        });
+        self.forward(links, i, p, source.clone());
+        done(source);
+    }
+
+    fn forward(&self, links: &[Arc<Link>], i: usize, p: Publish, source: Option<Arc<Source>>) {
+        let from = &links[i];
         let Ok(topic) = std::str::from_utf8(&p.topic) else { return };
         let mut props = p.properties.unwrap_or_default();
-        if props.user_properties.iter().any(|(k, _)| k == ORIGIN) || p.dup {
-            // A copy that came back (another replicator, a bridge) or a redelivery: forwarding
-            // it again is how storms start.
+        if props.user_properties.iter().any(|(k, _)| k == ORIGIN) {
+            // A copy that came back (another replicator, a bridge): forwarding it again is how
+            // storms start.
             self.metrics.duplicated.with_label_values(&[&from.name]).inc();
-            if p.dup && !props.user_properties.iter().any(|(k, _)| k == ORIGIN) {
-                debug!(broker = %from.name, topic, "redelivered message not forwarded again");
-            }
             return;
         }
         if !self.replicated(topic) {
             return;
+        }
+        if p.dup {
+            // Delivered before to a link that did not acknowledge it (a leader that died, a
+            // link that dropped): it may or may not have been forwarded then, so it is
+            // forwarded now and counted as a possible duplicate.
+            self.metrics.redelivered.with_label_values(&[&from.name]).inc();
+            debug!(broker = %from.name, topic, "redelivered message forwarded again");
         }
         if p.retain {
             let mut store = self.store.lock();
@@ -353,7 +590,7 @@ impl Replication {
         props.topic_alias = None;
         props.user_properties.push((ORIGIN.to_string(), from.name.clone()));
         let qos = self.qos(p.qos);
-        for (j, to) in self.links.iter().enumerate() {
+        for (j, to) in links.iter().enumerate() {
             if j == i {
                 continue;
             }
@@ -361,11 +598,12 @@ impl Replication {
                 to,
                 Copy { topic, qos, retain: p.retain, payload: p.payload.clone(), props: props.clone() },
                 &from.name,
+                source.clone(),
             );
         }
     }
 
-    fn send(&self, to: &Link, copy: Copy<'_>, from: &str) {
+    fn send(&self, to: &Link, copy: Copy<'_>, from: &str, source: Option<Arc<Source>>) {
         let Copy { topic, qos, retain, payload, props } = copy;
         // The health probes notice a dead or hung broker well before the link's keepalive
         // does; copies sent into such a link would only be lost.
@@ -373,13 +611,17 @@ impl Replication {
         if probed_down {
             to.needs_repair.store(true, Ordering::Relaxed);
         }
-        if !to.connected.load(Ordering::Relaxed) || probed_down {
+        // A link that has not connected yet in this term (a new leader's, while another link
+        // already delivers what its broker queued) takes the copy into its queue: the broker is
+        // up as far as the probes know. A link that was lost is down.
+        let lost = !to.connected.load(Ordering::Relaxed) && to.generation.load(Ordering::Acquire) > 0;
+        if lost || probed_down {
             // The broker is down: its clients are elsewhere; retained state is caught up when
             // the link returns.
             self.metrics.dropped.with_label_values(&[&to.name, "link_down"]).inc();
             return;
         }
-        match to.client.try_publish_with_properties(topic, qos, retain, payload, props) {
+        match to.publish(topic, qos, retain, payload, props, source) {
             Ok(()) => self.metrics.forwarded.with_label_values(&[from, &to.name]).inc(),
             Err(e) => {
                 self.metrics.dropped.with_label_values(&[&to.name, "queue_full"]).inc();
@@ -389,8 +631,8 @@ impl Replication {
     }
 
     /// Reads the broker's retained set and makes it current (see [`retained`]).
-    async fn reconcile(self: Arc<Self>, i: usize) {
-        let link = self.links[i].clone();
+    async fn reconcile(self: Arc<Self>, links: Arc<Vec<Arc<Link>>>, i: usize) {
+        let link = links[i].clone();
         let started = Instant::now();
         let since = self.store.lock().seq;
         let holds = match self.snapshot(&link.config).await {
@@ -413,28 +655,23 @@ impl Replication {
                 Action::Set { topic, value } => {
                     self.metrics.retained_repairs.with_label_values(&[&link.name, "set"]).inc();
                     let q = self.qos(qos_of(value.qos));
-                    let _ = link.client.try_publish_with_properties(
-                        topic,
-                        q,
-                        true,
-                        value.payload(),
-                        origin_props("meshgate"),
-                    );
+                    let _ = link.publish(&topic, q, true, value.payload().into(), origin_props("meshgate"), None);
                 }
                 Action::Delete { topic } => {
                     self.metrics.retained_repairs.with_label_values(&[&link.name, "delete"]).inc();
-                    let _ = link.client.try_publish_with_properties(
-                        topic,
+                    let _ = link.publish(
+                        &topic,
                         QoS::AtLeastOnce,
                         true,
-                        Vec::new(),
+                        bytes::Bytes::new(),
                         origin_props("meshgate"),
+                        None,
                     );
                 }
                 Action::Adopt { topic, value } => {
                     self.metrics.retained_repairs.with_label_values(&[&link.name, "adopt"]).inc();
                     let q = self.qos(qos_of(value.qos));
-                    for (j, to) in self.links.iter().enumerate() {
+                    for (j, to) in links.iter().enumerate() {
                         if j != i {
                             let copy = Copy {
                                 topic: &topic,
@@ -443,7 +680,7 @@ impl Replication {
                                 payload: value.payload().into(),
                                 props: origin_props(&link.name),
                             };
-                            self.send(to, copy, &link.name);
+                            self.send(to, copy, &link.name, None);
                         }
                     }
                 }
@@ -517,6 +754,12 @@ impl Replication {
                 _ = stop.cancelled() => true,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => false,
             };
+            // A target that probes say is down holds nothing back (a hung broker never answers).
+            for l in self.links.load().iter() {
+                if l.broker.as_ref().is_some_and(|b| b.probe_up() == Some(false)) {
+                    l.abandon();
+                }
+            }
             let now = unix_ms(SystemTime::now());
             let expired = self.store.lock().expire(now, self.cfg.tombstone_ttl.as_millis() as u64);
             let changed = self.dirty.swap(false, Ordering::Relaxed) || expired > 0;
@@ -536,8 +779,8 @@ impl Replication {
 
     /// Publishes a timestamped probe on broker `i` and measures when the copies arrive on the
     /// others: the real path, through the brokers and this process's links.
-    async fn lag_probe(self: Arc<Self>, i: usize, stop: CancellationToken) {
-        let me = self.links[i].clone();
+    async fn lag_probe(self: Arc<Self>, links: Arc<Vec<Arc<Link>>>, i: usize, stop: CancellationToken) {
+        let me = links[i].clone();
         let id = format!("meshgate-lag-{}-{}", me.name, std::process::id());
         let started = Instant::now();
         loop {
@@ -562,7 +805,7 @@ impl Replication {
                     // it looked down, bring its retained state up to date now.
                     let up = me.broker.as_ref().is_none_or(|b| b.probe_up() != Some(false));
                     if up && me.connected.load(Ordering::Relaxed) && me.needs_repair.swap(false, Ordering::Relaxed) {
-                        tokio::spawn(self.clone().reconcile(i));
+                        tokio::spawn(self.clone().reconcile(links.clone(), i));
                     }
                     let sent = started.elapsed().as_micros() as u64;
                     let topic = format!("{LAG_TOPIC_PREFIX}{}", me.name);
@@ -595,8 +838,8 @@ impl Replication {
 
     /// For `/replication` and the dashboard.
     pub fn view(&self) -> View {
-        let links = self
-            .links
+        let current = self.links.load();
+        let links = current
             .iter()
             .map(|l| LinkView {
                 broker: l.name.clone(),
@@ -615,7 +858,7 @@ impl Replication {
         lag.sort_by(|a, b| (&a.from, &a.to).cmp(&(&b.from, &b.to)));
         let store = self.store.lock();
         let tombstones = store.entries.values().filter(|e| e.value.is_none()).count();
-        View { links, lag, retained_topics: store.entries.len() - tombstones, tombstones }
+        View { active: !current.is_empty(), links, lag, retained_topics: store.entries.len() - tombstones, tombstones }
     }
 }
 

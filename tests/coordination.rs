@@ -1,0 +1,521 @@
+//! Several meshgate instances sharing state through a real etcd, each a real `meshgate run` process, in front of real Mosquitto brokers: replication leadership across a SIGKILL, one owner per client id, an etcd outage, etcd missing at start, a persistent paho client moving between instances.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::mqtt::{self, wait_until};
+use common::{Net, Slot};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::io::AsyncWriteExt;
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
+const SECOND: Duration = Duration::from_secs(1);
+const LEASE_TTL: Duration = Duration::from_secs(3);
+/// Every queued QoS 1 message is kept for an offline replication link (Mosquitto drops past
+/// 1000 by default): docs/ha.md asks the same of production brokers.
+const BROKER_EXTRA: &str = "max_queued_messages 0";
+
+/// One `meshgate run` process; SIGKILLed when dropped.
+struct Instance {
+    name: String,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Instance {
+    /// `brokers_extra` goes into every `[[broker]]` table, by broker name.
+    fn start(
+        name: &str,
+        slot: &Slot,
+        last: u8,
+        net: &Net,
+        etcd: &str,
+        extra: &str,
+        brokers_extra: &[(&str, &str)],
+    ) -> Instance {
+        let (mqtt, http) = (slot.addr(last, 1883), slot.addr(last, 8080));
+        let mut text = format!(
+            "[listen]\nmqtt = \"{mqtt}\"\nhttp = \"{http}\"\n[access_log]\nenabled = false\n\
+             [health]\ninterval = \"100ms\"\ntimeout = \"200ms\"\n\
+             [replication]\nenabled = true\nlag_interval = \"200ms\"\n\
+             [coordination]\netcd = [\"{etcd}\"]\ninstance = \"{name}\"\nlease_ttl = \"{}s\"\n{extra}\n",
+            LEASE_TTL.as_secs()
+        );
+        for b in &net.brokers {
+            let more = brokers_extra.iter().find(|(n, _)| *n == b.name).map_or("", |(_, e)| e);
+            text.push_str(&format!("[[broker]]\nname = \"{}\"\naddress = \"{}\"\n{more}\n", b.name, b.addr));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("meshgate.toml");
+        std::fs::write(&config, text).unwrap();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("meshgate runs");
+        let i = Instance { name: name.into(), mqtt, http, child: Some(child), dir };
+        let deadline = Instant::now() + 10 * SECOND;
+        while get(i.http, "/health").is_none() {
+            assert!(Instant::now() < deadline, "instance {name} did not serve /health:\n{}", i.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        i
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn json(&self, path: &str) -> serde_json::Value {
+        let body = get(self.http, path).unwrap_or_else(|| panic!("{} {path} answers:\n{}", self.name, self.log()));
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    fn leading(&self) -> bool {
+        get(self.http, "/instances")
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["coordination"]["leading"] == true)
+    }
+
+    /// The value of one metric sample, `name{labels}` as the exposition writes it (0 if absent).
+    fn metric(&self, sample: &str) -> f64 {
+        let body = get(self.http, "/metrics").unwrap_or_default();
+        body.lines().filter(|l| l.starts_with(sample)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain HTTP/1.0 GET; the body, or `None` when nothing answered.
+fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(2 * SECOND)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// Waits (blocking) for `cond`, with a deadline; panics with `what`.
+fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+/// Deliveries on one broker, directly: first arrival of each sequence number, and repeats.
+#[derive(Default)]
+struct Received {
+    first: HashMap<u64, Instant>,
+    repeats: u64,
+}
+
+async fn subscriber(addr: SocketAddr, id: &str, filter: &str) -> (Arc<Mutex<Received>>, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.unwrap() {
+            break;
+        }
+    }
+    let got = Arc::new(Mutex::new(Received::default()));
+    let g = got.clone();
+    let task = tokio::spawn(async move {
+        let _client = client;
+        while let Ok(ev) = eventloop.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                let Ok(seq) = String::from_utf8_lossy(&p.payload).parse::<u64>() else { continue };
+                let mut g = g.lock().unwrap();
+                let now = Instant::now();
+                let mut repeat = true;
+                g.first.entry(seq).or_insert_with(|| {
+                    repeat = false;
+                    now
+                });
+                g.repeats += u64::from(repeat);
+            }
+        }
+    });
+    (got, task)
+}
+
+/// What a QoS 1 publisher sent and had acknowledged, by sequence number.
+#[derive(Default)]
+struct Sent {
+    at: HashMap<u64, Instant>,
+    acked: Vec<u64>,
+    errors: Vec<String>,
+}
+
+/// Publishes QoS 1 at `rate`/s through `addr` until `stop`, one message in flight: a sequence
+/// number counts as acknowledged when its PUBACK arrived.
+fn publisher(
+    addr: SocketAddr,
+    id: &str,
+    topic: &str,
+    rate: u32,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Arc<Mutex<Sent>>, tokio::task::JoinHandle<()>) {
+    let sent = Arc::new(Mutex::new(Sent::default()));
+    let (s, id, topic) = (sent.clone(), id.to_string(), topic.to_string());
+    let task = tokio::spawn(async move {
+        let (mut stream, connack) = mqtt::connect(addr, 4, &id, 5 * SECOND).await.expect("publisher connects");
+        assert_eq!(connack.code, 0);
+        let mut tick = tokio::time::interval(SECOND / rate);
+        let mut seq = 0u64;
+        while !stop.is_cancelled() {
+            tick.tick().await;
+            seq += 1;
+            let pkid = (seq % 60_000 + 1) as u16;
+            s.lock().unwrap().at.insert(seq, Instant::now());
+            if let Err(e) =
+                stream.write_all(&mqtt::publish_packet(&topic, seq.to_string().as_bytes(), 1, pkid, false)).await
+            {
+                s.lock().unwrap().errors.push(format!("write: {e}"));
+                return;
+            }
+            match mqtt::read_packet(&mut stream, 10 * SECOND).await {
+                Ok((0x40, body)) if body == pkid.to_be_bytes() => s.lock().unwrap().acked.push(seq),
+                other => {
+                    s.lock().unwrap().errors.push(format!("seq {seq}: {other:?}"));
+                    return;
+                }
+            }
+        }
+    });
+    (sent, task)
+}
+
+/// Waits until `got` holds every acknowledged message; returns the longest time any of them
+/// took from its send to its first arrival.
+async fn all_arrive(sent: &Mutex<Sent>, got: &Mutex<Received>, limit: Duration) -> Duration {
+    let acked = sent.lock().unwrap().acked.clone();
+    let done = wait_until(limit, || {
+        let g = got.lock().unwrap();
+        acked.iter().all(|s| g.first.contains_key(s))
+    })
+    .await;
+    let g = got.lock().unwrap();
+    let missing: Vec<_> = acked.iter().filter(|s| !g.first.contains_key(s)).collect();
+    assert!(done.is_some(), "{} of {} acknowledged messages never arrived: {missing:?}", missing.len(), acked.len());
+    let s = sent.lock().unwrap();
+    acked.iter().map(|q| g.first[q].saturating_duration_since(s.at[q])).max().unwrap_or_default()
+}
+
+fn setup() -> (Net, Etcd) {
+    let net = Net::start_with(3, BROKER_EXTRA);
+    let etcd = Etcd::start(net.slot.addr(50, 2379));
+    (net, etcd)
+}
+
+/// A and B, A started first and leading with every replication link up.
+fn two_instances(net: &Net, etcd: &Etcd) -> (Instance, Instance) {
+    let a = Instance::start("a", &net.slot, 1, net, &etcd.url(), "", &[]);
+    eventually(10 * SECOND, "a leads replication", || a.leading());
+    eventually(10 * SECOND, "a's links are up", || {
+        a.json("/replication")["links"]
+            .as_array()
+            .is_some_and(|l| l.len() == 3 && l.iter().all(|x| x["connected"] == true))
+    });
+    let b = Instance::start("b", &net.slot, 2, net, &etcd.url(), "", &[]);
+    eventually(10 * SECOND, "b sees a as leader", || b.json("/instances")["coordination"]["leader"] == "a");
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_replication_goes_on_from_the_other_instance_nothing_lost() {
+    let (net, etcd) = setup();
+    let (mut a, b) = common::blocking(|| two_instances(&net, &etcd));
+    let (got, _sub) = subscriber(net.brokers[2].addr, "sub-on-broker3", "load/#").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (sent, publishing) = publisher(b.mqtt, "pub-through-b", "load/a", 100, stop.clone());
+    // Replication works before the kill: the first messages reach broker3.
+    wait_until(5 * SECOND, || got.lock().unwrap().first.len() >= 50).await.expect("replicated before the kill");
+
+    let killed = Instant::now();
+    common::blocking(|| a.kill());
+    let took_over = common::blocking(|| eventually(LEASE_TTL + 2 * SECOND, "b leads", || b.leading()));
+    tokio::time::sleep(5 * SECOND).await;
+    stop.cancel();
+    publishing.await.unwrap();
+    let worst = all_arrive(&sent, &got, 10 * SECOND).await;
+
+    let s = sent.lock().unwrap();
+    assert!(s.errors.is_empty(), "the publisher through b was never cut: {:?}", s.errors);
+    let repeats = got.lock().unwrap().repeats;
+    let redelivered = b.metric("meshgate_replication_redelivered_total");
+    println!(
+        "leader killed: b leads {:.2} s after the kill; {} acknowledged messages all on broker3, longest delay {:.2} s; {repeats} duplicate(s) on broker3, {redelivered} redelivered (counted by b)",
+        took_over.as_secs_f64(),
+        s.acked.len(),
+        worst.as_secs_f64()
+    );
+    assert!(killed.elapsed() > took_over);
+    assert!(worst <= LEASE_TTL + SECOND, "replication gap {worst:?} exceeds lease_ttl + 1 s");
+    assert!(
+        repeats as f64 <= redelivered,
+        "every duplicate is one b counted as redelivered: {repeats} > {redelivered}"
+    );
+    assert_eq!(
+        b.json("/instances")["instances"].as_array().unwrap().len(),
+        1,
+        "a's registration expired with its lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_connecting_through_another_instance_closes_the_older_copy() {
+    let (net, etcd) = setup();
+    let a = common::blocking(|| Instance::start("a", &net.slot, 1, &net, &etcd.url(), "", &[]));
+    // b does not use broker1: the two connections land on different brokers, so no broker's
+    // own client-id takeover is involved; only the instances can tell each other.
+    let b = common::blocking(|| {
+        Instance::start("b", &net.slot, 2, &net, &etcd.url(), "", &[("broker1", "enabled = false")])
+    });
+    common::blocking(|| {
+        eventually(10 * SECOND, "both registered", || a.json("/instances")["instances"].as_array().unwrap().len() == 2)
+    });
+    let (mut first, c) = mqtt::connect(a.mqtt, 4, "device-7", 5 * SECOND).await.unwrap();
+    assert_eq!(c.code, 0);
+    common::blocking(|| {
+        eventually(5 * SECOND, "a's claim written", || {
+            etcd.keys("/meshgate/clients/").contains(&"/meshgate/clients/device-7".to_string())
+        })
+    });
+    let (mut second, c) = mqtt::connect(b.mqtt, 4, "device-7", 5 * SECOND).await.unwrap();
+    assert_eq!(c.code, 0);
+    let since = Instant::now();
+    assert!(mqtt::closed_within(&mut first, 3 * SECOND).await, "a closed its older connection of device-7");
+    println!("older copy closed {:.0} ms after the second CONNECT", since.elapsed().as_secs_f64() * 1000.0);
+    assert_eq!(a.metric("meshgate_coordination_takeovers_total"), 1.0);
+    assert_eq!(a.metric("meshgate_sessions_closed_total{reason=\"instance_takeover\"}"), 1.0);
+    // The newer connection is untouched.
+    second.write_all(&mqtt::pingreq_packet()).await.unwrap();
+    let (first_byte, _) = mqtt::read_packet(&mut second, 2 * SECOND).await.expect("b's connection answers");
+    assert_eq!(first_byte, 0xD0);
+    assert_eq!(b.metric("meshgate_coordination_takeovers_total"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_stopped_for_ten_seconds_cuts_no_client_and_never_makes_two_leaders() {
+    let (net, mut etcd) = setup();
+    let (a, b) = common::blocking(|| two_instances(&net, &etcd));
+    let (got, _sub) = subscriber(net.brokers[2].addr, "sub-on-broker3", "load/#").await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (sent, publishing) = publisher(b.mqtt, "pub-through-b", "load/b", 100, stop.clone());
+    let (mut pinger, _) = mqtt::connect(a.mqtt, 4, "pinger-through-a", 5 * SECOND).await.unwrap();
+    wait_until(5 * SECOND, || got.lock().unwrap().first.len() >= 50).await.expect("replicated before the outage");
+
+    // Both instances' view, every 50 ms, for the whole test: never two leaders.
+    let watching = tokio_util::sync::CancellationToken::new();
+    let (ah, bh) = (a.http, b.http);
+    let w = watching.clone();
+    // A failed assertion below still ends the watcher (the runtime waits for it).
+    let _end_watcher = watching.clone().drop_guard();
+    let watcher = tokio::task::spawn_blocking(move || {
+        let leads = |h| get(h, "/instances").is_some_and(|t| t.contains("\"leading\":true"));
+        let mut both = 0;
+        while !w.is_cancelled() {
+            if leads(ah) && leads(bh) {
+                both += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        both
+    });
+
+    common::blocking(|| etcd.stop());
+    let stopped = Instant::now();
+    let fenced = common::blocking(|| eventually(LEASE_TTL, "a stops leading without etcd", || !a.leading()));
+    let health = a.json("/health");
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(health["coordination"]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{health}");
+    // Clients are served all along: the pinger gets every PINGRESP.
+    while stopped.elapsed() < 10 * SECOND {
+        pinger.write_all(&mqtt::pingreq_packet()).await.unwrap();
+        let (first_byte, _) = mqtt::read_packet(&mut pinger, 2 * SECOND).await.expect("a answers during the outage");
+        assert_eq!(first_byte, 0xD0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    common::blocking(|| etcd.restart());
+    let back = common::blocking(|| {
+        eventually(10 * SECOND, "one leader again, both healthy", || {
+            let (x, y) = (a.json("/instances"), b.json("/instances"));
+            x["coordination"]["state"] == "ok"
+                && y["coordination"]["state"] == "ok"
+                && (x["coordination"]["leading"] == true) != (y["coordination"]["leading"] == true)
+                && x["instances"].as_array().unwrap().len() == 2
+        })
+    });
+    // Reconciled: each instance's open connections are claimed in etcd again.
+    common::blocking(|| {
+        eventually(5 * SECOND, "claims written again", || {
+            let keys = etcd.keys("/meshgate/clients/");
+            keys.contains(&"/meshgate/clients/pinger-through-a".to_string())
+                && keys.contains(&"/meshgate/clients/pub-through-b".to_string())
+        })
+    });
+    tokio::time::sleep(SECOND).await;
+    stop.cancel();
+    publishing.await.unwrap();
+    watching.cancel();
+    let both = watcher.await.unwrap();
+    let worst = all_arrive(&sent, &got, 20 * SECOND).await;
+    let s = sent.lock().unwrap();
+    assert!(s.errors.is_empty(), "the publisher through b was never cut: {:?}", s.errors);
+    let repeats = got.lock().unwrap().repeats;
+    let redelivered =
+        a.metric("meshgate_replication_redelivered_total") + b.metric("meshgate_replication_redelivered_total");
+    println!(
+        "etcd away 10 s: a stopped leading {:.2} s in; leader again {:.2} s after etcd returned; {} acknowledged messages all on broker3 (longest delay {:.1} s); {repeats} duplicate(s), {redelivered} redelivered",
+        fenced.as_secs_f64(),
+        back.as_secs_f64(),
+        s.acked.len(),
+        worst.as_secs_f64()
+    );
+    assert_eq!(both, 0, "two instances led replication at once");
+    assert!(repeats as f64 <= redelivered, "every duplicate is counted: {repeats} > {redelivered}");
+    assert_eq!(a.json("/health")["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_missing_at_start_the_instance_serves_degraded_then_joins() {
+    let net = Net::start_with(3, BROKER_EXTRA);
+    let etcd_addr = net.slot.addr(50, 2379);
+    let a = common::blocking(|| Instance::start("a", &net.slot, 1, &net, &format!("http://{etcd_addr}"), "", &[]));
+    let health = a.json("/health");
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["coordination"]["leading"], false, "{health}");
+    // It serves clients.
+    let (mut s, c) = mqtt::connect(a.mqtt, 4, "early", 5 * SECOND).await.expect("a takes clients without etcd");
+    assert_eq!(c.code, 0);
+    s.write_all(&mqtt::pingreq_packet()).await.unwrap();
+    assert_eq!(mqtt::read_packet(&mut s, 2 * SECOND).await.unwrap().0, 0xD0);
+    let warned: Vec<_> =
+        a.log().lines().filter(|l| l.contains("cannot reach etcd at start")).map(str::to_string).collect();
+    assert_eq!(warned.len(), 1, "one clear line: {warned:?}");
+    assert!(warned[0].contains("WARN") && warned[0].contains(&etcd_addr.to_string()), "{}", warned[0]);
+
+    let etcd = common::blocking(|| Etcd::start(etcd_addr));
+    let joined = common::blocking(|| eventually(10 * SECOND, "a joins and leads", || a.leading()));
+    assert_eq!(a.json("/health")["status"], "ok");
+    common::blocking(|| {
+        eventually(5 * SECOND, "its early client is claimed", || {
+            etcd.keys("/meshgate/clients/").contains(&"/meshgate/clients/early".to_string())
+        })
+    });
+    println!("etcd started late: a joined and leads {:.2} s later", joined.as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_paho_subscriber_moves_from_a_killed_instance_to_the_other_and_loses_nothing() {
+    let (net, etcd) = setup();
+    let (mut a, b) = common::blocking(|| two_instances(&net, &etcd));
+    let lines = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
+    let l = lines.clone();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/coordination/paho_list.py");
+    let addrs = format!("{},{}", a.mqtt, b.mqtt);
+    let mut child = tokio::process::Command::new("python3")
+        .args([script, &addrs, "paho-persistent", "orders/#"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let out = child.stdout.take().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut r = tokio::io::BufReader::new(out).lines();
+        while let Ok(Some(line)) = r.next_line().await {
+            l.lock().unwrap().push(serde_json::from_str(&line).expect("paho_list.py prints JSON"));
+        }
+    });
+    wait_until(10 * SECOND, || lines.lock().unwrap().iter().any(|v| v.get("suback").is_some()))
+        .await
+        .expect("subscribed through a");
+    // Published on broker1 directly, where both instances send the client.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (sent, publishing) = publisher(net.brokers[0].addr, "orders-pub", "orders/1", 50, stop.clone());
+    tokio::time::sleep(SECOND).await;
+    common::blocking(|| a.kill());
+    wait_until(10 * SECOND, || lines.lock().unwrap().iter().filter(|v| v.get("connack").is_some()).count() >= 2)
+        .await
+        .expect("reconnected through b");
+    tokio::time::sleep(SECOND).await;
+    stop.cancel();
+    publishing.await.unwrap();
+    let acked = sent.lock().unwrap().acked.clone();
+    let all = wait_until(10 * SECOND, || {
+        let got: std::collections::HashSet<String> =
+            lines.lock().unwrap().iter().filter_map(|v| v["msg"].as_str().map(str::to_string)).collect();
+        acked.iter().all(|s| got.contains(&s.to_string()))
+    })
+    .await;
+    let l = lines.lock().unwrap();
+    let connacks: Vec<_> = l.iter().filter(|v| v.get("connack").is_some()).collect();
+    println!("paho persistent subscriber: {connacks:?}; {} acknowledged messages", acked.len());
+    assert_eq!(connacks[1]["address"], b.mqtt.to_string(), "the second connection went through b");
+    assert_eq!(connacks[1]["session_present"], true, "session present through b");
+    assert!(all.is_some(), "every acknowledged message reached the subscriber");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_action_through_one_instance_applies_on_every_instance_and_outlives_it() {
+    let (net, etcd) = setup();
+    let admin = "[admin]\ntoken = \"t0ken\"";
+    let mut a = common::blocking(|| Instance::start("a", &net.slot, 1, &net, &etcd.url(), admin, &[]));
+    let b = common::blocking(|| Instance::start("b", &net.slot, 2, &net, &etcd.url(), admin, &[]));
+    common::blocking(|| {
+        eventually(10 * SECOND, "both registered", || b.json("/instances")["instances"].as_array().unwrap().len() == 2)
+    });
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            "-H",
+            "Authorization: Bearer t0ken",
+            &format!("http://{}/brokers/broker1/disable", a.http),
+        ])
+        .output()
+        .expect("curl runs");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"disabled\""), "{}", String::from_utf8_lossy(&out.stdout));
+    let took = common::blocking(|| {
+        eventually(3 * SECOND, "b applies it", || b.json("/brokers/broker1")["state"] == "disabled")
+    });
+    assert_eq!(b.json("/health")["current_broker"], "broker2");
+    // An instance that starts later, with the one that took the action gone, finds it.
+    common::blocking(|| a.kill());
+    let c = common::blocking(|| Instance::start("c", &net.slot, 3, &net, &etcd.url(), admin, &[]));
+    common::blocking(|| {
+        eventually(5 * SECOND, "c applies it at start", || c.json("/brokers/broker1")["state"] == "disabled")
+    });
+    println!("admin disable through a applied on b after {:.0} ms", took.as_secs_f64() * 1000.0);
+}
