@@ -1003,6 +1003,12 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
     };
 
     let coordination = file.coordination.map(|f| coordination(&c, f)).transpose()?;
+    if coordination.is_some() && replication.enabled && replication.max_qos == 2 {
+        return Err(c.err(
+            "replication.max_qos",
+            "must be 0 or 1 with [coordination]: a new leader cannot finish the QoS 2 flows of the links' persistent sessions",
+        ));
+    }
     if coordination.is_some() && replication.enabled && replication.max_qos == 0 {
         warnings.push(format!(
             "{}: replication.max_qos = 0 with [coordination]: brokers queue nothing for the replication links while no instance leads, so what is published during a leader takeover is not replicated (set 1)",
@@ -1319,6 +1325,31 @@ mod tests {
         assert!(c.warnings.is_empty());
         let e = parse(&format!("[proxy]\nmax_connections = 7\nmax_sessions = 7\n{b}")).unwrap_err();
         assert!(e.contains("proxy.max_sessions") && e.contains("only proxy.max_connections"), "{e}");
+    }
+
+    #[test]
+    fn coordination_is_checked_key_by_key() {
+        let c =
+            parse(&format!("[coordination]\netcd = [\"http://127.0.0.1:2379\"]\ninstance = \"a\"\n{FIVE}")).unwrap();
+        let co = c.coordination.unwrap();
+        assert_eq!((co.prefix.as_str(), co.lease_ttl), ("/meshgate/", Duration::from_secs(3)));
+        for (body, key) in [
+            ("etcd = []", "coordination.etcd"),
+            ("etcd = [\"https://h:1\"]", "coordination.etcd"),
+            ("etcd = [\"http://h\"]", "coordination.etcd"),
+            ("etcd = [\"http://h:1\"]\ninstance = \"a b\"", "coordination.instance"),
+            ("etcd = [\"http://h:1\"]\nprefix = \"x\"", "coordination.prefix"),
+            ("etcd = [\"http://h:1\"]\nlease_ttl = \"1500ms\"", "coordination.lease_ttl"),
+        ] {
+            let e = parse(&format!("[coordination]\n{body}\n{FIVE}")).unwrap_err();
+            assert!(e.contains(key), "{body}: {e}");
+        }
+        let e = parse(&format!(
+            "[replication]\nenabled = true\nmax_qos = 2\n[coordination]\netcd = [\"http://h:1\"]\n{FIVE}"
+        ))
+        .unwrap_err();
+        assert!(e.contains("replication.max_qos"), "{e}");
+        assert!(parse(FIVE).unwrap().coordination.is_none(), "no section, no coordination");
     }
 
     #[test]

@@ -137,18 +137,29 @@ impl Coordination {
         let put = PutOptions::new().with_lease(lease);
         timed("register instance", c.put(self.key(&format!("instances/{}", self.me.name)), me, Some(put))).await?;
 
-        let state = timed("read state", c.get(self.cfg.prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
+        // What this instance needs at start, read at one revision (the watch goes on from
+        // there): not the client-id claims, which can be many.
+        let read = Txn::new().and_then([
+            TxnOp::get(self.key("instances/"), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(self.key("admin/"), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(self.leader_key(), None),
+        ]);
+        let state = timed("read state", c.txn(read)).await?;
         let revision = state.header().map_or(0, |h| h.revision());
+        let at_start = self.first_session.swap(false, Ordering::Relaxed);
         let mut instances = std::collections::BTreeMap::new();
         let mut leader = None;
-        for kv in state.kvs() {
-            let key = kv.key_str().unwrap_or_default();
-            if let Some(i) = self.instance_of(key, kv.value()) {
-                instances.insert(i.name.clone(), i);
-            } else if let Some(broker) = key.strip_prefix(&self.key("admin/")) {
-                self.admin_seen(broker, kv.value_str().unwrap_or_default());
-            } else if key == self.leader_key() {
-                leader = Some((kv.value_str().unwrap_or_default().to_string(), kv.lease()));
+        for op in state.op_responses() {
+            let TxnOpResponse::Get(g) = op else { continue };
+            for kv in g.kvs() {
+                let key = kv.key_str().unwrap_or_default();
+                if let Some(i) = self.instance_of(key, kv.value()) {
+                    instances.insert(i.name.clone(), i);
+                } else if let Some(broker) = key.strip_prefix(&self.key("admin/")) {
+                    self.admin_seen(broker, kv.value_str().unwrap_or_default(), at_start);
+                } else if key == self.leader_key() {
+                    leader = Some((kv.value_str().unwrap_or_default().to_string(), kv.lease()));
+                }
             }
         }
         self.metrics.instances.set(instances.len() as i64);
@@ -180,7 +191,15 @@ impl Coordination {
                     let sent = Instant::now();
                     timed("lease keep-alive", keeper.keep_alive()).await?;
                     match timed("lease keep-alive", kept.message()).await? {
-                        Some(r) if r.ttl() > 0 => self.renew(lease, sent, r.ttl()),
+                        Some(r) if r.ttl() > 0 => {
+                            self.renew(lease, sent, r.ttl());
+                            // The fence may have stopped this instance while a renewal was late;
+                            // the leader key, under this very lease, is still its own.
+                            let ours = self.leader.lock().as_deref() == Some(self.me.name.as_str());
+                            if ours && !*self.leading.borrow() {
+                                self.set_leading(true, "");
+                            }
+                        }
                         Some(_) => {
                             self.set_leading(false, "its etcd lease expired");
                             self.lease.lock().id = None;
@@ -290,7 +309,7 @@ impl Coordination {
             }
         } else if let Some(broker) = key.strip_prefix(&self.key("admin/")) {
             if kind == EventType::Put {
-                self.admin_seen(broker, &String::from_utf8_lossy(value));
+                self.admin_seen(broker, &String::from_utf8_lossy(value), false);
             }
         } else if let Some(client_id) = key.strip_prefix(&self.key("clients/")) {
             if kind == EventType::Put {

@@ -170,6 +170,8 @@ pub struct Coordination {
     /// The lease changed since the claims were last written in full: write every open
     /// connection's claim again (the old lease took the old claims with it).
     reclaim: AtomicBool,
+    /// No etcd session has been set up yet in this process.
+    first_session: AtomicBool,
     metrics: Metrics,
 }
 
@@ -223,6 +225,7 @@ impl Coordination {
             queue: Mutex::new(Some(queue)),
             queued: AtomicU64::new(0),
             reclaim: AtomicBool::new(true),
+            first_session: AtomicBool::new(true),
             metrics,
         }))
     }
@@ -345,9 +348,11 @@ impl Coordination {
     }
 
     fn queue(&self, claim: Claim) {
-        if self.claims.send(claim).is_ok() {
-            let n = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
-            self.metrics.queued.set(n as i64);
+        // Counted before it can be written (and subtracted), so the count never wraps.
+        let n = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.queued.set(n as i64);
+        if self.claims.send(claim).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -373,10 +378,15 @@ impl Coordination {
         self.queue(Claim::Admin { broker: broker.to_string(), state });
     }
 
-    /// An admin action another instance took (or one found at start).
-    fn admin_seen(&self, broker: &str, value: &str) {
+    /// An admin action another instance took (or, at this instance's start, one it took itself
+    /// in an earlier life). Its own later actions are already applied, and may be newer than
+    /// what etcd holds while they wait in the queue.
+    fn admin_seen(&self, broker: &str, value: &str, at_start: bool) {
         let Some((word, by)) = value.split_once(' ') else { return };
         let Some(state) = admin_state(word) else { return };
+        if by == self.me.name && !at_start {
+            return;
+        }
         if self.pool.broker(broker).is_some_and(|b| b.admin() != state) {
             tracing::info!(broker, by, state = word, "admin action through another instance");
             self.pool.set_admin(broker, state);

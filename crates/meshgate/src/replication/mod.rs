@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, RetainForwardRule};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PubAckReason, Publish, PublishProperties, RetainForwardRule};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::Outgoing;
@@ -93,7 +93,7 @@ impl Metrics {
             ),
             dropped: counter(
                 "meshgate_replication_dropped_total",
-                "Copies not sent: the target link was down or its queue full",
+                "Copies not sent: the target link was down or its queue full, or the target broker refused them",
                 &["to", "reason"],
             ),
             duplicated: counter(
@@ -148,6 +148,10 @@ struct Inflight {
     queued: VecDeque<Option<Arc<Source>>>,
     /// Sent, until the target broker's PUBACK (or PUBREC).
     sent: HashMap<u16, Option<Arc<Source>>>,
+    /// How many of `queued` were handed over before the connection was lost: rumqttc keeps
+    /// them for the next session, and drops them (with every retransmission) when the broker
+    /// answers without one.
+    cut: usize,
 }
 
 /// A message received on a link, acknowledged to its broker when its last copy is delivered.
@@ -164,8 +168,15 @@ impl Source {
         // it again, and that delivery is acknowledged instead.
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
             && self.link.generation.load(Ordering::Acquire) == self.generation
+            && self.link.client.try_ack(&self.publish).is_err()
         {
-            let _ = self.link.client.try_ack(&self.publish);
+            // The link's queue is full (its broker is slow to take copies): an acknowledgement
+            // is never dropped, since a broker stops delivering once its window of
+            // unacknowledged messages is full.
+            let (client, publish) = (self.link.client.clone(), self.publish.clone());
+            tokio::spawn(async move {
+                let _ = client.ack(&publish).await;
+            });
         }
     }
 }
@@ -222,6 +233,26 @@ impl Link {
     fn delivered(&self, pkid: u16) {
         let source = self.inflight.lock().sent.remove(&pkid).flatten();
         done(source);
+    }
+
+    /// The connection was lost: what was handed over until now waits for the next session.
+    fn lost(&self) {
+        let mut f = self.inflight.lock();
+        f.cut = f.queued.len();
+        drop(f);
+        self.abandon();
+    }
+
+    /// Connected again. Without a session rumqttc has dropped every retransmission and every
+    /// copy handed over before the loss: none of them will go out, so none is waited for.
+    fn reconnected(&self, session_present: bool) {
+        let mut f = self.inflight.lock();
+        if !session_present {
+            let cut = f.cut.min(f.queued.len());
+            f.queued.drain(..cut);
+            f.sent.clear();
+        }
+        f.cut = 0;
     }
 
     /// The target is gone (link lost, or probes say down): its copies no longer hold their
@@ -386,6 +417,13 @@ impl Replication {
 
     /// Every link, the lag probes: one term of replication, until `stop`.
     fn start_term(self: &Arc<Self>, tracker: &TaskTracker, stop: &CancellationToken) {
+        if self.persistent {
+            // Another instance may have led since this one's record was written: its values
+            // and tombstones may be older than the brokers'. The brokers' state is the truth a
+            // new term starts from (the record is not shared between instances yet).
+            *self.store.lock() = Store::default();
+            self.dirty.store(true, Ordering::Relaxed);
+        }
         let (links, loops) = self.build_links();
         self.links.store(links.clone());
         for (i, eventloop) in loops.into_iter().enumerate() {
@@ -482,8 +520,9 @@ impl Replication {
                 e = eventloop.poll() => e,
             };
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(100);
+                    link.reconnected(ack.session_present);
                     link.generation.fetch_add(1, Ordering::AcqRel);
                     link.connected.store(true, Ordering::Relaxed);
                     if let Some(b) = &link.broker {
@@ -515,11 +554,16 @@ impl Replication {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&links, i, p),
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => link.went_out(pkid),
-                Ok(Event::Incoming(Packet::PubAck(a))) => link.delivered(a.pkid),
+                Ok(Event::Incoming(Packet::PubAck(a))) => {
+                    if !matches!(a.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) {
+                        self.metrics.dropped.with_label_values(&[&link.name, "refused"]).inc();
+                    }
+                    link.delivered(a.pkid)
+                }
                 Ok(Event::Incoming(Packet::PubRec(r))) => link.delivered(r.pkid),
                 Ok(_) => {}
                 Err(e) => {
-                    link.abandon();
+                    link.lost();
                     if let Some(b) = &link.broker {
                         b.set_replicated(false);
                     }
