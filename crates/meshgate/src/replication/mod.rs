@@ -373,8 +373,10 @@ impl Replication {
             if self.persistent {
                 opts.set_session_expiry_interval(Some(LINK_SESSION_EXPIRY_S));
             }
-            // A message is acknowledged to its broker once its copies are delivered (`Inflight`).
-            opts.set_manual_acks(true);
+            // With coordination a message is acknowledged to its broker once its copies are
+            // delivered (`Inflight`), so a leader's death loses nothing. A single instance keeps
+            // rumqttc's own acknowledgements (clean sessions: nothing would be redelivered).
+            opts.set_manual_acks(self.persistent);
             let (client, eventloop) = AsyncClient::new(opts, self.cfg.queue);
             links.push(Arc::new(Link {
                 name: b.name.clone(),
@@ -592,7 +594,7 @@ impl Replication {
         from.received.fetch_add(1, Ordering::Relaxed);
         // Held until every copy is delivered; released at the end of this function when none
         // was sent (or every copy is already out).
-        let source = (p.qos != QoS::AtMostOnce).then(|| {
+        let source = (self.persistent && p.qos != QoS::AtMostOnce).then(|| {
             Arc::new(Source {
                 link: from.clone(),
                 publish: p.clone(),
@@ -615,6 +617,12 @@ impl Replication {
             return;
         }
         if !self.replicated(topic) {
+            return;
+        }
+        if p.dup && !self.persistent {
+            // A clean link is never sent anything again: a DUP here is someone else's
+            // redelivery, and forwarding it again is how storms start.
+            self.metrics.duplicated.with_label_values(&[&from.name]).inc();
             return;
         }
         if p.dup {
@@ -658,7 +666,8 @@ impl Replication {
         // A link that has not connected yet in this term (a new leader's, while another link
         // already delivers what its broker queued) takes the copy into its queue: the broker is
         // up as far as the probes know. A link that was lost is down.
-        let lost = !to.connected.load(Ordering::Relaxed) && to.generation.load(Ordering::Acquire) > 0;
+        let lost =
+            !to.connected.load(Ordering::Relaxed) && (!self.persistent || to.generation.load(Ordering::Acquire) > 0);
         if lost || probed_down {
             // The broker is down: its clients are elsewhere; retained state is caught up when
             // the link returns.
