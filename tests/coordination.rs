@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use common::etcd::Etcd;
 use common::mqtt::{self, wait_until};
 use common::{Net, Slot};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::io::AsyncWriteExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
@@ -136,34 +135,20 @@ struct Received {
 }
 
 async fn subscriber(addr: SocketAddr, id: &str, filter: &str) -> (Arc<Mutex<Received>>, tokio::task::JoinHandle<()>) {
-    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    opts.set_keep_alive(Duration::from_secs(10));
-    opts.set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.unwrap() {
-            break;
-        }
-    }
     let got = Arc::new(Mutex::new(Received::default()));
     let g = got.clone();
-    let task = tokio::spawn(async move {
-        let _client = client;
-        while let Ok(ev) = eventloop.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = ev {
-                let Ok(seq) = String::from_utf8_lossy(&p.payload).parse::<u64>() else { continue };
-                let mut g = g.lock().unwrap();
-                let now = Instant::now();
-                let mut repeat = true;
-                g.first.entry(seq).or_insert_with(|| {
-                    repeat = false;
-                    now
-                });
-                g.repeats += u64::from(repeat);
-            }
-        }
-    });
+    let task = common::subscribed(addr, id, filter, move |p| {
+        let Ok(seq) = String::from_utf8_lossy(&p.payload).parse::<u64>() else { return };
+        let mut g = g.lock().unwrap();
+        let now = Instant::now();
+        let mut repeat = true;
+        g.first.entry(seq).or_insert_with(|| {
+            repeat = false;
+            now
+        });
+        g.repeats += u64::from(repeat);
+    })
+    .await;
     (got, task)
 }
 
@@ -260,7 +245,6 @@ async fn leader_killed_replication_goes_on_from_the_other_instance_nothing_lost(
     // Replication works before the kill: the first messages reach broker3.
     wait_until(5 * SECOND, || got.lock().unwrap().first.len() >= 50).await.expect("replicated before the kill");
 
-    let killed = Instant::now();
     common::blocking(|| a.kill());
     let took_over = common::blocking(|| eventually(LEASE_TTL + 2 * SECOND, "b leads", || b.leading()));
     tokio::time::sleep(5 * SECOND).await;
@@ -278,7 +262,7 @@ async fn leader_killed_replication_goes_on_from_the_other_instance_nothing_lost(
         s.acked.len(),
         worst.as_secs_f64()
     );
-    assert!(killed.elapsed() > took_over);
+    assert!(took_over <= LEASE_TTL + SECOND, "takeover {took_over:?} exceeds lease_ttl + 1 s");
     assert!(worst <= LEASE_TTL + SECOND, "replication gap {worst:?} exceeds lease_ttl + 1 s");
     assert!(
         repeats as f64 <= redelivered,
@@ -443,20 +427,8 @@ async fn persistent_paho_subscriber_moves_from_a_killed_instance_to_the_other_an
     let l = lines.clone();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/coordination/paho_list.py");
     let addrs = format!("{},{}", a.mqtt, b.mqtt);
-    let mut child = tokio::process::Command::new("python3")
-        .args([script, &addrs, "paho-persistent", "orders/#"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python3 runs");
-    let out = child.stdout.take().unwrap();
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt;
-        let mut r = tokio::io::BufReader::new(out).lines();
-        while let Ok(Some(line)) = r.next_line().await {
-            l.lock().unwrap().push(serde_json::from_str(&line).expect("paho_list.py prints JSON"));
-        }
-    });
+    let _child =
+        common::paho::spawn(script, &[&addrs, "paho-persistent", "orders/#"], move |v| l.lock().unwrap().push(v));
     wait_until(10 * SECOND, || lines.lock().unwrap().iter().any(|v| v.get("suback").is_some()))
         .await
         .expect("subscribed through a");

@@ -38,31 +38,17 @@ struct Subscriber {
 }
 
 async fn subscribe(addr: std::net::SocketAddr, id: &str, filter: &str) -> Subscriber {
-    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    opts.set_keep_alive(Duration::from_secs(10));
-    opts.set_inflight(1000);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.unwrap() {
-            break;
-        }
-    }
     let seen: Seen = Arc::default();
     let total = Arc::new(AtomicU64::new(0));
     let (s, t) = (seen.clone(), total.clone());
-    let task = tokio::spawn(async move {
-        let _client = client;
-        while let Ok(ev) = eventloop.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = ev {
-                *s.lock()
-                    .unwrap()
-                    .entry((String::from_utf8_lossy(p.topic.as_bytes()).into_owned(), p.payload.to_vec()))
-                    .or_default() += 1;
-                t.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    });
+    let task = common::subscribed(addr, id, filter, move |p| {
+        *s.lock()
+            .unwrap()
+            .entry((String::from_utf8_lossy(p.topic.as_bytes()).into_owned(), p.payload.to_vec()))
+            .or_default() += 1;
+        t.fetch_add(1, Ordering::Relaxed);
+    })
+    .await;
     Subscriber { seen, total, _task: task }
 }
 

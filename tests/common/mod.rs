@@ -125,3 +125,32 @@ pub async fn close_times(
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
+
+/// A rumqttc client on `addr` (a broker directly, or meshgate), subscribed to `filter` at QoS 1
+/// once this returns; every PUBLISH it receives goes to `on_publish` until the task is dropped.
+pub async fn subscribed(
+    addr: SocketAddr,
+    id: &str,
+    filter: &str,
+    mut on_publish: impl FnMut(rumqttc::Publish) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    opts.set_keep_alive(Duration::from_secs(10));
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = eventloop.poll().await.unwrap() {
+            break;
+        }
+    }
+    tokio::spawn(async move {
+        let _client = client;
+        while let Ok(ev) = eventloop.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                on_publish(p);
+            }
+        }
+    })
+}

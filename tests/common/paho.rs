@@ -1,4 +1,4 @@
-//! tests/sessions/paho_sub.py: a persistent paho-mqtt subscriber (MQTT 3.1.1 or 5) in a python3 child process, its JSON lines handed to the test.
+//! paho-mqtt scripts in python3 child processes (tests/sessions/paho_sub.py, a persistent subscriber, MQTT 3.1.1 or 5; tests/coordination/paho_list.py, one with an address list), their JSON lines handed to the test.
 
 use std::process::Stdio;
 
@@ -11,6 +11,17 @@ pub fn spawn_sub(
     id: &str,
     filter: &str,
     version: &str,
+    on_line: impl FnMut(serde_json::Value) + Send + 'static,
+) -> tokio::process::Child {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sessions/paho_sub.py");
+    spawn(script, &[&addr.ip().to_string(), &addr.port().to_string(), id, filter, version], on_line)
+}
+
+/// Runs a paho-mqtt script (a path under tests/) with `args`; each JSON line it prints goes to
+/// `on_line`. The child dies with the handle.
+pub fn spawn(
+    script: &str,
+    args: &[&str],
     mut on_line: impl FnMut(serde_json::Value) + Send + 'static,
 ) -> tokio::process::Child {
     let ok = std::process::Command::new("python3")
@@ -19,9 +30,9 @@ pub fn spawn_sub(
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "paho-mqtt is not installed for python3: run `scripts/deps test`");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sessions/paho_sub.py");
     let mut child = tokio::process::Command::new("python3")
-        .args([script, &addr.ip().to_string(), &addr.port().to_string(), id, filter, version])
+        .arg(script)
+        .args(args)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -30,7 +41,7 @@ pub fn spawn_sub(
     tokio::spawn(async move {
         let mut lines = BufReader::new(out).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            on_line(serde_json::from_str(&line).expect("paho_sub.py prints JSON"));
+            on_line(serde_json::from_str(&line).expect("a paho script prints JSON"));
         }
     });
     child

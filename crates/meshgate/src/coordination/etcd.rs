@@ -62,16 +62,15 @@ impl Coordination {
 
     pub(super) async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut queue = self.queue.lock().take().expect("one session task");
-        let mut first = true;
         loop {
             let why = tokio::select! {
                 _ = stop.cancelled() => break,
                 why = self.session(&mut queue) => why,
             };
-            if first && self.degraded().as_deref() == Some(super::NOT_CONTACTED) {
+            // Until a first session, the reason is still "not reached yet": this is the start.
+            if self.degraded().as_deref() == Some(super::NOT_CONTACTED) {
                 warn!(etcd = %self.cfg.etcd.join(","), "cannot reach etcd at start ({why}): serving clients degraded, replication waits for etcd; start etcd or fix [coordination] etcd");
             }
-            first = false;
             self.set_degraded(Some(why));
             tokio::select! {
                 _ = stop.cancelled() => break,

@@ -242,10 +242,6 @@ impl Coordination {
         self.leading.subscribe()
     }
 
-    pub fn instance(&self) -> &str {
-        &self.me.name
-    }
-
     /// How long before its lease could expire a leader stops replicating: one renewal
     /// interval, so a leader that misses two renewals in a row has stopped before anyone else
     /// can be elected.

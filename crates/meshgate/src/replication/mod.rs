@@ -134,7 +134,9 @@ pub struct Link {
     received: AtomicU64,
     /// Counts the link's connections: an acknowledgement belongs to the one it came on.
     generation: AtomicU64,
-    inflight: Mutex<Inflight>,
+    /// With `[coordination]` only: a single instance's clean links keep rumqttc's own
+    /// acknowledgements and track nothing per copy.
+    inflight: Option<Mutex<Inflight>>,
 }
 
 /// The copies a link carries, in the order rumqttc sends them, each with the message it is a
@@ -198,7 +200,13 @@ impl Link {
         props: PublishProperties,
         source: Option<Arc<Source>>,
     ) -> Result<(), String> {
-        let mut f = self.inflight.lock();
+        let Some(inflight) = &self.inflight else {
+            return self
+                .client
+                .try_publish_with_properties(topic, qos, retain, payload, props)
+                .map_err(|e| e.to_string());
+        };
+        let mut f = inflight.lock();
         if let Some(s) = &source {
             s.remaining.fetch_add(1, Ordering::AcqRel);
         }
@@ -216,7 +224,8 @@ impl Link {
     }
 
     fn went_out(&self, pkid: u16) {
-        let mut f = self.inflight.lock();
+        let Some(inflight) = &self.inflight else { return };
+        let mut f = inflight.lock();
         // A retransmission after a reconnect reuses its packet id; it is not a new copy.
         if pkid != 0 && f.sent.contains_key(&pkid) {
             return;
@@ -231,13 +240,15 @@ impl Link {
     }
 
     fn delivered(&self, pkid: u16) {
-        let source = self.inflight.lock().sent.remove(&pkid).flatten();
+        let Some(inflight) = &self.inflight else { return };
+        let source = inflight.lock().sent.remove(&pkid).flatten();
         done(source);
     }
 
     /// The connection was lost: what was handed over until now waits for the next session.
     fn lost(&self) {
-        let mut f = self.inflight.lock();
+        let Some(inflight) = &self.inflight else { return };
+        let mut f = inflight.lock();
         f.cut = f.queued.len();
         drop(f);
         self.abandon();
@@ -246,7 +257,8 @@ impl Link {
     /// Connected again. Without a session rumqttc has dropped every retransmission and every
     /// copy handed over before the loss: none of them will go out, so none is waited for.
     fn reconnected(&self, session_present: bool) {
-        let mut f = self.inflight.lock();
+        let Some(inflight) = &self.inflight else { return };
+        let mut f = inflight.lock();
         if !session_present {
             let cut = f.cut.min(f.queued.len());
             f.queued.drain(..cut);
@@ -258,7 +270,8 @@ impl Link {
     /// The target is gone (link lost, or probes say down): its copies no longer hold their
     /// messages back; the broker is caught up on retained state when it returns.
     fn abandon(&self) {
-        let mut f = self.inflight.lock();
+        let Some(inflight) = &self.inflight else { return };
+        let mut f = inflight.lock();
         // The packet ids stay (without their messages): rumqttc sends them again after a
         // reconnect, and a retransmission must not be taken for the next new copy.
         let mut gone: Vec<Arc<Source>> = f.sent.values_mut().filter_map(Option::take).collect();
@@ -389,7 +402,7 @@ impl Replication {
                 since_ms: AtomicU64::new(unix_ms(SystemTime::now())),
                 received: AtomicU64::new(0),
                 generation: AtomicU64::new(0),
-                inflight: Mutex::new(Inflight::default()),
+                inflight: self.persistent.then(|| Mutex::new(Inflight::default())),
             }));
             loops.push(eventloop);
         }
@@ -473,10 +486,11 @@ impl Replication {
         let links = self.links.swap(Arc::new(Vec::new()));
         for l in links.iter() {
             // Breaks the cycles between links' pending copies and the links they came on.
-            let mut f = l.inflight.lock();
-            f.sent.clear();
-            f.queued.clear();
-            drop(f);
+            if let Some(inflight) = &l.inflight {
+                let mut f = inflight.lock();
+                f.sent.clear();
+                f.queued.clear();
+            }
             if let Some(b) = &l.broker {
                 b.set_replicated(false);
             }
