@@ -458,6 +458,72 @@ async fn persistent_paho_subscriber_moves_from_a_killed_instance_to_the_other_an
     assert!(all.is_some(), "every acknowledged message reached the subscriber");
 }
 
+/// The persistent-session record is shared through etcd: a client whose instance and whose
+/// broker die together comes back through the other instance to a broker without its session,
+/// and that instance restores it from the record the first one wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_survives_its_instance_and_its_broker_through_the_shared_record() {
+    let (mut net, etcd) = setup();
+    let (mut a, b) = common::blocking(|| two_instances(&net, &etcd));
+    let lines = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
+    let l = lines.clone();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/coordination/paho_list.py");
+    let addrs = format!("{},{}", a.mqtt, b.mqtt);
+    let _child = common::paho::spawn(script, &[&addrs, "paho-shared", "shared/#"], move |v| l.lock().unwrap().push(v));
+    wait_until(10 * SECOND, || lines.lock().unwrap().iter().any(|v| v.get("suback").is_some()))
+        .await
+        .expect("subscribed through a");
+    // b learns the session from etcd: its subscription, its broker, the instance it is on.
+    let shared = common::blocking(|| {
+        eventually(5 * SECOND, "b shows the session a recorded", || {
+            b.json("/sessions").as_array().is_some_and(|v| {
+                v.iter().any(|s| {
+                    s["client_id"] == "paho-shared"
+                        && s["home"] == "broker1"
+                        && s["connected"] == true
+                        && s["subscriptions"][0]["filter"] == "shared/#"
+                })
+            })
+        })
+    });
+    let keys = etcd.keys("/meshgate/sessions/");
+    assert_eq!(keys, vec!["/meshgate/sessions/paho-shared".to_string()], "one record in etcd");
+
+    // a and broker1 die at once: the client's next broker (broker2) has never seen it.
+    common::blocking(|| {
+        a.kill();
+        net.broker("broker1").kill();
+    });
+    wait_until(10 * SECOND, || lines.lock().unwrap().iter().filter(|v| v.get("connack").is_some()).count() >= 2)
+        .await
+        .expect("reconnected through b");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (sent, publishing) = publisher(net.brokers[1].addr, "shared-pub", "shared/1", 50, stop.clone());
+    tokio::time::sleep(SECOND).await;
+    stop.cancel();
+    publishing.await.unwrap();
+    let acked = sent.lock().unwrap().acked.clone();
+    let all = wait_until(10 * SECOND, || {
+        let got: std::collections::HashSet<String> =
+            lines.lock().unwrap().iter().filter_map(|v| v["msg"].as_str().map(str::to_string)).collect();
+        acked.iter().all(|s| got.contains(&s.to_string()))
+    })
+    .await;
+    let l = lines.lock().unwrap();
+    let connacks: Vec<_> = l.iter().filter(|v| v.get("connack").is_some()).collect();
+    println!(
+        "shared session record: on b {} ms after a's SUBACK; after a and broker1 died: {connacks:?}; {} acknowledged messages",
+        shared.as_millis(),
+        acked.len()
+    );
+    assert_eq!(connacks[1]["address"], b.mqtt.to_string(), "the second connection went through b");
+    assert_eq!(connacks[1]["session_present"], true, "b restored the session on broker2 from the shared record");
+    assert!(!acked.is_empty() && all.is_some(), "every acknowledged message reached the subscriber");
+    let sessions = b.json("/sessions");
+    let s = sessions.as_array().unwrap().iter().find(|s| s["client_id"] == "paho-shared").unwrap();
+    assert_eq!(s["home"], "broker2", "{s}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_action_through_one_instance_applies_on_every_instance_and_outlives_it() {
     let (net, etcd) = setup();

@@ -213,13 +213,15 @@ impl Meshgate {
         let wiring = Arc::new(Wiring { durable: durable.clone(), coordination: std::sync::OnceLock::new() });
         let pool = Arc::new(Pool::with_hooks(&config, wiring.clone()));
         let coordination = match &config.coordination {
-            Some(c) => {
-                Some(coordination::Coordination::new(c, &pool, mqtt_addr, http_addr).map_err(Error::Coordination)?)
-            }
+            Some(c) => Some(
+                coordination::Coordination::new(c, &pool, &durable, mqtt_addr, http_addr)
+                    .map_err(Error::Coordination)?,
+            ),
             None => None,
         };
         if let Some(c) = &coordination {
             let _ = wiring.coordination.set(c.clone());
+            durable.share_with(c.clone());
         }
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();

@@ -142,12 +142,14 @@ impl Coordination {
             TxnOp::get(self.key("instances/"), Some(GetOptions::new().with_prefix())),
             TxnOp::get(self.key("admin/"), Some(GetOptions::new().with_prefix())),
             TxnOp::get(self.leader_key(), None),
+            TxnOp::get(self.key("sessions/"), Some(GetOptions::new().with_prefix())),
         ]);
         let state = timed("read state", c.txn(read)).await?;
         let revision = state.header().map_or(0, |h| h.revision());
         let at_start = self.first_session.swap(false, Ordering::Relaxed);
         let mut instances = std::collections::BTreeMap::new();
         let mut leader = None;
+        let mut sessions = Vec::new();
         for op in state.op_responses() {
             let TxnOpResponse::Get(g) = op else { continue };
             for kv in g.kvs() {
@@ -158,11 +160,14 @@ impl Coordination {
                     self.admin_seen(broker, kv.value_str().unwrap_or_default(), at_start);
                 } else if key == self.leader_key() {
                     leader = Some((kv.value_str().unwrap_or_default().to_string(), kv.lease()));
+                } else if let Some(id) = key.strip_prefix(&self.key("sessions/")) {
+                    sessions.push((id.to_string(), kv.mod_revision(), kv.value().to_vec()));
                 }
             }
         }
         self.metrics.instances.set(instances.len() as i64);
         *self.instances.lock() = instances;
+        self.sessions_read(sessions, at_start);
         let watch = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
         let mut events = timed("watch", c.watch(self.cfg.prefix.clone(), Some(watch))).await?;
 
@@ -214,7 +219,8 @@ impl Coordination {
                     }
                     for e in m.events() {
                         let Some(kv) = e.kv() else { continue };
-                        self.on_event(&mut c, lease, e.event_type(), kv.key_str().unwrap_or_default(), kv.value()).await?;
+                        let key = kv.key_str().unwrap_or_default();
+                        self.on_event(&mut c, lease, e.event_type(), key, kv.value(), kv.mod_revision()).await?;
                     }
                 }
                 n = queue.recv_many(&mut batch, BATCH) => {
@@ -267,12 +273,16 @@ impl Coordination {
         kind: EventType,
         key: &str,
         value: &[u8],
+        revision: i64,
     ) -> Result<(), String> {
         if let Some(name) = key.strip_prefix(&self.key("instances/")) {
             let changed = match kind {
                 EventType::Put => self.instance_of(key, value).map(|i| self.instances.lock().insert(i.name.clone(), i)),
                 EventType::Delete => Some(self.instances.lock().remove(name)),
             };
+            if kind == EventType::Delete && *self.leading.borrow() {
+                self.durable.adopt_from_gone_instances();
+            }
             let n = self.instances.lock().len();
             self.metrics.instances.set(n as i64);
             match (kind, changed) {
@@ -310,6 +320,12 @@ impl Coordination {
             if kind == EventType::Put {
                 self.admin_seen(broker, &String::from_utf8_lossy(value), false);
             }
+        } else if let Some(client_id) = key.strip_prefix(&self.key("sessions/")) {
+            let record = match kind {
+                EventType::Put => Some(value),
+                EventType::Delete => None,
+            };
+            self.session_seen(client_id, revision, record);
         } else if let Some(client_id) = key.strip_prefix(&self.key("clients/")) {
             if kind == EventType::Put {
                 if let Some((at, instance)) = parse_claim(&String::from_utf8_lossy(value)) {
@@ -327,12 +343,12 @@ impl Coordination {
         let mut admin = Vec::new();
         while let Ok(c) = queue.try_recv() {
             match c {
-                Claim::Admin { .. } => admin.push(c),
+                Claim::Admin { .. } | Claim::Session { .. } => admin.push(c),
                 _ => dropped += 1,
             }
         }
         self.queued.fetch_sub(dropped, Ordering::Relaxed);
-        // Admin actions are not the lease's: they stay queued, first.
+        // Admin actions and session records are not the lease's: they stay queued, first.
         for c in admin {
             let _ = self.claims.send(c);
         }
@@ -357,7 +373,8 @@ impl Coordination {
     /// Writes a batch of claims in one transaction (a nested one per client id).
     async fn write_claims(&self, c: &mut Client, lease: i64, batch: &[Claim]) -> Result<(), String> {
         let mut ops = Vec::new();
-        let mut owns = Vec::new();
+        // What each operation was, to read its answer.
+        let mut owns: Vec<Sent> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut rest = Vec::new();
         for claim in batch {
@@ -372,7 +389,27 @@ impl Coordination {
                     }
                     let value = format!("{} {}", super::admin_word(*state), self.me.name);
                     ops.push(TxnOp::put(key, value, None));
-                    owns.push(None);
+                    owns.push(Sent::Other);
+                    continue;
+                }
+                Claim::Session { client_id, record } => {
+                    let key = self.key(&format!("sessions/{client_id}"));
+                    if !seen.insert(key.clone()) {
+                        rest.push(claim.clone());
+                        continue;
+                    }
+                    let known = self.session_revs.lock().get(client_id).copied().unwrap_or(0);
+                    let write = match record {
+                        Some(r) => TxnOp::put(key.clone(), r.clone(), None),
+                        None => TxnOp::delete(key.clone(), None),
+                    };
+                    ops.push(TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, known)])
+                            .and_then([write])
+                            .or_else([TxnOp::get(key, None)]),
+                    ));
+                    owns.push(Sent::Session(claim.clone()));
                     continue;
                 }
             };
@@ -391,7 +428,7 @@ impl Coordination {
                         .and_then([TxnOp::get(key.clone(), None)])
                         .or_else([TxnOp::put(key, mine, Some(PutOptions::new().with_lease(lease)))]),
                 ));
-                owns.push(Some(id.clone()));
+                owns.push(Sent::Own(id.clone()));
             } else {
                 if self.still_connected(id, at) {
                     // The session moved between brokers: same connection, same claim.
@@ -403,13 +440,24 @@ impl Coordination {
                             .and_then([TxnOp::delete(key, None)]),
                     ));
                 }
-                owns.push(None);
+                owns.push(Sent::Other);
             }
         }
         if !ops.is_empty() {
             let r = timed("write client-id claims", c.txn(Txn::new().and_then(ops))).await?;
-            for (op, own) in r.op_responses().into_iter().zip(owns) {
-                let (TxnOpResponse::Txn(inner), Some(id)) = (op, own) else { continue };
+            let revision = r.header().map_or(0, |h| h.revision());
+            for (op, sent) in r.op_responses().into_iter().zip(owns) {
+                let TxnOpResponse::Txn(inner) = op else { continue };
+                let id = match sent {
+                    Sent::Own(id) => id,
+                    Sent::Session(claim) => {
+                        if let Some(again) = self.session_written(&claim, &inner, revision) {
+                            rest.push(again);
+                        }
+                        continue;
+                    }
+                    Sent::Other => continue,
+                };
                 if !inner.succeeded() {
                     continue;
                 }
@@ -430,4 +478,88 @@ impl Coordination {
         }
         Ok(())
     }
+
+    /// The answer to a conditional write of a session record. Written: its revision is noted
+    /// (the watch will echo it). Refused, because another instance wrote since: the record of
+    /// the instance the client is connected through wins, so this instance writes again over
+    /// what it now knows (returned, to go in the next transaction); otherwise it takes what
+    /// etcd holds.
+    fn session_written(&self, claim: &Claim, inner: &etcd_client::TxnResponse, revision: i64) -> Option<Claim> {
+        let Claim::Session { client_id, .. } = claim else { return None };
+        if inner.succeeded() {
+            self.session_revs.lock().insert(client_id.clone(), revision);
+            return None;
+        }
+        let current = inner.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| (kv.mod_revision(), kv.value().to_vec()))),
+            _ => None,
+        })?;
+        let theirs = current.as_ref().map_or(0, |(rev, _)| *rev);
+        self.session_revs.lock().insert(client_id.clone(), theirs);
+        if self.durable.owned_here(client_id) {
+            debug!(client_id, "session record changed through another instance meanwhile: this instance's wins");
+            return Some(claim.clone());
+        }
+        self.apply_session(client_id, current.as_ref().map(|(_, v)| v.as_slice()));
+        None
+    }
+
+    /// A session record on the watch: applied unless it is this instance's own write (or
+    /// older than what this instance already has).
+    fn session_seen(&self, client_id: &str, revision: i64, record: Option<&[u8]>) {
+        let mut revs = self.session_revs.lock();
+        match revs.get(client_id) {
+            Some(known) if *known >= revision => {
+                // Its own deletion, echoed: nothing to keep for the id any more.
+                if record.is_none() {
+                    revs.remove(client_id);
+                }
+                return;
+            }
+            _ => {}
+        }
+        revs.insert(client_id.to_string(), revision);
+        drop(revs);
+        self.apply_session(client_id, record);
+    }
+
+    fn apply_session(&self, client_id: &str, record: Option<&[u8]>) {
+        match record.map(serde_json::from_slice::<crate::durable::store::Record>) {
+            Some(Ok(r)) => self.durable.apply_shared(client_id, Some(r)),
+            Some(Err(e)) => warn!(client_id, "unreadable session record in etcd, ignored: {e}"),
+            None => self.durable.apply_shared(client_id, None),
+        }
+    }
+
+    /// The records etcd holds, read at the start of a session. At this process's start, a
+    /// record only this instance has (from its state file) is written to etcd; later, a record
+    /// etcd no longer holds ended elsewhere while this instance was away.
+    fn sessions_read(&self, sessions: Vec<(String, i64, Vec<u8>)>, at_start: bool) {
+        let mut held = std::collections::HashSet::new();
+        for (id, revision, value) in sessions {
+            held.insert(id.clone());
+            if self.durable.owned_here(&id) {
+                continue;
+            }
+            self.session_revs.lock().insert(id.clone(), revision);
+            self.apply_session(&id, Some(&value));
+        }
+        for id in self.durable.ids() {
+            if held.contains(&id) {
+                continue;
+            }
+            if at_start || self.durable.owned_here(&id) {
+                self.durable.share_again(&id);
+            } else {
+                self.durable.apply_shared(&id, None);
+            }
+        }
+    }
+}
+
+/// What one operation of a claims transaction was.
+enum Sent {
+    Own(String),
+    Session(Claim),
+    Other,
 }

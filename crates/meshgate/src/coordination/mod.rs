@@ -5,6 +5,14 @@
 //! - `instances/<name>`: the instance's addresses, version and start time;
 //! - `leader/replication`: the instance that runs replication, created only when absent (an
 //!   election under a lease, with etcd's own transactions);
+//! - `sessions/<client id>` (no lease): the persistent-session record (subscriptions, home
+//!   broker, generation, which instance the client is connected through), written by
+//!   transactions that compare the key's revision with the one this instance last saw. On a
+//!   conflict the instance the client is connected through wins; any other takes what etcd
+//!   holds. Each instance keeps a copy from the watch, so a client that comes back through
+//!   another instance finds its session; the work on a session (migration off a failed broker,
+//!   standby copies, wipes) runs on the instance the client is connected through, or on the
+//!   replication leader while it is connected nowhere;
 //! - `clients/<client id>`: the instance that holds the client's connection, as
 //!   `<connect time, unix ms, 20 digits> <instance>`. A later CONNECT through another instance
 //!   overwrites it, and the instance whose connection is older closes it as soon as its watch
@@ -32,6 +40,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinationConfig;
+use crate::durable::{store::Record, Durable};
 use crate::events::Severity;
 use crate::pool::{AdminState, Pool, Session, INSTANCE_TAKEOVER};
 
@@ -76,7 +85,7 @@ pub struct StatusView {
     pub leader: Option<String>,
     /// This instance runs replication now.
     pub leading: bool,
-    /// Client-id claims waiting to be written to etcd.
+    /// Writes waiting for etcd: client-id claims, session records, admin actions.
     pub claims_queued: u64,
 }
 
@@ -91,9 +100,23 @@ pub struct InstancesView {
 /// time), or an admin action on a broker.
 #[derive(Debug, Clone, PartialEq)]
 enum Claim {
-    Own { client_id: String, at_ms: u64 },
-    Release { client_id: String, at_ms: u64 },
-    Admin { broker: String, state: AdminState },
+    Own {
+        client_id: String,
+        at_ms: u64,
+    },
+    Release {
+        client_id: String,
+        at_ms: u64,
+    },
+    Admin {
+        broker: String,
+        state: AdminState,
+    },
+    /// A persistent session's record (JSON), or `None` when the session ended.
+    Session {
+        client_id: String,
+        record: Option<String>,
+    },
 }
 
 fn admin_word(state: AdminState) -> &'static str {
@@ -138,7 +161,10 @@ impl Metrics {
             up: gauge("meshgate_coordination_up", "1 while this instance's etcd session (its lease) is live"),
             leader: gauge("meshgate_coordination_leader", "1 while this instance leads replication"),
             instances: gauge("meshgate_coordination_instances", "Instances registered in etcd, as last seen"),
-            queued: gauge("meshgate_coordination_claims_queued", "Client-id claims waiting to be written to etcd"),
+            queued: gauge(
+                "meshgate_coordination_claims_queued",
+                "Writes waiting for etcd: client-id claims, session records, admin actions",
+            ),
             takeovers,
         }
     }
@@ -155,6 +181,10 @@ pub struct Coordination {
     cfg: CoordinationConfig,
     me: Instance,
     pool: Arc<Pool>,
+    durable: Arc<Durable>,
+    /// The revision of each `sessions/<id>` key as this instance last wrote or saw it: the
+    /// condition of its next write, and how its own writes are told apart on the watch.
+    session_revs: Mutex<std::collections::HashMap<String, i64>>,
     client: etcd_client::Client,
     lease: Mutex<LeaseState>,
     /// Wakes the fence when the lease was renewed or leadership changed.
@@ -196,6 +226,7 @@ impl Coordination {
     pub fn new(
         cfg: &CoordinationConfig,
         pool: &Arc<Pool>,
+        durable: &Arc<Durable>,
         mqtt: Option<std::net::SocketAddr>,
         http: Option<std::net::SocketAddr>,
     ) -> Result<Arc<Coordination>, String> {
@@ -214,6 +245,8 @@ impl Coordination {
             cfg: cfg.clone(),
             me,
             pool: pool.clone(),
+            durable: durable.clone(),
+            session_revs: Mutex::default(),
             client,
             lease: Mutex::new(LeaseState { id: None, valid_until: Instant::now() }),
             renewed: Notify::new(),
@@ -254,6 +287,9 @@ impl Coordination {
         self.metrics.leader.set(i64::from(on));
         if was != on {
             self.renewed.notify_one();
+            if on {
+                self.durable.adopt_from_gone_instances();
+            }
             let (severity, what) = match on {
                 true => (Severity::Info, format!("instance {} leads replication", self.me.name)),
                 false => (Severity::Warn, format!("instance {} stopped leading replication: {why}", self.me.name)),
@@ -414,6 +450,26 @@ impl Coordination {
     /// that moved between brokers is the same connection under a new registration).
     fn still_connected(&self, client_id: &str, at_ms: u64) -> bool {
         self.pool.sessions_of(client_id).iter().any(|s| connect_ms(s) == at_ms && !s.is_closing())
+    }
+}
+
+/// The persistent-session record, shared through etcd.
+impl crate::durable::Share for Coordination {
+    fn instance(&self) -> &str {
+        &self.me.name
+    }
+
+    fn changed(&self, client_id: &str, record: Option<&Record>) {
+        let record = record.map(|r| serde_json::to_string(r).expect("session record serializes"));
+        self.queue(Claim::Session { client_id: client_id.to_string(), record });
+    }
+
+    fn leads(&self) -> bool {
+        *self.leading.borrow()
+    }
+
+    fn alive(&self, instance: &str) -> bool {
+        instance == self.me.name || self.instances.lock().contains_key(instance)
     }
 }
 

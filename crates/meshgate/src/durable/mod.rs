@@ -69,6 +69,20 @@ pub struct Placement {
 
 type Locks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
+/// Where the record is shared with other instances (`coordination`, through etcd): every
+/// change of a session goes out, and the background work on a session runs on one instance
+/// only. Without it (one instance) the record is this process's alone.
+pub trait Share: Send + Sync {
+    /// This instance's name, kept in the records of the sessions connected through it.
+    fn instance(&self) -> &str;
+    /// A session's record changed (`None`: it ended). Queued, never waited on.
+    fn changed(&self, client_id: &str, record: Option<&Record>);
+    /// This instance leads replication, and with it the work on sessions nobody is connected to.
+    fn leads(&self) -> bool;
+    /// The instance is registered (alive) as far as this instance knows.
+    fn alive(&self, instance: &str) -> bool;
+}
+
 /// A client id's turn; the last one out removes the id's lock, so the map holds only ids
 /// someone is working on.
 pub struct Turn {
@@ -126,6 +140,7 @@ pub struct Durable {
     held: tokio::sync::watch::Sender<bool>,
     /// Counts holds, so a pass that began before a hold does not release it.
     hold_gen: AtomicU64,
+    share: std::sync::OnceLock<Arc<dyn Share>>,
 }
 
 impl Durable {
@@ -155,6 +170,96 @@ impl Durable {
             wake: tokio::sync::Notify::new(),
             held: tokio::sync::watch::Sender::new(false),
             hold_gen: AtomicU64::new(0),
+            share: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Shares the record with other instances from now on (set once, at start).
+    pub fn share_with(&self, share: Arc<dyn Share>) {
+        let _ = self.share.set(share);
+    }
+
+    /// Whether this instance does the background work (restore aside, which is the client's
+    /// own) on a session: with one instance, always; with several, the instance the client is
+    /// connected through, or the leader when the client is connected nowhere (or through an
+    /// instance that is gone).
+    fn works_on(&self, rec: &Record) -> bool {
+        let Some(share) = self.share.get() else { return true };
+        match (&rec.instance, rec.connected) {
+            (Some(i), true) if share.alive(i) => i == share.instance(),
+            _ => share.leads(),
+        }
+    }
+
+    /// A session's record as another instance wrote it (`None`: ended there). A session
+    /// connected through this instance keeps this instance's record: it is the one that sees
+    /// the client's packets, and its write wins.
+    pub fn apply_shared(&self, client_id: &str, rec: Option<Record>) {
+        let mine = self.share.get().map(|s| s.instance().to_string());
+        let mut store = self.store.lock();
+        if let Some(cur) = store.sessions.get(client_id) {
+            if cur.connected && cur.instance.is_some() && cur.instance == mine {
+                return;
+            }
+        }
+        match rec {
+            Some(r) => {
+                store.put(client_id, r, self.cfg.max_sessions);
+            }
+            None => {
+                // The instance that ended it took care of its copies.
+                if store.sessions.remove(client_id).is_some() {
+                    drop(store);
+                    self.connects.lock().remove(client_id);
+                }
+            }
+        }
+        self.dirty.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Whether this instance's record of the session is the one that counts (the client is
+    /// connected through this instance).
+    pub fn owned_here(&self, client_id: &str) -> bool {
+        let Some(share) = self.share.get() else { return true };
+        self.store
+            .lock()
+            .sessions
+            .get(client_id)
+            .is_some_and(|r| r.connected && r.instance.as_deref() == Some(share.instance()))
+    }
+
+    /// Every session with its record, to write them all again (a record read from the state
+    /// file that etcd lacks).
+    pub fn ids(&self) -> Vec<String> {
+        self.store.lock().sessions.keys().cloned().collect()
+    }
+
+    /// Shares a session's record again as it is here (etcd lacks it).
+    pub fn share_again(&self, client_id: &str) {
+        if let Some(share) = self.share.get() {
+            let rec = self.store.lock().sessions.get(client_id).cloned();
+            share.changed(client_id, rec.as_ref());
+        }
+    }
+
+    /// The leader takes over the sessions whose instance is gone: they count as disconnected
+    /// from now, so they expire, and migrate when their broker fails.
+    pub fn adopt_from_gone_instances(&self) {
+        let Some(share) = self.share.get() else { return };
+        let now = now_ms();
+        let mut ids = Vec::new();
+        let mut store = self.store.lock();
+        for (id, r) in store.sessions.iter_mut() {
+            if r.connected && r.instance.as_deref().is_some_and(|i| i != share.instance() && !share.alive(i)) {
+                r.connected = false;
+                r.last_seen_ms = now;
+                ids.push(id.clone());
+            }
+        }
+        drop(store);
+        for id in ids {
+            self.changed(&id);
         }
     }
 
@@ -236,9 +341,20 @@ impl Durable {
         tokio::time::timeout(OP_LIMIT, self.lock(client_id)).await.ok()
     }
 
-    fn changed(&self) {
+    /// What only this instance keeps changed (the copies left to wipe).
+    fn local_changed(&self) {
         self.dirty.store(true, Ordering::Relaxed);
         self.wake.notify_one();
+    }
+
+    /// A session's record changed: saved by the next pass, shared at once.
+    fn changed(&self, client_id: &str) {
+        self.dirty.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+        if let Some(share) = self.share.get() {
+            let rec = self.store.lock().sessions.get(client_id).cloned();
+            share.changed(client_id, rec.as_ref());
+        }
     }
 
     /// meshgate keeps a session of this client id, or a copy of one to wipe.
@@ -299,7 +415,7 @@ impl Durable {
             if store.remove(client_id, Some(broker), self.cfg.max_sessions).is_some() {
                 drop(store);
                 self.connects.lock().remove(client_id);
-                self.changed();
+                self.changed(client_id);
             }
         } else if clean {
             if let Some(r) = store.sessions.get_mut(client_id) {
@@ -307,7 +423,7 @@ impl Durable {
                 r.incomplete = false;
                 r.generation += 1;
                 drop(store);
-                self.changed();
+                self.changed(client_id);
             }
         }
     }
@@ -341,6 +457,7 @@ impl Durable {
         rec.expiry_secs = expiry;
         rec.connected = true;
         rec.last_seen_ms = now;
+        rec.instance = self.share.get().map(|s| s.instance().to_string());
         // Copies of an earlier, ended session of this id are this session's outdated copies now.
         let orphans: Vec<String> =
             store.orphans.iter().filter(|o| o.client_id == connect.client_id).map(|o| o.broker.clone()).collect();
@@ -365,7 +482,7 @@ impl Durable {
         }
         connects.insert(connect.client_id.clone(), packet.to_vec());
         drop(connects);
-        self.changed();
+        self.changed(&connect.client_id);
     }
 
     /// A connection of this persistent client id is registered (and so counts as connected).
@@ -382,7 +499,7 @@ impl Durable {
             r.connected = false;
             r.last_seen_ms = now_ms();
             drop(store);
-            self.changed();
+            self.changed(client_id);
         }
     }
 
@@ -401,7 +518,7 @@ impl Durable {
         }
         r.generation += 1;
         drop(store);
-        self.changed();
+        self.changed(client_id);
     }
 
     pub(crate) fn remove(&self, client_id: &str, filters: &[String]) {
@@ -412,7 +529,7 @@ impl Durable {
         }
         r.generation += 1;
         drop(store);
-        self.changed();
+        self.changed(client_id);
     }
 
     /// The client ended its session (MQTT 5 DISCONNECT with session expiry 0) on `broker`,
@@ -421,7 +538,7 @@ impl Durable {
         let removed = self.store.lock().remove(client_id, Some(broker), self.cfg.max_sessions).is_some();
         if removed {
             self.connects.lock().remove(client_id);
-            self.changed();
+            self.changed(client_id);
         }
     }
 
@@ -429,7 +546,7 @@ impl Durable {
         if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.incomplete = true;
         }
-        self.changed();
+        self.changed(client_id);
     }
 
     /// Serialised under the lock, written outside it on a blocking thread, so a large record
@@ -454,10 +571,28 @@ impl Durable {
     /// Forgets expired sessions (and what meshgate held for them); returns how many.
     fn expire(&self) -> usize {
         let mut store = self.store.lock();
-        let n = store.expire(now_ms());
+        let now = now_ms();
+        // Every instance expires its copy on the same clock; the one that works on a session
+        // removes it from the shared record.
+        let shared: Vec<String> = match self.share.get() {
+            Some(_) => store
+                .sessions
+                .iter()
+                .filter(|(_, r)| r.expired(now) && self.works_on(r))
+                .map(|(id, _)| id.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        let n = store.expire(now);
         if n > 0 {
             self.connects.lock().retain(|id, _| store.sessions.contains_key(id));
             self.dirty.store(true, Ordering::Relaxed);
+        }
+        drop(store);
+        if let Some(share) = self.share.get() {
+            for id in shared {
+                share.changed(&id, None);
+            }
         }
         // Turns whose waiter gave up (a cancelled `lock`) leave an entry nobody holds.
         self.locks.lock().retain(|_, m| Arc::strong_count(m) > 1);
@@ -466,9 +601,15 @@ impl Durable {
 
     /// Only the records `pick` accepts are copied: with many sessions, a pass that finds
     /// nothing to do costs a walk over the map and no allocation.
+    /// Only sessions this instance works on (`works_on`) are offered.
     fn select(&self, pick: impl Fn(&str, &Record) -> bool) -> Vec<(String, Record)> {
         let store = self.store.lock();
-        store.sessions.iter().filter(|(id, r)| pick(id, r)).map(|(id, r)| (id.clone(), r.clone())).collect()
+        store
+            .sessions
+            .iter()
+            .filter(|(id, r)| pick(id, r) && self.works_on(r))
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect()
     }
 
     fn orphans(&self, pick: impl Fn(&Orphan) -> bool) -> Vec<Orphan> {
@@ -495,7 +636,7 @@ impl Durable {
                 r.mark_stale(&old);
             }
         }
-        self.changed();
+        self.changed(client_id);
     }
 
     /// A standby copy made on `standby` from the subscriptions of `generation`.
@@ -507,7 +648,7 @@ impl Durable {
             }
             r.standby_generation = generation;
         }
-        self.changed();
+        self.changed(client_id);
     }
 
     /// The standby copy is not what it should be (its broker lost it): make it again.
@@ -515,14 +656,14 @@ impl Durable {
         if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.standby_generation = u64::MAX;
         }
-        self.changed();
+        self.changed(client_id);
     }
 
     fn copy_wiped(&self, client_id: &str, broker: &str) {
         if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
             r.stale_copies.retain(|b| b != broker);
         }
-        self.changed();
+        self.changed(client_id);
     }
 
     fn orphan_listed(&self, orphan: &Orphan) -> bool {
@@ -532,7 +673,7 @@ impl Durable {
 
     fn orphan_done(&self, orphan: &Orphan) {
         self.store.lock().orphans.retain(|o| o != orphan);
-        self.changed();
+        self.local_changed();
     }
 }
 
@@ -590,6 +731,63 @@ mod tests {
         assert!(store.orphans.is_empty());
         assert_eq!(store.sessions["c"].stale_copies, vec!["b1".to_string()]);
         assert_eq!(store.sessions["c"].home.as_deref(), Some("b2"));
+    }
+
+    /// Another instance's view, as `coordination` gives it.
+    struct Peer {
+        leads: AtomicBool,
+        shared: Mutex<Vec<(String, bool)>>,
+    }
+
+    impl Share for Peer {
+        fn instance(&self) -> &str {
+            "a"
+        }
+        fn changed(&self, client_id: &str, record: Option<&Record>) {
+            self.shared.lock().push((client_id.to_string(), record.is_some()));
+        }
+        fn leads(&self) -> bool {
+            self.leads.load(Ordering::SeqCst)
+        }
+        fn alive(&self, instance: &str) -> bool {
+            instance != "gone"
+        }
+    }
+
+    #[test]
+    fn shared_records_are_worked_on_by_one_instance_and_a_connected_clients_record_stays_its_own() {
+        let d = durable();
+        let peer = Arc::new(Peer { leads: AtomicBool::new(false), shared: Mutex::default() });
+        d.share_with(peer.clone());
+        d.on_established(&connect(4, "here"), &[], "b1");
+        assert_eq!(d.record("here").unwrap().instance.as_deref(), Some("a"));
+        assert_eq!(peer.shared.lock().last(), Some(&("here".to_string(), true)), "every change goes out");
+        // Another instance's write does not replace the record of a client connected here.
+        let mut theirs = Record::new(4, None, 60, 0);
+        theirs.instance = Some("b".into());
+        theirs.connected = true;
+        d.apply_shared("here", Some(theirs.clone()));
+        assert_eq!(d.record("here").unwrap().instance.as_deref(), Some("a"));
+        assert!(d.owned_here("here"));
+        // A client connected through b: b works on it, not this instance, leader or not.
+        d.apply_shared("there", Some(theirs.clone()));
+        assert!(!d.owned_here("there"));
+        peer.leads.store(true, Ordering::SeqCst);
+        assert!(d.select(|id, _| id == "there").is_empty());
+        // Connected nowhere (or through an instance that is gone): the leader's.
+        let mut gone = theirs.clone();
+        gone.instance = Some("gone".into());
+        d.apply_shared("orphaned", Some(gone));
+        assert_eq!(d.select(|id, _| id == "orphaned").len(), 1);
+        peer.leads.store(false, Ordering::SeqCst);
+        assert!(d.select(|id, _| id == "orphaned").is_empty());
+        // The leader counts it as disconnected from now, so it expires.
+        peer.leads.store(true, Ordering::SeqCst);
+        d.adopt_from_gone_instances();
+        assert!(!d.record("orphaned").unwrap().connected);
+        // Ended elsewhere: gone here too, with no copies left to wipe (the other instance's job).
+        d.apply_shared("there", None);
+        assert!(d.record("there").is_none() && d.store.lock().orphans.is_empty());
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct Record {
     /// A client connection with this id is open through meshgate.
     #[serde(default)]
     pub connected: bool,
+    /// With several instances (`[coordination]`): the instance the client last connected
+    /// through, which does the work on the session while the client is connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// Unix milliseconds of the last connect or disconnect.
     pub last_seen_ms: u64,
     /// Some subscription could not be recorded (too many, or a SUBSCRIBE too large to read):
@@ -67,6 +71,7 @@ impl Record {
             stale_copies: Vec::new(),
             expiry_secs,
             connected: false,
+            instance: None,
             last_seen_ms: now_ms,
             incomplete: false,
         }
