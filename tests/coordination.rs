@@ -78,6 +78,17 @@ impl Instance {
         }
     }
 
+    /// SIGTERM, as an operator stops it; waits for the process to exit.
+    fn terminate(&mut self) {
+        let Some(mut c) = self.child.take() else { return };
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + 10 * SECOND;
+        while c.try_wait().ok().flatten().is_none() {
+            assert!(Instant::now() < deadline, "{} did not exit within 10 s of SIGTERM:\n{}", self.name, self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }
@@ -522,6 +533,93 @@ async fn a_persistent_session_survives_its_instance_and_its_broker_through_the_s
     let sessions = b.json("/sessions");
     let s = sessions.as_array().unwrap().iter().find(|s| s["client_id"] == "paho-shared").unwrap();
     assert_eq!(s["home"], "broker2", "{s}");
+}
+
+/// Publishes one retained QoS 1 message on a broker directly (an empty payload deletes).
+async fn retain(addr: SocketAddr, topic: &str, payload: &str) {
+    let (mut s, connack) = mqtt::connect(addr, 4, "retainer", 5 * SECOND).await.expect("connects");
+    assert_eq!(connack.code, 0);
+    s.write_all(&mqtt::publish_packet(topic, payload.as_bytes(), 1, 1, true)).await.unwrap();
+    let (first, _) = mqtt::read_packet(&mut s, 5 * SECOND).await.expect("PUBACK");
+    assert_eq!(first, 0x40);
+}
+
+/// The retained message a broker holds for `topic`, read directly: Mosquitto sends it right
+/// behind the SUBACK, in the same write.
+async fn retained_on(addr: SocketAddr, topic: &str) -> Option<Vec<u8>> {
+    let (mut s, _) = mqtt::connect(addr, 4, "retained-reader", 5 * SECOND).await.expect("connects");
+    s.write_all(&mqtt::subscribe_packet(1, topic, 0)).await.unwrap();
+    let (first, _) = mqtt::read_packet(&mut s, 5 * SECOND).await.expect("SUBACK");
+    assert_eq!(first, 0x90);
+    match mqtt::read_packet(&mut s, Duration::from_millis(300)).await {
+        Ok((first, body)) if first & 0xF0 == 0x30 => mqtt::parse_publish(first, &body).map(|p| p.payload),
+        _ => None,
+    }
+}
+
+/// A leader stopped by its operator hands its retained record (tombstones included) to the
+/// next: a broker that was away while a retained message was deleted gets the deletion when it
+/// returns, instead of spreading the deleted value to every broker again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_hands_its_retained_record_to_the_next_and_a_deletion_survives() {
+    let (mut net, etcd) = setup();
+    let (mut a, b) = common::blocking(|| two_instances(&net, &etcd));
+    let topic = "keep/t";
+    retain(net.brokers[0].addr, topic, "v1").await;
+    let b3 = net.brokers[2].addr;
+    let mut copied = false;
+    for _ in 0..50 {
+        if retained_on(b3, topic).await.as_deref() == Some(&b"v1"[..]) {
+            copied = true;
+            break;
+        }
+    }
+    assert!(copied, "v1 reached broker3");
+    // broker3 hangs (keeping v1); the deletion reaches the others only.
+    common::blocking(|| net.broker("broker3").hang());
+    common::blocking(|| {
+        eventually(5 * SECOND, "a sees broker3 down", || {
+            a.json("/brokers")
+                .as_array()
+                .is_some_and(|v| v.iter().any(|x| x["name"] == "broker3" && x["probe_up"] == false))
+        })
+    });
+    retain(net.brokers[0].addr, topic, "").await;
+    let mut deleted = false;
+    for _ in 0..50 {
+        if retained_on(net.brokers[1].addr, topic).await.is_none() {
+            deleted = true;
+            break;
+        }
+    }
+    assert!(deleted, "the deletion reached broker2");
+    // a is stopped as an operator would; b leads from a's record.
+    common::blocking(|| a.terminate());
+    common::blocking(|| {
+        eventually(5 * SECOND, "b leads", || b.leading());
+        net.broker("broker3").resume();
+        eventually(15 * SECOND, "b repaired broker3", || {
+            get(b.http, "/metrics").unwrap_or_default().lines().any(|l| {
+                l.starts_with("meshgate_replication_retained_repairs_total")
+                    && l.contains("broker=\"broker3\"")
+                    && l.contains("delete")
+                    && !l.ends_with(" 0")
+            })
+        });
+    });
+    let held: Vec<Option<Vec<u8>>> = retained_everywhere(&net, topic).await;
+    println!("after a handed over and broker3 returned, retained {topic} per broker: {held:?}");
+    assert!(held.iter().all(Option::is_none), "the deleted value came back: {held:?}\n{}", b.log());
+    assert!(etcd.keys("/meshgate/replication/").is_empty(), "b took the record a handed over");
+}
+
+/// Each broker's retained message for `topic`, in broker order.
+async fn retained_everywhere(net: &Net, topic: &str) -> Vec<Option<Vec<u8>>> {
+    let mut v = Vec::new();
+    for br in &net.brokers {
+        v.push(retained_on(br.addr, topic).await);
+    }
+    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,10 +258,13 @@ impl Meshgate {
         if let Some(c) = &coordination {
             c.spawn(&tracker, &stop);
         }
-        let leading = coordination.as_ref().map(|c| c.leading());
+        let terms = coordination.as_ref().map(|c| replication::Terms {
+            leading: c.leading(),
+            hand_over: c.clone() as Arc<dyn replication::HandOver>,
+        });
         let replication = parts
             .replication
-            .then(|| replication::Replication::start(&config, &pool, &upstream, &tracker, &stop, leading));
+            .then(|| replication::Replication::start(&config, &pool, &upstream, &tracker, &stop, terms));
         if let Some(listener) = http {
             let app = http::router(http::AppState {
                 pool: pool.clone(),

@@ -18,6 +18,12 @@ use crate::config::CoordinationConfig;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// Claims written in one transaction (etcd's default limit is 128 operations).
 const BATCH: usize = 64;
+/// How long shutting down waits for a replication term to end and hand its record over.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(3);
+/// A retained record larger than this is not handed over (etcd refuses requests over 1.5 MiB
+/// by default): the next leader starts from the brokers' state.
+const HAND_OVER_MAX: usize = 1024 * 1024;
+
 /// Pause between attempts to reach etcd again.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -84,6 +90,8 @@ impl Coordination {
     /// once instead of after `lease_ttl` (this instance's keys go with it).
     async fn resign(&self) {
         self.set_leading(false, "shutting down");
+        let mut term = self.term_open.subscribe();
+        let _ = tokio::time::timeout(HAND_OVER_WAIT, term.wait_for(|open| !*open)).await;
         let id = self.lease.lock().id.take();
         if let Some(id) = id {
             let mut c = self.client.clone();
@@ -562,4 +570,66 @@ enum Sent {
     Own(String),
     Session(Claim),
     Other,
+}
+
+/// The retained record between replication terms, under `replication/retained`.
+impl crate::replication::HandOver for Coordination {
+    fn take(&self) -> futures_util::future::BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            self.term_open.send_replace(true);
+            let key = self.key("replication/retained");
+            // Only while the leader key is this instance's: read and removed at once.
+            let txn = Txn::new()
+                .when([Compare::value(self.leader_key(), CompareOp::Equal, self.me.name.clone())])
+                .and_then([TxnOp::get(key.clone(), None), TxnOp::delete(key, None)]);
+            let mut c = self.client.clone();
+            let r = match timed("take the retained record", c.txn(txn)).await {
+                Ok(r) if r.succeeded() => r,
+                Ok(_) => return None,
+                Err(e) => {
+                    warn!("{e}: replication starts from the brokers' retained state");
+                    return None;
+                }
+            };
+            r.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(g) => {
+                    let kv = g.kvs().first()?;
+                    let handed: HandedOver = serde_json::from_slice(kv.value()).ok()?;
+                    debug!(by = %handed.by, "retained record handed over");
+                    Some(handed.record)
+                }
+                _ => None,
+            })
+        })
+    }
+
+    fn hand_over(&self, record: String) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if record.len() > HAND_OVER_MAX {
+                warn!(
+                    bytes = record.len(),
+                    "retained record too large to hand over through etcd: the next leader starts from the brokers' state"
+                );
+            } else {
+                let value = serde_json::to_string(&HandedOver { by: self.me.name.clone(), record })
+                    .expect("hand-over serializes");
+                let txn = Txn::new()
+                    .when([Compare::value(self.leader_key(), CompareOp::Equal, self.me.name.clone())])
+                    .and_then([TxnOp::put(self.key("replication/retained"), value, None)]);
+                let mut c = self.client.clone();
+                match timed("hand over the retained record", c.txn(txn)).await {
+                    Ok(r) if r.succeeded() => debug!("retained record handed over to the next leader"),
+                    Ok(_) => debug!("another instance leads already: its term started from the brokers' state"),
+                    Err(e) => warn!("{e}: the next leader starts from the brokers' retained state"),
+                }
+            }
+            self.term_open.send_replace(false);
+        })
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HandedOver {
+    by: String,
+    record: String,
 }

@@ -13,6 +13,9 @@
 //!   another instance finds its session; the work on a session (migration off a failed broker,
 //!   standby copies, wipes) runs on the instance the client is connected through, or on the
 //!   replication leader while it is connected nowhere;
+//! - `replication/retained` (no lease): the retained record a leader hands to the next one when
+//!   its term ends cleanly, written only while the leader key is still its own, and taken
+//!   (deleted) by the next leader as its term starts;
 //! - `clients/<client id>`: the instance that holds the client's connection, as
 //!   `<connect time, unix ms, 20 digits> <instance>`. A later CONNECT through another instance
 //!   overwrites it, and the instance whose connection is older closes it as soon as its watch
@@ -194,6 +197,9 @@ pub struct Coordination {
     instances: Mutex<BTreeMap<String, Instance>>,
     leader: Mutex<Option<String>>,
     leading: watch::Sender<bool>,
+    /// A replication term runs here: shutting down waits (briefly) for its record to be
+    /// handed over before the lease, and the leader key with it, is given back.
+    term_open: watch::Sender<bool>,
     claims: mpsc::UnboundedSender<Claim>,
     queue: Mutex<Option<mpsc::UnboundedReceiver<Claim>>>,
     queued: AtomicU64,
@@ -254,6 +260,7 @@ impl Coordination {
             instances: Mutex::new(BTreeMap::new()),
             leader: Mutex::new(None),
             leading: watch::channel(false).0,
+            term_open: watch::channel(false).0,
             claims,
             queue: Mutex::new(Some(queue)),
             queued: AtomicU64::new(0),

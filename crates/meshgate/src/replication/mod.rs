@@ -44,6 +44,25 @@ use crate::upstream::client::RawClient;
 use crate::upstream::Upstream;
 use retained::{Action, Store, Value};
 
+/// How a term's retained record passes from one leader to the next (`coordination`, through
+/// etcd). A record is only worth handing over whole: one that missed the last changes before
+/// its leader died would set brokers back to older values, so a leader hands its record over
+/// when its term ends cleanly, and the next term starts from it only if it was handed over.
+pub trait HandOver: Send + Sync {
+    /// At a term's start: the record the previous leader handed over, if it ended its term
+    /// cleanly (taken, so a later leader cannot start from it again).
+    fn take(&self) -> futures_util::future::BoxFuture<'_, Option<String>>;
+    /// At a term's end: this leader's record, for the next one.
+    fn hand_over(&self, record: String) -> futures_util::future::BoxFuture<'_, ()>;
+}
+
+/// Whether replication runs in terms while this instance leads (`[coordination]`), and how
+/// the retained record passes between terms.
+pub struct Terms {
+    pub leading: watch::Receiver<bool>,
+    pub hand_over: Arc<dyn HandOver>,
+}
+
 /// The user property that marks a copy and names its origin broker.
 pub const ORIGIN: &str = "meshgate-origin";
 /// Topic prefix of the lag probes; these are replicated like any message, on purpose.
@@ -417,14 +436,14 @@ impl Replication {
         upstream: &Arc<Upstream>,
         tracker: &TaskTracker,
         stop: &CancellationToken,
-        leading: Option<watch::Receiver<bool>>,
+        terms: Option<Terms>,
     ) -> Arc<Replication> {
-        let repl = Replication::new(config, pool, upstream, leading.is_some());
+        let repl = Replication::new(config, pool, upstream, terms.is_some());
         tracker.spawn(repl.clone().saver(stop.clone()));
-        match leading {
+        match terms {
             None => repl.start_term(tracker, stop),
-            Some(leading) => {
-                tracker.spawn(repl.clone().follow(leading, stop.clone()));
+            Some(terms) => {
+                tracker.spawn(repl.clone().follow(terms, stop.clone()));
             }
         }
         repl
@@ -432,13 +451,6 @@ impl Replication {
 
     /// Every link, the lag probes: one term of replication, until `stop`.
     fn start_term(self: &Arc<Self>, tracker: &TaskTracker, stop: &CancellationToken) {
-        if self.persistent {
-            // Another instance may have led since this one's record was written: its values
-            // and tombstones may be older than the brokers'. The brokers' state is the truth a
-            // new term starts from (the record is not shared between instances yet).
-            *self.store.lock() = Store::default();
-            self.dirty.store(true, Ordering::Relaxed);
-        }
         let (links, loops) = self.build_links();
         self.links.store(links.clone());
         for (i, eventloop) in loops.into_iter().enumerate() {
@@ -452,7 +464,8 @@ impl Replication {
 
     /// Runs a term while this instance leads; a term ends (every link closed) before the
     /// leadership could pass to another instance.
-    async fn follow(self: Arc<Self>, mut leading: watch::Receiver<bool>, stop: CancellationToken) {
+    async fn follow(self: Arc<Self>, terms: Terms, stop: CancellationToken) {
+        let Terms { mut leading, hand_over } = terms;
         loop {
             while !*leading.borrow_and_update() {
                 tokio::select! {
@@ -460,6 +473,7 @@ impl Replication {
                     r = leading.changed() => if r.is_err() { return },
                 }
             }
+            self.take_record(&*hand_over).await;
             let term = stop.child_token();
             let tasks = TaskTracker::new();
             self.start_term(&tasks, &term);
@@ -473,11 +487,36 @@ impl Replication {
             tasks.close();
             tasks.wait().await;
             self.end_term();
+            let record = serde_json::to_string(&*self.store.lock()).expect("retained record serializes");
+            hand_over.hand_over(record).await;
             info!("replication stopped: this instance no longer leads it");
             if stop.is_cancelled() {
                 return;
             }
         }
+    }
+
+    /// A term starts from the record the previous leader handed over; without one (the
+    /// previous leader died, or this is the first term) from the brokers' own retained state,
+    /// since another instance may have led since this one's record was written.
+    async fn take_record(&self, hand_over: &dyn HandOver) {
+        let taken = hand_over.take().await;
+        let store = match taken.as_deref().map(serde_json::from_str::<Store>) {
+            Some(Ok(store)) => {
+                info!(
+                    topics = store.entries.len(),
+                    "replication starts from the retained record the previous leader handed over"
+                );
+                store
+            }
+            Some(Err(e)) => {
+                warn!("the retained record handed over is unreadable, starting from the brokers' state: {e}");
+                Store::default()
+            }
+            None => Store::default(),
+        };
+        *self.store.lock() = store;
+        self.dirty.store(true, Ordering::Relaxed);
     }
 
     /// After a term: no link left, nothing held (what was not acknowledged is delivered to the
