@@ -6,6 +6,7 @@ pub mod etcd;
 pub mod mqtt;
 pub mod paho;
 pub mod slot;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -192,13 +192,22 @@ impl Meshgate {
             false => None,
         };
         // Certificates are checked before anything runs, so a bad file is one clear error.
-        let acceptor = match (&config.listen.mqtts, parts.proxy) {
-            (Some(_), true) => Some(transport::tls::acceptor(&config.tls)?),
+        let tls_listener = config.listen.mqtts.is_some() || config.listen.wss.is_some();
+        let acceptor = match (tls_listener, parts.proxy) {
+            (true, true) => Some(transport::tls::acceptor(&config.tls)?),
             _ => None,
         };
         let upstream = Arc::new(Upstream::new(&config)?);
         let mqtts = match (&config.listen.mqtts, parts.proxy) {
             (Some(addr), true) => Some(bind("MQTT over TLS", addr).await?),
+            _ => None,
+        };
+        let ws = match (&config.listen.ws, parts.proxy) {
+            (Some(addr), true) => Some(bind("MQTT over WebSockets", addr).await?),
+            _ => None,
+        };
+        let wss = match (&config.listen.wss, parts.proxy) {
+            (Some(addr), true) => Some(bind("MQTT over secure WebSockets", addr).await?),
             _ => None,
         };
         let http = match &config.listen.http {
@@ -239,6 +248,7 @@ impl Meshgate {
             // With several instances the links are the leader's, not visible here: a switch
             // does not wait for them.
             config.replication.enabled && coordination.is_none(),
+            config.listen.clone(),
         ));
         proxy.acceptor.store(acceptor.map(Arc::new));
         proxy.init_metrics();
@@ -247,10 +257,19 @@ impl Meshgate {
         health::spawn_checkers(&pool, &upstream, &config.health, &tracker, &checkers);
         if let Some(mqtt) = mqtt {
             tracker.spawn(proxy::rebalance_loop(pool.clone(), stop.clone()));
-            tracker.spawn(proxy::accept_loop(mqtt, proxy.clone(), tracker.clone(), stop.clone(), false));
+            tracker.spawn(proxy::accept_loop(
+                mqtt,
+                proxy.clone(),
+                tracker.clone(),
+                stop.clone(),
+                proxy::Listener::Mqtt,
+            ));
         }
-        if let Some(mqtts) = mqtts {
-            tracker.spawn(proxy::accept_loop(mqtts, proxy.clone(), tracker.clone(), stop.clone(), true));
+        let others = [(mqtts, proxy::Listener::Mqtts), (ws, proxy::Listener::Ws), (wss, proxy::Listener::Wss)];
+        for (listener, kind) in others {
+            if let Some(l) = listener {
+                tracker.spawn(proxy::accept_loop(l, proxy.clone(), tracker.clone(), stop.clone(), kind));
+            }
         }
         if parts.proxy {
             tracker.spawn(durable::maintain(pool.clone(), durable.clone(), upstream.clone(), stop.clone()));
@@ -363,8 +382,8 @@ impl Meshgate {
     /// cannot be used refuses the whole reload: the running configuration stays.
     pub fn reload(&self, new: Config) -> Result<(), String> {
         let _one_at_a_time = self.reloading.lock();
-        let acceptor = match &new.listen.mqtts {
-            Some(_) if self.proxy.acceptor.load().is_some() => {
+        let acceptor = match new.listen.mqtts.is_some() || new.listen.wss.is_some() {
+            true if self.proxy.acceptor.load().is_some() => {
                 Some(transport::tls::acceptor(&new.tls).map_err(|e| e.to_string())?)
             }
             _ => None,

@@ -121,7 +121,18 @@ pub struct Listen {
     pub mqtts: Option<String>,
     /// Where the HTTP API, metrics and dashboard are served; `None` turns it off.
     pub http: Option<String>,
+    /// Where MQTT clients connect over WebSockets (conventionally port 8083 or 9001).
+    pub ws: Option<String>,
+    /// The same over TLS (wss://, conventionally 8084 or 443); needs [tls] cert and key.
+    pub wss: Option<String>,
+    /// The HTTP path of the WebSocket upgrade (MQTT.js and paho ask for "/mqtt").
+    pub ws_path: String,
+    /// Peers whose forwarded client address (`X-Forwarded-For`) is believed.
+    pub trusted_proxies: Vec<Network>,
 }
+
+/// An address range (CIDR, "10.0.0.0/8"; a bare address is one host).
+pub type Network = ipnet::IpNet;
 
 /// One broker of the pool, as configured. Its live health lives in `pool::Broker`.
 #[derive(Debug, Clone, PartialEq)]
@@ -394,6 +405,10 @@ struct FileListen {
     mqtt: Option<String>,
     mqtts: Option<String>,
     http: Option<String>,
+    ws: Option<String>,
+    wss: Option<String>,
+    ws_path: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -464,7 +479,15 @@ impl Config {
     /// Every default in one place: what each key is when the file leaves it out (no brokers).
     pub fn defaults() -> Config {
         Config {
-            listen: Listen { mqtt: DEFAULT_MQTT_LISTEN.into(), mqtts: None, http: Some(DEFAULT_HTTP_LISTEN.into()) },
+            listen: Listen {
+                mqtt: DEFAULT_MQTT_LISTEN.into(),
+                mqtts: None,
+                http: Some(DEFAULT_HTTP_LISTEN.into()),
+                ws: None,
+                wss: None,
+                ws_path: "/mqtt".into(),
+                trusted_proxies: Vec::new(),
+            },
             proxy: ProxyConfig {
                 client_connect_timeout: Duration::from_secs(10),
                 upstream_connect_timeout: Duration::from_secs(1),
@@ -607,6 +630,10 @@ impl Config {
             ("listen.mqtt", self.listen.mqtt != new.listen.mqtt),
             ("listen.mqtts", self.listen.mqtts != new.listen.mqtts),
             ("listen.http", self.listen.http != new.listen.http),
+            ("listen.ws", self.listen.ws != new.listen.ws),
+            ("listen.wss", self.listen.wss != new.listen.wss),
+            ("listen.ws_path", self.listen.ws_path != new.listen.ws_path),
+            ("listen.trusted_proxies", self.listen.trusted_proxies != new.listen.trusted_proxies),
             ("proxy.workers", self.proxy.workers != new.proxy.workers),
             ("[replication]", self.replication != new.replication),
             ("[sessions]", self.sessions != new.sessions),
@@ -776,14 +803,30 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         (None, None) => d.listen.mqtt.clone(),
     };
     c.socket_addr("listen.mqtt", &mqtt)?;
-    let mqtts = match file.listen.mqtts {
-        Some(v) if v.is_empty() || v == "off" => None,
-        Some(v) => {
-            c.socket_addr("listen.mqtts", &v)?;
-            Some(v)
-        }
-        None => None,
+    let optional_listener = |key: &str, v: Option<String>| match v {
+        Some(v) if v.is_empty() || v == "off" => Ok(None),
+        Some(v) => c.socket_addr(key, &v).map(|()| Some(v)),
+        None => Ok(None),
     };
+    let mqtts = optional_listener("listen.mqtts", file.listen.mqtts)?;
+    let ws = optional_listener("listen.ws", file.listen.ws)?;
+    let wss = optional_listener("listen.wss", file.listen.wss)?;
+    let ws_path = file.listen.ws_path.unwrap_or_else(|| d.listen.ws_path.clone());
+    if !ws_path.starts_with('/') || ws_path.contains(char::is_whitespace) {
+        return Err(
+            c.err("listen.ws_path", format!("{ws_path:?} must be an HTTP path starting with / (e.g. \"/mqtt\")"))
+        );
+    }
+    let mut trusted_proxies = Vec::new();
+    for v in file.listen.trusted_proxies.unwrap_or_default() {
+        let net = v.parse::<Network>().or_else(|_| v.parse::<std::net::IpAddr>().map(Network::from)).map_err(|_| {
+            c.err(
+                "listen.trusted_proxies",
+                format!("{v:?} is not an address or range (e.g. \"10.0.0.0/8\", \"127.0.0.1\")"),
+            )
+        })?;
+        trusted_proxies.push(net);
+    }
     let path = |v: Option<String>| v.filter(|s| !s.is_empty()).map(std::path::PathBuf::from);
     let tls = TlsConfig {
         cert: path(file.tls.cert),
@@ -791,8 +834,10 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         client_ca: path(file.tls.client_ca),
         broker_ca: path(file.tls.broker_ca),
     };
-    if mqtts.is_some() && (tls.cert.is_none() || tls.key.is_none()) {
-        return Err(c.err("listen.mqtts", "a TLS listener needs [tls] cert and key (PEM files)"));
+    for (key, on) in [("listen.mqtts", mqtts.is_some()), ("listen.wss", wss.is_some())] {
+        if on && (tls.cert.is_none() || tls.key.is_none()) {
+            return Err(c.err(key, "a TLS listener needs [tls] cert and key (PEM files)"));
+        }
     }
     let http = match file.listen.http {
         Some(v) if v.is_empty() || v == "off" => None,
@@ -1049,7 +1094,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         }
     }
     Ok(Config {
-        listen: Listen { mqtt, mqtts, http },
+        listen: Listen { mqtt, mqtts, http, ws, wss, ws_path, trusted_proxies },
         proxy,
         health,
         admin,

@@ -37,6 +37,14 @@ impl Config {
         listen["mqtt"] = value(&self.listen.mqtt);
         listen["mqtts"] = value(self.listen.mqtts.as_deref().unwrap_or("off"));
         listen["http"] = value(self.listen.http.as_deref().unwrap_or("off"));
+        listen["ws"] = value(self.listen.ws.as_deref().unwrap_or("off"));
+        listen["wss"] = value(self.listen.wss.as_deref().unwrap_or("off"));
+        listen["ws_path"] = value(&self.listen.ws_path);
+        let mut trusted = toml_edit::Array::new();
+        for n in &self.listen.trusted_proxies {
+            trusted.push(n.to_string());
+        }
+        listen["trusted_proxies"] = value(trusted);
         doc["listen"] = Item::Table(listen);
 
         let h = &self.health;

@@ -30,8 +30,10 @@ pub struct Proxy {
     pub durable: Arc<Durable>,
     /// One set of limits for all listeners: `[proxy] max_connections` bounds them together.
     pub limits: Arc<limits::Limits>,
-    /// The TLS listener's acceptor; swapped whole when certificates are reloaded.
+    /// The TLS listeners' acceptor (mqtts, wss); swapped whole when certificates are reloaded.
     pub acceptor: ArcSwapOption<TlsAcceptor>,
+    /// The listeners as started (WebSocket path, trusted proxies): read at start only.
+    pub listen: crate::config::Listen,
     /// One line per ended session.
     pub access: crate::accesslog::AccessLog,
     /// Replication copies every message to every broker: a moving session may stop taking
@@ -50,9 +52,18 @@ type GoneCheck = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>>;
 pub const MOVE_REASONS: [&str; 5] =
     ["failback", "drain", "broker_disabled", "broker_removed", crate::pool::BROKER_DOWN];
 
+/// The client listeners, by what a connection goes through before its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Mqtt,
+    Mqtts,
+    Ws,
+    Wss,
+}
+
 /// Every `reason` of `meshgate_rejected_connections_total`: the setup's (`session`), the
-/// admission limits' (`limits`) and the TLS handshake's.
-pub const REJECT_REASONS: [&str; 10] = [
+/// admission limits' (`limits`), the TLS handshake's and the WebSocket upgrade's.
+pub const REJECT_REASONS: [&str; 13] = [
     "connect_timeout",
     "closed_early",
     "malformed_connect",
@@ -60,6 +71,9 @@ pub const REJECT_REASONS: [&str; 10] = [
     "io_error",
     "no_broker",
     "tls_handshake",
+    "ws_handshake",
+    "ws_path",
+    "ws_subprotocol",
     "max_connections",
     "per_source_connections",
     "connect_rate",
@@ -101,8 +115,10 @@ impl Proxy {
         durable: Arc<Durable>,
         access: crate::accesslog::AccessLog,
         replicated: bool,
+        listen: crate::config::Listen,
     ) -> Proxy {
         Proxy {
+            listen,
             pool,
             upstream,
             durable,
@@ -126,14 +142,16 @@ impl Proxy {
 /// Accepts clients until `stop` is cancelled. Each connection is admitted under the limits
 /// (total, per source, CONNECT rate per source) or closed at once and counted; accept errors
 /// (EMFILE above all) back off instead of spinning.
-/// With `tls`, each connection first completes a TLS handshake (within the CONNECT time).
+/// Each listener's connections first complete what its kind needs (a TLS handshake, a
+/// WebSocket upgrade) within the CONNECT time.
 pub async fn accept_loop(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     tracker: TaskTracker,
     stop: CancellationToken,
-    tls: bool,
+    kind: Listener,
 ) {
+    let tls = kind == Listener::Mqtts;
     let limits = proxy.limits.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -142,6 +160,13 @@ pub async fn accept_loop(
             r = listener.accept() => r,
         };
         match accepted {
+            Ok((stream, peer)) if matches!(kind, Listener::Ws | Listener::Wss) => {
+                backoff = Duration::from_millis(5);
+                // Admitted during the upgrade, on the client's own address (the forwarded one
+                // behind a trusted proxy).
+                let proxy = proxy.clone();
+                tracker.spawn(session::handle_ws(proxy, stream, peer, kind == Listener::Wss));
+            }
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 let admitted = limits.admit(peer.ip(), &proxy.pool.proxy_config(), std::time::Instant::now());

@@ -94,6 +94,59 @@ pub async fn handle_tls(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) 
     session_task(proxy, setup).await
 }
 
+/// A client of a WebSocket listener (`wss`: TLS first): the upgrade, within the CONNECT time,
+/// with the client admitted under the limits on its own address; then the session is as any
+/// other, over the WebSocket's bytes.
+pub async fn handle_ws(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, tls: bool) {
+    let _ = client.set_nodelay(true);
+    let cfg = proxy.pool.proxy_config();
+    let limit = cfg.client_connect_timeout;
+    let upgrade = crate::transport::ws::Upgrade {
+        path: &proxy.listen.ws_path,
+        trusted: &proxy.listen.trusted_proxies,
+        max_message: cfg.max_packet_size as usize + 5,
+    };
+    let limits = proxy.limits.clone();
+    let admit = |ip| limits.admit(ip, &cfg, std::time::Instant::now()).map_err(|r| r.reason());
+    let upgraded = async {
+        let conn = match tls {
+            true => {
+                let acceptor = proxy.acceptor.load_full()?;
+                match acceptor.accept(client).await {
+                    Ok(s) => Conn::ClientTls(Box::new(s)),
+                    Err(e) => {
+                        proxy.reject("tls_handshake", format_args!("from {peer}: {e}"));
+                        return None;
+                    }
+                }
+            }
+            false => Conn::Tcp(client),
+        };
+        match crate::transport::ws::accept(conn, peer, &upgrade, admit).await {
+            Ok(done) => Some(done),
+            Err(why) => {
+                proxy.reject(why.reason(), format_args!("WebSocket from {peer}: {why}"));
+                None
+            }
+        }
+    };
+    let upgraded = tokio::select! {
+        r = timeout(limit, upgraded) => r,
+        _ = proxy.pool.closing.cancelled() => return,
+    };
+    let (ws, client_addr, admission) = match upgraded {
+        Ok(Some(done)) => done,
+        Ok(None) => return,
+        Err(_) => {
+            proxy.reject("ws_handshake", format_args!("from {peer}: no upgrade within {limit:?}"));
+            return;
+        }
+    };
+    let setup = Box::pin(setup_in_span(proxy.clone(), Conn::ClientWs(Box::new(ws)), client_addr));
+    session_task(proxy, setup).await;
+    drop(admission);
+}
+
 async fn session_task<F: Future<Output = Option<Live>>>(proxy: Arc<Proxy>, setup: Pin<Box<F>>) {
     proxy.pool.metrics.client_sessions.inc();
     let mut live = tokio::select! {
@@ -604,7 +657,13 @@ mod tests {
         ];
         let limits = [Refusal::MaxConnections, Refusal::PerSource, Refusal::RateLimited];
         let reasons = setup.iter().map(Rejected::reason).chain(limits.iter().map(|r| r.reason()));
-        for r in reasons.chain(["no_broker", "tls_handshake", "malformed_connect"]) {
+        let ws = [
+            crate::transport::ws::Refused::Handshake(String::new()),
+            crate::transport::ws::Refused::Path(String::new()),
+            crate::transport::ws::Refused::Subprotocol(String::new()),
+        ];
+        let ws: Vec<&str> = ws.iter().map(|r| r.reason()).collect();
+        for r in reasons.chain(["no_broker", "tls_handshake", "malformed_connect"]).chain(ws) {
             assert!(REJECT_REASONS.contains(&r), "{r} is not in REJECT_REASONS");
         }
     }

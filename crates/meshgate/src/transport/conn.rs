@@ -1,4 +1,4 @@
-//! A connection that is plain TCP or TLS (a client of the mqtts listener, or a broker with `tls = true`), behind one AsyncRead/AsyncWrite type.
+//! A connection that is plain TCP, TLS (a client of the mqtts listener, or a broker with `tls = true`) or a client's WebSocket (ws and wss listeners), behind one AsyncRead/AsyncWrite type.
 
 use std::io;
 use std::pin::Pin;
@@ -12,6 +12,8 @@ pub enum Conn {
     /// TLS toward a client; boxed because a TLS session is large and most connections are plain.
     ClientTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     BrokerTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// MQTT over WebSockets, over TCP or TLS (`ws`).
+    ClientWs(Box<super::ws::WsConn>),
 }
 
 impl AsyncRead for Conn {
@@ -20,6 +22,7 @@ impl AsyncRead for Conn {
             Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Conn::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Conn::BrokerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::ClientWs(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -30,6 +33,7 @@ impl AsyncWrite for Conn {
             Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Conn::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Conn::BrokerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::ClientWs(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -37,6 +41,7 @@ impl AsyncWrite for Conn {
             Conn::Tcp(s) => Pin::new(s).poll_flush(cx),
             Conn::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Conn::BrokerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::ClientWs(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -44,6 +49,7 @@ impl AsyncWrite for Conn {
             Conn::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Conn::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Conn::BrokerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::ClientWs(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -1,7 +1,8 @@
-//! What carries MQTT bytes: a connection that is plain TCP or TLS (`Conn`), and the certificates behind TLS (`tls`), for clients and brokers alike.
+//! What carries MQTT bytes: a connection that is plain TCP, TLS or a WebSocket (`Conn`), the certificates behind TLS (`tls`) and the WebSocket upgrade (`ws`), for clients and brokers alike.
 
 pub mod conn;
 pub mod tls;
+pub mod ws;
 
 pub use conn::Conn;
 
