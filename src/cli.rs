@@ -206,14 +206,16 @@ pub enum ClusterAction {
     /// Each broker's pid, address and whether it answers MQTT.
     Status(ClusterArgs),
     /// Write the Mosquitto configs (and the equivalent nginx stream config) for the config's brokers;
-    /// with --target multipass|systemd, the deployment files for real hosts (docs/deploy.md).
+    /// with --target multipass|systemd, the deployment files for real hosts (docs/deploy.md); with
+    /// --target keepalived, one keepalived config per meshgate instance for a floating address (docs/ha.md).
     Render {
         /// meshgate TOML config naming the brokers.
         #[arg(long, short, default_value = "configs/meshgate.toml")]
         config: PathBuf,
         /// local: the loopback network `meshgate up` runs; multipass: one cloud-init file per broker
         /// VM; systemd: Mosquitto configs for existing Linux hosts. The last two also write meshgate's
-        /// config for those addresses, its systemd unit and the equivalent nginx config.
+        /// config for those addresses, its systemd unit and the equivalent nginx config. keepalived:
+        /// keepalived-<instance>.conf per meshgate instance (from --network), for a floating address.
         #[arg(long, value_enum, default_value_t = RenderTarget::Local)]
         target: RenderTarget,
         /// Output directory (default: configs/mosquitto for local, deploy/<target> otherwise).
@@ -228,7 +230,8 @@ pub enum ClusterAction {
         /// multipass|systemd: this front-end host's own address on the brokers' network (the HTTP API binds there).
         #[arg(long)]
         front_end: Option<String>,
-        /// multipass|systemd: the hosts file to start from (default: <out>/network.toml when it exists).
+        /// multipass|systemd: the hosts file to start from (default: <out>/network.toml when it exists);
+        /// keepalived: the floating address, router id and instances (default: <out>/network.toml).
         #[arg(long)]
         network: Option<PathBuf>,
     },
@@ -239,6 +242,7 @@ pub enum RenderTarget {
     Local,
     Multipass,
     Systemd,
+    Keepalived,
 }
 
 #[derive(clap::Args, Debug)]
@@ -312,7 +316,8 @@ pub fn main() -> ExitCode {
             let usage = e.downcast_ref::<ConfigError>().is_some()
                 || e.downcast_ref::<Usage>().is_some()
                 || e.downcast_ref::<meshgate::Error>().is_some_and(meshgate::Error::is_config)
-                || e.downcast_ref::<cl::deploy::DeployError>().is_some_and(|d| d.is_usage());
+                || e.downcast_ref::<cl::deploy::DeployError>().is_some_and(|d| d.is_usage())
+                || e.downcast_ref::<cl::keepalived::KeepalivedError>().is_some();
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }
@@ -526,6 +531,21 @@ fn cluster(action: ClusterAction) -> anyhow::Result<()> {
                     let mut files = cl::broker_files(&config, &out)?;
                     files.push((nginx_out.clone(), cl::nginx::render(&config)));
                     for p in cl::write_together(&files)? {
+                        println!("wrote {}", p.display());
+                    }
+                    return Ok(());
+                }
+                RenderTarget::Keepalived => {
+                    if !hosts.is_empty() || front_end.is_some() {
+                        return Err(Usage(
+                            "--hosts and --front-end are for --target multipass|systemd; keepalived reads its instances from --network".into(),
+                        )
+                        .into());
+                    }
+                    let out = out.unwrap_or_else(|| PathBuf::from("deploy/keepalived"));
+                    let net = cl::keepalived::Network::load(&network.unwrap_or_else(|| out.join("network.toml")))?;
+                    let files = cl::keepalived::render(&config, &net)?;
+                    for p in cl::deploy::write(&out, &files)? {
                         println!("wrote {}", p.display());
                     }
                     return Ok(());

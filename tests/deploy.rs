@@ -1,4 +1,4 @@
-//! `meshgate cluster render --target multipass|systemd`: the files checked in under deploy/ are exactly what the command writes, and what it writes is usable.
+//! `meshgate cluster render --target multipass|systemd|keepalived`: the files checked in under deploy/ are exactly what the command writes, and what it writes is usable.
 //!
 //! Nothing here connects anywhere: the deployment addresses are only written and read back.
 
@@ -38,7 +38,7 @@ fn path(p: &Path) -> &str {
 
 #[test]
 fn deploy_examples_are_what_the_renderer_writes() {
-    for target in ["multipass", "systemd"] {
+    for target in ["multipass", "systemd", "keepalived"] {
         let shipped = root().join("deploy").join(target);
         let out = tempfile::tempdir().unwrap();
         let network = shipped.join("network.toml");
@@ -110,6 +110,36 @@ fn no_hosts_is_one_line_naming_the_fix() {
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(2), "{err}");
     assert!(err.contains("not an address or host name"), "{err}");
+}
+
+#[test]
+fn a_bad_keepalived_network_is_one_line_and_exit_2() {
+    let out = tempfile::tempdir().unwrap();
+    let net = out.path().join("network.toml");
+    let render = || meshgate(&["cluster", "render", "--target", "keepalived", "--out", path(out.path())]);
+    for (text, expected) in [
+        (None, "--network"),
+        (Some("virtual_address = \"192.0.2.100/24\"\nvirtual_router_id = 51\n[[instance]]\nname = \"a\"\naddress = \"192.0.2.1\"\n"), "at least two"),
+        (
+            Some(
+                "virtual_address = \"192.0.2.100\"\nvirtual_router_id = 51\n[[instance]]\nname = \"a\"\naddress = \"192.0.2.1\"\n\
+                 [[instance]]\nname = \"b\"\naddress = \"192.0.2.2\"\n",
+            ),
+            "prefix length",
+        ),
+        (Some("virtual_address = \"192.0.2.100/24\"\nrouter = 51\n"), "unknown field `router`"),
+    ] {
+        if let Some(t) = text {
+            std::fs::write(&net, t).unwrap();
+        }
+        let r = render();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(expected), "{err} should say {expected}");
+    }
+    // Nothing was written next to the bad file.
+    assert_eq!(files(out.path()).len(), 1);
 }
 
 #[test]

@@ -405,7 +405,9 @@ fn owns_listener(pid: u32, addr: SocketAddr) -> bool {
     };
     // The kernel prints the address as the raw network-order u32 in hex, the port as a number.
     let local = format!("{:08X}:{:04X}", u32::from_ne_bytes(v4.ip().octets()), v4.port());
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+    // The calling thread's namespace: /proc/net is the main thread's, and tests/keepalived.rs
+    // starts brokers from a thread that has joined another network namespace.
+    let Ok(table) = std::fs::read_to_string("/proc/thread-self/net/tcp") else {
         return false;
     };
     let inodes: Vec<String> = table

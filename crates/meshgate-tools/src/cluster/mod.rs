@@ -5,6 +5,7 @@
 //! so the shipped example configs are byte-for-byte what `render` writes.
 
 pub mod deploy;
+pub mod keepalived;
 pub mod nginx;
 
 use std::net::SocketAddr;
