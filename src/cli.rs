@@ -9,7 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use meshgate::config::{Config, ConfigError};
 use meshgate_tools::cluster::{self as cl, RunDir};
-use meshgate_tools::local::{FrontEnd, Local};
+use meshgate_tools::local::{FrontEnd, Instances, Local, UpError};
 
 #[derive(Parser, Debug)]
 #[command(name = "meshgate", version, about = "MQTT-aware failover proxy for a prioritized pool of Mosquitto brokers")]
@@ -101,6 +101,15 @@ pub struct UpArgs {
     /// Which proxy fronts the brokers.
     #[arg(long, value_enum, default_value_t = FrontEndArg::Meshgate)]
     pub front_end: FrontEndArg,
+    /// meshgate instances sharing state through one local etcd (started first, data in
+    /// <run-dir>/etcd); instance i listens on the i-th loopback address from listen.mqtt
+    /// (127.0.0.1, 127.0.0.2, ...) with HTTP on listen.http's port + i - 1. 1: no etcd, as without it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub instances: u16,
+    /// With --instances 2 or more: etcd's client address (the peer address takes the next port)
+    /// [default: listen.mqtt's address, port 2389].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub etcd_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -316,6 +325,7 @@ pub fn main() -> ExitCode {
             let usage = e.downcast_ref::<ConfigError>().is_some()
                 || e.downcast_ref::<Usage>().is_some()
                 || e.downcast_ref::<meshgate::Error>().is_some_and(meshgate::Error::is_config)
+                || e.downcast_ref::<UpError>().is_some_and(UpError::is_usage)
                 || e.downcast_ref::<cl::deploy::DeployError>().is_some_and(|d| d.is_usage())
                 || e.downcast_ref::<cl::keepalived::KeepalivedError>().is_some();
             ExitCode::from(if usage { 2 } else { 1 })
@@ -472,13 +482,21 @@ fn proxy_runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
     b.enable_all().build().context("starting the async runtime")
 }
 
-async fn ctrl_c_or_term() -> anyhow::Result<()> {
+/// SIGTERM or SIGINT, with the handlers installed now (in a runtime), so a signal that comes
+/// before the future is awaited is kept for it.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+async fn ctrl_c_or_term() -> anyhow::Result<()> {
+    stop_signal()?.await;
     Ok(())
 }
 
@@ -510,14 +528,21 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     let front_end = front_end(args.front_end);
+    let instances = Instances { count: usize::from(args.instances), etcd: args.etcd_listen };
     proxy_runtime(&config)?.block_on(async move {
-        let mut local = Local::start(config, &args.run_dir, front_end).await?;
+        // Installed before anything starts: a Ctrl-C while etcd or a broker is starting waits
+        // for the start and then stops what started, instead of leaving the children running.
+        let stopped = stop_signal()?;
+        let mut local = Local::start_with(config, &args.run_dir, front_end, Some(instances)).await?;
         println!("{}", local.summary());
-        let waited = ctrl_c_or_term().await;
+        stopped.await;
         println!("stopping ...");
         local.stop().await;
-        println!("stopped: no meshgate, nginx or broker process of this run is left");
-        waited
+        match args.instances {
+            1 => println!("stopped: no meshgate, nginx or broker process of this run is left"),
+            _ => println!("stopped: no meshgate instance, broker or etcd process of this run is left"),
+        }
+        Ok(())
     })
 }
 

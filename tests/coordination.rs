@@ -4,139 +4,20 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
+use common::instance::{eventually, get, Instance, LEASE_TTL};
 use common::mqtt::{self, wait_until};
-use common::{Net, Slot};
+use common::Net;
 use tokio::io::AsyncWriteExt;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
 const SECOND: Duration = Duration::from_secs(1);
-const LEASE_TTL: Duration = Duration::from_secs(3);
 /// Every queued QoS 1 message is kept for an offline replication link (Mosquitto drops past
 /// 1000 by default): docs/ha.md asks the same of production brokers.
 const BROKER_EXTRA: &str = "max_queued_messages 0";
-
-/// One `meshgate run` process; SIGKILLed when dropped.
-struct Instance {
-    name: String,
-    mqtt: SocketAddr,
-    http: SocketAddr,
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl Instance {
-    /// `brokers_extra` goes into every `[[broker]]` table, by broker name.
-    fn start(
-        name: &str,
-        slot: &Slot,
-        last: u8,
-        net: &Net,
-        etcd: &str,
-        extra: &str,
-        brokers_extra: &[(&str, &str)],
-    ) -> Instance {
-        let (mqtt, http) = (slot.addr(last, 1883), slot.addr(last, 8080));
-        let mut text = format!(
-            "[listen]\nmqtt = \"{mqtt}\"\nhttp = \"{http}\"\n[access_log]\nenabled = false\n\
-             [health]\ninterval = \"100ms\"\ntimeout = \"200ms\"\n\
-             [replication]\nenabled = true\nlag_interval = \"200ms\"\n\
-             [coordination]\netcd = [\"{etcd}\"]\ninstance = \"{name}\"\nlease_ttl = \"{}s\"\n{extra}\n",
-            LEASE_TTL.as_secs()
-        );
-        for b in &net.brokers {
-            let more = brokers_extra.iter().find(|(n, _)| *n == b.name).map_or("", |(_, e)| e);
-            text.push_str(&format!("[[broker]]\nname = \"{}\"\naddress = \"{}\"\n{more}\n", b.name, b.addr));
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("meshgate.toml");
-        std::fs::write(&config, text).unwrap();
-        let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("meshgate runs");
-        let i = Instance { name: name.into(), mqtt, http, child: Some(child), dir };
-        let deadline = Instant::now() + 10 * SECOND;
-        while get(i.http, "/health").is_none() {
-            assert!(Instant::now() < deadline, "instance {name} did not serve /health:\n{}", i.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        i
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, as an operator stops it; waits for the process to exit.
-    fn terminate(&mut self) {
-        let Some(mut c) = self.child.take() else { return };
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + 10 * SECOND;
-        while c.try_wait().ok().flatten().is_none() {
-            assert!(Instant::now() < deadline, "{} did not exit within 10 s of SIGTERM:\n{}", self.name, self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-
-    fn json(&self, path: &str) -> serde_json::Value {
-        let body = get(self.http, path).unwrap_or_else(|| panic!("{} {path} answers:\n{}", self.name, self.log()));
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
-    }
-
-    fn leading(&self) -> bool {
-        get(self.http, "/instances")
-            .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v["coordination"]["leading"] == true)
-    }
-
-    /// The value of one metric sample, `name{labels}` as the exposition writes it (0 if absent).
-    fn metric(&self, sample: &str) -> f64 {
-        let body = get(self.http, "/metrics").unwrap_or_default();
-        body.lines().filter(|l| l.starts_with(sample)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A plain HTTP/1.0 GET; the body, or `None` when nothing answered.
-fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(2 * SECOND)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
-
-/// Waits (blocking) for `cond`, with a deadline; panics with `what`.
-fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
-}
 
 /// Deliveries on one broker, directly: first arrival of each sequence number, and repeats.
 #[derive(Default)]

@@ -12,6 +12,8 @@ mod webdriver;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::etcd::Etcd;
+use common::instance::{eventually, Instance, LEASE_TTL};
 use common::mqtt as raw;
 use common::{blocking, Net};
 use serde_json::{json, Value};
@@ -87,6 +89,7 @@ async fn page_loads_without_console_errors_and_shows_five_broker_cards() {
                 nodes: document.querySelectorAll('#topology [data-broker]').length,
                 admin: document.getElementById('self-admin').textContent,
                 version: document.getElementById('self-version').textContent,
+                instancesShown: !document.getElementById('instances-panel').hidden,
             };"#,
             json!([]),
         )
@@ -96,6 +99,7 @@ async fn page_loads_without_console_errors_and_shows_five_broker_cards() {
     assert_eq!(shown["nodes"], 5, "the topology draws every broker: {shown}");
     assert!(shown["admin"].as_str().unwrap().starts_with("off"), "{shown}");
     assert!(shown["version"].as_str().unwrap().starts_with(meshgate::VERSION), "{shown}");
+    assert_eq!(shown["instancesShown"], false, "no instances panel without [coordination]: {shown}");
     // The TCP check runs on load and lists every broker.
     let tcp = browser
         .wait_for(
@@ -465,6 +469,7 @@ async fn page_and_stream_negotiate_and_the_page_has_a_strict_policy() {
     assert_eq!(update["state"]["health"]["current_broker"], "broker1");
     assert_eq!(update["state"]["admin"], false);
     assert!(update["state"]["replication"].is_null(), "replication is off in this meshgate");
+    assert!(update["state"]["instances"].is_null(), "no [coordination] in this meshgate");
 
     let (head, body) = get(api, "/stream", "*/*", 5 * SECOND).await;
     assert!(head.contains("application/json"), "{head}");
@@ -516,4 +521,81 @@ fn dechunk(body: &str) -> String {
         rest = after[size..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// The instances panel as the page shows it, once the stream is live and the panel is there:
+/// every row's instance, whether it leads, whether it is the page's own, and etcd's state.
+const INSTANCES: &str = r#"
+    const panel = document.getElementById('instances-panel');
+    if (panel.hidden || document.getElementById('live').dataset.live !== 'live') return null;
+    const rows = [...panel.querySelectorAll('tbody tr[data-instance]')].map(r => ({
+        name: r.dataset.instance,
+        leader: r.dataset.leader === 'true',
+        self: r.dataset.self === 'true',
+        role: r.cells[1].textContent,
+    }));
+    return { etcd: document.getElementById('etcd-state').textContent, rows };
+"#;
+
+/// Two `meshgate run` instances on a real etcd, the page open on the one that does not lead:
+/// the panel lists both and marks exactly one as leader; after the leader is SIGKILLed, the
+/// same page (no reload) shows the survivor leading within `lease_ttl` + 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_instances_panel_lists_both_instances_and_shows_the_takeover_after_the_leader_dies() {
+    let _turn = ONE_BROWSER.lock().await;
+    let net = Net::start_with(3, "max_queued_messages 0");
+    let etcd = blocking(|| Etcd::start(net.slot.addr(50, 2379)));
+    let mut a = blocking(|| Instance::start("a", &net.slot, 1, &net, &etcd.url(), "", &[]));
+    blocking(|| eventually(10 * SECOND, "a leads replication", || a.leading()));
+    let b = blocking(|| Instance::start("b", &net.slot, 2, &net, &etcd.url(), "", &[]));
+    let browser = Browser::start(1280, 800).await;
+    browser.goto(&format!("http://{}/", b.http)).await;
+    let both = browser
+        .wait_for(
+            "both instances in the panel, one leading",
+            LOAD,
+            &format!(
+                "const v = (() => {{ {INSTANCES} }})(); \
+                 return v && v.rows.length === 2 && v.rows.filter(r => r.leader).length === 1 ? v : null;"
+            ),
+        )
+        .await;
+    let rows = both["rows"].as_array().unwrap();
+    let leaders: Vec<_> = rows.iter().filter(|r| r["leader"] == true).collect();
+    assert_eq!(leaders.len(), 1, "exactly one leader: {both}");
+    assert_eq!(leaders[0]["name"], "a", "{both}");
+    assert!(leaders[0]["role"].as_str().unwrap().contains("leads replication"), "the role is shown: {both}");
+    let me = rows.iter().find(|r| r["self"] == true).expect("the page's own instance is marked");
+    assert_eq!(me["name"], "b", "{both}");
+    assert_eq!(both["etcd"], "up", "{both}");
+    browser.screenshot("instances-panel").await;
+    browser.js("window.__sameDocument = 'still here'; return true;", json!([])).await;
+
+    let killed = Instant::now();
+    blocking(|| a.kill());
+    let after = browser
+        .wait_for(
+            "b leading in the panel after a's death",
+            LEASE_TTL + 3 * SECOND,
+            &format!(
+                "const v = (() => {{ {INSTANCES} }})(); \
+                 return v && v.rows.filter(r => r.leader).map(r => r.name).join() === 'b' ? v : null;"
+            ),
+        )
+        .await;
+    let took = killed.elapsed();
+    println!("leader killed -> the survivor's panel showed it leading after {took:?}: {after}");
+    assert!(took <= LEASE_TTL + SECOND, "shown after {took:?}, beyond lease_ttl + 1 s");
+    let same = browser.js("return window.__sameDocument;", json!([])).await;
+    assert_eq!(same, "still here", "the page was not reloaded");
+    // a's record went with its lease: the panel lists the survivor alone.
+    browser
+        .wait_for(
+            "a gone from the panel",
+            2 * SECOND,
+            &format!("const v = (() => {{ {INSTANCES} }})(); return v && v.rows.length === 1 ? v : null;"),
+        )
+        .await;
+    assert_no_console_errors(&browser.console_errors().await);
+    browser.quit().await;
 }

@@ -204,3 +204,158 @@ async fn up_outside_a_checkout_runs_the_built_in_network() {
     assert!(dir.path().join("run").is_dir(), "state and broker files under run/ where it started");
     assert!(dir.path().join("run/access.log").is_file(), "the access log where the built-in config puts it");
 }
+
+/// `meshgate up` as a child process; whatever happens to the test, it is interrupted when
+/// dropped (killed if it does not stop), and so is anything it started that is still running.
+struct Up {
+    child: std::process::Child,
+    run: String,
+}
+
+impl Up {
+    /// Every process (other than this test) whose command line names the run directory: `up`
+    /// itself (`--run-dir`), its brokers (`-c <run>/brokerN.conf`) and etcd (`--data-dir <run>/etcd`).
+    fn processes_of_the_run(&self) -> Vec<(u32, String)> {
+        let canonical = std::fs::canonicalize(&self.run).map(|p| p.display().to_string()).unwrap_or(self.run.clone());
+        let me = std::process::id();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if pid != me && alive(pid) && (cmd.contains(&self.run) || cmd.contains(&canonical)) {
+                found.push((pid, cmd));
+            }
+        }
+        found
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for (pid, _) in self.processes_of_the_run() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET; the body, or `None` when nothing answered.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.ok()?;
+        text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask).await.ok().flatten()
+}
+
+/// `meshgate up --instances 2`: etcd, the brokers and two instances on the test's own addresses
+/// (instance i on the slot's address i, HTTP on 8080 + i - 1, etcd on the first address's port
+/// 2389, all derived from the config); both instances see both and the same single leader, a
+/// message published through instance 2 arrives through instance 1, and Ctrl-C leaves no
+/// process of the run and no port taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_two_instances_elects_one_leader_and_ctrl_c_stops_etcd_brokers_and_instances() {
+    let s = Setup::new(2);
+    let child = Command::new(BIN)
+        .args(["up", "--instances", "2", "--config", &s.config, "--run-dir", &s.run])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = Up { child, run: s.run.clone() };
+    let stdout = up.child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut summary = String::new();
+    // etcd's first start, the brokers, two instances and an election on a busy machine.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !summary.contains("Ctrl-C stops everything") {
+        let left = deadline.checked_duration_since(Instant::now()).unwrap_or_else(|| panic!("no summary:\n{summary}"));
+        summary.push_str(&rx.recv_timeout(left).unwrap_or_else(|_| panic!("no summary:\n{summary}")));
+        summary.push('\n');
+    }
+    let (m1, m2) = (s.slot.addr(1, 1883), s.slot.addr(2, 1883));
+    let (h1, h2) = (s.slot.addr(1, 8080), s.slot.addr(2, 8081));
+    let (etcd, etcd_peer) = (s.slot.addr(1, 2389), s.slot.addr(1, 2390));
+    for shown in ["meshgate-1", "meshgate-2", &m1.to_string(), &m2.to_string(), &h2.to_string(), &etcd.to_string()] {
+        assert!(summary.contains(shown), "the summary shows {shown}:\n{summary}");
+    }
+    assert_eq!(summary.matches("leads replication").count(), 1, "one leader named:\n{summary}");
+    let pids = s.pids(&summary);
+    assert!(pids.len() >= 4, "etcd, two brokers and up itself: {summary}");
+
+    // Each instance's own view: both instances, one leader, the same one.
+    let mut leaders = Vec::new();
+    for http in [h1, h2] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let view =
+                http_get(http, "/instances").await.and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok());
+            let list = view.as_ref().and_then(|v| v["instances"].as_array().cloned()).unwrap_or_default();
+            let leading: Vec<String> =
+                list.iter().filter(|i| i["leader"] == true).map(|i| i["name"].to_string()).collect();
+            if list.len() == 2 && leading.len() == 1 {
+                leaders.push(leading[0].clone());
+                break;
+            }
+            assert!(Instant::now() < deadline, "{http}/instances shows 2 instances and exactly one leader: {view:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(leaders[0], leaders[1], "both instances name the same leader");
+
+    // Through instance 2 in, through instance 1 out.
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let sub =
+        common::subscribed(m1, "sub-through-1", "demo/#", move |p| g.lock().unwrap().push(p.payload.to_vec())).await;
+    let (mut publisher, ack) = raw::connect(m2, 4, "pub-through-2", Duration::from_secs(3)).await.unwrap();
+    assert_eq!(ack.code, 0);
+    use tokio::io::AsyncWriteExt;
+    publisher.write_all(&raw::publish_packet("demo/hello", b"through-2", 1, 1, false)).await.unwrap();
+    let arrived =
+        raw::wait_until(Duration::from_secs(5), || got.lock().unwrap().iter().any(|p| p == b"through-2")).await;
+    assert!(arrived.is_some(), "published through instance 2, received through instance 1");
+    sub.abort();
+    drop(publisher);
+
+    assert!(ctrl_c(&mut up.child).await.success());
+    for pid in pids {
+        assert!(!alive(pid), "pid {pid} left behind after Ctrl-C");
+    }
+    let left = up.processes_of_the_run();
+    assert!(left.is_empty(), "processes of the run left after Ctrl-C: {left:?}");
+    for addr in [m1, m2, h1, h2, etcd, etcd_peer, s.slot.addr(10, 1883), s.slot.addr(11, 1883)] {
+        assert!(std::net::TcpListener::bind(addr).is_ok(), "{addr} is free after Ctrl-C");
+    }
+}
+
+/// A taken etcd port is one line naming it, and nothing of the run is left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_instances_says_in_one_line_when_the_etcd_port_is_taken() {
+    let s = Setup::new(1);
+    let _taken = std::net::TcpListener::bind(s.slot.addr(1, 2389)).unwrap();
+    let (code, out, err) = s.meshgate(&["up", "--instances", "2"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let err = err.trim();
+    assert!(err.lines().count() == 1 && err.contains("2389") && err.contains("taken"), "{err}");
+}

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod etcd;
+pub mod instance;
 pub mod mqtt;
 pub mod paho;
 pub mod slot;

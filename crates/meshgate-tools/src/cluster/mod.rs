@@ -5,6 +5,7 @@
 //! so the shipped example configs are byte-for-byte what `render` writes.
 
 pub mod deploy;
+pub mod etcd;
 pub mod keepalived;
 pub mod nginx;
 
@@ -27,6 +28,12 @@ pub enum ClusterError {
     NginxMissing,
     #[error("nginx refused {conf}: {message}")]
     NginxConfig { conf: String, message: String },
+    #[error("etcd not found: install Debian's etcd-server (scripts/deps)")]
+    EtcdMissing,
+    #[error("etcd's {what} address {address} is taken (another etcd or `meshgate up`?): stop it or pass --etcd-listen HOST:PORT")]
+    EtcdPortTaken { what: &'static str, address: String },
+    #[error("etcd did not answer /health on {address} within {secs} s; its log {log} ends with: {tail}")]
+    EtcdNotReady { address: String, secs: u64, log: String, tail: String },
     #[error("{what} {path}: {err}")]
     Io { what: &'static str, path: String, err: std::io::Error },
     #[error("{name} did not answer MQTT on {address} within {secs} s; its log {log} ends with: {tail}")]

@@ -79,6 +79,11 @@ pub struct TlsConfig {
     pub broker_ca: Option<std::path::PathBuf>,
 }
 
+/// `[coordination] prefix` when the file does not set it.
+pub const DEFAULT_COORDINATION_PREFIX: &str = "/meshgate/";
+/// `[coordination] lease_ttl` when the file does not set it.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+
 /// Several meshgate instances as one, through etcd (see `coordination`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoordinationConfig {
@@ -714,13 +719,13 @@ fn coordination(c: &Checker, f: FileCoordination) -> Result<CoordinationConfig, 
             format!("{instance:?} must be 1 to 64 letters, digits, '-', '_' or '.' (and unique among the instances)"),
         ));
     }
-    let prefix = f.prefix.unwrap_or_else(|| "/meshgate/".to_string());
+    let prefix = f.prefix.unwrap_or_else(|| DEFAULT_COORDINATION_PREFIX.to_string());
     if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 2 {
         return Err(
             c.err("coordination.prefix", format!("{prefix:?} must start and end with '/', e.g. \"/meshgate/\""))
         );
     }
-    let lease_ttl = c.positive_duration("coordination.lease_ttl", f.lease_ttl.as_ref(), Duration::from_secs(3))?;
+    let lease_ttl = c.positive_duration("coordination.lease_ttl", f.lease_ttl.as_ref(), DEFAULT_LEASE_TTL)?;
     if lease_ttl.subsec_nanos() != 0 || !(2..=300).contains(&lease_ttl.as_secs()) {
         return Err(c.err(
             "coordination.lease_ttl",

@@ -68,6 +68,9 @@ pub struct DashboardState {
     pub clients: Vec<ClientView>,
     /// `null` when replication does not run in this process.
     pub replication: Option<crate::replication::View>,
+    /// With `[coordination]`: what `GET /instances` answers (every instance, which leads,
+    /// this instance's etcd session); `null` without it, and the page shows no panel.
+    pub instances: Option<crate::coordination::InstancesView>,
 }
 
 /// meshgate's own footprint, from /proc (each `null` where that is unavailable).
@@ -114,6 +117,7 @@ impl DashboardState {
             clients_total: sessions.len(),
             clients: sessions[skip..].iter().map(|x| ClientView::new(x, &s.durable)).collect(),
             replication: s.replication.as_ref().map(|r| r.view()),
+            instances: s.coordination.as_ref().map(|c| c.view()),
         }
     }
 }

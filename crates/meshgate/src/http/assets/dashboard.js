@@ -132,6 +132,7 @@
     renderClients();
     renderEvents(update.reset || update.events.length > 0);
     renderReplication(st.replication);
+    renderInstances(st.instances, st.at_ms);
   }
 
   // ---- header and meshgate's own health ----------------------------------
@@ -569,6 +570,37 @@
         h("tbody", {}, ...links))),
       h("div", { class: "scroll" }, matrix),
       h("p", { class: "muted" }, `${repl.retained_topics} retained topics · ${repl.tombstones} tombstones`));
+  }
+
+  // ---- instances ([coordination]) ------------------------------------------------------
+
+  /** Every instance as GET /instances shows it, and this instance's etcd session; the
+   *  panel stays hidden without [coordination]. */
+  function renderInstances(view, now) {
+    const panel = $("instances-panel");
+    panel.hidden = !view;
+    if (!view) return;
+    const co = view.coordination;
+    const pill = $("etcd-state");
+    pill.dataset.status = co.state;
+    setText(pill, co.state === "ok" ? "up" : co.state);
+    const session = co.state === "ok"
+      ? `session live · lease ${co.lease_ttl_s} s`
+      : `degraded: ${co.reason || "unknown"} · serving clients with what this instance knows`;
+    const queued = co.claims_queued ? ` · ${co.claims_queued} claim(s) queued` : "";
+    setText($("etcd-line"), `${co.etcd.join(", ")} · ${session}${queued} · leader: ${co.leader ?? "none"}`);
+    setText($("instances-count"), `${view.instances.length}`);
+    $("instances").tBodies[0].replaceChildren(...view.instances.map((i) => {
+      const role = (i.leader ? "★ leads replication" : "standby") + (i.self ? " · this one" : "");
+      return h("tr", { "data-instance": i.name, "data-leader": String(i.leader), "data-self": String(i.self) },
+        h("td", {}, i.name),
+        h("td", {}, role),
+        h("td", {}, i.mqtt),
+        h("td", {}, i.http),
+        h("td", {}, i.version),
+        // Listed while its etcd lease is renewed: a dead instance leaves lease_ttl after its last renewal.
+        h("td", { class: "r", title: `started ${new Date(i.started_ms).toISOString()}` }, duration((now - i.started_ms) / 1000)));
+    }));
   }
 
   // ---- admin actions -----------------------------------------------------------------
