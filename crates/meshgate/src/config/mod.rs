@@ -132,8 +132,59 @@ pub struct Listen {
     pub wss: Option<String>,
     /// The HTTP path of the WebSocket upgrade (MQTT.js and paho ask for "/mqtt").
     pub ws_path: String,
-    /// Peers whose forwarded client address (`X-Forwarded-For`) is believed.
+    /// Peers whose forwarded client address (`X-Forwarded-For`, a PROXY protocol header) is
+    /// believed.
     pub trusted_proxies: Vec<Network>,
+    /// Which listeners expect a PROXY protocol header before anything else.
+    pub proxy_protocol: ListenerProxyProtocol,
+}
+
+/// The PROXY protocol (HAProxy's), as a listener expects it or as a broker is sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+impl ProxyProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+        }
+    }
+}
+
+/// Per client listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ListenerProxyProtocol {
+    pub mqtt: ProxyProtocol,
+    pub mqtts: ProxyProtocol,
+    pub ws: ProxyProtocol,
+    pub wss: ProxyProtocol,
+}
+
+/// The client listeners, by what a connection goes through before its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Mqtt,
+    Mqtts,
+    Ws,
+    Wss,
+}
+
+impl ListenerProxyProtocol {
+    pub fn of(&self, listener: Listener) -> ProxyProtocol {
+        match listener {
+            Listener::Mqtt => self.mqtt,
+            Listener::Mqtts => self.mqtts,
+            Listener::Ws => self.ws,
+            Listener::Wss => self.wss,
+        }
+    }
 }
 
 /// An address range (CIDR, "10.0.0.0/8"; a bare address is one host).
@@ -160,6 +211,10 @@ pub struct BrokerConfig {
     pub tls: bool,
     /// Name to verify the broker's certificate against; default: the host part of `address`.
     pub tls_name: Option<String>,
+    /// A PROXY protocol header starts every connection to the broker (Mosquitto >= 2.1
+    /// `enable_proxy_protocol`): the client's address for client sessions, meshgate's own for
+    /// its probes and its own connections.
+    pub proxy_protocol: ProxyProtocol,
     /// Where the broker was defined when that is not a [[broker]] table: "FILE line N" of the
     /// nginx `server` line it was imported from, for `validate` to show.
     pub source: Option<String>,
@@ -180,6 +235,7 @@ impl BrokerConfig {
             enabled: true,
             tls: false,
             tls_name: None,
+            proxy_protocol: ProxyProtocol::Off,
             source: None,
         }
     }
@@ -414,6 +470,20 @@ struct FileListen {
     wss: Option<String>,
     ws_path: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    proxy_protocol: Option<FileProxyProtocol>,
+}
+
+/// `proxy_protocol = "v2"` (every client listener) or `{ mqtt = "v2", ws = "off", ... }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileProxyProtocol {
+    All(String),
+    Each {
+        mqtt: Option<String>,
+        mqtts: Option<String>,
+        ws: Option<String>,
+        wss: Option<String>,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -429,6 +499,7 @@ struct FileBroker {
     enabled: Option<bool>,
     tls: Option<bool>,
     tls_name: Option<String>,
+    proxy_protocol: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -492,6 +563,7 @@ impl Config {
                 wss: None,
                 ws_path: "/mqtt".into(),
                 trusted_proxies: Vec::new(),
+                proxy_protocol: ListenerProxyProtocol::default(),
             },
             proxy: ProxyConfig {
                 client_connect_timeout: Duration::from_secs(10),
@@ -639,6 +711,7 @@ impl Config {
             ("listen.wss", self.listen.wss != new.listen.wss),
             ("listen.ws_path", self.listen.ws_path != new.listen.ws_path),
             ("listen.trusted_proxies", self.listen.trusted_proxies != new.listen.trusted_proxies),
+            ("listen.proxy_protocol", self.listen.proxy_protocol != new.listen.proxy_protocol),
             ("proxy.workers", self.proxy.workers != new.proxy.workers),
             ("[replication]", self.replication != new.replication),
             ("[sessions]", self.sessions != new.sessions),
@@ -839,6 +912,36 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         client_ca: path(file.tls.client_ca),
         broker_ca: path(file.tls.broker_ca),
     };
+    let pp = |key: &str, v: Option<&String>| -> Result<ProxyProtocol, ConfigError> {
+        match v.map(String::as_str) {
+            None | Some("off") => Ok(ProxyProtocol::Off),
+            Some("v1") => Ok(ProxyProtocol::V1),
+            Some("v2") => Ok(ProxyProtocol::V2),
+            Some(other) => Err(c.err(key, format!("{other:?} is not one of \"v1\", \"v2\", \"off\""))),
+        }
+    };
+    let proxy_protocol = match &file.listen.proxy_protocol {
+        None => ListenerProxyProtocol::default(),
+        Some(FileProxyProtocol::All(v)) => {
+            let all = pp("listen.proxy_protocol", Some(v))?;
+            ListenerProxyProtocol { mqtt: all, mqtts: all, ws: all, wss: all }
+        }
+        Some(FileProxyProtocol::Each { mqtt, mqtts, ws, wss }) => ListenerProxyProtocol {
+            mqtt: pp("listen.proxy_protocol.mqtt", mqtt.as_ref())?,
+            mqtts: pp("listen.proxy_protocol.mqtts", mqtts.as_ref())?,
+            ws: pp("listen.proxy_protocol.ws", ws.as_ref())?,
+            wss: pp("listen.proxy_protocol.wss", wss.as_ref())?,
+        },
+    };
+    let any_pp = [proxy_protocol.mqtt, proxy_protocol.mqtts, proxy_protocol.ws, proxy_protocol.wss]
+        .iter()
+        .any(|p| *p != ProxyProtocol::Off);
+    if any_pp && trusted_proxies.is_empty() {
+        return Err(c.err(
+            "listen.proxy_protocol",
+            "needs listen.trusted_proxies: the addresses of the balancers that send the header (a header from anyone else is refused)",
+        ));
+    }
     for (key, on) in [("listen.mqtts", mqtts.is_some()), ("listen.wss", wss.is_some())] {
         if on && (tls.cert.is_none() || tls.key.is_none()) {
             return Err(c.err(key, "a TLS listener needs [tls] cert and key (PEM files)"));
@@ -1099,7 +1202,7 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         }
     }
     Ok(Config {
-        listen: Listen { mqtt, mqtts, http, ws, wss, ws_path, trusted_proxies },
+        listen: Listen { mqtt, mqtts, http, ws, wss, ws_path, trusted_proxies, proxy_protocol },
         proxy,
         health,
         admin,
@@ -1148,6 +1251,14 @@ fn brokers_from_file(c: &Checker, list: Vec<FileBroker>) -> Result<Vec<BrokerCon
             enabled: b.enabled.unwrap_or(dflt.enabled),
             tls: b.tls.unwrap_or(dflt.tls),
             tls_name: b.tls_name,
+            proxy_protocol: match b.proxy_protocol.as_deref() {
+                None | Some("off") => ProxyProtocol::Off,
+                Some("v1") => ProxyProtocol::V1,
+                Some("v2") => ProxyProtocol::V2,
+                Some(other) => {
+                    return Err(c.err(key("proxy_protocol"), format!("{other:?} is not one of \"v1\", \"v2\", \"off\"")))
+                }
+            },
             source: None,
         });
     }
@@ -1179,6 +1290,7 @@ fn brokers_from_nginx(stream: &nginx::NginxStream) -> Vec<BrokerConfig> {
                 enabled: !s.down,
                 tls: false,
                 tls_name: None,
+            proxy_protocol: ProxyProtocol::Off,
                 source: Some(format!("line {}", s.line)),
             }
         })

@@ -45,6 +45,12 @@ impl Config {
             trusted.push(n.to_string());
         }
         listen["trusted_proxies"] = value(trusted);
+        let pp = &self.listen.proxy_protocol;
+        let mut per = toml_edit::InlineTable::new();
+        for (k, v) in [("mqtt", pp.mqtt), ("mqtts", pp.mqtts), ("ws", pp.ws), ("wss", pp.wss)] {
+            per.insert(k, v.as_str().into());
+        }
+        listen["proxy_protocol"] = value(per);
         doc["listen"] = Item::Table(listen);
 
         let h = &self.health;
@@ -154,6 +160,7 @@ impl Config {
             t["enabled"] = value(b.enabled);
             t["tls"] = value(b.tls);
             opt(&mut t, "tls_name", b.tls_name.clone());
+            t["proxy_protocol"] = value(b.proxy_protocol.as_str());
             brokers.push(t);
         }
         doc["broker"] = Item::ArrayOfTables(brokers);

@@ -129,7 +129,7 @@ async fn open(
     connect: &[u8],
     version: u8,
 ) -> Result<(Conn, bool, Vec<u8>), String> {
-    let (conn, ack, bytes) = up.handshake(broker, connect, version).await.map_err(|e| e.to_string())?;
+    let (conn, ack, bytes) = up.handshake(broker, connect, version, None).await.map_err(|e| e.to_string())?;
     if ack.code != 0 {
         return Err(format!("broker refused the session's CONNECT (code {:#04x})", ack.code));
     }

@@ -15,7 +15,11 @@ use crate::upstream::Upstream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::ProxyProtocol;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info};
@@ -52,18 +56,11 @@ type GoneCheck = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>>;
 pub const MOVE_REASONS: [&str; 5] =
     ["failback", "drain", "broker_disabled", "broker_removed", crate::pool::BROKER_DOWN];
 
-/// The client listeners, by what a connection goes through before its CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
-    Mqtt,
-    Mqtts,
-    Ws,
-    Wss,
-}
+pub use crate::config::Listener;
 
 /// Every `reason` of `meshgate_rejected_connections_total`: the setup's (`session`), the
 /// admission limits' (`limits`), the TLS handshake's and the WebSocket upgrade's.
-pub const REJECT_REASONS: [&str; 13] = [
+pub const REJECT_REASONS: [&str; 15] = [
     "connect_timeout",
     "closed_early",
     "malformed_connect",
@@ -74,6 +71,8 @@ pub const REJECT_REASONS: [&str; 13] = [
     "ws_handshake",
     "ws_path",
     "ws_subprotocol",
+    "proxy_untrusted",
+    "proxy_header",
     "max_connections",
     "per_source_connections",
     "connect_rate",
@@ -151,8 +150,7 @@ pub async fn accept_loop(
     stop: CancellationToken,
     kind: Listener,
 ) {
-    let tls = kind == Listener::Mqtts;
-    let limits = proxy.limits.clone();
+    let pp = proxy.listen.proxy_protocol.of(kind);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -160,35 +158,20 @@ pub async fn accept_loop(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) if matches!(kind, Listener::Ws | Listener::Wss) => {
+            Ok((stream, peer)) if pp != ProxyProtocol::Off || matches!(kind, Listener::Ws | Listener::Wss) => {
                 backoff = Duration::from_millis(5);
-                // Admitted during the upgrade, on the client's own address (the forwarded one
-                // behind a trusted proxy).
-                let proxy = proxy.clone();
-                tracker.spawn(session::handle_ws(proxy, stream, peer, kind == Listener::Wss));
+                // The client's address is known only after the PROXY header or the WebSocket
+                // upgrade: admitted then, in the connection's own task.
+                tracker.spawn(serve_late(proxy.clone(), stream, peer, kind, pp));
             }
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
-                let admitted = limits.admit(peer.ip(), &proxy.pool.proxy_config(), std::time::Instant::now());
-                match admitted {
-                    Ok(admission) if tls => {
-                        let proxy = proxy.clone();
-                        tracker.spawn(async move {
-                            session::handle_tls(proxy, stream, peer).await;
-                            drop(admission);
-                        });
-                    }
+                // Admitted before a task exists, so a refused client costs an accept and a close.
+                match proxy.limits.admit(peer.ip(), &proxy.pool.proxy_config(), std::time::Instant::now()) {
                     Ok(admission) => {
-                        let proxy = proxy.clone();
-                        tracker.spawn(async move {
-                            session::handle(proxy, stream, peer).await;
-                            drop(admission);
-                        });
+                        tracker.spawn(serve(proxy.clone(), stream, peer, kind, admission));
                     }
-                    Err(refusal) => {
-                        proxy.reject(refusal.reason(), format_args!("from {peer}"));
-                        drop(stream);
-                    }
+                    Err(refusal) => proxy.reject(refusal.reason(), format_args!("from {peer}")),
                 }
             }
             Err(e) => {
@@ -200,6 +183,48 @@ pub async fn accept_loop(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// An admitted MQTT or MQTT-over-TLS client; its place under the limits ends with it.
+async fn serve(proxy: Arc<Proxy>, stream: TcpStream, client: SocketAddr, kind: Listener, admission: limits::Admission) {
+    match kind {
+        Listener::Mqtts => session::handle_tls(proxy, stream, client).await,
+        _ => session::handle(proxy, stream, client).await,
+    }
+    drop(admission);
+}
+
+/// A connection whose client address comes later: from a PROXY protocol header, which only a
+/// trusted balancer may send (anyone else is refused and counted), and for WebSocket clients
+/// from the upgrade.
+async fn serve_late(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, kind: Listener, pp: ProxyProtocol) {
+    let mut client = peer;
+    if pp != ProxyProtocol::Off {
+        if !proxy.listen.trusted_proxies.iter().any(|n| n.contains(&peer.ip())) {
+            proxy.reject("proxy_untrusted", format_args!("from {peer}: not in listen.trusted_proxies"));
+            return;
+        }
+        let limit = proxy.pool.proxy_config().client_connect_timeout;
+        match tokio::time::timeout(limit, crate::transport::proxy_protocol::read(&mut stream, pp)).await {
+            Ok(Ok(Some(c))) => client = c,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                proxy.reject("proxy_header", format_args!("from {peer}: {e}"));
+                return;
+            }
+            Err(_) => {
+                proxy.reject("proxy_header", format_args!("from {peer}: no PROXY header within {limit:?}"));
+                return;
+            }
+        }
+    }
+    match kind {
+        Listener::Ws | Listener::Wss => session::handle_ws(proxy, stream, client, kind == Listener::Wss).await,
+        _ => match proxy.limits.admit(client.ip(), &proxy.pool.proxy_config(), std::time::Instant::now()) {
+            Ok(admission) => serve(proxy, stream, client, kind, admission).await,
+            Err(refusal) => proxy.reject(refusal.reason(), format_args!("from {client} (through {peer})")),
+        },
     }
 }
 

@@ -435,7 +435,7 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
         false => None,
     };
 
-    let Some((mut upstream, lease, ack, mut after_connack)) = establish(proxy, &packet, &connect).await else {
+    let Some((mut upstream, lease, ack, mut after_connack)) = establish(proxy, &packet, &connect, peer).await else {
         proxy.reject("no_broker", format_args!("client {:?}: every broker tried failed", connect.client_id));
         let _ = timeout(Duration::from_secs(1), write_all(&mut client, connack::unavailable(connect.version))).await;
         return None;
@@ -608,7 +608,12 @@ async fn read_connect(client: &mut Conn, limit: Duration, max: u32) -> Result<(V
 /// Tries brokers in selection order until one answers the CONNECT with a CONNACK that is not
 /// a broker failure. Returns the connected upstream, its lease, the CONNACK and the bytes to
 /// send the client (the CONNACK and anything after it).
-async fn establish(proxy: &Arc<Proxy>, packet: &[u8], connect: &Connect) -> Option<(Conn, Lease, Connack, Vec<u8>)> {
+async fn establish(
+    proxy: &Arc<Proxy>,
+    packet: &[u8],
+    connect: &Connect,
+    peer: SocketAddr,
+) -> Option<(Conn, Lease, Connack, Vec<u8>)> {
     let cfg = proxy.pool.proxy_config();
     let mut tried: Vec<Arc<Broker>> = Vec::new();
     // Each failed attempt is the broker's story (passive accounting, the broker's own
@@ -620,7 +625,7 @@ async fn establish(proxy: &Arc<Proxy>, packet: &[u8], connect: &Connect) -> Opti
         if attempt > 0 {
             proxy.pool.metrics.connect_retries.inc();
         }
-        match proxy.upstream.handshake(&broker.config(), packet, connect.version).await {
+        match proxy.upstream.handshake(&broker.config(), packet, connect.version, Some(peer)).await {
             Ok((stream, ack, bytes)) => {
                 proxy.pool.record_success(&broker);
                 if attempt > 0 {

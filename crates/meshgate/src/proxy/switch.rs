@@ -234,6 +234,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
         target.config(),
         live.connect.clone(),
         version,
+        live.session.session.info.peer,
         subs.clone(),
         Instant::now() + cfg.upstream_connect_timeout + cfg.connack_timeout,
         abandon.clone(),
@@ -452,13 +453,14 @@ async fn prepare_task(
     target: Arc<crate::config::BrokerConfig>,
     connect: Box<[u8]>,
     version: u8,
+    client: std::net::SocketAddr,
     subs: Vec<(String, crate::durable::Sub)>,
     deadline: Instant,
     abandon: tokio_util::sync::CancellationToken,
 ) -> Result<(Conn, Vec<u8>), SwitchError> {
     let mut conn: Option<Conn> = None;
     let work = async {
-        let (c, ack, bytes) = upstream.handshake(&target, &connect, version).await.map_err(SwitchError::Connect)?;
+        let (c, ack, bytes) = upstream.handshake(&target, &connect, version, Some(client)).await.map_err(SwitchError::Connect)?;
         if ack.code != 0 {
             return Err(SwitchError::Refused(ack.code));
         }

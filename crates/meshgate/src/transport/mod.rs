@@ -1,6 +1,7 @@
 //! What carries MQTT bytes: a connection that is plain TCP, TLS or a WebSocket (`Conn`), the certificates behind TLS (`tls`) and the WebSocket upgrade (`ws`), for clients and brokers alike.
 
 pub mod conn;
+pub mod proxy_protocol;
 pub mod tls;
 pub mod ws;
 

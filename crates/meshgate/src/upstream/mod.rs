@@ -84,6 +84,9 @@ pub struct Upstream {
     /// Keyed by address, so the slots outlive reloads and a broker's slots are shared by every
     /// session; one entry per broker address ever configured.
     gates: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Where clients reach meshgate: the destination of a PROXY protocol header sent on a
+    /// client's behalf.
+    front: Option<std::net::SocketAddr>,
 }
 
 impl Upstream {
@@ -93,6 +96,7 @@ impl Upstream {
             tls: Default::default(),
             timeouts: ArcSwap::from_pointee(timeouts(config)),
             gates: Default::default(),
+            front: config.listen.mqtt.parse().ok(),
         };
         up.reload(config)?;
         Ok(up)
@@ -105,6 +109,7 @@ impl Upstream {
             tls: Default::default(),
             timeouts: ArcSwap::from_pointee(Timeouts { connect: limit, connack: limit }),
             gates: Default::default(),
+            front: None,
         }
     }
 
@@ -133,7 +138,25 @@ impl Upstream {
     /// A connection to `broker` that speaks what the broker speaks: TCP, or TLS verified against
     /// `[tls] broker_ca` and the broker's `tls_name`.
     pub async fn connect(&self, broker: &BrokerConfig) -> Result<Conn, AttemptError> {
-        let stream = self.tcp(&broker.address).await?;
+        self.connect_as(broker, None).await
+    }
+
+    /// [`Upstream::connect`] on behalf of `client` (its address goes into the PROXY protocol
+    /// header of a broker with `proxy_protocol`; meshgate's own address without a client).
+    pub async fn connect_as(&self, broker: &BrokerConfig, client: Option<std::net::SocketAddr>) -> Result<Conn, AttemptError> {
+        let mut stream = self.tcp(&broker.address).await?;
+        if broker.proxy_protocol != crate::config::ProxyProtocol::Off {
+            let (local, peer) = (stream.local_addr(), stream.peer_addr());
+            let (Ok(local), Ok(peer)) = (local, peer) else {
+                return Err(AttemptError::Protocol("the broker connection has no address".into()));
+            };
+            let (source, destination) = match client {
+                Some(c) => (c, self.front.unwrap_or(local)),
+                None => (local, peer),
+            };
+            let header = crate::transport::proxy_protocol::header(broker.proxy_protocol, source, destination);
+            crate::transport::write_all(&mut stream, &header).await.map_err(AttemptError::Connect)?;
+        }
         if !broker.tls {
             return Ok(Conn::Tcp(stream));
         }
@@ -172,6 +195,7 @@ impl Upstream {
         broker: &BrokerConfig,
         packet: &[u8],
         version: u8,
+        client: Option<std::net::SocketAddr>,
     ) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
         let t = **self.timeouts.load();
         // Queueing for a handshake slot counts as connecting.
@@ -179,7 +203,7 @@ impl Upstream {
         let Ok(Ok(_slot)) = timeout(t.connect, gate.acquire_owned()).await else {
             return Err(AttemptError::ConnectTimeout(t.connect));
         };
-        let mut conn = self.connect(broker).await?;
+        let mut conn = self.connect_as(broker, client).await?;
         let deadline = Instant::now() + t.connack;
         let exchange = async {
             crate::transport::write_all(&mut conn, packet).await.map_err(AttemptError::Connect)?;
