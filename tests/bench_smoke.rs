@@ -148,3 +148,84 @@ fn compare_smoke_runs_every_load_against_every_front_end() {
         assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"), "{svg}");
     }
 }
+
+/// `compare --coordination --smoke`: meshgate without and with `[coordination]`, in front of
+/// the same Mosquitto, against a real etcd the bench starts; every load once for about a
+/// second. Both rows come out with rates, etcd's CPU time is reported apart, the claims reached
+/// etcd, and an existing page keeps what is outside the section. Needs Debian's etcd-server.
+#[test]
+fn compare_coordination_smoke_measures_off_and_on() {
+    assert!(
+        std::path::Path::new("/usr/bin/etcd").exists(),
+        "the coordination comparison needs etcd: install it with `scripts/deps test` (Debian package etcd-server)"
+    );
+    let out_dir = tempfile::tempdir().unwrap();
+    let md_path = out_dir.path().join("benchmarks.md");
+    let kept =
+        "# page\n\n<!-- bench-compare:begin (x) -->\nthe four front ends\n<!-- bench-compare:end -->\n\nby hand\n";
+    std::fs::write(&md_path, kept).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["bench", "compare", "--coordination", "--smoke", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .expect("meshgate bench compare runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "compare --coordination --smoke failed:\n{stderr}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("benchmarks-coordination.json")).unwrap()).unwrap();
+    assert_eq!(results["settings"]["coordination"], true);
+    let runs = results["runs"].as_array().unwrap();
+    // qos0, qos1, connect x off and on.
+    assert_eq!(runs.len(), 6, "{stderr}");
+    for r in runs {
+        assert!(r["report"].is_object() && r["error"].is_null(), "{r:#}\n{stderr}");
+        let on = match r["front_end"].as_str() {
+            Some("meshgate") => false,
+            Some("meshgate_etcd") => true,
+            other => panic!("front end {other:?}: {r:#}"),
+        };
+        let rep = &r["report"];
+        match rep["load"].as_str() {
+            Some("pubsub") => {
+                assert!(f(rep, "/msgs_per_sec") > 0.0 && f(rep, "/cpu_us_per_msg") > 0.0, "{r:#}");
+                assert_eq!(rep["etcd_cpu_us_per_msg"].is_number(), on, "etcd CPU only with coordination: {r:#}");
+            }
+            Some("connect") => {
+                assert!(f(rep, "/connects_per_sec") > 0.0 && f(rep, "/cpu_us_per_connect") > 0.0, "{r:#}");
+                assert!(f(rep, "/latency/p50_us") <= f(rep, "/latency/p99_us"), "{r:#}");
+                // Measured by the comparison until the last claim was written, too.
+                assert!(f(r, "/coordination/meshgate_cpu_ns") > 0.0, "{r:#}");
+                if on {
+                    // etcd applied every CONNECT's claim and release, and spent CPU on them.
+                    assert!(f(rep, "/etcd_cpu_us_per_connect") > 0.0, "{r:#}");
+                    assert!(f(r, "/coordination/etcd_cpu_ns") > 0.0, "{r:#}");
+                    let (puts, connects) = (f(r, "/coordination/etcd_writes/puts"), f(rep, "/connects"));
+                    assert!(puts >= connects, "{puts} puts for {connects} CONNECTs: {r:#}");
+                    assert!(f(r, "/coordination/etcd_writes/deletes") > 0.0, "{r:#}");
+                }
+            }
+            other => panic!("load {other:?}: {r:#}"),
+        }
+        // What reached etcd is read only where there is an etcd.
+        assert_eq!(r["coordination"]["etcd_writes"].is_object(), on, "{r:#}");
+    }
+    let md = std::fs::read_to_string(&md_path).unwrap();
+    assert!(md.starts_with(kept.trim_end()), "the rest of the page was changed:\n{md}");
+    for text in [
+        "## Coordination through etcd: on vs off",
+        "coordination off",
+        "coordination on",
+        "on / off",
+        "etcd CPU per CONNECT",
+        "CONNECT→CONNACK p99",
+        "<!-- bench-coordination:end -->",
+    ] {
+        assert!(md.contains(text), "benchmarks.md lacks {text}:\n{md}");
+    }
+    let svg = std::fs::read_to_string(out_dir.path().join("benchmarks-coordination-cpu.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}

@@ -8,7 +8,13 @@
 //! fresh runtime and the orchestrator never shares a core's time slice with it. Idle-session
 //! and failover runs start the brokers and the front end under test afresh, so memory and
 //! failure state do not carry over from an earlier run.
+//!
+//! `--coordination` compares meshgate with itself instead: the same config in front of the
+//! same Mosquitto, once without `[coordination]` and once with it against a real etcd started
+//! here ([`super::etcd`]); CONNECT rate and latency, CPU per message and per CONNECT, etcd's
+//! own CPU apart, into its own section of docs/benchmarks.md.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -17,9 +23,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use super::report;
+use super::load::CpuWindow;
 use super::stats::median;
 use super::Report;
+use super::{etcd, report};
 use crate::{cluster, procfs};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -52,12 +59,24 @@ pub struct CompareArgs {
     /// The meshgate binary to run as the front end and as the load generator (default: this one).
     #[arg(long)]
     pub meshgate_bin: Option<PathBuf>,
-    /// Front ends to include (comma-separated): direct, nginx, haproxy, meshgate.
-    #[arg(long, value_delimiter = ',', default_value = "direct,nginx,haproxy,meshgate")]
-    pub front_ends: Vec<String>,
-    /// Loads to run (comma-separated): qos0, qos0x16, qos1, qos1x16, latency, connect, idle, failover.
-    #[arg(long, value_delimiter = ',', default_value = "qos0,qos0x16,qos1,qos1x16,latency,connect,idle,failover")]
-    pub loads: Vec<String>,
+    /// Front ends to include (comma-separated): direct, nginx, haproxy, meshgate [default: all
+    /// four; with --coordination meshgate without and with it, always].
+    #[arg(long, value_delimiter = ',')]
+    pub front_ends: Option<Vec<String>>,
+    /// Loads to run (comma-separated): qos0, qos0x16, qos1, qos1x16, latency, connect, idle,
+    /// failover [default: all; with --coordination qos0,qos1,connect, and idle and failover
+    /// are not offered].
+    #[arg(long, value_delimiter = ',')]
+    pub loads: Option<Vec<String>>,
+    /// Coordination off vs on instead of the four front ends: meshgate with the same config in
+    /// front of the same Mosquitto, without `[coordination]` and with it against a real etcd
+    /// started here (Debian's etcd-server); writes its own section of docs/benchmarks.md.
+    #[arg(long)]
+    pub coordination: bool,
+    /// etcd's client address with --coordination (loopback; its peer URL takes the next port)
+    /// [default: <net>.20:23790].
+    #[arg(long)]
+    pub etcd: Option<SocketAddr>,
     /// meshgate's `[proxy] workers`: 1 by default, the thread budget of the shipped nginx
     /// (`worker_processes 1`); 0 = one per core, meshgate's own default.
     #[arg(long, default_value_t = 1)]
@@ -83,6 +102,9 @@ pub enum FrontEnd {
     Nginx,
     Haproxy,
     Meshgate,
+    /// meshgate with `[coordination]` against the etcd the comparison runs (`--coordination`).
+    #[serde(rename = "meshgate_etcd")]
+    MeshgateEtcd,
 }
 
 impl FrontEnd {
@@ -94,6 +116,7 @@ impl FrontEnd {
             FrontEnd::Nginx => "nginx",
             FrontEnd::Haproxy => "HAProxy",
             FrontEnd::Meshgate => "meshgate",
+            FrontEnd::MeshgateEtcd => "meshgate + etcd",
         }
     }
 
@@ -114,6 +137,7 @@ impl FrontEnd {
             FrontEnd::Meshgate => 1,
             FrontEnd::Nginx => 2,
             FrontEnd::Haproxy => 3,
+            FrontEnd::MeshgateEtcd => 4,
         }
     }
 }
@@ -190,6 +214,12 @@ pub struct Settings {
     pub meshgate_workers: u32,
     pub net: String,
     pub command: String,
+    /// `--coordination`: meshgate without and with `[coordination]`, not the four front ends.
+    #[serde(default)]
+    pub coordination: bool,
+    /// etcd's client address in a coordination run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<String>,
 }
 
 /// One load against one front end in one round.
@@ -200,6 +230,38 @@ pub struct Run {
     pub round: usize,
     pub report: Option<Report>,
     pub error: Option<String>,
+    /// meshgate with `[coordination]`: what reached etcd during the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordination: Option<CoordinationRun>,
+}
+
+/// One run of a `--coordination` comparison as the comparison itself measured it: from just
+/// before the load generator started until meshgate's claim queue was empty again (without
+/// `[coordination]`, until the generator exited), so the claims written after the last
+/// client count too.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoordinationRun {
+    /// etcd's applied writes (with `[coordination]`).
+    pub etcd_writes: Option<etcd::Writes>,
+    /// From the load generator's exit until meshgate had no claim left to write: how far the
+    /// claims writer was behind the clients (with `[coordination]`).
+    pub claims_drained_s: Option<f64>,
+    /// The whole window, seconds.
+    pub settled_s: f64,
+    /// CPU time over the window: meshgate's, Mosquitto's and etcd's (with `[coordination]`).
+    pub meshgate_cpu_ns: Option<u64>,
+    pub mosquitto_cpu_ns: Option<u64>,
+    pub etcd_cpu_ns: Option<u64>,
+}
+
+impl CoordinationRun {
+    /// CPU time per CONNECT of one of the three, µs, for a connection-setup run.
+    pub fn per_connect(&self, ns: Option<u64>, report: &Report) -> Option<f64> {
+        match report {
+            Report::Connect(c) if c.connects > 0 => Some(ns? as f64 / 1000.0 / c.connects as f64),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -223,6 +285,8 @@ pub struct Machine {
     pub nginx: String,
     pub haproxy: String,
     pub meshgate: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<String>,
 }
 
 pub fn main(a: CompareArgs) -> anyhow::Result<()> {
@@ -236,13 +300,37 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let smoke = a.smoke;
-    let front_ends: Vec<FrontEnd> = a.front_ends.iter().map(|s| FrontEnd::parse(s)).collect::<Result<_, _>>()?;
-    let loads: Vec<LoadKind> = a.loads.iter().map(|s| LoadKind::parse(s)).collect::<Result<_, _>>()?;
-    let net = a.net.clone().unwrap_or_else(|| if smoke { "127.200.1" } else { "127.200.0" }.to_string());
+    let coordination = a.coordination;
+    let front_ends: Vec<FrontEnd> = match (&a.front_ends, coordination) {
+        (Some(_), true) => bail!("--coordination compares meshgate without and with [coordination]: no --front-ends"),
+        (None, true) => vec![FrontEnd::Meshgate, FrontEnd::MeshgateEtcd],
+        (Some(f), false) => f.iter().map(|s| FrontEnd::parse(s)).collect::<Result<_, _>>()?,
+        (None, false) => FrontEnd::ALL.to_vec(),
+    };
+    let loads: Vec<LoadKind> = match &a.loads {
+        Some(l) => l.iter().map(|s| LoadKind::parse(s)).collect::<Result<_, _>>()?,
+        None if coordination => vec![LoadKind::Qos0, LoadKind::Qos1, LoadKind::Connect],
+        None => LoadKind::ALL.to_vec(),
+    };
+    if coordination {
+        // Both need fresh processes per run, and a claim's cost is in the steady loads already.
+        if let Some(l) = loads.iter().find(|l| matches!(l, LoadKind::Idle | LoadKind::Failover)) {
+            bail!("--coordination runs qos0, qos0x16, qos1, qos1x16, latency and connect, not {}", l.label());
+        }
+    }
+    // Blocks of their own, so a coordination smoke test can run beside the comparison's.
+    let default_net = match (coordination, smoke) {
+        (false, false) => "127.200.0",
+        (false, true) => "127.200.1",
+        (true, false) => "127.200.2",
+        (true, true) => "127.200.3",
+    };
+    let net = a.net.clone().unwrap_or_else(|| default_net.to_string());
     anyhow::ensure!(
         net.starts_with("127.200.") && net.split('.').count() == 3,
         "--net must be three octets under 127.200 (e.g. 127.200.0), got {net:?}"
     );
+    let etcd_addr = coordination.then(|| a.etcd.unwrap_or_else(|| format!("{net}.20:23790").parse().expect("valid")));
     let settings = Settings {
         smoke,
         rounds: a.rounds.unwrap_or(if smoke { 1 } else { 3 }).max(1),
@@ -262,6 +350,8 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         meshgate_workers: a.meshgate_workers,
         net,
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        coordination,
+        etcd: etcd_addr.map(|a| a.to_string()),
     };
     let bin = match &a.meshgate_bin {
         Some(p) => p.clone(),
@@ -282,7 +372,7 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
     // On SIGINT or SIGTERM the comparison is dropped, and with it every process it started
     // (brokers, front ends, load generators), so a stopped run leaves nothing behind.
     let result = rt.block_on(async {
-        let run = Comparison { s: settings, bin, work: work.clone(), extra, runs: Vec::new() }.run();
+        let run = Comparison { s: settings, bin, work: work.clone(), extra, runs: Vec::new(), etcd: etcd_addr }.run();
         tokio::select! {
             r = run => r,
             sig = stop_signal() => Err(anyhow::anyhow!("stopped by {}; every process it started was stopped", sig?)),
@@ -294,15 +384,20 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&work);
     }
     let (settings, runs) = result?;
-    let results =
-        Results { machine: machine(), settings, runs, started: started_at, elapsed_s: started.elapsed().as_secs_f64() };
+    let mut machine = machine();
+    if settings.coordination {
+        machine.etcd = Some(first_line("etcd", &["--version"]));
+    }
+    let results = Results { machine, settings, runs, started: started_at, elapsed_s: started.elapsed().as_secs_f64() };
     let summary = report::Summary::of(&results);
     report::write(&results, &summary, &out)?;
     println!("{}", summary.text_table());
+    let files = report::Files::of(&results.settings);
     eprintln!(
-        "wrote {} (JSON {}, charts benchmarks-*.svg) in {:.0} s",
+        "wrote {} (JSON {}, charts {}*.svg) in {:.0} s",
         out.join("benchmarks.md").display(),
-        out.join("benchmarks.json").display(),
+        out.join(files.json).display(),
+        files.chart_prefix,
         results.elapsed_s
     );
     let failed: Vec<String> = results
@@ -342,6 +437,9 @@ fn preflight(s: &Settings) -> anyhow::Result<()> {
     if s.front_ends.contains(&FrontEnd::Haproxy) {
         haproxy_binary()?;
     }
+    if s.front_ends.contains(&FrontEnd::MeshgateEtcd) {
+        etcd::binary()?;
+    }
     Ok(())
 }
 
@@ -367,6 +465,8 @@ struct Comparison {
     work: PathBuf,
     extra: Vec<String>,
     runs: Vec<Run>,
+    /// etcd's client address, with `--coordination`.
+    etcd: Option<SocketAddr>,
 }
 
 /// A started process we own: stopped (SIGTERM, then SIGKILL) and reaped when dropped.
@@ -388,11 +488,13 @@ impl Drop for Proc {
     }
 }
 
-/// The processes of one setup: the brokers and the front ends started.
+/// The processes of one setup: the brokers, the front ends started and, for meshgate with
+/// `[coordination]`, etcd (dropped last, after the meshgate that uses it has stopped).
 struct Setup {
     primary: Proc,
     _backup: Proc,
     front: Vec<(FrontEnd, Option<Proc>)>,
+    etcd: Option<Proc>,
 }
 
 impl Setup {
@@ -402,6 +504,11 @@ impl Setup {
             FrontEnd::Direct => vec![self.primary.pid()],
             _ => self.front.iter().filter(|(f, _)| *f == fe).filter_map(|(_, p)| p.as_ref().map(Proc::pid)).collect(),
         }
+    }
+
+    /// etcd's pid where the front end is meshgate with `[coordination]`.
+    fn etcd_pid(&self, fe: FrontEnd) -> Option<u32> {
+        self.etcd.as_ref().filter(|_| fe == FrontEnd::MeshgateEtcd).map(Proc::pid)
     }
 }
 
@@ -496,7 +603,7 @@ impl Comparison {
                     // Fresh brokers and a fresh front end: no memory or failure state carried over.
                     match self.start(&[fe]).await {
                         Ok(setup) => self.one(load, fe, round, &setup).await,
-                        Err(e) => self.record(load, fe, round, Err(format!("{e:#}"))),
+                        Err(e) => self.record(load, fe, round, Err(format!("{e:#}")), None),
                     }
                 }
             }
@@ -512,19 +619,37 @@ impl Comparison {
             .collect()
     }
 
-    fn record(&mut self, load: LoadKind, fe: FrontEnd, round: usize, r: Result<Report, String>) {
+    fn record(
+        &mut self,
+        load: LoadKind,
+        fe: FrontEnd,
+        round: usize,
+        r: Result<Report, String>,
+        coordination: Option<CoordinationRun>,
+    ) {
         let n = self.runs.len() + 1;
         let total = self.total_runs();
-        let line = match &r {
+        let mut line = match &r {
             Ok(rep) => report::one_line(rep),
             Err(e) => format!("FAILED: {e}"),
         };
+        if let (Some(w), Some(d)) =
+            (coordination.as_ref().and_then(|c| c.etcd_writes), coordination.as_ref().and_then(|c| c.claims_drained_s))
+        {
+            let _ = write!(
+                line,
+                "; etcd {} puts, {} deletes, all claims written {:.0} ms after the last client",
+                w.puts,
+                w.deletes,
+                d * 1000.0
+            );
+        }
         eprintln!("[{n:>3}/{total}] round {} {:<24} {:<9} {line}", round + 1, load.label(), fe.label());
         let (report, error) = match r {
             Ok(rep) => (Some(rep), None),
             Err(e) => (None, Some(e)),
         };
-        self.runs.push(Run { load, front_end: fe, round, report, error });
+        self.runs.push(Run { load, front_end: fe, round, report, error, coordination });
     }
 
     async fn one(&mut self, load: LoadKind, fe: FrontEnd, round: usize, setup: &Setup) {
@@ -550,6 +675,13 @@ impl Comparison {
             LoadKind::Connect => {
                 args.extend(["connect".into(), "--duration".into(), d.clone()]);
                 args.extend(["--concurrency".into(), self.s.connect_concurrency.to_string()]);
+                // CPU time per CONNECT, of the front end and of the broker behind it.
+                if fe != FrontEnd::Direct {
+                    for p in setup.pids(fe) {
+                        args.extend(["--pid".into(), p.to_string()]);
+                    }
+                }
+                args.extend(["--broker-pid".into(), setup.primary.pid().to_string()]);
             }
             LoadKind::Idle => {
                 args.extend(["idle".into(), "--sessions".into(), self.s.idle_sessions.to_string()]);
@@ -575,9 +707,91 @@ impl Comparison {
             }
             args.extend(["--broker-pid".into(), setup.primary.pid().to_string()]);
         }
+        // etcd's CPU time is reported apart from meshgate's, for the loads that read CPU time.
+        if let Some(pid) = setup.etcd_pid(fe).filter(|_| !matches!(load, LoadKind::Idle | LoadKind::Failover)) {
+            args.extend(["--etcd-pid".into(), pid.to_string()]);
+        }
         args.extend(self.extra.iter().cloned());
-        let r = self.bench(&args).await;
-        self.record(load, fe, round, r);
+        if !self.s.coordination {
+            let r = self.bench(&args).await;
+            self.record(load, fe, round, r, None);
+            return;
+        }
+        let (r, coordination) = self.settled(&args, fe, setup).await;
+        self.record(load, fe, round, r, coordination);
+    }
+
+    /// A coordination run's load, measured until the claims it caused are in etcd: the
+    /// claims are written behind the clients' backs, so the generator's own window would miss
+    /// what meshgate and etcd do after its last client. CPU time is read here from just before
+    /// the generator starts until meshgate's claim queue is empty again (without
+    /// `[coordination]`: until the generator exits), etcd's write counters likewise.
+    async fn settled(
+        &self,
+        args: &[String],
+        fe: FrontEnd,
+        setup: &Setup,
+    ) -> (Result<Report, String>, Option<CoordinationRun>) {
+        let etcd = self.etcd.filter(|_| fe == FrontEnd::MeshgateEtcd);
+        let groups = [setup.pids(fe), vec![setup.primary.pid()], setup.etcd_pid(fe).into_iter().collect()];
+        let before = match etcd {
+            Some(e) => etcd::writes(e).await,
+            None => None,
+        };
+        let cpu = CpuWindow::start(&groups);
+        let started = Instant::now();
+        let r = self.bench(args).await;
+        let ended = Instant::now();
+        if etcd.is_some() {
+            if let Err(e) = self.claims_drained(fe).await {
+                return (Err(format!("{e:#}")), None);
+            }
+        }
+        let [meshgate_ns, mosquitto_ns, etcd_ns] = cpu.end(&groups);
+        let drained = Instant::now();
+        let etcd_writes = match (etcd, before) {
+            (None, _) => None,
+            (Some(e), Some(b)) => match etcd::writes(e).await {
+                Some(a) => Some(a.since(b)),
+                None => return (Err(format!("etcd's /metrics on {e} did not answer")), None),
+            },
+            (Some(e), None) => return (Err(format!("etcd's /metrics on {e} did not answer")), None),
+        };
+        let run = CoordinationRun {
+            etcd_writes,
+            claims_drained_s: etcd.map(|_| drained.duration_since(ended).as_secs_f64()),
+            settled_s: drained.duration_since(started).as_secs_f64(),
+            meshgate_cpu_ns: meshgate_ns,
+            mosquitto_cpu_ns: mosquitto_ns,
+            etcd_cpu_ns: etcd_ns,
+        };
+        (r, Some(run))
+    }
+
+    /// Waits until meshgate's `[coordination]` claim queue is empty (its /metrics), within a
+    /// deadline: a writer that cannot keep up is an error of the run, not a slow number.
+    async fn claims_drained(&self, fe: FrontEnd) -> anyhow::Result<()> {
+        let http = self.http(fe).to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = crate::suite::get_text(&http, "/metrics").await.unwrap_or_default();
+            let queued = etcd::metric(&text, "meshgate_coordination_claims_queued");
+            // A session's release is queued when meshgate has seen its connection close, which
+            // can be just after the generator exits: no session left, and nothing queued.
+            let sessions: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("meshgate_sessions_active{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if queued == Some(0.0) && sessions == 0.0 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("meshgate still had {queued:?} claims queued for etcd and {sessions} sessions open 30 s after the load");
+            }
+            // Every scrape costs meshgate CPU inside the measured window: a few per second.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Runs `meshgate bench ARGS` and parses its JSON.
@@ -603,13 +817,16 @@ impl Comparison {
     async fn start(&self, front: &[FrontEnd]) -> anyhow::Result<Setup> {
         let primary = self.start_broker("broker1", 10).await?;
         let backup = self.start_broker("broker2", 11).await?;
-        let mut setup = Setup { primary, _backup: backup, front: Vec::new() };
+        let mut setup = Setup { primary, _backup: backup, front: Vec::new(), etcd: None };
+        if front.contains(&FrontEnd::MeshgateEtcd) {
+            setup.etcd = Some(self.start_etcd().await?);
+        }
         for &fe in front {
             let p = match fe {
                 FrontEnd::Direct => None,
                 FrontEnd::Nginx => Some(self.start_nginx().await?),
                 FrontEnd::Haproxy => Some(self.start_haproxy().await?),
-                FrontEnd::Meshgate => Some(self.start_meshgate().await?),
+                FrontEnd::Meshgate | FrontEnd::MeshgateEtcd => Some(self.start_meshgate(fe).await?),
             };
             setup.front.push((fe, p));
         }
@@ -667,7 +884,36 @@ impl Comparison {
         Ok(p)
     }
 
-    fn meshgate_toml(&self, listen: SocketAddr) -> String {
+    /// meshgate's HTTP API in a coordination run, where the comparison reads its claim queue.
+    fn http(&self, fe: FrontEnd) -> SocketAddr {
+        self.addr(fe.octet(), 8080)
+    }
+
+    /// The etcd of `--coordination`, its data under the run's directory; waits until it answers.
+    async fn start_etcd(&self) -> anyhow::Result<Proc> {
+        let client = self.etcd.context("no etcd address")?;
+        let mut cmd = etcd::command(&etcd::binary()?, client, &self.work.join("etcd-data"))?;
+        let mut p = self.spawn("etcd", &mut cmd)?;
+        let deadline = Instant::now() + etcd::READY;
+        while !etcd::healthy(client).await {
+            let exited = matches!(p.child.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > deadline {
+                bail!("etcd did not answer on {client}: {}", self.log_tail("etcd"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(p)
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let log = std::fs::read_to_string(self.work.join(format!("{name}.log"))).unwrap_or_default();
+        log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(empty log)").to_string()
+    }
+
+    /// meshgate's config: listening on `listen`, the shipped broker settings; in a coordination
+    /// run its HTTP API too (on and off alike, so the configs differ only in `[coordination]`),
+    /// and `[coordination]` itself when `etcd` is given.
+    fn meshgate_toml(&self, listen: SocketAddr, http: Option<SocketAddr>, etcd: Option<SocketAddr>) -> String {
         use toml::{Table, Value};
         let table = |pairs: Vec<(&str, Value)>| Value::Table(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect());
         // The shipped configs/meshgate.toml's broker settings, on the benchmark's two brokers,
@@ -678,29 +924,55 @@ impl Comparison {
             b.extend([("max_fails", 3.into()), ("fail_timeout", "30s".into())]);
             table(b)
         };
-        let doc: Table = [
-            ("listen", table(vec![("mqtt", listen.to_string().into()), ("http", "off".into())])),
+        let http = http.map_or_else(|| "off".to_string(), |a| a.to_string());
+        let mut doc: Table = [
+            ("listen", table(vec![("mqtt", listen.to_string().into()), ("http", http.into())])),
             ("proxy", table(vec![("workers", i64::from(self.s.meshgate_workers).into())])),
             ("broker", Value::Array(vec![broker("broker1", 10, Some(5)), broker("broker2", 11, None)])),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if let Some(etcd) = etcd {
+            // The default lease (3 s); a prefix of its own so nothing else's keys mix in.
+            let urls = Value::Array(vec![format!("http://{etcd}").into()]);
+            let co = table(vec![("etcd", urls), ("instance", "bench".into()), ("prefix", "/meshgate-bench/".into())]);
+            doc.insert("coordination".into(), co);
+        }
         doc.to_string()
     }
 
-    async fn start_meshgate(&self) -> anyhow::Result<Proc> {
-        let listen = self.target(FrontEnd::Meshgate);
-        let conf = self.work.join("meshgate.toml");
-        std::fs::write(&conf, self.meshgate_toml(listen))?;
-        let mut p = self.spawn("meshgate", Command::new(&self.bin).arg("run").arg("--config").arg(&conf))?;
+    async fn start_meshgate(&self, fe: FrontEnd) -> anyhow::Result<Proc> {
+        let listen = self.target(fe);
+        let coordination = fe == FrontEnd::MeshgateEtcd;
+        let name = if coordination { "meshgate-etcd" } else { "meshgate" };
+        let conf = self.work.join(format!("{name}.toml"));
+        let http = self.s.coordination.then(|| self.http(fe));
+        std::fs::write(&conf, self.meshgate_toml(listen, http, self.etcd.filter(|_| coordination)))?;
+        let mut p = self.spawn(name, Command::new(&self.bin).arg("run").arg("--config").arg(&conf))?;
         self.ready(&mut p, listen).await?;
+        if coordination {
+            // Measured with its etcd session live (lease granted, claims being written), not
+            // while it is still degraded and only queueing.
+            let http = self.http(fe).to_string();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let text = crate::suite::get_text(&http, "/metrics").await;
+                if text.as_deref().and_then(|t| etcd::metric(t, "meshgate_coordination_up")) == Some(1.0) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("meshgate's etcd session on {} was not up within 20 s: {}", http, self.log_tail(name));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         Ok(p)
     }
 
     async fn start_nginx(&self) -> anyhow::Result<Proc> {
         let listen = self.target(FrontEnd::Nginx);
-        let config = meshgate::Config::from_toml(&self.meshgate_toml(listen), "benchmark")?;
+        let config = meshgate::Config::from_toml(&self.meshgate_toml(listen, None, None), "benchmark")?;
         let conf = nginx_conf(&cluster::nginx::render(&config), self.s.idle_sessions);
         let prefix = self.work.join("nginx");
         std::fs::create_dir_all(prefix.join("logs"))?;
@@ -828,6 +1100,7 @@ pub fn machine() -> Machine {
             Some(c) => format!("{} ({c})", meshgate::VERSION),
             None => meshgate::VERSION.to_string(),
         },
+        etcd: None,
     }
 }
 

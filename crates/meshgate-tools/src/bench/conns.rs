@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::load::CpuWindow;
 use super::stats::{Errors, Percentiles};
 use super::wire;
 use crate::procfs::rss_of;
@@ -28,6 +29,10 @@ pub struct ConnectOptions {
     pub concurrency: usize,
     pub duration: Duration,
     pub connect_timeout: Duration,
+    /// Front-end, broker and etcd processes whose CPU time per CONNECT to report.
+    pub pids: Vec<u32>,
+    pub broker_pids: Vec<u32>,
+    pub etcd_pids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,6 +45,16 @@ pub struct ConnectReport {
     pub connects_per_sec: f64,
     pub latency: Percentiles,
     pub errors: Errors,
+    /// CPU time the front end (`--pid`, with its children) used over the run, per session set
+    /// up, µs: the accept, CONNECT, broker connection and CONNACK, and the teardown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_connect: Option<f64>,
+    /// The same for the brokers (`--broker-pid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_us_per_connect: Option<f64>,
+    /// The same for etcd (`--etcd-pid`): the claim of each client id and its release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_cpu_us_per_connect: Option<f64>,
 }
 
 /// `concurrency` loops, each: connect, CONNECT, CONNACK, DISCONNECT, close, again.
@@ -48,6 +63,8 @@ pub async fn connect_rate(o: ConnectOptions, progress: bool) -> ConnectReport {
     let started = Instant::now();
     let end = started + o.duration;
     let done = Arc::new(AtomicU64::new(0));
+    let cpu_groups = [o.pids.clone(), o.broker_pids.clone(), o.etcd_pids.clone()];
+    let cpu = CpuWindow::start(&cpu_groups);
     let mut set = JoinSet::new();
     for w in 0..o.concurrency {
         let done = done.clone();
@@ -88,14 +105,20 @@ pub async fn connect_rate(o: ConnectOptions, progress: bool) -> ConnectReport {
     }
     // The loops finish their last handshake after `end`; count the time that took too.
     let elapsed = started.elapsed().as_secs_f64();
+    let [front_cpu, broker_cpu, etcd_cpu] = cpu.end(&cpu_groups);
+    let connects = lat.len() as u64;
+    let per_connect = |ns: Option<u64>| ns.filter(|_| connects > 0).map(|ns| ns as f64 / 1000.0 / connects as f64);
     ConnectReport {
         target: o.target.to_string(),
         concurrency: o.concurrency,
         duration_s: elapsed,
-        connects: lat.len() as u64,
+        connects,
         connects_per_sec: lat.len() as f64 / elapsed,
         latency: Percentiles::from_ns(&mut lat),
         errors,
+        cpu_us_per_connect: per_connect(front_cpu),
+        broker_cpu_us_per_connect: per_connect(broker_cpu),
+        etcd_cpu_us_per_connect: per_connect(etcd_cpu),
     }
 }
 

@@ -46,6 +46,8 @@ pub struct PubSubOptions {
     pub pids: Vec<u32>,
     /// Broker processes whose CPU time to report.
     pub broker_pids: Vec<u32>,
+    /// etcd processes (meshgate's `[coordination]`) whose CPU time to report apart.
+    pub etcd_pids: Vec<u32>,
     pub topic_prefix: String,
 }
 
@@ -86,6 +88,9 @@ pub struct PubSubReport {
     /// The same for the brokers (`--broker-pid`).
     #[serde(default)]
     pub broker_cpu_us_per_msg: Option<f64>,
+    /// The same for etcd (`--etcd-pid`), kept apart from the front end's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_cpu_us_per_msg: Option<f64>,
 }
 
 /// Per publisher: deliveries counted by subscribers, PUBACKs, and a wake-up for the writer.
@@ -176,14 +181,13 @@ pub async fn run(o: PubSubOptions, progress: bool) -> anyhow::Result<PubSubRepor
     let clock = Arc::new(Clock { base, measure_from: base + o.warmup, measure_to: base + o.warmup + o.duration });
     // CPU time is read at the window's edges, the same window the deliveries are counted in.
     let cpu_window = {
-        let (pids, brokers, clock) = (o.pids.clone(), o.broker_pids.clone(), clock.clone());
+        let groups = [o.pids.clone(), o.broker_pids.clone(), o.etcd_pids.clone()];
+        let clock = clock.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(clock.measure_from.into()).await;
-            let start = (cpu_of(&pids), cpu_of(&brokers));
+            let start = CpuWindow::start(&groups);
             tokio::time::sleep_until(clock.measure_to.into()).await;
-            let end = (cpu_of(&pids), cpu_of(&brokers));
-            let used = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
-            (used(start.0, end.0), used(start.1, end.1))
+            start.end(&groups)
         })
     };
     let stop_subs = CancellationToken::new();
@@ -264,7 +268,7 @@ pub async fn run(o: PubSubOptions, progress: bool) -> anyhow::Result<PubSubRepor
         errors.merge(r.errors);
     }
     let received: u64 = lanes.iter().map(|l| l.received.load(Ordering::Relaxed)).sum();
-    let (front_cpu, broker_cpu) = cpu_window.await?;
+    let [front_cpu, broker_cpu, etcd_cpu] = cpu_window.await?;
     let per_msg = |ns: Option<u64>| ns.filter(|_| messages > 0).map(|ns| ns as f64 / 1000.0 / messages as f64);
     Ok(PubSubReport {
         target: o.target.to_string(),
@@ -285,7 +289,23 @@ pub async fn run(o: PubSubOptions, progress: bool) -> anyhow::Result<PubSubRepor
         rss_kib,
         cpu_us_per_msg: per_msg(front_cpu),
         broker_cpu_us_per_msg: per_msg(broker_cpu),
+        etcd_cpu_us_per_msg: per_msg(etcd_cpu),
     })
+}
+
+/// CPU time of groups of processes (front end, brokers, etcd) over one window: read at its
+/// start, subtracted at its end. A group that is empty or lost a process reads `None`.
+pub(crate) struct CpuWindow<const N: usize>([Option<u64>; N]);
+
+impl<const N: usize> CpuWindow<N> {
+    pub(crate) fn start(groups: &[Vec<u32>; N]) -> CpuWindow<N> {
+        CpuWindow(std::array::from_fn(|i| cpu_of(&groups[i])))
+    }
+
+    /// Nanoseconds each group used since [`CpuWindow::start`].
+    pub(crate) fn end(self, groups: &[Vec<u32>; N]) -> [Option<u64>; N] {
+        std::array::from_fn(|i| Some(cpu_of(&groups[i])?.saturating_sub(self.0[i]?)))
+    }
 }
 
 /// One publisher's lane, owned by its task.

@@ -6,10 +6,13 @@
 //! - `load`: publish/subscribe throughput and publish-to-delivery latency.
 //! - `conns`: connection setup rate, idle sessions with memory per session, failover under load.
 //! - `stats`: percentiles, errors, medians (memory and CPU time: [`crate::procfs`]).
-//! - `compare`: the orchestrated comparison; `report`: its markdown table and SVG charts.
+//! - `compare`: the orchestrated comparison (also `--coordination`: meshgate without and with
+//!   `[coordination]`); `report`: its markdown tables and SVG charts; `etcd`: the etcd a
+//!   coordination run starts.
 
 pub mod compare;
 pub mod conns;
+pub mod etcd;
 pub mod load;
 pub mod report;
 pub mod stats;
@@ -102,6 +105,10 @@ pub struct PubSubArgs {
     /// Broker process whose CPU time per message to report (e.g. `pidof mosquitto`); repeatable.
     #[arg(long = "broker-pid")]
     pub broker_pids: Vec<u32>,
+    /// etcd process (of meshgate's `[coordination]`) whose CPU time per message to report
+    /// apart from the front end's; repeatable.
+    #[arg(long = "etcd-pid")]
+    pub etcd_pids: Vec<u32>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -114,6 +121,12 @@ pub struct ConnectArgs {
     /// Measurement time.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub duration: Duration,
+    /// Broker process whose CPU time per CONNECT to report (the front end's is `--pid`'s); repeatable.
+    #[arg(long = "broker-pid")]
+    pub broker_pids: Vec<u32>,
+    /// etcd process (of meshgate's `[coordination]`) whose CPU time per CONNECT to report; repeatable.
+    #[arg(long = "etcd-pid")]
+    pub etcd_pids: Vec<u32>,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -215,6 +228,7 @@ pub async fn run(load: Load) -> anyhow::Result<Report> {
                 connect_timeout: a.common.connect_timeout,
                 pids: a.common.pids.clone(),
                 broker_pids: a.broker_pids.clone(),
+                etcd_pids: a.etcd_pids.clone(),
                 topic_prefix: a.topic_prefix.clone(),
             };
             Report::Pubsub(load::run(o, !a.common.quiet).await?)
@@ -226,6 +240,9 @@ pub async fn run(load: Load) -> anyhow::Result<Report> {
                     concurrency: a.concurrency.max(1),
                     duration: a.duration,
                     connect_timeout: a.common.connect_timeout,
+                    pids: a.common.pids.clone(),
+                    broker_pids: a.broker_pids.clone(),
+                    etcd_pids: a.etcd_pids.clone(),
                 },
                 !a.common.quiet,
             )
@@ -304,6 +321,9 @@ pub fn table(r: &Report) -> String {
             if let Some(c) = p.broker_cpu_us_per_msg {
                 row("broker CPU per message", format!("{c:.2} µs"));
             }
+            if let Some(c) = p.etcd_cpu_us_per_msg {
+                row("etcd CPU per message", format!("{c:.2} µs"));
+            }
             &p.errors
         }
         Report::Connect(c) => {
@@ -319,6 +339,15 @@ pub fn table(r: &Report) -> String {
                 "CONNECT->CONNACK p50/p99/p99.9",
                 format!("{} / {} / {}", us(c.latency.p50_us), us(c.latency.p99_us), us(c.latency.p999_us)),
             );
+            for (what, v) in [
+                ("front end CPU per CONNECT", c.cpu_us_per_connect),
+                ("broker CPU per CONNECT", c.broker_cpu_us_per_connect),
+                ("etcd CPU per CONNECT", c.etcd_cpu_us_per_connect),
+            ] {
+                if let Some(v) = v {
+                    row(what, format!("{v:.2} µs"));
+                }
+            }
             &c.errors
         }
         Report::Idle(i) => {

@@ -1,7 +1,9 @@
 //! What `bench compare` writes: medians per load and front end, meshgate's ratios to the
 //! others, the targets checked, a markdown section for docs/benchmarks.md, the JSON,
 //! and four small SVG charts (throughput ratios, CPU time, latency percentiles, failover
-//! timelines) drawn by the report kit ([`crate::report::chart`]).
+//! timelines) drawn by the report kit ([`crate::report::chart`]). A `--coordination` run
+//! (meshgate without and with `[coordination]`) gets the same table with on/off ratios, its
+//! own JSON and CPU chart, and its own marked section of the same page.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,12 +12,41 @@ use std::path::Path;
 use anyhow::Context;
 use maud::Markup;
 
-use super::compare::{FrontEnd, LoadKind, Results};
+use super::compare::{CoordinationRun, FrontEnd, LoadKind, Results, Run};
 use super::Report;
 use crate::report::chart::{self, BarGroup, Chart, ChartKind, HBars, Look, Rule, RuleStyle, Scale, Series};
 
 pub const BEGIN: &str = "<!-- bench-compare:begin (written by `meshgate bench compare`; edits inside are replaced) -->";
 pub const END: &str = "<!-- bench-compare:end -->";
+pub const COORDINATION_BEGIN: &str =
+    "<!-- bench-coordination:begin (written by `meshgate bench compare --coordination`; edits inside are replaced) -->";
+pub const COORDINATION_END: &str = "<!-- bench-coordination:end -->";
+
+/// Where one kind of comparison writes: the four front ends, or coordination off vs on.
+pub struct Files {
+    pub json: &'static str,
+    pub chart_prefix: &'static str,
+    pub begin: &'static str,
+    pub end: &'static str,
+    /// Put before the section when the page does not have its markers yet.
+    pub heading: &'static str,
+}
+
+impl Files {
+    pub fn of(s: &super::compare::Settings) -> Files {
+        if s.coordination {
+            Files {
+                json: "benchmarks-coordination.json",
+                chart_prefix: "benchmarks-coordination-",
+                begin: COORDINATION_BEGIN,
+                end: COORDINATION_END,
+                heading: "## Coordination through etcd: on vs off\n\n",
+            }
+        } else {
+            Files { json: "benchmarks.json", chart_prefix: "benchmarks-", begin: BEGIN, end: END, heading: "" }
+        }
+    }
+}
 
 /// One row of the results table: a metric's median per front end.
 #[derive(Debug, Clone)]
@@ -54,6 +85,10 @@ pub struct Summary {
     pub rows: Vec<Row>,
     pub targets: Vec<Target>,
     pub deadline_s: f64,
+    /// The front end whose ratios to the others are shown: meshgate, or in a coordination run
+    /// meshgate with `[coordination]` (so the ratios read on / off).
+    pub subject: FrontEnd,
+    pub coordination: bool,
 }
 
 fn fmt_value(v: Option<f64>, unit: Unit, deadline: f64) -> String {
@@ -113,13 +148,9 @@ impl Summary {
     pub fn of(results: &Results) -> Summary {
         let s = &results.settings;
         let fes = s.front_ends.clone();
-        let median_of = |load: LoadKind, fe: FrontEnd, f: &dyn Fn(&Report) -> Option<f64>| -> Option<f64> {
-            let v: Vec<f64> = results
-                .runs
-                .iter()
-                .filter(|r| r.load == load && r.front_end == fe)
-                .filter_map(|r| r.report.as_ref().and_then(f))
-                .collect();
+        let median_of = |load: LoadKind, fe: FrontEnd, f: &dyn Fn(&Run) -> Option<f64>| -> Option<f64> {
+            let v: Vec<f64> =
+                results.runs.iter().filter(|r| r.load == load && r.front_end == fe).filter_map(f).collect();
             // Infinity (a failover that never completed) sorts last and counts as a value.
             let mut v = v;
             v.sort_by(|a, b| a.total_cmp(b));
@@ -130,25 +161,21 @@ impl Summary {
                 _ => Some((v[m - 1] + v[m]) / 2.0),
             }
         };
-        let in_round = |load: LoadKind, fe: FrontEnd, round: usize, f: &dyn Fn(&Report) -> Option<f64>| {
-            results
-                .runs
-                .iter()
-                .find(|r| r.load == load && r.front_end == fe && r.round == round)
-                .and_then(|r| r.report.as_ref())
-                .and_then(f)
+        let in_round = |load: LoadKind, fe: FrontEnd, round: usize, f: &dyn Fn(&Run) -> Option<f64>| {
+            results.runs.iter().find(|r| r.load == load && r.front_end == fe && r.round == round).and_then(f)
         };
         let rounds = results.runs.iter().map(|r| r.round).max().unwrap_or(0);
+        let subject = if s.coordination { FrontEnd::MeshgateEtcd } else { FrontEnd::Meshgate };
         let mut rows = Vec::new();
-        let mut row = |load: LoadKind, metric: String, higher: bool, unit: Unit, f: &dyn Fn(&Report) -> Option<f64>| {
+        let mut row = |load: LoadKind, metric: String, higher: bool, unit: Unit, f: &dyn Fn(&Run) -> Option<f64>| {
             if !s.loads.contains(&load) {
                 return;
             }
             let values = fes.iter().map(|&fe| (fe, median_of(load, fe, f))).collect();
             let mut spread = BTreeMap::new();
-            for &fe in fes.iter().filter(|f| **f != FrontEnd::Meshgate) {
+            for &fe in fes.iter().filter(|f| **f != subject) {
                 let per_round: Vec<f64> = (0..=rounds)
-                    .filter_map(|n| ratio(in_round(load, FrontEnd::Meshgate, n, f), in_round(load, fe, n, f)))
+                    .filter_map(|n| ratio(in_round(load, subject, n, f), in_round(load, fe, n, f)))
                     .collect();
                 if per_round.len() > 1 {
                     let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
@@ -158,7 +185,7 @@ impl Summary {
             }
             rows.push(Row { load, metric, higher_is_better: higher, values, unit, spread });
         };
-        let msgs = |r: &Report| match r {
+        let msgs = |run: &Run| match run.report.as_ref()? {
             Report::Pubsub(p) => Some(p.msgs_per_sec),
             _ => None,
         };
@@ -179,23 +206,34 @@ impl Summary {
                 format!("latency {name} at {rate} msg/s"),
                 false,
                 Unit::Micros,
-                &move |r: &Report| match r {
+                &move |run: &Run| match run.report.as_ref()? {
                     Report::Pubsub(p) if p.latency.samples > 0 => Some(pick(&p.latency)),
                     _ => None,
                 },
             );
         }
-        row(LoadKind::Connect, "connection setup (CONNECT→CONNACK/s)".into(), true, Unit::Rate, &|r: &Report| match r
-        {
+        let connects = |run: &Run| match run.report.as_ref()? {
             Report::Connect(c) => Some(c.connects_per_sec),
             _ => None,
-        });
+        };
+        row(LoadKind::Connect, "connection setup (CONNECT→CONNACK/s)".into(), true, Unit::Rate, &connects);
+        if s.coordination {
+            // Where a claim could show on the client path: the handshake's latency.
+            for (name, pick) in [("p50", picks[0].1), ("p99", picks[1].1)] {
+                row(LoadKind::Connect, format!("CONNECT→CONNACK {name}"), false, Unit::Micros, &move |run: &Run| {
+                    match run.report.as_ref()? {
+                        Report::Connect(c) if c.latency.samples > 0 => Some(pick(&c.latency)),
+                        _ => None,
+                    }
+                });
+            }
+        }
         row(
             LoadKind::Idle,
             format!("memory per idle session ({} held)", group(s.idle_sessions as u64)),
             false,
             Unit::Bytes,
-            &|r: &Report| match r {
+            &|run: &Run| match run.report.as_ref()? {
                 Report::Idle(i) => i.bytes_per_session,
                 _ => None,
             },
@@ -205,30 +243,73 @@ impl Summary {
             format!("failover: all {} clients back after a hang", group(s.failover_clients as u64)),
             false,
             Unit::Seconds,
-            &|r: &Report| match r {
+            &|run: &Run| match run.report.as_ref()? {
                 Report::Failover(f) => Some(f.all_reconnected_s.unwrap_or(f64::INFINITY)),
                 _ => None,
             },
         );
         // Where the CPU goes: the front end's own time and the broker's, per delivered message,
         // over each run's measurement window. Mosquitto alone shows only the broker's.
+        let front = if s.coordination { "meshgate" } else { "front end" };
         for (load, what) in [
             (LoadKind::Qos0, "QoS 0, 1/1"),
             (LoadKind::Qos0x16, "QoS 0, 16/16"),
             (LoadKind::Qos1, "QoS 1, 1/1"),
             (LoadKind::Qos1x16, "QoS 1, 16/16"),
         ] {
-            row(load, format!("front end CPU per message, {what}"), false, Unit::CpuMicros, &|r: &Report| match r {
+            row(load, format!("{front} CPU per message, {what}"), false, Unit::CpuMicros, &|run: &Run| match run
+                .report
+                .as_ref()?
+            {
                 Report::Pubsub(p) => p.cpu_us_per_msg,
                 _ => None,
             });
-            row(load, format!("Mosquitto CPU per message, {what}"), false, Unit::CpuMicros, &|r: &Report| match r {
+            row(load, format!("Mosquitto CPU per message, {what}"), false, Unit::CpuMicros, &|run: &Run| match run
+                .report
+                .as_ref()?
+            {
                 Report::Pubsub(p) => p.broker_cpu_us_per_msg,
                 _ => None,
             });
+            if s.coordination {
+                row(load, format!("etcd CPU per message, {what}"), false, Unit::CpuMicros, &|run: &Run| match run
+                    .report
+                    .as_ref()?
+                {
+                    Report::Pubsub(p) => p.etcd_cpu_us_per_msg,
+                    _ => None,
+                });
+            }
         }
-        let mut summary = Summary { front_ends: fes, rows, targets: Vec::new(), deadline_s: s.failover_deadline_s };
-        summary.targets = summary.check_targets();
+        if s.coordination {
+            // A claim is a CONNECT's cost, so per CONNECT is where it shows: meshgate queues and
+            // batches it, etcd applies it (and its release at the disconnect). Counted until
+            // the last claim was written, which can be after the last client left.
+            type PerConnect = fn(&CoordinationRun) -> Option<u64>;
+            let per_connect: [(&str, PerConnect); 3] = [
+                ("meshgate", |c| c.meshgate_cpu_ns),
+                ("Mosquitto", |c| c.mosquitto_cpu_ns),
+                ("etcd", |c| c.etcd_cpu_ns),
+            ];
+            for (who, pick) in per_connect {
+                row(LoadKind::Connect, format!("{who} CPU per CONNECT"), false, Unit::CpuMicros, &move |run: &Run| {
+                    let c = run.coordination.as_ref()?;
+                    c.per_connect(pick(c), run.report.as_ref()?)
+                });
+            }
+        }
+        let mut summary = Summary {
+            front_ends: fes,
+            rows,
+            targets: Vec::new(),
+            deadline_s: s.failover_deadline_s,
+            subject,
+            coordination: s.coordination,
+        };
+        // The targets are meshgate's against the other proxies; off vs on has none.
+        if !s.coordination {
+            summary.targets = summary.check_targets();
+        }
         summary
     }
 
@@ -318,18 +399,38 @@ impl Summary {
         t
     }
 
-    /// The results as a markdown table: medians, then meshgate's ratios.
+    /// A column's name: the front end, or in a coordination run "coordination off" / "on".
+    pub fn column(&self, fe: FrontEnd) -> &'static str {
+        match (self.coordination, fe) {
+            (true, FrontEnd::Meshgate) => "coordination off",
+            (true, FrontEnd::MeshgateEtcd) => "coordination on",
+            _ => fe.label(),
+        }
+    }
+
+    /// The header of the subject's ratio to `fe`: "meshgate / nginx", or "on / off".
+    fn ratio_column(&self, fe: FrontEnd, short: bool) -> String {
+        match (self.coordination, short) {
+            (true, _) => "on / off".into(),
+            (false, false) => format!("meshgate / {}", fe.label()),
+            (false, true) => format!("mg/{}", fe.label()),
+        }
+    }
+
+    /// The results as a markdown table: medians, then meshgate's ratios (on / off in a
+    /// coordination run).
     pub fn markdown_table(&self) -> String {
         let mut out = String::new();
-        let others: Vec<FrontEnd> = self.front_ends.iter().copied().filter(|f| *f != FrontEnd::Meshgate).collect();
-        let has_mg = self.front_ends.contains(&FrontEnd::Meshgate);
+        let subject = self.subject;
+        let others: Vec<FrontEnd> = self.front_ends.iter().copied().filter(|f| *f != subject).collect();
+        let has_mg = self.front_ends.contains(&subject);
         out.push_str("| load |");
         for fe in &self.front_ends {
-            let _ = write!(out, " {} |", fe.label());
+            let _ = write!(out, " {} |", self.column(*fe));
         }
         if has_mg {
             for fe in &others {
-                let _ = write!(out, " meshgate / {} |", fe.label());
+                let _ = write!(out, " {} |", self.ratio_column(*fe, false));
             }
         }
         out.push_str("\n|---|");
@@ -354,7 +455,7 @@ impl Summary {
                 let _ = write!(out, " {shown} |");
             }
             if has_mg {
-                let m = r.value(FrontEnd::Meshgate);
+                let m = r.value(subject);
                 for fe in &others {
                     let _ = write!(out, " {} |", fmt_ratio(ratio(m, r.value(*fe))));
                 }
@@ -381,18 +482,19 @@ impl Summary {
     pub fn text_table(&self) -> String {
         let mut lines: Vec<Vec<String>> = Vec::new();
         let mut head = vec!["load".to_string()];
-        head.extend(self.front_ends.iter().map(|f| f.label().to_string()));
-        let others: Vec<FrontEnd> = self.front_ends.iter().copied().filter(|f| *f != FrontEnd::Meshgate).collect();
-        let has_mg = self.front_ends.contains(&FrontEnd::Meshgate);
+        head.extend(self.front_ends.iter().map(|f| self.column(*f).to_string()));
+        let subject = self.subject;
+        let others: Vec<FrontEnd> = self.front_ends.iter().copied().filter(|f| *f != subject).collect();
+        let has_mg = self.front_ends.contains(&subject);
         if has_mg {
-            head.extend(others.iter().map(|f| format!("mg/{}", f.label())));
+            head.extend(others.iter().map(|f| self.ratio_column(*f, true)));
         }
         lines.push(head);
         for r in &self.rows {
             let mut l = vec![r.metric.clone()];
             l.extend(self.front_ends.iter().map(|fe| fmt_value(r.value(*fe), r.unit, self.deadline_s)));
             if has_mg {
-                let m = r.value(FrontEnd::Meshgate);
+                let m = r.value(subject);
                 l.extend(others.iter().map(|fe| fmt_ratio(ratio(m, r.value(*fe)))));
             }
             lines.push(l);
@@ -480,7 +582,11 @@ pub fn check_smoke(results: &Results) -> anyhow::Result<()> {
                     && p.latency.p50_us <= p.latency.p99_us
                     && p.latency.p99_us <= p.latency.p999_us
             }
-            Report::Connect(c) => c.connects > 0 && c.errors.total == 0,
+            Report::Connect(c) => {
+                c.connects > 0
+                    && c.errors.total == 0
+                    && (r.front_end == FrontEnd::Direct || c.cpu_us_per_connect.is_some())
+            }
             Report::Idle(i) => {
                 i.sessions_open == i.sessions_requested
                     && i.alive_at_end == i.sessions_open
@@ -491,15 +597,28 @@ pub fn check_smoke(results: &Results) -> anyhow::Result<()> {
             }
         };
         anyhow::ensure!(ok, "{what}: implausible result: {}", serde_json::to_string(rep).unwrap_or_default());
+        if r.front_end == FrontEnd::MeshgateEtcd {
+            // etcd's CPU time came out, and the claims of this run's clients reached etcd.
+            let etcd_cpu = match rep {
+                Report::Pubsub(p) => p.etcd_cpu_us_per_msg,
+                _ => r.coordination.as_ref().and_then(|c| c.etcd_cpu_ns).map(|ns| ns as f64),
+            };
+            let puts = r.coordination.as_ref().and_then(|c| c.etcd_writes).map_or(0, |w| w.puts);
+            anyhow::ensure!(
+                etcd_cpu.is_some() && puts > 0,
+                "{what}: no etcd CPU time ({etcd_cpu:?}) or no claim written to etcd ({puts} puts)"
+            );
+        }
     }
     Ok(())
 }
 
-const COLORS: [(FrontEnd, &str); 4] = [
+const COLORS: [(FrontEnd, &str); 5] = [
     (FrontEnd::Direct, "#8c8c8c"),
     (FrontEnd::Nginx, "#2e8b57"),
     (FrontEnd::Haproxy, "#3b6fb6"),
     (FrontEnd::Meshgate, "#e8772e"),
+    (FrontEnd::MeshgateEtcd, "#8e44ad"),
 ];
 
 fn color(fe: FrontEnd) -> &'static str {
@@ -524,9 +643,16 @@ fn bar_group(
     BarGroup { label, bars: fes.iter().map(|fe| value(*fe).map(|v| (v, show(v)))).collect() }
 }
 
-/// One bar per front end of `fes` in each group.
-fn bars_file(title: &str, fes: &[FrontEnd], groups: Vec<BarGroup>, scale: Scale, rules: Vec<Rule>) -> String {
-    let series = fes.iter().map(|fe| fe.label().to_string()).collect();
+/// One bar per front end of `fes` in each group, named as `s`'s table names its columns.
+fn bars_file(
+    s: &Summary,
+    title: &str,
+    fes: &[FrontEnd],
+    groups: Vec<BarGroup>,
+    scale: Scale,
+    rules: Vec<Rule>,
+) -> String {
+    let series = fes.iter().map(|fe| s.column(*fe).to_string()).collect();
     let chart = HBars { title: title.to_string(), series, groups, scale, rules };
     svg_file(fes, |look| chart.render(look))
 }
@@ -553,7 +679,7 @@ pub fn throughput_svg(s: &Summary) -> Option<String> {
         Rule { at: 0.9, label: "0.9× direct".into(), style: RuleStyle::Aim },
     ];
     let title = "Throughput relative to Mosquitto directly (median)";
-    Some(bars_file(title, &fes, groups, Scale::Linear { max }, rules))
+    Some(bars_file(s, title, &fes, groups, Scale::Linear { max }, rules))
 }
 
 /// CPU time per delivered message of each front end and of Mosquitto behind it, linear scale.
@@ -566,11 +692,18 @@ pub fn cpu_svg(s: &Summary) -> Option<String> {
     let fes = &s.front_ends;
     let groups: Vec<BarGroup> = rows
         .iter()
-        .map(|r| bar_group(r.metric.replace(" CPU per message", ""), fes, |fe| r.value(fe), |v| format!("{v:.2}")))
+        .map(|r| {
+            let label = r.metric.replace(" CPU per message", "").replace(" CPU per CONNECT", ", per CONNECT");
+            bar_group(label, fes, |fe| r.value(fe), |v| format!("{v:.2}"))
+        })
         .collect();
     let max = rows.iter().flat_map(|r| r.values.values().copied().flatten()).fold(1.0f64, f64::max);
-    let title = "CPU time per delivered message (median, µs)";
-    Some(bars_file(title, fes, groups, Scale::Linear { max }, Vec::new()))
+    let title = if s.coordination {
+        "CPU time per delivered message and per CONNECT, coordination off and on (median, µs)"
+    } else {
+        "CPU time per delivered message (median, µs)"
+    };
+    Some(bars_file(s, title, fes, groups, Scale::Linear { max }, Vec::new()))
 }
 
 /// Latency percentiles at half load, log scale.
@@ -602,7 +735,7 @@ pub fn latency_svg(s: &Summary) -> Option<String> {
     let title =
         format!("Publish-to-delivery latency, {} (log scale)", rows[0].metric.split(" at ").nth(1).unwrap_or(""));
     let scale = Scale::Log { min: 10f64.powi(lmin), max: 10f64.powi(lmax) };
-    Some(bars_file(&title, fes, groups, scale, rules))
+    Some(bars_file(s, &title, fes, groups, scale, rules))
 }
 
 /// Clients connected again over time after the primary hung, one line per proxy (the run
@@ -652,8 +785,9 @@ pub fn failover_svg(results: &Results) -> Option<String> {
 pub fn markdown(results: &Results, summary: &Summary, charts: &[(&str, &str)]) -> String {
     let m = &results.machine;
     let s = &results.settings;
+    let files = Files::of(s);
     let mut out = String::new();
-    let _ = writeln!(out, "{BEGIN}\n");
+    let _ = writeln!(out, "{}\n", files.begin);
     let _ = writeln!(
         out,
         "Run {} ({:.0} s), {}.\n",
@@ -661,6 +795,9 @@ pub fn markdown(results: &Results, summary: &Summary, charts: &[(&str, &str)]) -
         results.elapsed_s,
         if s.smoke { "**smoke mode: numbers are not meaningful**" } else { "full mode" }
     );
+    if s.coordination {
+        return coordination_markdown(results, summary, charts, out);
+    }
     let _ = writeln!(
         out,
         "**Machine:** {} — {} cores, {:.1} GiB, {}, Linux {}, open files {}. {}; {}; {}; meshgate {}.\n",
@@ -690,6 +827,12 @@ pub fn markdown(results: &Results, summary: &Summary, charts: &[(&str, &str)]) -
     for (file, alt) in charts {
         let _ = writeln!(out, "![{alt}]({file})\n");
     }
+    errors_line(results, &mut out);
+    let _ = writeln!(out, "{END}");
+    out
+}
+
+fn errors_line(results: &Results, out: &mut String) {
     let errs: u64 = results
         .runs
         .iter()
@@ -703,10 +846,83 @@ pub fn markdown(results: &Results, summary: &Summary, charts: &[(&str, &str)]) -
         .sum();
     let _ = writeln!(
         out,
-        "Errors over all {} runs: {errs}. Every run's full report is in `benchmarks.json`.\n",
-        results.runs.len()
+        "Errors over all {} runs: {errs}. Every run's full report is in `{}`.\n",
+        results.runs.len(),
+        Files::of(&results.settings).json
     );
-    let _ = writeln!(out, "{END}");
+}
+
+/// The coordination run's section: the same table with on / off ratios, what reached etcd.
+fn coordination_markdown(results: &Results, summary: &Summary, charts: &[(&str, &str)], mut out: String) -> String {
+    let (m, s) = (&results.machine, &results.settings);
+    let _ = writeln!(
+        out,
+        "**Machine:** {} — {} cores, {:.1} GiB, {}, Linux {}. {}; {}; meshgate {}.\n",
+        m.cpu,
+        m.cores,
+        m.memory_gib,
+        m.os,
+        m.kernel,
+        m.mosquitto,
+        m.etcd.as_deref().unwrap_or("etcd unknown"),
+        m.meshgate
+    );
+    let _ = writeln!(
+        out,
+        "**Settings:** {} round(s), off and on alternating first each round; loads {:.0} s each ({:.1} s warm-up for the publish loads); {} B payloads; connection setup with {} handshakes in flight; meshgate with {} worker thread(s), both instances running side by side with the same config but `[coordination]` (etcd on {}, one member, data on the run's directory, `lease_ttl` 3 s). Medians over rounds; \"rounds\" is the lowest and highest on/off ratio within one round.\n",
+        s.rounds,
+        s.duration_s,
+        s.warmup_s,
+        s.payload,
+        s.connect_concurrency,
+        match s.meshgate_workers {
+            0 => "one per core".to_string(),
+            n => n.to_string(),
+        },
+        s.etcd.as_deref().unwrap_or("?"),
+    );
+    let _ = writeln!(out, "`{}`\n", s.command);
+    out.push_str(&summary.markdown_table());
+    out.push('\n');
+    // The rounds' spread of the on/off ratio, for the rows where noise decides the reading.
+    let spreads: Vec<String> = summary
+        .rows
+        .iter()
+        .filter_map(|r| r.spread.get(&FrontEnd::Meshgate).map(|(lo, hi)| format!("{} {lo:.2}–{hi:.2}×", r.metric)))
+        .collect();
+    if !spreads.is_empty() {
+        let _ = writeln!(out, "On/off within single rounds: {}.\n", spreads.join("; "));
+    }
+    let (mut connects, mut puts, mut deletes, mut drained) = (0u64, 0u64, 0u64, Vec::new());
+    for r in results.runs.iter().filter(|r| r.front_end == FrontEnd::MeshgateEtcd && r.load == LoadKind::Connect) {
+        if let (Some(Report::Connect(c)), Some(co)) = (&r.report, &r.coordination) {
+            connects += c.connects;
+            puts += co.etcd_writes.map_or(0, |w| w.puts);
+            deletes += co.etcd_writes.map_or(0, |w| w.deletes);
+            drained.extend(co.claims_drained_s);
+        }
+    }
+    if connects > 0 {
+        drained.sort_by(f64::total_cmp);
+        let ms = |s: f64| format!("{:.0}", s * 1000.0);
+        let _ = writeln!(
+            out,
+            "What reached etcd in the connection-setup runs with coordination on: {} CONNECTs, {} puts and {} deletes ({:.2} and {:.2} per CONNECT: the claim and its release). meshgate's claim queue was empty {}–{} ms after a run's last client (median {} ms); CPU per CONNECT counts up to then (without coordination, up to the generator's exit).\n",
+            group(connects),
+            group(puts),
+            group(deletes),
+            puts as f64 / connects as f64,
+            deletes as f64 / connects as f64,
+            ms(drained[0]),
+            ms(drained[drained.len() - 1]),
+            super::stats::median(&drained).map_or_else(|| "?".into(), ms),
+        );
+    }
+    for (file, alt) in charts {
+        let _ = writeln!(out, "![{alt}]({file})\n");
+    }
+    errors_line(results, &mut out);
+    let _ = writeln!(out, "{}", Files::of(s).end);
     out
 }
 
@@ -714,28 +930,37 @@ pub fn markdown(results: &Results, summary: &Summary, charts: &[(&str, &str)]) -
 /// of an existing file is kept).
 pub fn write(results: &Results, summary: &Summary, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = dir.join("benchmarks.json");
+    let files = Files::of(&results.settings);
+    let json = dir.join(files.json);
     std::fs::write(&json, serde_json::to_string_pretty(results)? + "\n")
         .with_context(|| format!("writing {}", json.display()))?;
     let mut charts = Vec::new();
-    for (file, alt, svg) in [
-        ("benchmarks-throughput.svg", "throughput relative to direct", throughput_svg(summary)),
-        ("benchmarks-latency.svg", "latency percentiles at half load", latency_svg(summary)),
-        ("benchmarks-cpu.svg", "CPU time per message, front end and Mosquitto", cpu_svg(summary)),
-        ("benchmarks-failover.svg", "clients connected again after the hang", failover_svg(results)),
+    let cpu_alt = if summary.coordination {
+        "CPU time per message and per CONNECT, meshgate, Mosquitto and etcd, coordination off and on"
+    } else {
+        "CPU time per message, front end and Mosquitto"
+    };
+    for (name, alt, svg) in [
+        ("throughput", "throughput relative to direct", throughput_svg(summary)),
+        ("latency", "latency percentiles at half load", latency_svg(summary)),
+        ("cpu", cpu_alt, cpu_svg(summary)),
+        ("failover", "clients connected again after the hang", failover_svg(results)),
     ] {
         if let Some(svg) = svg {
-            std::fs::write(dir.join(file), svg).with_context(|| format!("writing {file}"))?;
+            let file = format!("{}{name}.svg", files.chart_prefix);
+            std::fs::write(dir.join(&file), svg).with_context(|| format!("writing {file}"))?;
             charts.push((file, alt));
         }
     }
+    let charts: Vec<(&str, &str)> = charts.iter().map(|(f, a)| (f.as_str(), *a)).collect();
     let section = markdown(results, summary, &charts);
     let md = dir.join("benchmarks.md");
     let old = std::fs::read_to_string(&md).unwrap_or_default();
-    let new = match (old.find(BEGIN), old.find(END)) {
-        (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], section.trim_end(), &old[e + END.len()..]),
-        _ if old.is_empty() => format!("# meshgate benchmarks\n\n{section}"),
-        _ => format!("{}\n\n{section}", old.trim_end()),
+    let (begin, end) = (files.begin, files.end);
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], section.trim_end(), &old[e + end.len()..]),
+        _ if old.is_empty() => format!("# meshgate benchmarks\n\n{}{section}", files.heading),
+        _ => format!("{}\n\n{}{section}", old.trim_end(), files.heading),
     };
     std::fs::write(&md, new).with_context(|| format!("writing {}", md.display()))?;
     Ok(())

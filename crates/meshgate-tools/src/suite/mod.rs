@@ -122,6 +122,19 @@ pub(crate) async fn get_json(http: &str, path: &str) -> Option<serde_json::Value
     serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
 }
 
+/// One GET to an HTTP server on `http` (host:port), the body as text; HTTP/1.0, so a large
+/// body (etcd's /metrics) comes whole rather than in chunks.
+pub(crate) async fn get_text(http: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limit = Duration::from_millis(500);
+    let mut s = tokio::time::timeout(limit, tokio::net::TcpStream::connect(http)).await.ok()?.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {http}\r\n\r\n").as_bytes()).await.ok()?;
+    let mut body = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut body)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&body);
+    Some(text.split_once("\r\n\r\n")?.1.to_string())
+}
+
 /// Why the system is not settled now, or `None` when it is: every broker answers MQTT and,
 /// where meshgate's API is there, every broker is available and no session is still to be
 /// moved (a failback or drain left over from the scenario before).
