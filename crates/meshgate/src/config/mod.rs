@@ -478,12 +478,7 @@ struct FileListen {
 #[serde(untagged)]
 enum FileProxyProtocol {
     All(String),
-    Each {
-        mqtt: Option<String>,
-        mqtts: Option<String>,
-        ws: Option<String>,
-        wss: Option<String>,
-    },
+    Each { mqtt: Option<String>, mqtts: Option<String>, ws: Option<String>, wss: Option<String> },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1192,6 +1187,14 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
             ));
         }
     }
+    if replication.enabled {
+        if let Some(b) = brokers.iter().find(|b| b.proxy_protocol != ProxyProtocol::Off) {
+            warnings.push(format!(
+                "{}: broker {:?} has proxy_protocol set and replication is on: replication links (rumqttc) cannot send a PROXY header, so replication to this broker fails while its listener requires one",
+                c.path, b.name
+            ));
+        }
+    }
     for (key, secret) in [("admin.token", &admin.token), ("health.password", &health.password)] {
         if secret.as_deref() == Some(print::MASKED) {
             warnings.push(format!(
@@ -1290,7 +1293,7 @@ fn brokers_from_nginx(stream: &nginx::NginxStream) -> Vec<BrokerConfig> {
                 enabled: !s.down,
                 tls: false,
                 tls_name: None,
-            proxy_protocol: ProxyProtocol::Off,
+                proxy_protocol: ProxyProtocol::Off,
                 source: Some(format!("line {}", s.line)),
             }
         })

@@ -232,9 +232,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
     let task = tokio::spawn(prepare_task(
         proxy.upstream.clone(),
         target.config(),
-        live.connect.clone(),
-        version,
-        live.session.session.info.peer,
+        Client { connect: live.connect.clone(), version, address: live.session.session.info.peer },
         subs.clone(),
         Instant::now() + cfg.upstream_connect_timeout + cfg.connack_timeout,
         abandon.clone(),
@@ -446,21 +444,29 @@ async fn planned_cut(
     }
 }
 
+/// The client a session is opened for: its own CONNECT, and its address for a broker that
+/// takes a PROXY protocol header.
+struct Client {
+    connect: Box<[u8]>,
+    version: u8,
+    address: std::net::SocketAddr,
+}
+
 /// Step 1 in its own task: the new connection, its subscriptions, and what the new broker sent
 /// for the client. When `abandon` fires first, it leaves the new broker politely.
 async fn prepare_task(
     upstream: Arc<crate::upstream::Upstream>,
     target: Arc<crate::config::BrokerConfig>,
-    connect: Box<[u8]>,
-    version: u8,
-    client: std::net::SocketAddr,
+    client: Client,
     subs: Vec<(String, crate::durable::Sub)>,
     deadline: Instant,
     abandon: tokio_util::sync::CancellationToken,
 ) -> Result<(Conn, Vec<u8>), SwitchError> {
+    let Client { connect, version, address } = client;
     let mut conn: Option<Conn> = None;
     let work = async {
-        let (c, ack, bytes) = upstream.handshake(&target, &connect, version, Some(client)).await.map_err(SwitchError::Connect)?;
+        let (c, ack, bytes) =
+            upstream.handshake(&target, &connect, version, Some(address)).await.map_err(SwitchError::Connect)?;
         if ack.code != 0 {
             return Err(SwitchError::Refused(ack.code));
         }

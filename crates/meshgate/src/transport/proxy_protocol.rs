@@ -29,7 +29,10 @@ pub enum HeaderError {
 /// Reads the header `version` says to expect. `Ok(Some(client))` for a proxied TCP connection;
 /// `Ok(None)` for one the balancer made itself (v2 LOCAL, v1 UNKNOWN: its own health checks),
 /// which keeps the peer's address.
-pub async fn read<R: AsyncRead + Unpin>(from: &mut R, version: ProxyProtocol) -> Result<Option<SocketAddr>, HeaderError> {
+pub async fn read<R: AsyncRead + Unpin>(
+    from: &mut R,
+    version: ProxyProtocol,
+) -> Result<Option<SocketAddr>, HeaderError> {
     match version {
         ProxyProtocol::Off => Ok(None),
         ProxyProtocol::V2 => {
@@ -47,8 +50,8 @@ pub async fn read<R: AsyncRead + Unpin>(from: &mut R, version: ProxyProtocol) ->
             }
             head.resize(V2_FIXED + rest, 0);
             from.read_exact(&mut head[V2_FIXED..]).await?;
-            let header = ppp::v2::Header::try_from(head.as_slice())
-                .map_err(|e| HeaderError::Malformed("v2", e.to_string()))?;
+            let header =
+                ppp::v2::Header::try_from(head.as_slice()).map_err(|e| HeaderError::Malformed("v2", e.to_string()))?;
             Ok(match (header.command, header.addresses) {
                 (ppp::v2::Command::Local, _) => None,
                 (_, ppp::v2::Addresses::IPv4(a)) => Some(SocketAddr::from((a.source_address, a.source_port))),

@@ -143,7 +143,11 @@ impl Upstream {
 
     /// [`Upstream::connect`] on behalf of `client` (its address goes into the PROXY protocol
     /// header of a broker with `proxy_protocol`; meshgate's own address without a client).
-    pub async fn connect_as(&self, broker: &BrokerConfig, client: Option<std::net::SocketAddr>) -> Result<Conn, AttemptError> {
+    pub async fn connect_as(
+        &self,
+        broker: &BrokerConfig,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<Conn, AttemptError> {
         let mut stream = self.tcp(&broker.address).await?;
         if broker.proxy_protocol != crate::config::ProxyProtocol::Off {
             let (local, peer) = (stream.local_addr(), stream.peer_addr());
