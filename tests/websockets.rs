@@ -143,6 +143,10 @@ async fn status_of(addr: SocketAddr, request: &str) -> String {
 }
 
 fn upgrade(path: &str, protocol: Option<&str>) -> String {
+    upgrade_with(path, protocol, "")
+}
+
+fn upgrade_with(path: &str, protocol: Option<&str>, extra_headers: &str) -> String {
     let mut r = format!(
         "GET {path} HTTP/1.1\r\nHost: meshgate\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -150,7 +154,7 @@ fn upgrade(path: &str, protocol: Option<&str>) -> String {
     if let Some(p) = protocol {
         r.push_str(&format!("Sec-WebSocket-Protocol: {p}\r\n"));
     }
-    r + "\r\n"
+    r + extra_headers + "\r\n"
 }
 
 /// A malformed upgrade, a wrong path and a subprotocol that is not MQTT each get an HTTP
@@ -160,7 +164,8 @@ fn upgrade(path: &str, protocol: Option<&str>) -> String {
 async fn bad_upgrades_are_refused_clearly_and_open_no_broker_connection() {
     let net = Net::start(1);
     let ws = net.slot.addr(1, 8083);
-    let mg = net.meshgate(&format!("ws = \"{ws}\"\nws_path = \"/mqtt\"")).await;
+    let trusted = net.slot.ip(60);
+    let mg = net.meshgate(&format!("ws = \"{ws}\"\nws_path = \"/mqtt\"\ntrusted_proxies = [\"{trusted}\"]")).await;
     let pool = mg.pool().clone();
     let cases = [
         ("GET /mqtt HTTP/1.1\r\nHost: meshgate\r\n\r\n".to_string(), "400", "ws_handshake"),
@@ -200,13 +205,48 @@ async fn bad_upgrades_are_refused_clearly_and_open_no_broker_connection() {
     assert_eq!(got[0], 0x90, "SUBACK first: {got:?}");
     assert_eq!(&got[got.len() - 2..], &[0xd0, 0], "then PINGRESP: {got:?}");
     assert_eq!(pool.broker_of("split").as_deref(), Some("broker1"));
+
+    // X-Forwarded-For names the client only when a trusted proxy sends it.
+    let xff = "X-Forwarded-For: 203.0.113.7, 10.9.9.9\r\n";
+    let mut open = Vec::new();
+    for (from, id, expected) in [
+        (trusted, "behind-proxy", "10.9.9.9".to_string()),
+        (net.slot.ip(61), "forged-xff", net.slot.ip(61).to_string()),
+    ] {
+        let (mut s, answer) = raw_ws_from(Some(from), ws, Some("mqtt"), xff).await;
+        assert!(answer.contains("101"), "{answer}");
+        ws_send(&mut s, &common::mqtt::connect_packet(4, id, true, 30, None, None)).await;
+        assert_eq!(ws_recv(&mut s).await, vec![0x20, 2, 0, 0]);
+        let peer = pool.sessions_of(id).first().map(|x| x.info.peer.ip().to_string());
+        assert_eq!(peer.as_deref(), Some(expected.as_str()), "{id}: the client's address");
+        open.push(s);
+    }
+    let accepted = pool.metrics.accepted.with_label_values(&["ws"]).get();
+    assert_eq!(accepted, 6, "every connection to the ws listener counted under listener=\"ws\"");
     mg.shutdown().await;
 }
 
 /// A client-side WebSocket handshake on a raw socket; returns the socket and the HTTP answer.
 async fn raw_ws(addr: SocketAddr, protocol: Option<&str>) -> (tokio::net::TcpStream, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(upgrade("/mqtt", protocol).as_bytes()).await.unwrap();
+    raw_ws_from(None, addr, protocol, "").await
+}
+
+/// The same from the loopback address `from`, with extra request headers.
+async fn raw_ws_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    protocol: Option<&str>,
+    headers: &str,
+) -> (tokio::net::TcpStream, String) {
+    let mut s = match from {
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(SocketAddr::new(ip, 0)).unwrap();
+            sock.connect(addr).await.unwrap()
+        }
+        None => tokio::net::TcpStream::connect(addr).await.unwrap(),
+    };
+    s.write_all(upgrade_with("/mqtt", protocol, headers).as_bytes()).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub client_sessions: IntGauge,
+    pub accepted: IntCounterVec,
     pub durable_sessions: IntGauge,
     pub durable_ops: IntCounterVec,
     pub standby_trimmed: IntCounter,
@@ -106,6 +107,11 @@ impl Metrics {
                 &registry,
                 IntGauge::new("meshgate_client_connections", "Client TCP connections open now, established or not")
                     .unwrap(),
+            ),
+            accepted: counter(
+                "meshgate_accepted_connections_total",
+                "Client connections accepted, by listener (mqtt, mqtts, ws, wss), before admission and any handshake",
+                &["listener"],
             ),
             durable_sessions: reg(
                 &registry,

@@ -176,6 +176,32 @@ pub enum Listener {
     Wss,
 }
 
+impl Listener {
+    pub const ALL: [Listener; 4] = [Listener::Mqtt, Listener::Mqtts, Listener::Ws, Listener::Wss];
+
+    /// The `listener` label of the metrics, and the `[listen]` key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Listener::Mqtt => "mqtt",
+            Listener::Mqtts => "mqtts",
+            Listener::Ws => "ws",
+            Listener::Wss => "wss",
+        }
+    }
+}
+
+impl Listen {
+    /// Whether the client listener is configured.
+    pub fn has(&self, listener: Listener) -> bool {
+        match listener {
+            Listener::Mqtt => true,
+            Listener::Mqtts => self.mqtts.is_some(),
+            Listener::Ws => self.ws.is_some(),
+            Listener::Wss => self.wss.is_some(),
+        }
+    }
+}
+
 impl ListenerProxyProtocol {
     pub fn of(&self, listener: Listener) -> ProxyProtocol {
         match listener {

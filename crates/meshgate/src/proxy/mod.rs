@@ -96,6 +96,9 @@ impl Proxy {
             }
         }
         m.init(&m.rejected, REJECT_REASONS.iter().map(std::slice::from_ref));
+        let listeners: Vec<[&str; 1]> =
+            Listener::ALL.iter().filter(|l| self.listen.has(**l)).map(|l| [l.as_str()]).collect();
+        m.init(&m.accepted, listeners.iter().map(|l| l.as_slice()));
         let closes = crate::pool::CLOSE_REASONS.iter().chain(&["malformed"]);
         m.init(&m.sessions_closed, closes.map(std::slice::from_ref));
         m.init(&m.reloads, [["ok"].as_slice(), ["error"].as_slice()]);
@@ -151,12 +154,16 @@ pub async fn accept_loop(
     kind: Listener,
 ) {
     let pp = proxy.listen.proxy_protocol.of(kind);
+    let accepted_total = proxy.pool.metrics.accepted.with_label_values(&[kind.as_str()]);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
+        if accepted.is_ok() {
+            accepted_total.inc();
+        }
         match accepted {
             Ok((stream, peer)) if pp != ProxyProtocol::Off || matches!(kind, Listener::Ws | Listener::Wss) => {
                 backoff = Duration::from_millis(5);
