@@ -115,14 +115,18 @@ async fn proxy_v2_broker(listen: SocketAddr, broker: SocketAddr) -> Arc<Mutex<Ve
 async fn haproxy_send_proxy_v2_gives_meshgate_and_the_broker_the_real_client_address() {
     let slot = Slot::acquire();
     let mosquitto = Mosquitto::start("broker1", slot.addr(10, 1883), "");
-    // The broker as meshgate sees it: a listener that requires PROXY v2, in front of Mosquitto.
-    let relay = slot.addr(20, 1883);
+    let mosquitto2 = Mosquitto::start("broker2", slot.addr(11, 1883), "");
+    // The brokers as meshgate sees them: listeners that require PROXY v2, in front of Mosquitto.
+    let (relay, relay2) = (slot.addr(20, 1883), slot.addr(21, 1883));
     let sources = proxy_v2_broker(relay, mosquitto.addr).await;
+    let sources2 = proxy_v2_broker(relay2, mosquitto2.addr).await;
     let (mg_addr, balancer) = (slot.addr(1, 1883), slot.addr(60, 1883));
     let text = format!(
         "[listen]\nmqtt = \"{mg_addr}\"\nhttp = \"{}\"\ntrusted_proxies = [\"{}\"]\nproxy_protocol = {{ mqtt = \"v2\" }}\n\
          [access_log]\nenabled = false\n[proxy]\nmax_connections_per_source = 1\n\
-         [[broker]]\nname = \"broker1\"\naddress = \"{relay}\"\nproxy_protocol = \"v2\"\n",
+         [replication]\nenabled = true\n\
+         [[broker]]\nname = \"broker1\"\naddress = \"{relay}\"\nproxy_protocol = \"v2\"\n\
+         [[broker]]\nname = \"broker2\"\naddress = \"{relay2}\"\nproxy_protocol = \"v2\"\n",
         slot.addr(1, 8080),
         balancer.ip()
     );
@@ -179,6 +183,31 @@ async fn haproxy_send_proxy_v2_gives_meshgate_and_the_broker_the_real_client_add
     let bad = pool.metrics.rejected.with_label_values(&["proxy_header"]);
     wait_until(2 * SECOND, || bad.get() == 1).await.expect("counted as proxy_header");
     assert!(pool.broker_of("forged").is_none() && pool.broker_of("bare").is_none());
+
+    // Replication links reach both PROXY listeners too: a message published on broker1's
+    // Mosquitto arrives on broker2's.
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let _sub =
+        common::subscribed(mosquitto2.addr, "pp-reader", "pp/#", move |p| g.lock().unwrap().push(p.payload.to_vec()))
+            .await;
+    let http = slot.addr(1, 8080);
+    let mut links_up = false;
+    for _ in 0..250 {
+        let r = raw_get_json(http, "/replication").await;
+        if r["links"].as_array().is_some_and(|l| l.len() == 2 && l.iter().all(|x| x["connected"] == true)) {
+            links_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(links_up, "both replication links connected through the PROXY listeners");
+    let mut publisher = TcpStream::connect(mosquitto.addr).await.unwrap();
+    assert_eq!(mqtt_connect(&mut publisher, "pp-writer").await, Some(0));
+    publisher.write_all(&raw::publish_packet("pp/1", b"through the relay", 1, 1, false)).await.unwrap();
+    let copied = wait_until(10 * SECOND, || !got.lock().unwrap().is_empty()).await;
+    assert!(copied.is_some(), "replicated through the PROXY listeners");
+    assert!(!sources2.lock().unwrap().is_empty(), "broker2's listener got headers");
     mg.shutdown().await;
 }
 

@@ -1214,9 +1214,9 @@ fn validate(file: FileConfig, path: &str, nginx: Option<(&nginx::NginxStream, &s
         }
     }
     if replication.enabled {
-        if let Some(b) = brokers.iter().find(|b| b.proxy_protocol != ProxyProtocol::Off) {
+        if let Some(b) = brokers.iter().find(|b| b.proxy_protocol != ProxyProtocol::Off && b.tls) {
             warnings.push(format!(
-                "{}: broker {:?} has proxy_protocol set and replication is on: replication links (rumqttc) cannot send a PROXY header, so replication to this broker fails while its listener requires one",
+                "{}: broker {:?} has tls = true and proxy_protocol set, and replication is on: replication links reach a TLS broker directly and send no PROXY header, so replication to it fails while its listener requires one",
                 c.path, b.name
             ));
         }

@@ -347,7 +347,7 @@ pub struct Replication {
 
 /// rumqttc options for a connection to `broker`, through `upstream`'s choice of TCP or TLS.
 fn mqtt_options(upstream: &Upstream, broker: &crate::config::BrokerConfig, client_id: String) -> MqttOptions {
-    let (host, port) = split_address(&broker.address);
+    let (host, port) = upstream.mqtt_address(broker);
     let mut opts = MqttOptions::new(client_id, host, port);
     match upstream.mqtt_transport(broker) {
         Ok(t) => {
@@ -982,12 +982,5 @@ fn qos_of(q: u8) -> QoS {
         0 => QoS::AtMostOnce,
         1 => QoS::AtLeastOnce,
         _ => QoS::ExactlyOnce,
-    }
-}
-
-fn split_address(address: &str) -> (String, u16) {
-    match address.rsplit_once(':') {
-        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.parse().unwrap_or(1883)),
-        None => (address.to_string(), 1883),
     }
 }

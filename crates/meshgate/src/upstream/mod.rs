@@ -87,6 +87,16 @@ pub struct Upstream {
     /// Where clients reach meshgate: the destination of a PROXY protocol header sent on a
     /// client's behalf.
     front: Option<std::net::SocketAddr>,
+    /// Per broker name, the relay rumqttc connects through to a broker that takes a PROXY
+    /// protocol header (`mqtt_address`); stopped with this value.
+    relays: parking_lot::Mutex<HashMap<String, std::net::SocketAddr>>,
+    relays_stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.relays_stop.cancel();
+    }
 }
 
 impl Upstream {
@@ -97,6 +107,8 @@ impl Upstream {
             timeouts: ArcSwap::from_pointee(timeouts(config)),
             gates: Default::default(),
             front: config.listen.mqtt.parse().ok(),
+            relays: Default::default(),
+            relays_stop: Default::default(),
         };
         up.reload(config)?;
         Ok(up)
@@ -110,6 +122,8 @@ impl Upstream {
             timeouts: ArcSwap::from_pointee(Timeouts { connect: limit, connack: limit }),
             gates: Default::default(),
             front: None,
+            relays: Default::default(),
+            relays_stop: Default::default(),
         }
     }
 
@@ -149,18 +163,8 @@ impl Upstream {
         client: Option<std::net::SocketAddr>,
     ) -> Result<Conn, AttemptError> {
         let mut stream = self.tcp(&broker.address).await?;
-        if broker.proxy_protocol != crate::config::ProxyProtocol::Off {
-            let (local, peer) = (stream.local_addr(), stream.peer_addr());
-            let (Ok(local), Ok(peer)) = (local, peer) else {
-                return Err(AttemptError::Protocol("the broker connection has no address".into()));
-            };
-            let (source, destination) = match client {
-                Some(c) => (c, self.front.unwrap_or(local)),
-                None => (local, peer),
-            };
-            let header = crate::transport::proxy_protocol::header(broker.proxy_protocol, source, destination);
-            crate::transport::write_all(&mut stream, &header).await.map_err(AttemptError::Connect)?;
-        }
+        let front = client.map(|c| (c, self.front));
+        send_proxy_header(&mut stream, broker, front).await.map_err(AttemptError::Connect)?;
         if !broker.tls {
             return Ok(Conn::Tcp(stream));
         }
@@ -179,6 +183,37 @@ impl Upstream {
             Err(_) => Err(AttemptError::ConnectTimeout(limit)),
             Ok(Err(e)) => Err(AttemptError::Protocol(format!("TLS handshake with the broker: {e}"))),
             Ok(Ok(s)) => Ok(Conn::BrokerTls(Box::new(s))),
+        }
+    }
+
+    /// Where rumqttc (replication links, retained snapshots) connects for `broker`: the broker
+    /// itself, or, for a plain-TCP broker that takes a PROXY protocol header, a relay on
+    /// 127.0.0.1 that opens each connection with meshgate's header and then passes the bytes
+    /// through (rumqttc has no hook to write one). A TLS broker is reached directly: its
+    /// certificate is checked against the address rumqttc is given.
+    pub fn mqtt_address(&self, broker: &BrokerConfig) -> (String, u16) {
+        if broker.proxy_protocol == crate::config::ProxyProtocol::Off || broker.tls {
+            return split_address(&broker.address);
+        }
+        let mut relays = self.relays.lock();
+        if let Some(a) = relays.get(&broker.name) {
+            return (a.ip().to_string(), a.port());
+        }
+        let bound = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std)
+            .and_then(|l| l.local_addr().map(|a| (l, a)));
+        match bound {
+            Ok((listener, addr)) => {
+                let limit = self.timeouts.load().connect;
+                tokio::spawn(relay(listener, broker.clone(), limit, self.relays_stop.clone()));
+                relays.insert(broker.name.clone(), addr);
+                (addr.ip().to_string(), addr.port())
+            }
+            Err(e) => {
+                tracing::warn!(broker = %broker.name, "cannot open the PROXY protocol relay for replication: {e}");
+                split_address(&broker.address)
+            }
         }
     }
 
@@ -301,5 +336,63 @@ mod tests {
             let ack = crate::mqtt::Connack { session_present: false, code };
             assert!(AttemptError::REASONS.contains(&ack.broker_failure(version).unwrap()));
         }
+    }
+}
+
+/// `host:port` as rumqttc takes it.
+pub fn split_address(address: &str) -> (String, u16) {
+    match address.rsplit_once(':') {
+        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.parse().unwrap_or(1883)),
+        None => (address.to_string(), 1883),
+    }
+}
+
+/// Opens a connection to a broker with `proxy_protocol` set with its header: `front` is the
+/// client and the address it reached meshgate at, for a client's session; without it the
+/// header carries meshgate's own end of the connection.
+async fn send_proxy_header(
+    stream: &mut TcpStream,
+    broker: &BrokerConfig,
+    front: Option<(std::net::SocketAddr, Option<std::net::SocketAddr>)>,
+) -> std::io::Result<()> {
+    if broker.proxy_protocol == crate::config::ProxyProtocol::Off {
+        return Ok(());
+    }
+    let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
+    let (source, destination) = match front {
+        Some((client, reached)) => (client, reached.unwrap_or(local)),
+        None => (local, peer),
+    };
+    let header = crate::transport::proxy_protocol::header(broker.proxy_protocol, source, destination);
+    crate::transport::write_all(stream, &header).await
+}
+
+/// The relay of `Upstream::mqtt_address`: each connection rumqttc opens becomes one to the
+/// broker, PROXY header first, then bytes both ways until either side closes.
+async fn relay(
+    listener: tokio::net::TcpListener,
+    broker: BrokerConfig,
+    limit: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let inbound = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let Ok((mut inbound, _)) = inbound else { continue };
+        let (broker, stop) = (broker.clone(), stop.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(mut outbound)) = timeout(limit, TcpStream::connect(&broker.address)).await else { return };
+            let _ = outbound.set_nodelay(true);
+            let _ = inbound.set_nodelay(true);
+            if send_proxy_header(&mut outbound, &broker, None).await.is_err() {
+                return;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+            }
+        });
     }
 }
