@@ -221,6 +221,9 @@ impl Meshgate {
         let durable = Arc::new(Durable::new(&config.sessions));
         let wiring = Arc::new(Wiring { durable: durable.clone(), coordination: std::sync::OnceLock::new() });
         let pool = Arc::new(Pool::with_hooks(&config, wiring.clone()));
+        if config.sessions.enabled {
+            pool.metrics.durable_sessions_limit.set(config.sessions.max_sessions as i64);
+        }
         let coordination = match &config.coordination {
             Some(c) => Some(
                 coordination::Coordination::new(c, &pool, &durable, mqtt_addr, http_addr)

@@ -9,6 +9,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub broker_up: IntGaugeVec,
     pub broker_available: IntGaugeVec,
+    pub broker_priority: IntGaugeVec,
+    pub broker_current: IntGaugeVec,
     pub sessions_active: IntGaugeVec,
     pub sessions_total: IntCounterVec,
     pub upstream_failures: IntCounterVec,
@@ -24,6 +26,7 @@ pub struct Metrics {
     pub client_sessions: IntGauge,
     pub accepted: IntCounterVec,
     pub durable_sessions: IntGauge,
+    pub durable_sessions_limit: IntGauge,
     pub durable_ops: IntCounterVec,
     pub standby_trimmed: IntCounter,
     pub switches: IntCounterVec,
@@ -51,6 +54,16 @@ impl Metrics {
             broker_available: gauge(
                 "meshgate_broker_available",
                 "1 when the broker takes new sessions (enabled, probes up, not barred by passive accounting)",
+                &["broker"],
+            ),
+            broker_priority: gauge(
+                "meshgate_broker_priority",
+                "The broker's configured priority (tier): the lowest value in the pool is the primary tier",
+                &["broker"],
+            ),
+            broker_current: gauge(
+                "meshgate_broker_current",
+                "1 for the broker new clients go to now, 0 for the others (every broker 0: none is available)",
                 &["broker"],
             ),
             sessions_active: gauge("meshgate_sessions_active", "Proxied sessions open now", &["broker"]),
@@ -117,6 +130,14 @@ impl Metrics {
                 &registry,
                 IntGauge::new("meshgate_persistent_sessions", "Persistent sessions recorded (with their subscriptions)")
                     .unwrap(),
+            ),
+            durable_sessions_limit: reg(
+                &registry,
+                IntGauge::new(
+                    "meshgate_persistent_sessions_limit",
+                    "Persistent sessions recorded at most ([sessions] max_sessions; 0 when [sessions] is off): beyond it the session seen longest ago is forgotten",
+                )
+                .unwrap(),
             ),
             durable_ops: counter(
                 "meshgate_session_operations_total",

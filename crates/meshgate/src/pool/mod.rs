@@ -463,6 +463,7 @@ impl Pool {
             m.broker_available.with_label_values(&[&b.name]).set(i64::from(b.available(now)));
         }
         let now_name = self.current_broker().map(|b| b.name.clone());
+        self.export_tiers(now_name.as_deref());
         let mut current = self.current.lock();
         // `None` until the first choice at start, which is not a failover; after that every
         // change is one, to and from "none" (a total outage) included.
@@ -492,6 +493,32 @@ impl Pool {
                 format!("new clients now go to {to} (was {from})"),
             ),
         };
+    }
+
+    /// Each broker's priority and which one is current, for dashboards and alerts that must
+    /// tell the primary tier from the backups without knowing broker names. Series of brokers
+    /// removed by a reload go, so a stale "current" cannot outlive its broker.
+    fn export_tiers(&self, current: Option<&str>) {
+        use prometheus::core::Collector;
+        let m = &self.metrics;
+        let brokers = self.brokers.load();
+        for b in brokers.iter() {
+            m.broker_priority.with_label_values(&[&b.name]).set(i64::from(b.priority()));
+            m.broker_current.with_label_values(&[&b.name]).set(i64::from(current == Some(b.name.as_str())));
+        }
+        for family in [&m.broker_priority, &m.broker_current] {
+            let exported: Vec<String> = family
+                .collect()
+                .iter()
+                .flat_map(|f| f.get_metric().iter())
+                .flat_map(|x| x.get_label().iter().map(|l| l.value().to_string()))
+                .collect();
+            for name in exported {
+                if !brokers.iter().any(|b| b.name == name) {
+                    let _ = family.remove_label_values(&[&name]);
+                }
+            }
+        }
     }
 
     fn after_change(&self) {

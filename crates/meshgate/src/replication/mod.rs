@@ -83,7 +83,7 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn new(registry: &Registry) -> Metrics {
+    fn new(registry: &Registry, brokers: &[crate::config::BrokerConfig]) -> Metrics {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap();
             registry.register(Box::new(c.clone())).expect("unique metric");
@@ -104,17 +104,24 @@ impl Metrics {
         )
         .unwrap();
         registry.register(Box::new(link_up.clone())).expect("unique metric");
+        let dropped = counter(
+            "meshgate_replication_dropped_total",
+            "Copies not sent: the target link was down or its queue full, or the target broker refused them",
+            &["to", "reason"],
+        );
+        // At zero from the first scrape, so that increase() and alerts see the first drop.
+        for b in brokers {
+            for reason in ["link_down", "queue_full", "refused"] {
+                dropped.with_label_values(&[&b.name, reason]);
+            }
+        }
         Metrics {
             forwarded: counter(
                 "meshgate_replication_forwarded_total",
                 "Copies sent from one broker to another",
                 &["from", "to"],
             ),
-            dropped: counter(
-                "meshgate_replication_dropped_total",
-                "Copies not sent: the target link was down or its queue full, or the target broker refused them",
-                &["to", "reason"],
-            ),
+            dropped,
             duplicated: counter(
                 "meshgate_replication_duplicates_total",
                 "Messages received that were already copies (marked with their origin), and so not forwarded again",
@@ -379,7 +386,7 @@ impl Replication {
             links: ArcSwap::from_pointee(Vec::new()),
             store: Mutex::new(store),
             dirty: AtomicBool::new(false),
-            metrics: Metrics::new(&pool.metrics.registry),
+            metrics: Metrics::new(&pool.metrics.registry, &config.brokers),
             pool: pool.clone(),
             upstream: upstream.clone(),
             lag: Mutex::new(HashMap::new()),
