@@ -1544,6 +1544,39 @@ mod tests {
     }
 
     #[test]
+    fn websocket_and_proxy_protocol_listeners_are_checked_key_by_key() {
+        let c = parse(&format!(
+            "[listen]\nws = \"127.0.0.1:8083\"\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.5\"]\n\
+             proxy_protocol = {{ mqtt = \"v2\", ws = \"v1\" }}\n{FIVE}"
+        ))
+        .unwrap();
+        assert_eq!(c.listen.ws_path, "/mqtt");
+        assert_eq!(c.listen.trusted_proxies.len(), 2);
+        let pp = c.listen.proxy_protocol;
+        assert_eq!(
+            (pp.mqtt, pp.mqtts, pp.ws, pp.wss),
+            (ProxyProtocol::V2, ProxyProtocol::Off, ProxyProtocol::V1, ProxyProtocol::Off)
+        );
+        let all =
+            parse(&format!("[listen]\ntrusted_proxies = [\"10.0.0.1\"]\nproxy_protocol = \"v1\"\n{FIVE}")).unwrap();
+        assert_eq!(all.listen.proxy_protocol.wss, ProxyProtocol::V1, "a string applies to every listener");
+        for (body, key) in [
+            ("ws = \"nowhere\"", "listen.ws"),
+            ("wss = \"127.0.0.1:8084\"", "listen.wss"),
+            ("ws_path = \"mqtt\"", "listen.ws_path"),
+            ("trusted_proxies = [\"10.0.0.0/33\"]", "listen.trusted_proxies"),
+            ("proxy_protocol = \"v3\"\ntrusted_proxies = [\"10.0.0.1\"]", "listen.proxy_protocol"),
+            ("proxy_protocol = {{ ws = \"on\" }}\ntrusted_proxies = [\"10.0.0.1\"]", "listen.proxy_protocol.ws"),
+            ("proxy_protocol = \"v2\"", "listen.proxy_protocol"),
+        ] {
+            let e = parse(&format!("[listen]\n{}\n{FIVE}", body.replace("{{", "{").replace("}}", "}"))).unwrap_err();
+            assert!(e.contains(key), "{body}: {e}");
+        }
+        let e = parse("[[broker]]\nname = \"b\"\naddress = \"h:1\"\nproxy_protocol = \"yes\"\n").unwrap_err();
+        assert!(e.contains("broker[1].proxy_protocol"), "{e}");
+    }
+
+    #[test]
     fn a_file_without_settings_gets_every_default() {
         let c = parse("[[broker]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n").unwrap();
         let d = Config::defaults();

@@ -185,6 +185,13 @@ mod tests {
         secret.listen.mqtts = Some("127.0.0.1:8883".into());
         secret.tls.cert = Some("server.pem".into());
         secret.tls.key = Some("server.key".into());
+        secret.listen.ws = Some("127.0.0.1:8083".into());
+        secret.listen.wss = Some("127.0.0.1:8084".into());
+        secret.listen.ws_path = "/ws".into();
+        secret.listen.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.1/32".parse().unwrap()];
+        secret.listen.proxy_protocol.mqtt = crate::config::ProxyProtocol::V2;
+        secret.listen.proxy_protocol.ws = crate::config::ProxyProtocol::V1;
+        secret.brokers[0].proxy_protocol = crate::config::ProxyProtocol::V2;
         for c in [shipped, secret] {
             let text = c.to_toml();
             assert!(!text.contains("hunter2") && !text.contains("t0ken"), "{text}");
