@@ -117,7 +117,12 @@ async fn ten_thousand_messages_reach_every_broker_exactly_once() {
     }
     let metrics = mg.pool().metrics.render();
     assert!(metrics.contains("meshgate_replication_forwarded_total"), "forwarded counter exposed");
-    assert!(!metrics.contains("meshgate_replication_dropped_total{"), "nothing dropped:\n{metrics}");
+    // The counter starts at zero for every target and reason; nothing may have counted.
+    let dropped: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("meshgate_replication_dropped_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(dropped.is_empty(), "nothing dropped: {dropped:?}");
     mg.shutdown().await;
 }
 
