@@ -11,6 +11,8 @@ use meshgate::config::{Config, ConfigError};
 use meshgate_tools::cluster::{self as cl, RunDir};
 use meshgate_tools::local::{FrontEnd, Instances, Local, UpError};
 
+use crate::notify::Notifier;
+
 #[derive(Parser, Debug)]
 #[command(name = "meshgate", version, about = "MQTT-aware failover proxy for a prioritized pool of Mosquitto brokers")]
 pub struct Cli {
@@ -441,15 +443,25 @@ fn print_summary(c: &Config) {
     }
 }
 
+/// The proxy in the foreground. Under systemd (`Type=notify`, NOTIFY_SOCKET set) it reports
+/// readiness only once `Meshgate::start` has returned, that is with every listener bound, so
+/// nothing ordered after the unit starts before clients can connect.
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     proxy_runtime(&config)?.block_on(async move {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let notify = std::sync::Arc::new(Notifier::from_env());
+        let (tx, mut reloads) = tokio::sync::mpsc::channel(4);
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mg = meshgate::Meshgate::start(config).await?;
+        notify.ready(&serving(&mg));
+        let hup_notify = notify.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 tracing::info!("SIGHUP: reloading configuration");
+                // At once, before the file is read: `systemctl reload` returns when `kill -HUP`
+                // does, and waits for the READY=1 below only if it has heard RELOADING=1.
+                hup_notify.reloading();
                 // A refused reload is logged once, as an error, where it is recorded.
                 let r = load(&args).map_err(|e| format!("{e:#}"));
                 if tx.send(r).await.is_err() {
@@ -457,15 +469,35 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         });
-        let shutdown = async move {
+        loop {
             tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: shutting down");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: shutting down");
+                    break;
+                }
+                Some(r) = reloads.recv() => match r.and_then(|c| mg.reload(c)) {
+                    Ok(()) => notify.ready(&serving(&mg)),
+                    Err(why) => {
+                        mg.reload_failed(&why);
+                        notify.ready(&format!("reload refused, old configuration kept: {why}"));
+                    }
+                },
             }
-        };
-        meshgate::run(config, shutdown, rx).await?;
+        }
+        notify.stopping();
+        mg.shutdown().await;
         Ok(())
     })
+}
+
+/// The STATUS= line `systemctl status` shows while meshgate serves.
+fn serving(mg: &meshgate::Meshgate) -> String {
+    let http = mg.http_addr().map_or_else(|| "off".to_string(), |a| a.to_string());
+    format!("serving: mqtt {}, http {http}, {} broker(s)", mg.mqtt_addr(), mg.pool().brokers().len())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

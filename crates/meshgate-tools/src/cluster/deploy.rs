@@ -530,12 +530,32 @@ fn cloud_init(h: &Host<'_>, i: usize, net: &Network) -> Result<String, DeployErr
     ))
 }
 
-/// The systemd unit of meshgate on the front-end host.
+/// The systemd unit of meshgate on the front-end host (the binary copied to [`BINARY_PATH`]).
 pub fn render_unit(target: Target) -> String {
+    unit(&format!("rendered by `meshgate cluster render --target {}`", target.as_str()), BINARY_PATH, true)
+}
+
+/// Where the Debian package (`cargo deb`) installs the binary.
+pub const PACKAGE_BINARY_PATH: &str = "/usr/bin/meshgate";
+
+/// The unit the Debian package ships as debian/meshgate.service: the same service as
+/// [`render_unit`], with the packaged binary, and installed but not enabled (the example config
+/// names brokers that must be edited first).
+pub fn render_package_unit() -> String {
+    unit("shipped by the meshgate Debian package (`cargo deb`)", PACKAGE_BINARY_PATH, false)
+}
+
+fn unit(origin: &str, binary: &str, copy: bool) -> String {
+    let install = match copy {
+        true => {
+            "# Install as /etc/systemd/system/meshgate.service, then:\n\
+                 #   systemctl daemon-reload && systemctl enable --now meshgate\n"
+        }
+        false => "# Edit /etc/meshgate/meshgate.toml (the brokers), then: systemctl enable --now meshgate\n",
+    };
     format!(
-        "# meshgate as a systemd service, rendered by `meshgate cluster render --target {target}`.\n\
-         # Install as /etc/systemd/system/meshgate.service, then:\n\
-         #   systemctl daemon-reload && systemctl enable --now meshgate\n\
+        "# meshgate as a systemd service, {origin}.\n\
+         {install}\
          # `systemctl reload meshgate` validates the config and sends SIGHUP: brokers, health and proxy\n\
          # settings change without dropping a session (listen addresses and replication need a restart).\n\
          [Unit]\n\
@@ -544,13 +564,15 @@ pub fn render_unit(target: Target) -> String {
          After=network-online.target\n\
          \n\
          [Service]\n\
-         Type=exec\n\
+         # meshgate tells systemd READY=1 once every listener is bound, so units ordered after this one\n\
+         # start when clients can connect; RELOADING=1 and READY=1 around a reload, STOPPING=1 on stop.\n\
+         Type=notify\n\
          User=meshgate\n\
          Group=meshgate\n\
-         ExecStartPre={BINARY_PATH} validate --config {CONFIG_PATH}\n\
-         ExecStart={BINARY_PATH} run --config {CONFIG_PATH}\n\
+         ExecStartPre={binary} validate --config {CONFIG_PATH}\n\
+         ExecStart={binary} run --config {CONFIG_PATH}\n\
          # A refused config fails the reload visibly here; meshgate would also keep the old one.\n\
-         ExecReload={BINARY_PATH} validate --config {CONFIG_PATH}\n\
+         ExecReload={binary} validate --config {CONFIG_PATH}\n\
          ExecReload=/bin/kill -HUP $MAINPID\n\
          # SIGTERM: stop accepting, give sessions [proxy] shutdown_grace (5 s) to end, then close them.\n\
          TimeoutStopSec=15s\n\
@@ -558,13 +580,16 @@ pub fn render_unit(target: Target) -> String {
          RestartSec=1s\n\
          # One descriptor per client and one per broker connection.\n\
          LimitNOFILE=65536\n\
-         # The replication state file ([replication] state_file) lives here: /var/lib/meshgate.\n\
+         # The replication and session state files live in /var/lib/meshgate; an [access_log] path\n\
+         # belongs in /var/log/meshgate. Everything else is read-only to the service.\n\
          StateDirectory=meshgate\n\
          StateDirectoryMode=0750\n\
-         # Ports 1883 and 8080 need no capability; add CAP_NET_BIND_SERVICE to both lines below\n\
-         # only if you move a listener below 1024.\n\
+         LogsDirectory=meshgate\n\
+         LogsDirectoryMode=0750\n\
+         # Ports 1883 and 8080 need no capability. To move a listener below 1024, set both:\n\
+         #   CapabilityBoundingSet=CAP_NET_BIND_SERVICE\n\
+         #   AmbientCapabilities=CAP_NET_BIND_SERVICE\n\
          CapabilityBoundingSet=\n\
-         AmbientCapabilities=\n\
          NoNewPrivileges=yes\n\
          ProtectSystem=strict\n\
          ProtectHome=yes\n\
@@ -576,7 +601,9 @@ pub fn render_unit(target: Target) -> String {
          ProtectControlGroups=yes\n\
          ProtectClock=yes\n\
          ProtectHostname=yes\n\
-         RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK\n\
+         # TCP and TLS to clients and brokers, the notify socket (AF_UNIX). No netlink: glibc's\n\
+         # getaddrinfo uses it only to sort a name's addresses and falls back when it cannot.\n\
+         RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX\n\
          RestrictNamespaces=yes\n\
          RestrictRealtime=yes\n\
          RestrictSUIDSGID=yes\n\
@@ -585,8 +612,7 @@ pub fn render_unit(target: Target) -> String {
          SystemCallArchitectures=native\n\
          \n\
          [Install]\n\
-         WantedBy=multi-user.target\n",
-        target = target.as_str()
+         WantedBy=multi-user.target\n"
     )
 }
 
@@ -779,6 +805,7 @@ mod tests {
         let unit = &files.iter().find(|f| f.name == "meshgate.service").unwrap().text;
         for line in [
             "ExecStart=/usr/local/bin/meshgate run --config /etc/meshgate/meshgate.toml\n",
+            "Type=notify\n",
             "ExecReload=/bin/kill -HUP $MAINPID\n",
             "Restart=on-failure\n",
             "LimitNOFILE=65536\n",
