@@ -416,6 +416,60 @@ async fn a_persistent_session_survives_its_instance_and_its_broker_through_the_s
     assert_eq!(s["home"], "broker2", "{s}");
 }
 
+/// SUBSCRIBE at QoS 1 and its SUBACK.
+async fn subscribe(stream: &mut tokio::net::TcpStream, filter: &str) {
+    stream.write_all(&mqtt::subscribe_packet(1, filter, 1)).await.unwrap();
+    let (first, _) = mqtt::read_packet(stream, 5 * SECOND).await.expect("SUBACK");
+    assert_eq!(first, 0x90);
+}
+
+/// A persistent client that moves from A to B (a client-id takeover across instances) keeps
+/// one record: B's, connected through B with what it subscribed through both. A's copy, closed
+/// by the takeover, must not write its "disconnected" record over B's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_client_taken_over_by_another_instance_keeps_the_newer_record() {
+    let (net, etcd) = setup();
+    let a = common::blocking(|| Instance::start("a", &net.slot, 1, &net, &etcd.url(), "", &[]));
+    // b does not use broker1: a's copy stays open until the instances tell each other, so
+    // b's record reaches a while a's connection is still there.
+    let b = common::blocking(|| {
+        Instance::start("b", &net.slot, 2, &net, &etcd.url(), "", &[("broker1", "enabled = false")])
+    });
+    common::blocking(|| {
+        eventually(10 * SECOND, "both registered", || a.json("/instances")["instances"].as_array().unwrap().len() == 2)
+    });
+    let (mut first, c) = mqtt::connect_with(a.mqtt, 4, "mover", false, None, None, 5 * SECOND).await.unwrap();
+    assert_eq!(c.code, 0);
+    subscribe(&mut first, "via/a").await;
+    let has = |i: &Instance, filters: &[&str]| {
+        i.json("/sessions").as_array().is_some_and(|v| {
+            v.iter().any(|s| {
+                let got: Vec<&str> = s["subscriptions"]
+                    .as_array()
+                    .map_or_else(Vec::new, |f| f.iter().filter_map(|x| x["filter"].as_str()).collect());
+                s["client_id"] == "mover" && s["connected"] == true && filters.iter().all(|f| got.contains(f))
+            })
+        })
+    };
+    common::blocking(|| eventually(5 * SECOND, "b has a's record", || has(&b, &["via/a"])));
+    let (mut second, c) = mqtt::connect_with(b.mqtt, 4, "mover", false, None, None, 5 * SECOND).await.unwrap();
+    assert_eq!(c.code, 0);
+    subscribe(&mut second, "via/b").await;
+    // Nothing through b after this: what a writes when its copy closes must not win.
+    assert!(mqtt::closed_within(&mut first, 3 * SECOND).await, "a closed its older copy");
+    // a's disconnect has been written, if it were going to be (its queue is empty).
+    common::blocking(|| {
+        eventually(5 * SECOND, "a's writes done", || a.json("/instances")["coordination"]["claims_queued"] == 0);
+        for i in [&a, &b] {
+            eventually(5 * SECOND, "the record is b's, with both subscriptions", || has(i, &["via/a", "via/b"]));
+        }
+    });
+    let record = etcd.get("/meshgate/sessions/mover");
+    println!("the record in etcd after the takeover: {record}");
+    let v: serde_json::Value = serde_json::from_str(&record).unwrap();
+    assert_eq!((v["connected"].as_bool(), v["instance"].as_str()), (Some(true), Some("b")), "{v}");
+}
+
 /// Publishes one retained QoS 1 message on a broker directly (an empty payload deletes).
 async fn retain(addr: SocketAddr, topic: &str, payload: &str) {
     let (mut s, connack) = mqtt::connect(addr, 4, "retainer", 5 * SECOND).await.expect("connects");

@@ -97,6 +97,16 @@ impl Etcd {
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(str::to_string).collect()
     }
 
+    /// The value at `key` ("" when absent).
+    pub fn get(&self, key: &str) -> String {
+        let out = Command::new("/usr/bin/etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url(), "get", "--print-value-only", key])
+            .output()
+            .expect("etcdctl runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();

@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 
 use super::{claim_value, parse_claim, Claim, Coordination, Instance};
 use crate::config::CoordinationConfig;
+use crate::durable::store::Record;
 
 /// How long one etcd request may take before the session counts as broken.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
@@ -175,7 +176,7 @@ impl Coordination {
         }
         self.metrics.instances.set(instances.len() as i64);
         *self.instances.lock() = instances;
-        self.sessions_read(sessions, at_start);
+        self.sessions_read(sessions);
         let watch = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
         let mut events = timed("watch", c.watch(self.cfg.prefix.clone(), Some(watch))).await?;
 
@@ -400,15 +401,18 @@ impl Coordination {
                     owns.push(Sent::Other);
                     continue;
                 }
-                Claim::Session { client_id, record } => {
+                Claim::Session { client_id } => {
                     let key = self.key(&format!("sessions/{client_id}"));
                     if !seen.insert(key.clone()) {
                         rest.push(claim.clone());
                         continue;
                     }
+                    // Out of the pending set before the record is read: a change from now on
+                    // queues another write.
+                    self.pending_sessions.lock().remove(client_id);
                     let known = self.session_revs.lock().get(client_id).copied().unwrap_or(0);
-                    let write = match record {
-                        Some(r) => TxnOp::put(key.clone(), r.clone(), None),
+                    let write = match self.durable.record_json(client_id) {
+                        Some(r) => TxnOp::put(key.clone(), r, None),
                         None => TxnOp::delete(key.clone(), None),
                     };
                     ops.push(TxnOp::txn(
@@ -488,12 +492,12 @@ impl Coordination {
     }
 
     /// The answer to a conditional write of a session record. Written: its revision is noted
-    /// (the watch will echo it). Refused, because another instance wrote since: the record of
-    /// the instance the client is connected through wins, so this instance writes again over
-    /// what it now knows (returned, to go in the next transaction); otherwise it takes what
-    /// etcd holds.
+    /// (the watch will echo it, a deletion's too). Refused, because another instance wrote
+    /// since: this instance writes again over what it now knows if its record wins
+    /// (`Durable::wins_over`: the client is connected through it, and not later through
+    /// another), returned to go in the next transaction; otherwise it takes what etcd holds.
     fn session_written(&self, claim: &Claim, inner: &etcd_client::TxnResponse, revision: i64) -> Option<Claim> {
-        let Claim::Session { client_id, .. } = claim else { return None };
+        let Claim::Session { client_id } = claim else { return None };
         if inner.succeeded() {
             self.session_revs.lock().insert(client_id.clone(), revision);
             return None;
@@ -502,65 +506,102 @@ impl Coordination {
             TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| (kv.mod_revision(), kv.value().to_vec()))),
             _ => None,
         })?;
-        let theirs = current.as_ref().map_or(0, |(rev, _)| *rev);
-        self.session_revs.lock().insert(client_id.clone(), theirs);
-        if self.durable.owned_here(client_id) {
+        let theirs_rev = current.as_ref().map_or(0, |(rev, _)| *rev);
+        let theirs = match current.as_ref().map(|(_, v)| serde_json::from_slice::<Record>(v)) {
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                warn!(client_id, "unreadable session record in etcd, overwritten: {e}");
+                None
+            }
+            None => None,
+        };
+        self.session_revs.lock().insert(client_id.clone(), theirs_rev);
+        if self.durable.wins_over(client_id, theirs.as_ref()) {
             debug!(client_id, "session record changed through another instance meanwhile: this instance's wins");
             return Some(claim.clone());
         }
-        self.apply_session(client_id, current.as_ref().map(|(_, v)| v.as_slice()));
+        if !self.durable.apply_shared(client_id, theirs) {
+            return Some(claim.clone());
+        }
         None
     }
 
     /// A session record on the watch: applied unless it is this instance's own write (or
-    /// older than what this instance already has).
+    /// older than what it already has), or a write of this instance's is still queued (which
+    /// settles it). A record this instance keeps instead is written again over it.
     fn session_seen(&self, client_id: &str, revision: i64, record: Option<&[u8]>) {
         let mut revs = self.session_revs.lock();
-        match revs.get(client_id) {
-            Some(known) if *known >= revision => {
-                // Its own deletion, echoed: nothing to keep for the id any more.
-                if record.is_none() {
-                    revs.remove(client_id);
-                }
+        if revs.get(client_id).is_some_and(|known| *known >= revision) {
+            // Its own deletion, echoed: nothing to keep for the id any more.
+            if record.is_none() {
+                revs.remove(client_id);
+            }
+            return;
+        }
+        drop(revs);
+        if self.pending_sessions.lock().contains(client_id) {
+            return;
+        }
+        let record = match record.map(serde_json::from_slice::<Record>) {
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                warn!(client_id, "unreadable session record in etcd, ignored: {e}");
                 return;
             }
-            _ => {}
+            None => None,
+        };
+        let deleted = record.is_none();
+        if self.durable.apply_shared(client_id, record) {
+            let mut revs = self.session_revs.lock();
+            match deleted {
+                // An absent key compares as revision 0.
+                true => revs.remove(client_id),
+                false => revs.insert(client_id.to_string(), revision),
+            };
+        } else {
+            self.durable.share_again(client_id);
         }
-        revs.insert(client_id.to_string(), revision);
-        drop(revs);
-        self.apply_session(client_id, record);
     }
 
-    fn apply_session(&self, client_id: &str, record: Option<&[u8]>) {
-        match record.map(serde_json::from_slice::<crate::durable::store::Record>) {
-            Some(Ok(r)) => self.durable.apply_shared(client_id, Some(r)),
-            Some(Err(e)) => warn!(client_id, "unreadable session record in etcd, ignored: {e}"),
-            None => self.durable.apply_shared(client_id, None),
-        }
-    }
-
-    /// The records etcd holds, read at the start of a session. At this process's start, a
-    /// record only this instance has (from its state file) is written to etcd; later, a record
-    /// etcd no longer holds ended elsewhere while this instance was away.
-    fn sessions_read(&self, sessions: Vec<(String, i64, Vec<u8>)>, at_start: bool) {
+    /// The records etcd holds, read at the start of an etcd session. A record whose write is
+    /// still queued is left to that write; one of a client connected through this instance is
+    /// written again (another instance may have taken it over while this one was away). A
+    /// record this instance has and etcd lacks: written if it was never shared (a single
+    /// instance's state file, or a session that began while etcd was away), otherwise it ended
+    /// while this instance was away. The leader then takes over the sessions of instances that
+    /// are gone.
+    fn sessions_read(&self, sessions: Vec<(String, i64, Vec<u8>)>) {
         let mut held = std::collections::HashSet::new();
         for (id, revision, value) in sessions {
             held.insert(id.clone());
-            if self.durable.owned_here(&id) {
+            if self.pending_sessions.lock().contains(&id) {
                 continue;
             }
-            self.session_revs.lock().insert(id.clone(), revision);
-            self.apply_session(&id, Some(&value));
+            if self.durable.owned_here(&id) {
+                self.durable.share_again(&id);
+                continue;
+            }
+            match serde_json::from_slice::<Record>(&value) {
+                Ok(r) => {
+                    if self.durable.apply_shared(&id, Some(r)) {
+                        self.session_revs.lock().insert(id.clone(), revision);
+                    }
+                }
+                Err(e) => warn!(client_id = %id, "unreadable session record in etcd, ignored: {e}"),
+            }
         }
         for id in self.durable.ids() {
-            if held.contains(&id) {
+            if held.contains(&id) || self.pending_sessions.lock().contains(&id) {
                 continue;
             }
-            if at_start || self.durable.owned_here(&id) {
+            if self.durable.owned_here(&id) || !self.durable.was_shared(&id) {
                 self.durable.share_again(&id);
             } else {
                 self.durable.apply_shared(&id, None);
             }
+        }
+        if *self.leading.borrow() {
+            self.durable.adopt_from_gone_instances();
         }
     }
 }
@@ -574,7 +615,7 @@ enum Sent {
 
 /// The retained record between replication terms, under `replication/retained`.
 impl crate::replication::HandOver for Coordination {
-    fn take(&self) -> futures_util::future::BoxFuture<'_, Option<String>> {
+    fn take(&self) -> futures_util::future::BoxFuture<'_, Result<Option<String>, String>> {
         Box::pin(async move {
             self.term_open.send_replace(true);
             let key = self.key("replication/retained");
@@ -583,15 +624,11 @@ impl crate::replication::HandOver for Coordination {
                 .when([Compare::value(self.leader_key(), CompareOp::Equal, self.me.name.clone())])
                 .and_then([TxnOp::get(key.clone(), None), TxnOp::delete(key, None)]);
             let mut c = self.client.clone();
-            let r = match timed("take the retained record", c.txn(txn)).await {
-                Ok(r) if r.succeeded() => r,
-                Ok(_) => return None,
-                Err(e) => {
-                    warn!("{e}: replication starts from the brokers' retained state");
-                    return None;
-                }
-            };
-            r.op_responses().into_iter().find_map(|op| match op {
+            let r = timed("take the retained record", c.txn(txn)).await?;
+            if !r.succeeded() {
+                return Err("taking the retained record: this instance does not hold the leader key".into());
+            }
+            Ok(r.op_responses().into_iter().find_map(|op| match op {
                 TxnOpResponse::Get(g) => {
                     let kv = g.kvs().first()?;
                     let handed: HandedOver = serde_json::from_slice(kv.value()).ok()?;
@@ -599,7 +636,7 @@ impl crate::replication::HandOver for Coordination {
                     Some(handed.record)
                 }
                 _ => None,
-            })
+            }))
         })
     }
 

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinationConfig;
-use crate::durable::{store::Record, Durable};
+use crate::durable::Durable;
 use crate::events::Severity;
 use crate::pool::{AdminState, Pool, Session, INSTANCE_TAKEOVER};
 
@@ -115,10 +115,10 @@ enum Claim {
         broker: String,
         state: AdminState,
     },
-    /// A persistent session's record (JSON), or `None` when the session ended.
+    /// A persistent session's record, as this instance holds it when written (absent: the
+    /// session ended). One in the queue per id at a time (`pending_sessions`).
     Session {
         client_id: String,
-        record: Option<String>,
     },
 }
 
@@ -188,6 +188,9 @@ pub struct Coordination {
     /// The revision of each `sessions/<id>` key as this instance last wrote or saw it: the
     /// condition of its next write, and how its own writes are told apart on the watch.
     session_revs: Mutex<std::collections::HashMap<String, i64>>,
+    /// Ids whose record waits in the queue to be written: not queued twice, and not replaced
+    /// by what etcd holds before the write has settled it.
+    pending_sessions: Mutex<std::collections::HashSet<String>>,
     client: etcd_client::Client,
     lease: Mutex<LeaseState>,
     /// Wakes the fence when the lease was renewed or leadership changed.
@@ -253,6 +256,7 @@ impl Coordination {
             pool: pool.clone(),
             durable: durable.clone(),
             session_revs: Mutex::default(),
+            pending_sessions: Mutex::default(),
             client,
             lease: Mutex::new(LeaseState { id: None, valid_until: Instant::now() }),
             renewed: Notify::new(),
@@ -466,9 +470,10 @@ impl crate::durable::Share for Coordination {
         &self.me.name
     }
 
-    fn changed(&self, client_id: &str, record: Option<&Record>) {
-        let record = record.map(|r| serde_json::to_string(r).expect("session record serializes"));
-        self.queue(Claim::Session { client_id: client_id.to_string(), record });
+    fn changed(&self, client_id: &str) {
+        if self.pending_sessions.lock().insert(client_id.to_string()) {
+            self.queue(Claim::Session { client_id: client_id.to_string() });
+        }
     }
 
     fn leads(&self) -> bool {

@@ -75,8 +75,9 @@ type Locks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 pub trait Share: Send + Sync {
     /// This instance's name, kept in the records of the sessions connected through it.
     fn instance(&self) -> &str;
-    /// A session's record changed (`None`: it ended). Queued, never waited on.
-    fn changed(&self, client_id: &str, record: Option<&Record>);
+    /// A session's record changed (or ended): what this instance holds then is written.
+    /// Queued, never waited on.
+    fn changed(&self, client_id: &str);
     /// This instance leads replication, and with it the work on sessions nobody is connected to.
     fn leads(&self) -> bool;
     /// The instance is registered (alive) as far as this instance knows.
@@ -191,31 +192,80 @@ impl Durable {
         }
     }
 
-    /// A session's record as another instance wrote it (`None`: ended there). A session
-    /// connected through this instance keeps this instance's record: it is the one that sees
-    /// the client's packets, and its write wins.
-    pub fn apply_shared(&self, client_id: &str, rec: Option<Record>) {
+    /// A session's record as another instance wrote it (`None`: ended there). Returns whether
+    /// it was taken. A session connected through this instance keeps this instance's record
+    /// (it sees the client's packets, and its next write wins), unless the other record is of
+    /// a later connection through another instance: the client moved, as a client-id takeover
+    /// across instances says too. A record that says the client is connected through this
+    /// instance, which this process never saw connect, is a previous life's: taken as
+    /// disconnected from now, and shared so.
+    pub fn apply_shared(&self, client_id: &str, rec: Option<Record>) -> bool {
         let mine = self.share.get().map(|s| s.instance().to_string());
         let mut store = self.store.lock();
-        if let Some(cur) = store.sessions.get(client_id) {
-            if cur.connected && cur.instance.is_some() && cur.instance == mine {
-                return;
+        let here =
+            store.sessions.get(client_id).filter(|cur| cur.connected && cur.instance.is_some() && cur.instance == mine);
+        if let Some(cur) = here {
+            let moved =
+                rec.as_ref().is_some_and(|r| r.connected && r.instance != mine && r.last_seen_ms > cur.last_seen_ms);
+            if !moved {
+                return false;
             }
         }
+        let mut reshare = false;
         match rec {
-            Some(r) => {
-                store.put(client_id, r, self.cfg.max_sessions);
+            Some(mut r) => {
+                if r.connected && r.instance.is_some() && r.instance == mine {
+                    r.connected = false;
+                    r.last_seen_ms = now_ms();
+                    reshare = true;
+                }
+                // Full: the record seen longest ago goes, here only (its copies are the
+                // business of the instance that works on it).
+                if let Some(gone) = store.put_quietly(client_id, r, self.cfg.max_sessions) {
+                    self.connects.lock().remove(&gone);
+                }
             }
             None => {
                 // The instance that ended it took care of its copies.
                 if store.sessions.remove(client_id).is_some() {
-                    drop(store);
                     self.connects.lock().remove(client_id);
                 }
             }
         }
+        drop(store);
         self.dirty.store(true, Ordering::Relaxed);
         self.wake.notify_one();
+        if reshare {
+            self.share_again(client_id);
+        }
+        true
+    }
+
+    /// Whether this instance's write of the session wins over `theirs` (what etcd holds): the
+    /// client is connected through this instance, and `theirs` is not of a later connection
+    /// through another one.
+    pub fn wins_over(&self, client_id: &str, theirs: Option<&Record>) -> bool {
+        let Some(share) = self.share.get() else { return true };
+        let store = self.store.lock();
+        let Some(cur) = store.sessions.get(client_id) else { return false };
+        let here = cur.connected && cur.instance.as_deref() == Some(share.instance());
+        let later_elsewhere = theirs.is_some_and(|t| {
+            t.connected && t.instance.as_deref() != Some(share.instance()) && t.last_seen_ms > cur.last_seen_ms
+        });
+        here && !later_elsewhere
+    }
+
+    /// The session's record as this instance holds it, as JSON for etcd (`None`: none).
+    pub fn record_json(&self, client_id: &str) -> Option<String> {
+        let store = self.store.lock();
+        store.sessions.get(client_id).map(|r| serde_json::to_string(r).expect("session record serializes"))
+    }
+
+    /// Whether the record was ever shared (an instance name is in it since its client
+    /// connected under coordination); a record that was not comes from a single instance's
+    /// state file.
+    pub fn was_shared(&self, client_id: &str) -> bool {
+        self.store.lock().sessions.get(client_id).is_some_and(|r| r.instance.is_some())
     }
 
     /// Whether this instance's record of the session is the one that counts (the client is
@@ -238,8 +288,7 @@ impl Durable {
     /// Shares a session's record again as it is here (etcd lacks it).
     pub fn share_again(&self, client_id: &str) {
         if let Some(share) = self.share.get() {
-            let rec = self.store.lock().sessions.get(client_id).cloned();
-            share.changed(client_id, rec.as_ref());
+            share.changed(client_id);
         }
     }
 
@@ -352,8 +401,7 @@ impl Durable {
         self.dirty.store(true, Ordering::Relaxed);
         self.wake.notify_one();
         if let Some(share) = self.share.get() {
-            let rec = self.store.lock().sessions.get(client_id).cloned();
-            share.changed(client_id, rec.as_ref());
+            share.changed(client_id);
         }
     }
 
@@ -487,15 +535,21 @@ impl Durable {
 
     /// A connection of this persistent client id is registered (and so counts as connected).
     pub fn on_registered(&self, client_id: &str) {
+        let mine = self.share.get().map(|s| s.instance().to_string());
         if let Some(r) = self.store.lock().sessions.get_mut(client_id) {
-            r.connected = true;
+            if r.instance == mine {
+                r.connected = true;
+            }
         }
     }
 
-    /// The last connection of a persistent client id through meshgate ended.
+    /// The last connection of a persistent client id through meshgate ended. With several
+    /// instances, only a record of a connection through this one: a client that moved to
+    /// another instance is connected there.
     pub fn on_disconnected(&self, client_id: &str) {
+        let mine = self.share.get().map(|s| s.instance().to_string());
         let mut store = self.store.lock();
-        if let Some(r) = store.sessions.get_mut(client_id) {
+        if let Some(r) = store.sessions.get_mut(client_id).filter(|r| r.instance == mine) {
             r.connected = false;
             r.last_seen_ms = now_ms();
             drop(store);
@@ -591,7 +645,7 @@ impl Durable {
         drop(store);
         if let Some(share) = self.share.get() {
             for id in shared {
-                share.changed(&id, None);
+                share.changed(&id);
             }
         }
         // Turns whose waiter gave up (a cancelled `lock`) leave an entry nobody holds.
@@ -736,15 +790,15 @@ mod tests {
     /// Another instance's view, as `coordination` gives it.
     struct Peer {
         leads: AtomicBool,
-        shared: Mutex<Vec<(String, bool)>>,
+        shared: Mutex<Vec<String>>,
     }
 
     impl Share for Peer {
         fn instance(&self) -> &str {
             "a"
         }
-        fn changed(&self, client_id: &str, record: Option<&Record>) {
-            self.shared.lock().push((client_id.to_string(), record.is_some()));
+        fn changed(&self, client_id: &str) {
+            self.shared.lock().push(client_id.to_string());
         }
         fn leads(&self) -> bool {
             self.leads.load(Ordering::SeqCst)
@@ -761,7 +815,7 @@ mod tests {
         d.share_with(peer.clone());
         d.on_established(&connect(4, "here"), &[], "b1");
         assert_eq!(d.record("here").unwrap().instance.as_deref(), Some("a"));
-        assert_eq!(peer.shared.lock().last(), Some(&("here".to_string(), true)), "every change goes out");
+        assert_eq!(peer.shared.lock().last().map(String::as_str), Some("here"), "every change goes out");
         // Another instance's write does not replace the record of a client connected here.
         let mut theirs = Record::new(4, None, 60, 0);
         theirs.instance = Some("b".into());
@@ -788,6 +842,44 @@ mod tests {
         // Ended elsewhere: gone here too, with no copies left to wipe (the other instance's job).
         d.apply_shared("there", None);
         assert!(d.record("there").is_none() && d.store.lock().orphans.is_empty());
+
+        // A later connection through b takes the record over (the client moved); this
+        // instance's end of the old connection then writes nothing over it.
+        let mut moved = d.record("here").unwrap();
+        moved.instance = Some("b".into());
+        moved.last_seen_ms += 1;
+        assert!(!d.wins_over("here", Some(&moved)));
+        assert!(d.apply_shared("here", Some(moved)));
+        let before = peer.shared.lock().len();
+        d.on_disconnected("here");
+        assert!(d.record("here").unwrap().connected, "still connected, through b");
+        assert_eq!(peer.shared.lock().len(), before, "nothing written for b's client");
+
+        // A record connected through this instance that this process never saw connect is a
+        // previous life's: disconnected from now, and written so.
+        let mut zombie = Record::new(4, None, 60, 0);
+        zombie.instance = Some("a".into());
+        zombie.connected = true;
+        assert!(d.apply_shared("zombie", Some(zombie)));
+        let z = d.record("zombie").unwrap();
+        assert!(!z.connected && z.last_seen_ms > 0);
+        assert_eq!(peer.shared.lock().last().map(String::as_str), Some("zombie"));
+    }
+
+    #[test]
+    fn another_instances_record_evicts_without_leaving_copies_to_wipe() {
+        let cfg = crate::Config::from_toml(
+            "[sessions]\nmax_sessions = 1\n[[broker]]\nname = \"b1\"\naddress = \"127.0.0.1:1\"\n",
+            "t",
+        )
+        .unwrap();
+        let d = Durable::new(&cfg.sessions);
+        let mut one = Record::new(4, None, 60, 0);
+        one.home = Some("b1".into());
+        d.apply_shared("one", Some(one.clone()));
+        d.apply_shared("two", Some(one));
+        assert!(d.record("one").is_none() && d.record("two").is_some());
+        assert!(d.store.lock().orphans.is_empty());
     }
 
     #[test]

@@ -146,6 +146,22 @@ impl Store {
         dropped
     }
 
+    /// Inserts or replaces another instance's record; when full, the record seen longest ago
+    /// is dropped without leaving orphans (returned).
+    pub fn put_quietly(&mut self, client_id: &str, rec: Record, max: usize) -> Option<String> {
+        let mut dropped = None;
+        if !self.sessions.contains_key(client_id) && self.sessions.len() >= max {
+            let victim =
+                self.sessions.iter().min_by_key(|(_, r)| (r.connected, r.last_seen_ms)).map(|(k, _)| k.clone());
+            if let Some(v) = victim {
+                self.sessions.remove(&v);
+                dropped = Some(v);
+            }
+        }
+        self.sessions.insert(client_id.to_string(), rec);
+        dropped
+    }
+
     /// Forgets a session; its copies on brokers other than `except` (where the client has just
     /// connected clean) become orphans to remove. At most `max` orphans are kept, the oldest
     /// giving way.

@@ -104,7 +104,8 @@ pub async fn handle_ws(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, t
     let upgrade = crate::transport::ws::Upgrade {
         path: &proxy.listen.ws_path,
         trusted: &proxy.listen.trusted_proxies,
-        max_message: cfg.max_packet_size as usize + 5,
+        // A message may pack several packets (MQTT over WebSockets allows it).
+        max_message: (cfg.max_packet_size as usize + 5).saturating_mul(4),
     };
     let limits = proxy.limits.clone();
     let admit = |ip| limits.admit(ip, &cfg, std::time::Instant::now()).map_err(|r| r.reason());

@@ -50,8 +50,10 @@ use retained::{Action, Store, Value};
 /// when its term ends cleanly, and the next term starts from it only if it was handed over.
 pub trait HandOver: Send + Sync {
     /// At a term's start: the record the previous leader handed over, if it ended its term
-    /// cleanly (taken, so a later leader cannot start from it again).
-    fn take(&self) -> futures_util::future::BoxFuture<'_, Option<String>>;
+    /// cleanly (taken, so a later leader cannot start from it again). `Err` when that could
+    /// not be settled (etcd did not answer): the term must not start, or a record left there
+    /// could be taken by a later leader, long after it was current.
+    fn take(&self) -> futures_util::future::BoxFuture<'_, Result<Option<String>, String>>;
     /// At a term's end: this leader's record, for the next one.
     fn hand_over(&self, record: String) -> futures_util::future::BoxFuture<'_, ()>;
 }
@@ -480,7 +482,12 @@ impl Replication {
                     r = leading.changed() => if r.is_err() { return },
                 }
             }
-            self.take_record(&*hand_over).await;
+            if !self.take_record(&*hand_over, &leading, &stop).await {
+                if stop.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
             let term = stop.child_token();
             let tasks = TaskTracker::new();
             self.start_term(&tasks, &term);
@@ -506,8 +513,27 @@ impl Replication {
     /// A term starts from the record the previous leader handed over; without one (the
     /// previous leader died, or this is the first term) from the brokers' own retained state,
     /// since another instance may have led since this one's record was written.
-    async fn take_record(&self, hand_over: &dyn HandOver) {
-        let taken = hand_over.take().await;
+    /// Returns false when the term must not start (leadership lost, or stopping) before the
+    /// record could be taken.
+    async fn take_record(
+        &self,
+        hand_over: &dyn HandOver,
+        leading: &watch::Receiver<bool>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let taken = loop {
+            match hand_over.take().await {
+                Ok(taken) => break taken,
+                Err(e) => warn!("{e}: the replication term waits until it is settled"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            if !*leading.borrow() {
+                return false;
+            }
+        };
         let store = match taken.as_deref().map(serde_json::from_str::<Store>) {
             Some(Ok(store)) => {
                 info!(
@@ -524,6 +550,7 @@ impl Replication {
         };
         *self.store.lock() = store;
         self.dirty.store(true, Ordering::Relaxed);
+        true
     }
 
     /// After a term: no link left, nothing held (what was not acknowledged is delivered to the

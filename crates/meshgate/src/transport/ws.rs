@@ -144,7 +144,7 @@ async fn read_head(mut conn: Conn) -> Result<Replay, (Conn, String)> {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::with_capacity(1024);
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut headers = [httparse::EMPTY_HEADER; 124];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&head) {
             Ok(httparse::Status::Complete(_)) => {
@@ -219,19 +219,27 @@ fn forwarded_for(peer: SocketAddr, req: &Request, trusted: &[Network]) -> Socket
     if !is_trusted(peer.ip()) {
         return peer;
     }
-    let hops: Vec<IpAddr> = req
+    let hops: Vec<&str> = req
         .headers()
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse().ok())
+        .map(str::trim)
         .collect();
-    match hops.iter().rev().find(|ip| !is_trusted(**ip)).or(hops.first()) {
+    // From the right: each trusted hop vouches for the one before it. The first untrusted
+    // address is the client; a hop that does not read as an address ends the walk at the
+    // last one vouched for (what is left of it could be forged).
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else { break };
         // The forwarded header carries no port.
-        Some(ip) => SocketAddr::new(*ip, 0),
-        None => peer,
+        client = SocketAddr::new(ip, 0);
+        if !is_trusted(ip) {
+            break;
+        }
     }
+    client
 }
 
 /// A WebSocket as a byte stream: each binary message's bytes are read in order, each write
@@ -282,6 +290,9 @@ impl AsyncRead for WsConn {
 
 impl AsyncWrite for WsConn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
         let this = self.get_mut();
         ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(io_error)?;
         Pin::new(&mut this.ws).start_send(Message::Binary(Bytes::copy_from_slice(buf))).map_err(io_error)?;

@@ -87,7 +87,7 @@ pub struct Upstream {
     /// Where clients reach meshgate: the destination of a PROXY protocol header sent on a
     /// client's behalf.
     front: Option<std::net::SocketAddr>,
-    /// Per broker name, the relay rumqttc connects through to a broker that takes a PROXY
+    /// Per broker address and PROXY version, the relay rumqttc connects through to a broker that takes a PROXY
     /// protocol header (`mqtt_address`); stopped with this value.
     relays: parking_lot::Mutex<HashMap<String, std::net::SocketAddr>>,
     relays_stop: tokio_util::sync::CancellationToken,
@@ -195,8 +195,10 @@ impl Upstream {
         if broker.proxy_protocol == crate::config::ProxyProtocol::Off || broker.tls {
             return split_address(&broker.address);
         }
+        // Keyed by where and what it sends: a reload that changes either gets a new relay.
+        let key = format!("{} {}", broker.address, broker.proxy_protocol.as_str());
         let mut relays = self.relays.lock();
-        if let Some(a) = relays.get(&broker.name) {
+        if let Some(a) = relays.get(&key) {
             return (a.ip().to_string(), a.port());
         }
         let bound = std::net::TcpListener::bind("127.0.0.1:0")
@@ -207,7 +209,7 @@ impl Upstream {
             Ok((listener, addr)) => {
                 let limit = self.timeouts.load().connect;
                 tokio::spawn(relay(listener, broker.clone(), limit, self.relays_stop.clone()));
-                relays.insert(broker.name.clone(), addr);
+                relays.insert(key, addr);
                 (addr.ip().to_string(), addr.port())
             }
             Err(e) => {
@@ -380,7 +382,16 @@ async fn relay(
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
-        let Ok((mut inbound, _)) = inbound else { continue };
+        let mut inbound = match inbound {
+            Ok((s, _)) => s,
+            Err(_) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
         let (broker, stop) = (broker.clone(), stop.clone());
         tokio::spawn(async move {
             let Ok(Ok(mut outbound)) = timeout(limit, TcpStream::connect(&broker.address)).await else { return };
