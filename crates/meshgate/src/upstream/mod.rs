@@ -315,32 +315,6 @@ fn timeouts(config: &Config) -> Timeouts {
     Timeouts { connect: config.proxy.upstream_connect_timeout, connack: config.proxy.connack_timeout }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::AttemptError;
-
-    #[test]
-    fn every_failure_reason_is_listed_for_the_metrics() {
-        let errors = [
-            AttemptError::Connect(std::io::ErrorKind::Other.into()),
-            AttemptError::ConnectTimeout(std::time::Duration::ZERO),
-            AttemptError::ConnackTimeout(std::time::Duration::ZERO),
-            AttemptError::Closed,
-            AttemptError::Protocol(String::new()),
-            AttemptError::Refused { code: 3, reason: "server_unavailable" },
-            AttemptError::Refused { code: 0x89, reason: "server_busy" },
-        ];
-        for e in errors {
-            assert!(AttemptError::REASONS.contains(&e.reason()), "{}", e.reason());
-        }
-        // The refusal reasons are the CONNACK's own words.
-        for (version, code) in [(4, 3), (5, 0x88), (5, 0x89)] {
-            let ack = crate::mqtt::Connack { session_present: false, code };
-            assert!(AttemptError::REASONS.contains(&ack.broker_failure(version).unwrap()));
-        }
-    }
-}
-
 /// `host:port` as rumqttc takes it.
 pub fn split_address(address: &str) -> (String, u16) {
     match address.rsplit_once(':') {
@@ -405,5 +379,31 @@ async fn relay(
                 _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttemptError;
+
+    #[test]
+    fn every_failure_reason_is_listed_for_the_metrics() {
+        let errors = [
+            AttemptError::Connect(std::io::ErrorKind::Other.into()),
+            AttemptError::ConnectTimeout(std::time::Duration::ZERO),
+            AttemptError::ConnackTimeout(std::time::Duration::ZERO),
+            AttemptError::Closed,
+            AttemptError::Protocol(String::new()),
+            AttemptError::Refused { code: 3, reason: "server_unavailable" },
+            AttemptError::Refused { code: 0x89, reason: "server_busy" },
+        ];
+        for e in errors {
+            assert!(AttemptError::REASONS.contains(&e.reason()), "{}", e.reason());
+        }
+        // The refusal reasons are the CONNACK's own words.
+        for (version, code) in [(4, 3), (5, 0x88), (5, 0x89)] {
+            let ack = crate::mqtt::Connack { session_present: false, code };
+            assert!(AttemptError::REASONS.contains(&ack.broker_failure(version).unwrap()));
+        }
     }
 }
