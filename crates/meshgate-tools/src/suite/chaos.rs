@@ -71,8 +71,8 @@ struct Log {
     published: BTreeMap<(usize, u64), (f64, Option<f64>)>,
     /// per subscriber: (publisher, seq) -> deliveries
     received: Vec<HashMap<(usize, u64), u32>>,
-    /// per subscriber: when it received each message (first or not), in order
-    received_at: Vec<Vec<f64>>,
+    /// per subscriber: when it received each message (first or not) and which, in order
+    received_at: Vec<Vec<(f64, (usize, u64))>>,
     out_of_order: u64,
     /// receive times, for the delivery chart
     receive_times: Vec<f64>,
@@ -208,7 +208,7 @@ async fn subscriber(
                     *l.received[s].entry((p, q)).or_default() += 1;
                     let at = now(t0);
                     l.receive_times.push(at);
-                    l.received_at[s].push(at);
+                    l.received_at[s].push((at, (p, q)));
                     let prev = last_seq.insert(p, q);
                     if prev.is_some_and(|prev| q < prev) {
                         l.out_of_order += 1;
@@ -386,9 +386,15 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
             }
         }
         // A subscriber the fault did not cut off (its session was moved under it) is served
-        // again at its first message after the fault: until then it missed what it missed.
+        // again at the first message it receives that was published after the fault: until
+        // then it missed what it missed. (A message published before the fault can still
+        // arrive after it, from the failed broker's socket buffers, and says nothing about
+        // the new path.)
         for times in &log.received_at {
-            if let Some(first) = times.iter().find(|at| **at >= f.at && **at < next) {
+            let served = times.iter().find(|(at, key)| {
+                *at >= f.at && *at < next && log.published.get(key).is_some_and(|(sent, _)| *sent >= f.at)
+            });
+            if let Some((first, _)) = served {
                 back_at = back_at.max(*first);
             }
         }
