@@ -223,6 +223,13 @@ async fn bad_upgrades_are_refused_clearly_and_open_no_broker_connection() {
     }
     let accepted = pool.metrics.accepted.with_label_values(&["ws"]).get();
     assert_eq!(accepted, 6, "every connection to the ws listener counted under listener=\"ws\"");
+    let open_now = pool.metrics.listener_connections.with_label_values(&["ws"]).get();
+    assert_eq!(open_now, 3, "three WebSocket sessions open (the refused upgrades never counted)");
+    assert_eq!(pool.metrics.listener_connections.with_label_values(&["mqtt"]).get(), 0);
+    drop(open);
+    drop(stream);
+    let ws_open = pool.metrics.listener_connections.with_label_values(&["ws"]);
+    wait_until(5 * SECOND, || ws_open.get() == 0).await.expect("closed sessions leave the gauge");
     mg.shutdown().await;
 }
 

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub client_sessions: IntGauge,
     pub accepted: IntCounterVec,
+    pub listener_connections: IntGaugeVec,
     pub durable_sessions: IntGauge,
     pub durable_sessions_limit: IntGauge,
     pub durable_ops: IntCounterVec,
@@ -124,6 +125,11 @@ impl Metrics {
             accepted: counter(
                 "meshgate_accepted_connections_total",
                 "Client connections accepted, by listener (mqtt, mqtts, ws, wss), before admission and any handshake",
+                &["listener"],
+            ),
+            listener_connections: gauge(
+                "meshgate_listener_connections",
+                "Client connections open now, by listener (mqtt, mqtts, ws, wss): past the TLS handshake and WebSocket upgrade, established or not",
                 &["listener"],
             ),
             durable_sessions: reg(

@@ -99,6 +99,9 @@ impl Proxy {
         let listeners: Vec<[&str; 1]> =
             Listener::ALL.iter().filter(|l| self.listen.has(**l)).map(|l| [l.as_str()]).collect();
         m.init(&m.accepted, listeners.iter().map(|l| l.as_slice()));
+        for l in &listeners {
+            m.listener_connections.with_label_values(l).set(0);
+        }
         let closes = crate::pool::CLOSE_REASONS.iter().chain(&["malformed"]);
         m.init(&m.sessions_closed, closes.map(std::slice::from_ref));
         m.init(&m.reloads, [["ok"].as_slice(), ["error"].as_slice()]);

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::forward::{self, Ended, ForwardError, Held, Tally};
 use super::track::{SharedTrack, Track};
 use super::Proxy;
-use crate::config::Move;
+use crate::config::{Listener, Move};
 use crate::mqtt::{self, connack, Connack, Connect, ConnectError, FrameScanner};
 use crate::pool::{Broker, Lease, Registered, SessionInfo, BROKER_DOWN};
 use crate::transport::write_all;
@@ -65,7 +65,7 @@ impl Rejected {
 pub fn handle(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
     let _ = client.set_nodelay(true);
     let setup = Box::pin(setup_in_span(proxy.clone(), Conn::Tcp(client), peer));
-    Box::pin(session_task(proxy, setup))
+    Box::pin(session_task(proxy, setup, Listener::Mqtt))
 }
 
 /// A client of the TLS listener: the handshake (client certificate checked when [tls]
@@ -91,7 +91,7 @@ pub async fn handle_tls(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) 
         }
     };
     let setup = Box::pin(setup_in_span(proxy.clone(), Conn::ClientTls(Box::new(tls)), peer));
-    session_task(proxy, setup).await
+    session_task(proxy, setup, Listener::Mqtts).await
 }
 
 /// A client of a WebSocket listener (`wss`: TLS first): the upgrade, within the CONNECT time,
@@ -144,12 +144,14 @@ pub async fn handle_ws(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, t
         }
     };
     let setup = Box::pin(setup_in_span(proxy.clone(), Conn::ClientWs(Box::new(ws)), client_addr));
-    session_task(proxy, setup).await;
+    session_task(proxy, setup, if tls { Listener::Wss } else { Listener::Ws }).await;
     drop(admission);
 }
 
-async fn session_task<F: Future<Output = Option<Live>>>(proxy: Arc<Proxy>, setup: Pin<Box<F>>) {
+async fn session_task<F: Future<Output = Option<Live>>>(proxy: Arc<Proxy>, setup: Pin<Box<F>>, listener: Listener) {
     proxy.pool.metrics.client_sessions.inc();
+    // Looked up at open and close only: the task carries the label, not the gauge.
+    proxy.pool.metrics.listener_connections.with_label_values(&[listener.as_str()]).inc();
     let mut live = tokio::select! {
         live = setup => live,
         _ = proxy.pool.closing.cancelled() => None,
@@ -159,6 +161,7 @@ async fn session_task<F: Future<Output = Option<Live>>>(proxy: Arc<Proxy>, setup
         forward_session(&proxy, live).await;
     }
     proxy.pool.metrics.client_sessions.dec();
+    proxy.pool.metrics.listener_connections.with_label_values(&[listener.as_str()]).dec();
 }
 
 /// What forwarding needs from the setup: one session's connections and the state of each
