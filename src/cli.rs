@@ -449,12 +449,10 @@ fn print_summary(c: &Config) {
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     proxy_runtime(&config)?.block_on(async move {
         let notify = std::sync::Arc::new(Notifier::from_env());
-        let (tx, mut reloads) = tokio::sync::mpsc::channel(4);
+        let (tx, reloads) = tokio::sync::mpsc::channel(4);
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mg = meshgate::Meshgate::start(config).await?;
-        notify.ready(&serving(&mg));
         let hup_notify = notify.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
@@ -469,29 +467,31 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         });
-        loop {
+        let shutdown = async move {
             tokio::select! {
-                _ = term.recv() => {
-                    tracing::info!("SIGTERM: shutting down");
-                    break;
-                }
-                _ = int.recv() => {
-                    tracing::info!("SIGINT: shutting down");
-                    break;
-                }
-                Some(r) = reloads.recv() => match r.and_then(|c| mg.reload(c)) {
-                    Ok(()) => notify.ready(&serving(&mg)),
-                    Err(why) => {
-                        mg.reload_failed(&why);
-                        notify.ready(&format!("reload refused, old configuration kept: {why}"));
-                    }
-                },
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             }
-        }
-        notify.stopping();
-        mg.shutdown().await;
+        };
+        meshgate::run(config, shutdown, reloads, &*notify).await?;
         Ok(())
     })
+}
+
+/// systemd hears of readiness, reloads and the shutdown.
+impl meshgate::Lifecycle for Notifier {
+    fn ready(&self, mg: &meshgate::Meshgate) {
+        Notifier::ready(self, &serving(mg));
+    }
+    fn reloaded(&self, mg: &meshgate::Meshgate, result: &Result<(), String>) {
+        match result {
+            Ok(()) => Notifier::ready(self, &serving(mg)),
+            Err(why) => Notifier::ready(self, &format!("reload refused, old configuration kept: {why}")),
+        }
+    }
+    fn stopping(&self) {
+        Notifier::stopping(self);
+    }
 }
 
 /// The STATUS= line `systemctl status` shows while meshgate serves.

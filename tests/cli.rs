@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -123,16 +122,8 @@ struct Daemon {
 impl Daemon {
     fn start(args: &[&str]) -> Daemon {
         let mut child = Command::new(BIN).args(args).stderr(Stdio::piped()).spawn().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon { child, stderr: rx }
+        let stderr = common::stderr_lines(&mut child);
+        Daemon { child, stderr }
     }
 
     /// Waits for a log line containing `needle`; returns every line seen up to it.

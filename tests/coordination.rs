@@ -311,6 +311,21 @@ async fn etcd_missing_at_start_the_instance_serves_degraded_then_joins() {
     println!("etcd started late: a joined and leads {:.2} s later", joined.as_secs_f64());
 }
 
+/// The lines a paho script printed with `key` (its CONNACKs, SUBACKs or messages).
+fn printed(lines: &Mutex<Vec<serde_json::Value>>, key: &str) -> Vec<serde_json::Value> {
+    lines.lock().unwrap().iter().filter(|v| v.get(key).is_some()).cloned().collect()
+}
+
+/// Waits until a paho subscriber has printed every acknowledged sequence number.
+async fn all_printed(lines: &Mutex<Vec<serde_json::Value>>, acked: &[u64]) -> Option<Duration> {
+    wait_until(10 * SECOND, || {
+        let got: std::collections::HashSet<String> =
+            printed(lines, "msg").iter().filter_map(|v| v["msg"].as_str().map(str::to_string)).collect();
+        acked.iter().all(|s| got.contains(&s.to_string()))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_paho_subscriber_moves_from_a_killed_instance_to_the_other_and_loses_nothing() {
     let (net, etcd) = setup();
@@ -321,29 +336,19 @@ async fn persistent_paho_subscriber_moves_from_a_killed_instance_to_the_other_an
     let addrs = format!("{},{}", a.mqtt, b.mqtt);
     let _child =
         common::paho::spawn(script, &[&addrs, "paho-persistent", "orders/#"], move |v| l.lock().unwrap().push(v));
-    wait_until(10 * SECOND, || lines.lock().unwrap().iter().any(|v| v.get("suback").is_some()))
-        .await
-        .expect("subscribed through a");
+    wait_until(10 * SECOND, || !printed(&lines, "suback").is_empty()).await.expect("subscribed through a");
     // Published on broker1 directly, where both instances send the client.
     let stop = tokio_util::sync::CancellationToken::new();
     let (sent, publishing) = publisher(net.brokers[0].addr, "orders-pub", "orders/1", 50, stop.clone());
     tokio::time::sleep(SECOND).await;
     common::blocking(|| a.kill());
-    wait_until(10 * SECOND, || lines.lock().unwrap().iter().filter(|v| v.get("connack").is_some()).count() >= 2)
-        .await
-        .expect("reconnected through b");
+    wait_until(10 * SECOND, || printed(&lines, "connack").len() >= 2).await.expect("reconnected through b");
     tokio::time::sleep(SECOND).await;
     stop.cancel();
     publishing.await.unwrap();
     let acked = sent.lock().unwrap().acked.clone();
-    let all = wait_until(10 * SECOND, || {
-        let got: std::collections::HashSet<String> =
-            lines.lock().unwrap().iter().filter_map(|v| v["msg"].as_str().map(str::to_string)).collect();
-        acked.iter().all(|s| got.contains(&s.to_string()))
-    })
-    .await;
-    let l = lines.lock().unwrap();
-    let connacks: Vec<_> = l.iter().filter(|v| v.get("connack").is_some()).collect();
+    let all = all_printed(&lines, &acked).await;
+    let connacks = printed(&lines, "connack");
     println!("paho persistent subscriber: {connacks:?}; {} acknowledged messages", acked.len());
     assert_eq!(connacks[1]["address"], b.mqtt.to_string(), "the second connection went through b");
     assert_eq!(connacks[1]["session_present"], true, "session present through b");
@@ -362,9 +367,7 @@ async fn a_persistent_session_survives_its_instance_and_its_broker_through_the_s
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/coordination/paho_list.py");
     let addrs = format!("{},{}", a.mqtt, b.mqtt);
     let _child = common::paho::spawn(script, &[&addrs, "paho-shared", "shared/#"], move |v| l.lock().unwrap().push(v));
-    wait_until(10 * SECOND, || lines.lock().unwrap().iter().any(|v| v.get("suback").is_some()))
-        .await
-        .expect("subscribed through a");
+    wait_until(10 * SECOND, || !printed(&lines, "suback").is_empty()).await.expect("subscribed through a");
     // b learns the session from etcd: its subscription, its broker, the instance it is on.
     let shared = common::blocking(|| {
         eventually(5 * SECOND, "b shows the session a recorded", || {
@@ -386,23 +389,15 @@ async fn a_persistent_session_survives_its_instance_and_its_broker_through_the_s
         a.kill();
         net.broker("broker1").kill();
     });
-    wait_until(10 * SECOND, || lines.lock().unwrap().iter().filter(|v| v.get("connack").is_some()).count() >= 2)
-        .await
-        .expect("reconnected through b");
+    wait_until(10 * SECOND, || printed(&lines, "connack").len() >= 2).await.expect("reconnected through b");
     let stop = tokio_util::sync::CancellationToken::new();
     let (sent, publishing) = publisher(net.brokers[1].addr, "shared-pub", "shared/1", 50, stop.clone());
     tokio::time::sleep(SECOND).await;
     stop.cancel();
     publishing.await.unwrap();
     let acked = sent.lock().unwrap().acked.clone();
-    let all = wait_until(10 * SECOND, || {
-        let got: std::collections::HashSet<String> =
-            lines.lock().unwrap().iter().filter_map(|v| v["msg"].as_str().map(str::to_string)).collect();
-        acked.iter().all(|s| got.contains(&s.to_string()))
-    })
-    .await;
-    let l = lines.lock().unwrap();
-    let connacks: Vec<_> = l.iter().filter(|v| v.get("connack").is_some()).collect();
+    let all = all_printed(&lines, &acked).await;
+    let connacks = printed(&lines, "connack");
     println!(
         "shared session record: on b {} ms after a's SUBACK; after a and broker1 died: {connacks:?}; {} acknowledged messages",
         shared.as_millis(),

@@ -20,13 +20,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
+use common::netns::{die_with_parent, in_ns, ip, remove_stale_namespaces, run, tear_down};
 use common::{mqtt, Mosquitto};
 use meshgate_tools::cluster::keepalived as ka;
 
@@ -46,80 +45,6 @@ const ATTEMPT_PACE: Duration = Duration::from_millis(20);
 const SCHEDULING: Duration = Duration::from_millis(250);
 
 // ---- commands and namespaces -------------------------------------------------------------
-
-fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("cannot run {cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`{cmd} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim().replace('\n', " ")
-        ))
-    }
-}
-
-fn ip(args: &[&str]) -> String {
-    run("ip", args).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn kill_namespace_processes(ns: &str) {
-    if let Ok(pids) = run("ip", &["netns", "pids", ns]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
-/// Namespaces of earlier runs whose process is gone (a SIGKILLed test cannot run Drop).
-fn remove_stale_namespaces() {
-    let Ok(list) = run("ip", &["netns", "list"]) else { return };
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let mut parts = name.split('-');
-        if parts.next() != Some(PREFIX) {
-            continue;
-        }
-        let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        kill_namespace_processes(name);
-        let _ = run("ip", &["netns", "del", name]);
-    }
-}
-
-/// Kills the process if the test process dies without running Drop (a SIGKILL, an abort).
-fn die_with_parent(cmd: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Runs `f` on a thread inside namespace `ns`: its sockets and the processes it starts are there.
-fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            // SAFETY: a valid fd for the call; CLONE_NEWNET moves only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
-            f()
-        });
-        h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
-}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Host {
@@ -163,29 +88,7 @@ struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for (_, child) in &mut self.procs {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            kill_namespace_processes(ns);
-            if let Err(e) = run("ip", &["netns", "del", ns]) {
-                eprintln!("keepalived lab cleanup: {e}");
-            }
-        }
-        if std::thread::panicking() {
-            for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
-                let p = entry.path();
-                if p.extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(25).collect();
-                    eprintln!("--- {} (last lines)", p.display());
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
-            }
-        }
+        tear_down("keepalived lab", &mut self.procs, &self.namespaces, self.dir.path(), 25);
     }
 }
 
@@ -199,7 +102,7 @@ impl Lab {
         ] {
             assert!(Path::new(tool).exists(), "keepalived test cannot run: {why}");
         }
-        remove_stale_namespaces();
+        remove_stale_namespaces(PREFIX);
         let pid = std::process::id();
         let tag = format!("{PREFIX}-{pid}");
         let net = (pid % 250 + 1) as u8;

@@ -23,12 +23,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::netns::{die_with_parent, ip, must, remove_stale_namespaces, run, tear_down};
 use serde_json::{json, Value};
 
 /// Every namespace this file creates is named `mgn-<pid>-<test>-<role>`, so a later run can
@@ -47,55 +47,6 @@ fn now_ms() -> f64 {
 
 // ---- the lab: namespaces, bridge, veths, processes ---------------------------------------
 
-/// Runs a command to completion; Err carries its stderr (one line).
-fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("cannot run {cmd}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        Err(format!("`{cmd} {}` failed: {}", args.join(" "), err.trim().replace('\n', " ")))
-    }
-}
-
-fn must(cmd: &str, args: &[&str]) -> String {
-    run(cmd, args).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn ip(args: &[&str]) -> String {
-    must("ip", args)
-}
-
-/// Namespaces of earlier runs whose process is gone (a SIGKILLed test cannot run Drop).
-fn remove_stale_namespaces() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let Ok(list) = run("ip", &["netns", "list"]) else { return };
-        for line in list.lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            let mut parts = name.split('-');
-            if parts.next() != Some(PREFIX) {
-                continue;
-            }
-            let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-            if Path::new(&format!("/proc/{pid}")).exists() {
-                continue; // a run in progress (or a reused pid: then it waits for a later run)
-            }
-            kill_namespace_processes(name);
-            let _ = run("ip", &["netns", "del", name]);
-        }
-    });
-}
-
-/// Every process still inside a namespace of ours was started by one of these tests.
-fn kill_namespace_processes(ns: &str) {
-    if let Ok(pids) = run("ip", &["netns", "pids", ns]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-    }
-}
-
 /// Fails in one line when the machine cannot run these tests at all.
 fn require_tools() {
     for (tool, why) in [
@@ -111,23 +62,6 @@ fn require_tools() {
                 .any(|d| d.join(tool).is_file())
         };
         assert!(found, "netns tests cannot run: {why}");
-    }
-}
-
-/// Kills the process if the test process dies without running Drop (a SIGKILL, an abort).
-fn die_with_parent(cmd: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
     }
 }
 
@@ -174,30 +108,10 @@ struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for (_, child) in &mut self.procs {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for ns in self.namespaces.iter().rev() {
-            kill_namespace_processes(ns);
-            if let Err(e) = run("ip", &["netns", "del", ns]) {
-                eprintln!("netns cleanup: {e}");
-            }
-        }
         if std::thread::panicking() {
             eprintln!("netns: logs of the failed test were in {} (removed)", self.dir.path().display());
-            for entry in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
-                let p = entry.path();
-                if p.extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                    eprintln!("--- {} (last lines)", p.display());
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
-            }
         }
+        tear_down("netns", &mut self.procs, &self.namespaces, self.dir.path(), 15);
     }
 }
 
@@ -205,7 +119,8 @@ impl Lab {
     /// Builds the network of test number `k` (unique within this file) and checks its routes.
     fn build(k: u32) -> Lab {
         require_tools();
-        remove_stale_namespaces();
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| remove_stale_namespaces(PREFIX));
         let pid = std::process::id();
         let tag = format!("{PREFIX}-{pid}-{k}");
         let net = ((pid as usize * 7 + k as usize) % 250 + 1) as u8;

@@ -42,16 +42,8 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("meshgate starts");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon { child, stderr: rx }
+        let stderr = common::stderr_lines(&mut child);
+        Daemon { child, stderr }
     }
 
     fn pid(&self) -> u32 {

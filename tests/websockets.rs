@@ -207,13 +207,14 @@ async fn bad_upgrades_are_refused_clearly_and_open_no_broker_connection() {
     assert_eq!(pool.broker_of("split").as_deref(), Some("broker1"));
 
     // X-Forwarded-For names the client only when a trusted proxy sends it.
-    let xff = "X-Forwarded-For: 203.0.113.7, 10.9.9.9\r\n";
+    // Header values only: nothing connects to these addresses.
+    let (forged, client) = (net.slot.ip(203), net.slot.ip(209));
+    let xff = format!("X-Forwarded-For: {forged}, {client}\r\n");
     let mut open = Vec::new();
-    for (from, id, expected) in [
-        (trusted, "behind-proxy", "10.9.9.9".to_string()),
-        (net.slot.ip(61), "forged-xff", net.slot.ip(61).to_string()),
-    ] {
-        let (mut s, answer) = raw_ws_from(Some(from), ws, Some("mqtt"), xff).await;
+    for (from, id, expected) in
+        [(trusted, "behind-proxy", client.to_string()), (net.slot.ip(61), "forged-xff", net.slot.ip(61).to_string())]
+    {
+        let (mut s, answer) = raw_ws_from(Some(from), ws, Some("mqtt"), &xff).await;
         assert!(answer.contains("101"), "{answer}");
         ws_send(&mut s, &common::mqtt::connect_packet(4, id, true, 30, None, None)).await;
         assert_eq!(ws_recv(&mut s).await, vec![0x20, 2, 0, 0]);

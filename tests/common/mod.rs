@@ -5,6 +5,7 @@ pub mod broker;
 pub mod etcd;
 pub mod instance;
 pub mod mqtt;
+pub mod netns;
 pub mod paho;
 pub mod slot;
 pub mod tls;
@@ -155,4 +156,20 @@ pub async fn subscribed(
             }
         }
     })
+}
+
+/// The child's stderr, line by line, read on a thread of its own (so a test can wait on lines
+/// with a deadline while the child runs).
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }

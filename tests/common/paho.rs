@@ -1,4 +1,4 @@
-//! Client scripts in child processes, their JSON lines handed to the test: paho-mqtt in python3 (tests/sessions/paho_sub.py, a persistent subscriber, MQTT 3.1.1 or 5; tests/coordination/paho_list.py, one with an address list; tests/ws/paho_ws.py over WebSockets) and MQTT.js in node (tests/ws/mqttjs_client.js).
+//! Client scripts in child processes, their JSON lines handed to the test: paho-mqtt in python3 (tests/sessions/paho_sub.py, a persistent subscriber, MQTT 3.1.1 or 5; tests/coordination/paho_list.py, one with an address list; tests/ws/paho_ws.py over WebSockets) and MQTT.js in node (tests/ws/mqttjs_client.js). The paho scripts share their event lines and subscribe-once logic (tests/paho_callbacks.py).
 
 use std::process::Stdio;
 

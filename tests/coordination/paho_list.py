@@ -6,40 +6,21 @@ after its first SUBACK: after a move it relies on the session (session present =
 Prints one JSON line per CONNACK (with the address), SUBACK and message.
 Usage: paho_list.py HOST:PORT[,HOST:PORT...] CLIENT_ID TOPIC_FILTER
 """
-import json
+import os
 import sys
 import time
 
 import paho.mqtt.client as mqtt
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from paho_callbacks import report  # noqa: E402
+
 addresses = [a.rsplit(":", 1) for a in sys.argv[1].split(",")]
 client_id, topic = sys.argv[2], sys.argv[3]
-state = {"subscribed": False, "address": None}
-
-
-def say(**kv):
-    print(json.dumps(kv), flush=True)
-
-
-def on_connect(client, userdata, flags, reason_code, properties):
-    say(connack=reason_code.value, session_present=bool(flags.session_present), address=state["address"])
-    if not state["subscribed"]:
-        client.subscribe(topic, qos=1)
-        state["subscribed"] = True
-
-
-def on_subscribe(client, userdata, mid, reason_codes, properties):
-    say(suback=[rc.value for rc in reason_codes])
-
-
-def on_message(client, userdata, msg):
-    say(msg=msg.payload.decode())
-
+state = {"address": None}
 
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-c.on_connect = on_connect
-c.on_subscribe = on_subscribe
-c.on_message = on_message
+report(c, topic, extra=lambda: {"address": state["address"]})
 i = 0
 while True:
     host, port = addresses[i % len(addresses)]

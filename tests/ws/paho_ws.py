@@ -5,39 +5,23 @@ sub: subscribes once (QoS 1) on its first connection and never again; prints one
 pub: publishes "<seq>" at QoS 1 every PERIOD ms; prints {"acked": seq} per PUBACK.
 Usage: paho_ws.py HOST PORT CLIENT_ID TOPIC sub|pub [clean=true|false] [PERIOD_MS] [PATH]
 """
-import json
+import os
 import sys
 import threading
 import time
 
 import paho.mqtt.client as mqtt
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from paho_callbacks import report, say  # noqa: E402
+
 host, port, client_id, topic, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 clean = (sys.argv[6] if len(sys.argv) > 6 else "true") == "true"
 period = int(sys.argv[7] if len(sys.argv) > 7 else "10") / 1000
 path = sys.argv[8] if len(sys.argv) > 8 else "/mqtt"
-state = {"subscribed": False, "seq": 0, "mids": {}}
+state = {"seq": 0, "mids": {}}
 # A PUBACK can be handled on the loop thread before publish() returns its mid here.
 lock = threading.Lock()
-
-
-def say(**kv):
-    print(json.dumps(kv), flush=True)
-
-
-def on_connect(client, userdata, flags, reason_code, properties):
-    say(connack=reason_code.value, session_present=bool(flags.session_present))
-    if mode == "sub" and not state["subscribed"]:
-        client.subscribe(topic, qos=1)
-        state["subscribed"] = True
-
-
-def on_subscribe(client, userdata, mid, reason_codes, properties):
-    say(suback=[rc.value for rc in reason_codes])
-
-
-def on_message(client, userdata, msg):
-    say(msg=msg.payload.decode())
 
 
 def on_publish(client, userdata, mid, reason_code, properties):
@@ -49,9 +33,7 @@ def on_publish(client, userdata, mid, reason_code, properties):
 
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean, transport="websockets")
 c.ws_set_options(path=path)
-c.on_connect = on_connect
-c.on_subscribe = on_subscribe
-c.on_message = on_message
+report(c, topic if mode == "sub" else None)
 c.on_publish = on_publish
 c.reconnect_delay_set(min_delay=1, max_delay=1)
 c.connect(host, port, keepalive=5)

@@ -478,24 +478,43 @@ impl Meshgate {
     }
 }
 
+/// What happens to a running meshgate, for whoever reports it (the CLI tells systemd).
+pub trait Lifecycle {
+    /// Started: every listener is bound.
+    fn ready(&self, _mg: &Meshgate) {}
+    /// A reload was applied, or refused (the running configuration stays).
+    fn reloaded(&self, _mg: &Meshgate, _result: &Result<(), String>) {}
+    /// Shutting down: sessions are drained from here on.
+    fn stopping(&self) {}
+}
+
+/// Nothing to report.
+impl Lifecycle for () {}
+
 /// What the CLI runs: start, then serve until `shutdown` resolves. `reloads` yields new
 /// configurations (SIGHUP), already validated; an `Err` is a refused reload to record.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
     mut reloads: tokio::sync::mpsc::Receiver<Result<Config, String>>,
+    lifecycle: &impl Lifecycle,
 ) -> Result<(), Error> {
     let mg = Meshgate::start(config).await?;
+    lifecycle.ready(&mg);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(r) = reloads.recv() => match r.and_then(|c| mg.reload(c)) {
-                Ok(()) => {}
-                Err(why) => mg.reload_failed(&why),
-            },
+            Some(r) = reloads.recv() => {
+                let result = r.and_then(|c| mg.reload(c));
+                if let Err(why) = &result {
+                    mg.reload_failed(why);
+                }
+                lifecycle.reloaded(&mg, &result);
+            }
         }
     }
+    lifecycle.stopping();
     mg.shutdown().await;
     Ok(())
 }

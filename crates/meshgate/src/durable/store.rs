@@ -131,35 +131,35 @@ pub struct Store {
 
 impl Store {
     /// Inserts or replaces, making room by dropping the record seen longest ago (connected
-    /// sessions last) when `max` is reached. Returns the id dropped, if any.
+    /// sessions last) when `max` is reached; the dropped session's copies become orphans.
+    /// Returns the id dropped, if any.
     pub fn put(&mut self, client_id: &str, rec: Record, max: usize) -> Option<String> {
-        let mut dropped = None;
-        if !self.sessions.contains_key(client_id) && self.sessions.len() >= max {
-            let victim =
-                self.sessions.iter().min_by_key(|(_, r)| (r.connected, r.last_seen_ms)).map(|(k, _)| k.clone());
-            if let Some(v) = victim {
-                self.remove(&v, None, max);
-                dropped = Some(v);
-            }
+        let dropped = self.victim(client_id, max);
+        if let Some(v) = &dropped {
+            self.remove(v, None, max);
         }
         self.sessions.insert(client_id.to_string(), rec);
         dropped
     }
 
-    /// Inserts or replaces another instance's record; when full, the record seen longest ago
-    /// is dropped without leaving orphans (returned).
+    /// [`Store::put`] for another instance's record: a session dropped to make room leaves no
+    /// orphans here (its copies are the business of the instance that works on it).
     pub fn put_quietly(&mut self, client_id: &str, rec: Record, max: usize) -> Option<String> {
-        let mut dropped = None;
-        if !self.sessions.contains_key(client_id) && self.sessions.len() >= max {
-            let victim =
-                self.sessions.iter().min_by_key(|(_, r)| (r.connected, r.last_seen_ms)).map(|(k, _)| k.clone());
-            if let Some(v) = victim {
-                self.sessions.remove(&v);
-                dropped = Some(v);
-            }
+        let dropped = self.victim(client_id, max);
+        if let Some(v) = &dropped {
+            self.sessions.remove(v);
         }
         self.sessions.insert(client_id.to_string(), rec);
         dropped
+    }
+
+    /// The session to drop so that a new id fits under `max`: the one seen longest ago,
+    /// connected sessions last.
+    fn victim(&self, client_id: &str, max: usize) -> Option<String> {
+        if self.sessions.contains_key(client_id) || self.sessions.len() < max {
+            return None;
+        }
+        self.sessions.iter().min_by_key(|(_, r)| (r.connected, r.last_seen_ms)).map(|(k, _)| k.clone())
     }
 
     /// Forgets a session; its copies on brokers other than `except` (where the client has just
