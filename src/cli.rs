@@ -1,5 +1,12 @@
 //! Command-line interface: parsing, logging setup, signals, and dispatch to the library.
 
+// The proxy runtime turns tokio's LIFO slot off (`proxy_runtime`), an unstable setting.
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "meshgate is built with `--cfg tokio_unstable` (set in .cargo/config.toml); a RUSTFLAGS \
+     variable replaces that setting: add `--cfg tokio_unstable` to it"
+);
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -508,6 +515,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// default, `TOKIO_WORKER_THREADS` or one per core).
 fn proxy_runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
+    // Sessions run in the order their sockets became readable. With the LIFO slot, the last
+    // session the I/O driver woke in a batch would run first: a PUBLISH could reach the
+    // broker before a SUBSCRIBE another client sent a moment earlier (tests/order.rs).
+    // Sessions do not hand messages to each other, so the slot saves nothing here.
+    b.disable_lifo_slot();
     if config.proxy.workers > 0 {
         b.worker_threads(config.proxy.workers as usize);
     }
