@@ -81,6 +81,11 @@ pub struct CompareArgs {
     /// (`worker_processes 1`); 0 = one per core, meshgate's own default.
     #[arg(long, default_value_t = 1)]
     pub meshgate_workers: u32,
+    /// Pin processes to cores: each front end (and its workers) on the last CPU, Mosquitto, the
+    /// load generator and etcd on the others, the same for every front end, so the front end's
+    /// cost is measured apart from contention. `off`: wherever the scheduler puts them.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pub pin: String,
     /// Extra arguments for every load generator run (e.g. "--threads 2").
     #[arg(long, allow_hyphen_values = true)]
     pub bench_args: Option<String>,
@@ -213,6 +218,9 @@ pub struct Settings {
     #[serde(default)]
     pub meshgate_workers: u32,
     pub net: String,
+    /// Where processes ran (`--pin on`), as the report states it; `None`: not pinned.
+    #[serde(default)]
+    pub placement: Option<Placement>,
     pub command: String,
     /// `--coordination`: meshgate without and with `[coordination]`, not the four front ends.
     #[serde(default)]
@@ -289,6 +297,35 @@ pub struct Machine {
     pub etcd: Option<String>,
 }
 
+/// The CPUs of a pinned run: the front end under test on its own, everything else beside it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Placement {
+    pub front_end: Vec<usize>,
+    pub rest: Vec<usize>,
+}
+
+impl Placement {
+    /// The last allowed CPU for the front end, the others for the rest.
+    fn of(cpus: &[usize]) -> anyhow::Result<Placement> {
+        match cpus.split_last() {
+            Some((&last, rest)) if !rest.is_empty() => Ok(Placement { front_end: vec![last], rest: rest.to_vec() }),
+            _ => bail!(
+                "--pin on needs two CPUs (one for the front end, one for Mosquitto and the load generator); this process may use {}: use --pin off",
+                cpus.len()
+            ),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let list = |c: &[usize]| c.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        format!(
+            "the front end under test (all its processes and threads) on CPU {}; Mosquitto, the load generator, etcd and this orchestrator on CPU {}",
+            list(&self.front_end),
+            list(&self.rest)
+        )
+    }
+}
+
 pub fn main(a: CompareArgs) -> anyhow::Result<()> {
     if let Some(json) = &a.rerender {
         let text = std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
@@ -349,6 +386,10 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         latency_rate: None,
         meshgate_workers: a.meshgate_workers,
         net,
+        placement: match a.pin.as_str() {
+            "on" => Some(Placement::of(&procfs::allowed_cpus())?),
+            _ => None,
+        },
         command: std::env::args().collect::<Vec<_>>().join(" "),
         coordination,
         etcd: etcd_addr.map(|a| a.to_string()),
@@ -364,6 +405,12 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         (None, true) => std::env::temp_dir().join(format!("meshgate-bench-smoke-{}", std::process::id())),
     };
     let extra: Vec<String> = a.bench_args.as_deref().unwrap_or("").split_whitespace().map(str::to_owned).collect();
+    if let Some(p) = &settings.placement {
+        // Everything this process starts inherits the rest's CPUs; front ends are moved to
+        // theirs once started (`Comparison::start`).
+        procfs::pin_self(&p.rest).context("pinning the benchmark to its CPUs")?;
+        eprintln!("placement: {}", p.describe());
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let work = std::env::temp_dir().join(format!("meshgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
@@ -828,6 +875,11 @@ impl Comparison {
                 FrontEnd::Haproxy => Some(self.start_haproxy().await?),
                 FrontEnd::Meshgate | FrontEnd::MeshgateEtcd => Some(self.start_meshgate(fe).await?),
             };
+            // Pinned once it answers, so its workers (nginx forks them) are there to move.
+            if let (Some(proc), Some(place)) = (&p, &self.s.placement) {
+                procfs::pin_tree(proc.pid(), &place.front_end)
+                    .with_context(|| format!("pinning {} to CPU {:?}", proc.name, place.front_end))?;
+            }
             setup.front.push((fe, p));
         }
         Ok(setup)
