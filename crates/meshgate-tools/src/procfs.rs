@@ -127,6 +127,47 @@ pub fn machine() -> MachineFacts {
     MachineFacts { cpu, memory_kib, open_files, kernel }
 }
 
+/// Pins `root`, every descendant and every thread of each to `cpus` (threads and processes
+/// they start later inherit it): a front end's workers may exist already, or not yet.
+pub fn pin_tree(root: u32, cpus: &[usize]) -> std::io::Result<()> {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c).map_err(std::io::Error::from)?;
+    }
+    for pid in std::iter::once(root).chain(descendants(root)) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for t in tasks.flatten() {
+            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            // A thread that ended meanwhile is no error.
+            match sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    match sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Pins the calling thread (and what it starts from now on) to `cpus`.
+pub fn pin_self(cpus: &[usize]) -> std::io::Result<()> {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        set.set(c).map_err(std::io::Error::from)?;
+    }
+    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(Into::into)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,45 +223,4 @@ mod tests {
         assert!(m.kernel.is_some());
         assert!(m.open_files.is_some());
     }
-}
-
-/// Pins `root`, every descendant and every thread of each to `cpus` (threads and processes
-/// they start later inherit it): a front end's workers may exist already, or not yet.
-pub fn pin_tree(root: u32, cpus: &[usize]) -> std::io::Result<()> {
-    use nix::sched::{sched_setaffinity, CpuSet};
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).map_err(std::io::Error::from)?;
-    }
-    for pid in std::iter::once(root).chain(descendants(root)) {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
-        for t in tasks.flatten() {
-            let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-            // A thread that ended meanwhile is no error.
-            match sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set) {
-                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The CPUs this process may run on.
-pub fn allowed_cpus() -> Vec<usize> {
-    use nix::sched::{sched_getaffinity, CpuSet};
-    match sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
-        Ok(set) => (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
-/// Pins the calling thread (and what it starts from now on) to `cpus`.
-pub fn pin_self(cpus: &[usize]) -> std::io::Result<()> {
-    use nix::sched::{sched_setaffinity, CpuSet};
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).map_err(std::io::Error::from)?;
-    }
-    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(Into::into)
 }

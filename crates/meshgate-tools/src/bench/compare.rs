@@ -405,6 +405,8 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         (None, true) => std::env::temp_dir().join(format!("meshgate-bench-smoke-{}", std::process::id())),
     };
     let extra: Vec<String> = a.bench_args.as_deref().unwrap_or("").split_whitespace().map(str::to_owned).collect();
+    // Read before pinning: the machine's cores, not the ones this process is left with.
+    let mut machine = machine();
     if let Some(p) = &settings.placement {
         // Everything this process starts inherits the rest's CPUs; front ends are moved to
         // theirs once started (`Comparison::start`).
@@ -431,7 +433,6 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&work);
     }
     let (settings, runs) = result?;
-    let mut machine = machine();
     if settings.coordination {
         machine.etcd = Some(first_line("etcd", &["--version"]));
     }

@@ -354,7 +354,8 @@ impl Summary {
         // The front end's own cost per delivered message, which pinning keeps apart from the
         // generator's and Mosquitto's (issue 22: at most 0.75× nginx's and HAProxy's).
         for load in [LoadKind::Qos0, LoadKind::Qos0x16, LoadKind::Qos1, LoadKind::Qos1x16] {
-            let Some(row) = self.rows.iter().find(|r| r.load == load && r.metric.starts_with("front end CPU per message"))
+            let Some(row) =
+                self.rows.iter().find(|r| r.load == load && r.metric.starts_with("front end CPU per message"))
             else {
                 continue;
             };
@@ -418,7 +419,10 @@ impl Summary {
         }
         if let Some(m) = self.get(LoadKind::Failover, "failover", Meshgate) {
             t.push(Target {
-                name: format!("failover under load: all {} clients back within 2 s", group(self.failover_clients as u64)),
+                name: format!(
+                    "failover under load: all {} clients back within 2 s",
+                    group(self.failover_clients as u64)
+                ),
                 measured: fmt_value(Some(m), Unit::Seconds, self.deadline_s),
                 met: Some(m <= 2.0),
             });
