@@ -168,6 +168,11 @@ pub fn pin_self(cpus: &[usize]) -> std::io::Result<()> {
     sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(Into::into)
 }
 
+/// Open file descriptors of several processes and all their descendants.
+pub fn fds_of(pids: &[u32]) -> Option<u64> {
+    trees_sum(pids, |pid| std::fs::read_dir(format!("/proc/{pid}/fd")).ok().map(|d| d.count() as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,6 +81,15 @@ pub struct CompareArgs {
     /// (`worker_processes 1`); 0 = one per core, meshgate's own default.
     #[arg(long, default_value_t = 1)]
     pub meshgate_workers: u32,
+    /// Idle sessions held through the front end beside every throughput, latency and
+    /// connection run (opened before the run by a second generator, closed after it): how the
+    /// per-message and per-CONNECT costs grow with connected sessions.
+    #[arg(long, default_value_t = 0)]
+    pub beside: usize,
+    /// The latency load's offered rate, msg/s [default: half the slowest front end's QoS 0
+    /// maximum in this run]; fixed, runs with different --beside compare at the same rate.
+    #[arg(long)]
+    pub latency_rate: Option<f64>,
     /// Pin processes to cores: each front end (and its workers) on the last CPU, Mosquitto, the
     /// load generator and etcd on the others, the same for every front end, so the front end's
     /// cost is measured apart from contention. `off`: wherever the scheduler puts them.
@@ -218,6 +227,9 @@ pub struct Settings {
     #[serde(default)]
     pub meshgate_workers: u32,
     pub net: String,
+    /// Idle sessions held beside each steady run (`--beside`).
+    #[serde(default)]
+    pub beside: usize,
     /// Where processes ran (`--pin on`), as the report states it; `None`: not pinned.
     #[serde(default)]
     pub placement: Option<Placement>,
@@ -383,7 +395,8 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         connect_concurrency: 16,
         front_ends,
         loads,
-        latency_rate: None,
+        latency_rate: a.latency_rate,
+        beside: a.beside,
         meshgate_workers: a.meshgate_workers,
         net,
         placement: match a.pin.as_str() {
@@ -536,6 +549,25 @@ impl Drop for Proc {
     }
 }
 
+/// The idle sessions of `--beside`: closed on drop, waiting (up to 30 s) until the front end
+/// holds no more descriptors than before they were opened, so the next run does not pay for
+/// their teardown.
+struct Beside {
+    child: tokio::process::Child,
+    pids: Vec<u32>,
+    before: u64,
+}
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while procfs::fds_of(&self.pids).is_some_and(|n| n > self.before + 8) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// The processes of one setup: the brokers, the front ends started and, for meshgate with
 /// `[coordination]`, etcd (dropped last, after the meshgate that uses it has stopped).
 struct Setup {
@@ -614,7 +646,7 @@ impl Comparison {
                     }
                 }
             }
-            if wants(LoadKind::Latency) {
+            if wants(LoadKind::Latency) && self.s.latency_rate.is_none() {
                 // Half the slowest front end's maximum, so every front end is measured at the
                 // same offered load and none is past its limit.
                 let max = self
@@ -631,6 +663,8 @@ impl Comparison {
                 let rate = if max.is_finite() && max > 0.0 { (max / 2.0).round() } else { 10_000.0 };
                 self.s.latency_rate = Some(rate);
                 eprintln!("latency load: {rate:.0} msg/s (half the slowest front end's QoS 0 maximum)");
+            }
+            if wants(LoadKind::Latency) {
                 for round in 0..self.s.rounds {
                     for fe in self.order(round) {
                         self.one(LoadKind::Latency, fe, round, &setup).await;
@@ -760,6 +794,10 @@ impl Comparison {
             args.extend(["--etcd-pid".into(), pid.to_string()]);
         }
         args.extend(self.extra.iter().cloned());
+        let _beside = match self.beside(load, fe, setup).await {
+            Ok(b) => b,
+            Err(e) => return self.record(load, fe, round, Err(format!("{e:#}")), None),
+        };
         if !self.s.coordination {
             let r = self.bench(&args).await;
             self.record(load, fe, round, r, None);
@@ -840,6 +878,46 @@ impl Comparison {
             // Every scrape costs meshgate CPU inside the measured window: a few per second.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// `--beside N`: a second generator holding N idle sessions through the front end for
+    /// the length of one steady run; they close when the returned guard is dropped, and the
+    /// front end has let go of their sockets before the next run starts.
+    async fn beside(&self, load: LoadKind, fe: FrontEnd, setup: &Setup) -> anyhow::Result<Option<Beside>> {
+        let steady = matches!(
+            load,
+            LoadKind::Qos0
+                | LoadKind::Qos0x16
+                | LoadKind::Qos1
+                | LoadKind::Qos1x16
+                | LoadKind::Latency
+                | LoadKind::Connect
+        );
+        if self.s.beside == 0 || !steady {
+            return Ok(None);
+        }
+        let pids = setup.pids(fe);
+        let before = procfs::fds_of(&pids).unwrap_or(0);
+        let mut child = tokio::process::Command::new(&self.bin)
+            .args(["bench", "idle", "--announce", "--quiet", "--hold", "24h"])
+            .args(["--sessions", &self.s.beside.to_string(), "--target", &self.target(fe).to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the generator of the sessions held beside the load")?;
+        let stdout = child.stdout.take().context("the idle generator's stdout")?;
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+        let open = match line {
+            Ok(Ok(Some(l))) => l.strip_prefix("open ").and_then(|n| n.parse::<usize>().ok()),
+            _ => None,
+        };
+        if open != Some(self.s.beside) {
+            bail!("{} idle sessions beside the load: {open:?} opened within 60 s", self.s.beside);
+        }
+        Ok(Some(Beside { child, pids, before }))
     }
 
     /// Runs `meshgate bench ARGS` and parses its JSON.

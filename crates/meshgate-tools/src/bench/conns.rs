@@ -147,6 +147,9 @@ pub struct IdleOptions {
     pub hold: Duration,
     pub connect_timeout: Duration,
     pub pids: Vec<u32>,
+    /// Print `open N` on stdout once every session is open: `bench compare --beside` waits
+    /// for it before its load starts.
+    pub announce: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -202,6 +205,9 @@ pub async fn idle(o: IdleOptions, progress: bool) -> IdleReport {
         }
     }
     let setup = started.elapsed().as_secs_f64();
+    if o.announce {
+        println!("open {}", streams.len());
+    }
     // Give the front end a moment to finish its own bookkeeping for the last sessions.
     tokio::time::sleep(o.hold.min(Duration::from_secs(1))).await;
     tokio::time::sleep(o.hold.saturating_sub(Duration::from_secs(1))).await;

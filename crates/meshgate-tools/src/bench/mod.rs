@@ -142,6 +142,9 @@ pub struct IdleArgs {
     /// How long to hold them once all are open (memory is read at the end).
     #[arg(long, default_value = "3s", value_parser = duration)]
     pub hold: Duration,
+    /// Print `open N` on stdout as soon as every session is open (then hold them).
+    #[arg(long)]
+    pub announce: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -257,6 +260,7 @@ pub async fn run(load: Load) -> anyhow::Result<Report> {
                     hold: a.hold,
                     connect_timeout: a.common.connect_timeout,
                     pids: a.common.pids.clone(),
+                    announce: a.announce,
                 },
                 !a.common.quiet,
             )

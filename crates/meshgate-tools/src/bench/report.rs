@@ -282,6 +282,22 @@ impl Summary {
                 });
             }
         }
+        if !s.coordination {
+            row(LoadKind::Connect, "front end CPU per CONNECT".into(), false, Unit::CpuMicros, &|run: &Run| match run
+                .report
+                .as_ref()?
+            {
+                Report::Connect(c) => c.cpu_us_per_connect,
+                _ => None,
+            });
+            row(LoadKind::Connect, "Mosquitto CPU per CONNECT".into(), false, Unit::CpuMicros, &|run: &Run| match run
+                .report
+                .as_ref()?
+            {
+                Report::Connect(c) => c.broker_cpu_us_per_connect,
+                _ => None,
+            });
+        }
         if s.coordination {
             // A claim is a CONNECT's cost, so per CONNECT is where it shows: meshgate queues and
             // batches it, etcd applies it (and its release at the disconnect). Counted until
@@ -866,10 +882,18 @@ pub fn markdown(results: &Results, summary: &Summary, charts: &[(&str, &str)]) -
 
 /// Where the processes ran: pinned (`--pin on`), or wherever the scheduler put them.
 fn placement_line(s: &super::compare::Settings) -> String {
-    match &s.placement {
+    let mut line = match &s.placement {
         Some(p) => format!("**Placement:** pinned: {}.", p.describe()),
         None => "**Placement:** not pinned (`--pin off`): the front end, Mosquitto and the load generator share every core, so contention is in every figure.".to_string(),
+    };
+    if s.beside > 0 {
+        let _ = write!(
+            line,
+            " {} idle sessions were held through the front end beside every throughput, latency and connection run (`--beside`).",
+            group(s.beside as u64)
+        );
     }
+    line
 }
 
 fn errors_line(results: &Results, out: &mut String) {
