@@ -3,8 +3,9 @@
 // The proxy runtime turns tokio's LIFO slot off (`proxy_runtime`), an unstable setting.
 #[cfg(not(tokio_unstable))]
 compile_error!(
-    "meshgate is built with `--cfg tokio_unstable` (set in .cargo/config.toml); a RUSTFLAGS \
-     variable replaces that setting: add `--cfg tokio_unstable` to it"
+    "meshgate is built with `--cfg tokio_unstable`, which .cargo/config.toml sets: build from the \
+     checkout's directory, and where RUSTFLAGS, CARGO_ENCODED_RUSTFLAGS or a target.<triple>.rustflags \
+     of your own replace it, add `--cfg tokio_unstable` to them"
 );
 
 use std::path::{Path, PathBuf};

@@ -93,7 +93,8 @@ pub struct CompareArgs {
     /// Pin processes to cores: each front end (and its workers) on the last CPU, Mosquitto, the
     /// load generator and etcd on the others, the same for every front end, so the front end's
     /// cost is measured apart from contention. `off`: wherever the scheduler puts them.
-    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    /// `auto` (the default) pins where there are two CPUs or more and says when it cannot.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     pub pin: String,
     /// Extra arguments for every load generator run (e.g. "--threads 2").
     #[arg(long, allow_hyphen_values = true)]
@@ -361,6 +362,13 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         None if coordination => vec![LoadKind::Qos0, LoadKind::Qos1, LoadKind::Connect],
         None => LoadKind::ALL.to_vec(),
     };
+    if coordination && a.beside > 0 {
+        // A coordination run waits until meshgate holds no session, which held ones prevent.
+        bail!("--beside holds sessions through the front end; --coordination runs wait for none to be left: use one or the other");
+    }
+    if a.latency_rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+        bail!("--latency-rate must be a rate above 0 msg/s");
+    }
     if coordination {
         // Both need fresh processes per run, and a claim's cost is in the steady loads already.
         if let Some(l) = loads.iter().find(|l| matches!(l, LoadKind::Idle | LoadKind::Failover)) {
@@ -399,9 +407,14 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
         beside: a.beside,
         meshgate_workers: a.meshgate_workers,
         net,
-        placement: match a.pin.as_str() {
-            "on" => Some(Placement::of(&procfs::allowed_cpus())?),
-            _ => None,
+        placement: match (a.pin.as_str(), Placement::of(&procfs::allowed_cpus())) {
+            ("off", _) => None,
+            ("on", p) => Some(p?),
+            (_, Ok(p)) => Some(p),
+            (_, Err(e)) => {
+                eprintln!("not pinned: {e}");
+                None
+            }
         },
         command: std::env::args().collect::<Vec<_>>().join(" "),
         coordination,
@@ -549,22 +562,35 @@ impl Drop for Proc {
     }
 }
 
-/// The idle sessions of `--beside`: closed on drop, waiting (up to 30 s) until the front end
-/// holds no more descriptors than before they were opened, so the next run does not pay for
-/// their teardown.
+/// The idle sessions of `--beside`, held by a generator that is killed with this (the child is
+/// `kill_on_drop`). [`Beside::finish`] closes them and waits until they are gone.
 struct Beside {
     child: tokio::process::Child,
+    /// The front end's processes and its descriptors before the sessions were opened.
     pids: Vec<u32>,
     before: u64,
+    /// The same for the broker, which tears the sessions down too.
+    broker: Vec<u32>,
+    broker_before: u64,
 }
 
-impl Drop for Beside {
-    fn drop(&mut self) {
+impl Beside {
+    /// Closes the held sessions and waits (up to 30 s) until the front end and the broker hold
+    /// no more descriptors than before they were opened, so the next run does not pay for
+    /// their teardown.
+    async fn finish(mut self) -> anyhow::Result<()> {
         let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while procfs::fds_of(&self.pids).is_some_and(|n| n > self.before + 8) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        // A few descriptors of slack: a front end's own probes come and go meanwhile.
+        let busy = |pids: &[u32], before: u64| procfs::fds_of(pids).is_some_and(|n| n > before + 8);
+        while busy(&self.pids, self.before) || busy(&self.broker, self.broker_before) {
+            if Instant::now() > deadline {
+                bail!("the front end or the broker still held the idle sessions' sockets 30 s after they closed");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 }
 
@@ -599,6 +625,12 @@ impl Comparison {
 
     fn target(&self, fe: FrontEnd) -> SocketAddr {
         self.addr(fe.octet(), 1883)
+    }
+
+    /// The most sessions any load holds through a front end at once, which its connection
+    /// limits must allow.
+    fn most_sessions(&self) -> usize {
+        self.s.idle_sessions.max(self.s.beside + 100).max(self.s.failover_clients)
     }
 
     fn total_runs(&self) -> usize {
@@ -794,16 +826,21 @@ impl Comparison {
             args.extend(["--etcd-pid".into(), pid.to_string()]);
         }
         args.extend(self.extra.iter().cloned());
-        let _beside = match self.beside(load, fe, setup).await {
+        let beside = match self.beside(load, fe, setup).await {
             Ok(b) => b,
             Err(e) => return self.record(load, fe, round, Err(format!("{e:#}")), None),
         };
-        if !self.s.coordination {
-            let r = self.bench(&args).await;
-            self.record(load, fe, round, r, None);
-            return;
+        let (mut r, coordination) = match self.s.coordination {
+            false => (self.bench(&args).await, None),
+            true => self.settled(&args, fe, setup).await,
+        };
+        if let Some(b) = beside {
+            // The next run starts only once the held sessions are gone from the front end and
+            // the broker; one that could not wait that long is this run's error.
+            if let Err(e) = b.finish().await {
+                r = Err(format!("{e:#}"));
+            }
         }
-        let (r, coordination) = self.settled(&args, fe, setup).await;
         self.record(load, fe, round, r, coordination);
     }
 
@@ -898,6 +935,7 @@ impl Comparison {
         }
         let pids = setup.pids(fe);
         let before = procfs::fds_of(&pids).unwrap_or(0);
+        let broker_before = procfs::fds_of(&[setup.primary.pid()]).unwrap_or(0);
         let mut child = tokio::process::Command::new(&self.bin)
             .args(["bench", "idle", "--announce", "--quiet", "--hold", "24h"])
             .args(["--sessions", &self.s.beside.to_string(), "--target", &self.target(fe).to_string()])
@@ -917,7 +955,8 @@ impl Comparison {
         if open != Some(self.s.beside) {
             bail!("{} idle sessions beside the load: {open:?} opened within 60 s", self.s.beside);
         }
-        Ok(Some(Beside { child, pids, before }))
+        let broker = vec![setup.primary.pid()];
+        Ok(Some(Beside { child, pids, before, broker, broker_before }))
     }
 
     /// Runs `meshgate bench ARGS` and parses its JSON.
@@ -948,13 +987,23 @@ impl Comparison {
             setup.etcd = Some(self.start_etcd().await?);
         }
         for &fe in front {
-            let p = match fe {
-                FrontEnd::Direct => None,
-                FrontEnd::Nginx => Some(self.start_nginx().await?),
-                FrontEnd::Haproxy => Some(self.start_haproxy().await?),
-                FrontEnd::Meshgate | FrontEnd::MeshgateEtcd => Some(self.start_meshgate(fe).await?),
+            // Started on its own CPU, so it sizes its thread pools for one CPU as well (HAProxy's
+            // and tokio's defaults count the CPUs they may use) and every process and thread it
+            // makes inherits it; the orchestrator goes back to the rest's CPUs either way.
+            if let Some(place) = &self.s.placement {
+                procfs::pin_self(&place.front_end).context("pinning the front end's start to its CPU")?;
+            }
+            let started = match fe {
+                FrontEnd::Direct => Ok(None),
+                FrontEnd::Nginx => self.start_nginx().await.map(Some),
+                FrontEnd::Haproxy => self.start_haproxy().await.map(Some),
+                FrontEnd::Meshgate | FrontEnd::MeshgateEtcd => self.start_meshgate(fe).await.map(Some),
             };
-            // Pinned once it answers, so its workers (nginx forks them) are there to move.
+            if let Some(place) = &self.s.placement {
+                procfs::pin_self(&place.rest).context("pinning the benchmark back to its CPUs")?;
+            }
+            let p = started?;
+            // And checked: whatever it runs must be on the front end's CPU alone.
             if let (Some(proc), Some(place)) = (&p, &self.s.placement) {
                 procfs::pin_tree(proc.pid(), &place.front_end)
                     .with_context(|| format!("pinning {} to CPU {:?}", proc.name, place.front_end))?;
@@ -1104,7 +1153,7 @@ impl Comparison {
     async fn start_nginx(&self) -> anyhow::Result<Proc> {
         let listen = self.target(FrontEnd::Nginx);
         let config = meshgate::Config::from_toml(&self.meshgate_toml(listen, None, None), "benchmark")?;
-        let conf = nginx_conf(&cluster::nginx::render(&config), self.s.idle_sessions);
+        let conf = nginx_conf(&cluster::nginx::render(&config), self.most_sessions());
         let prefix = self.work.join("nginx");
         std::fs::create_dir_all(prefix.join("logs"))?;
         let path = prefix.join("nginx.conf");
@@ -1118,7 +1167,7 @@ impl Comparison {
 
     async fn start_haproxy(&self) -> anyhow::Result<Proc> {
         let listen = self.target(FrontEnd::Haproxy);
-        let cfg = haproxy_cfg(listen, self.addr(10, 1883), self.addr(11, 1883), self.s.idle_sessions);
+        let cfg = haproxy_cfg(listen, self.addr(10, 1883), self.addr(11, 1883), self.most_sessions());
         let path = self.work.join("haproxy.cfg");
         std::fs::write(&path, cfg)?;
         let bin = haproxy_binary()?;
@@ -1154,6 +1203,7 @@ pub fn haproxy_cfg(listen: SocketAddr, primary: SocketAddr, backup: SocketAddr, 
     format!(
         "global\n\
          \x20   maxconn {maxconn}\n\
+         \x20   nbthread 1\n\
          \x20   log stderr format short local0 warning\n\
          \n\
          defaults\n\
@@ -1267,6 +1317,17 @@ mod tests {
         assert!(conf.contains("worker_connections 18200;") && conf.contains("worker_rlimit_nofile 18300;"));
         let changed = conf.lines().filter(|l| !shipped.contains(l)).count();
         assert_eq!(changed, 2, "{conf}");
+    }
+
+    #[test]
+    fn placement_puts_the_front_end_on_the_last_cpu_alone() {
+        let p = Placement::of(&[0, 1, 2, 3]).unwrap();
+        assert_eq!((p.front_end, p.rest), (vec![3], vec![0, 1, 2]));
+        let p = Placement::of(&[2, 5]).unwrap();
+        assert_eq!((p.front_end, p.rest), (vec![5], vec![2]));
+        let e = Placement::of(&[0]).unwrap_err().to_string();
+        assert!(e.contains("needs two CPUs") && e.contains("--pin off"), "{e}");
+        assert!(Placement::of(&[]).is_err());
     }
 
     #[test]

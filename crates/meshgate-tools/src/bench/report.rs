@@ -86,6 +86,8 @@ pub struct Summary {
     pub targets: Vec<Target>,
     pub deadline_s: f64,
     pub failover_clients: usize,
+    /// The latency load's offered rate, msg/s.
+    pub latency_rate: Option<f64>,
     /// The front end whose ratios to the others are shown: meshgate, or in a coordination run
     /// meshgate with `[coordination]` (so the ratios read on / off).
     pub subject: FrontEnd,
@@ -321,6 +323,7 @@ impl Summary {
             targets: Vec::new(),
             deadline_s: s.failover_deadline_s,
             failover_clients: s.failover_clients,
+            latency_rate: s.latency_rate,
             subject,
             coordination: s.coordination,
         };
@@ -397,7 +400,10 @@ impl Summary {
             (self.get(LoadKind::Latency, "latency p99 ", Meshgate), self.get(LoadKind::Latency, "latency p99 ", Nginx))
         {
             t.push(Target {
-                name: "p99 latency at half load ≤ nginx".into(),
+                name: format!(
+                    "p99 latency at {} msg/s ≤ nginx",
+                    self.latency_rate.map(|r| group(r as u64)).unwrap_or_else(|| "?".into())
+                ),
                 measured: format!(
                     "{} vs {}{}",
                     fmt_value(Some(m), Unit::Micros, 0.0),
