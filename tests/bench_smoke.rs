@@ -229,3 +229,30 @@ fn compare_coordination_smoke_measures_off_and_on() {
     let svg = std::fs::read_to_string(out_dir.path().join("benchmarks-coordination-cpu.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
 }
+
+/// `compare --beside`: a second generator holds idle sessions through the front end during
+/// each run and lets them go before the next; `--pin off` says in the report that nothing was
+/// pinned. Its own addresses (127.200.5.x), so it runs beside the other comparisons.
+#[test]
+fn compare_holds_idle_sessions_beside_each_run() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["bench", "compare", "--smoke", "--pin", "off", "--beside", "300", "--net", "127.200.5"])
+        .args(["--loads", "qos0,connect", "--front-ends", "meshgate", "--out"])
+        .arg(out_dir.path())
+        .output()
+        .expect("meshgate bench compare runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare --beside failed:\n{stderr}");
+    let results: Value =
+        serde_json::from_slice(&std::fs::read(out_dir.path().join("benchmarks.json")).unwrap()).unwrap();
+    assert_eq!(results["settings"]["beside"], 300);
+    assert!(results["settings"]["placement"].is_null(), "{:#}", results["settings"]);
+    let runs = results["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{stderr}");
+    assert!(runs.iter().all(|r| r["report"].is_object() && r["error"].is_null()), "{stderr}");
+    let md = std::fs::read_to_string(out_dir.path().join("benchmarks.md")).unwrap();
+    for text in ["not pinned (`--pin off`)", "300 idle sessions were held through the front end"] {
+        assert!(md.contains(text), "benchmarks.md lacks {text}:\n{md}");
+    }
+}
