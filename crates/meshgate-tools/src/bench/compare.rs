@@ -323,7 +323,7 @@ impl Placement {
         match cpus.split_last() {
             Some((&last, rest)) if !rest.is_empty() => Ok(Placement { front_end: vec![last], rest: rest.to_vec() }),
             _ => bail!(
-                "--pin on needs two CPUs (one for the front end, one for Mosquitto and the load generator); this process may use {}: use --pin off",
+                "pinning needs two CPUs (one for the front end, one for Mosquitto and the load generator); this process may use {}: run with --pin off",
                 cpus.len()
             ),
         }
@@ -434,8 +434,8 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
     // Read before pinning: the machine's cores, not the ones this process is left with.
     let mut machine = machine();
     if let Some(p) = &settings.placement {
-        // Everything this process starts inherits the rest's CPUs; front ends are moved to
-        // theirs once started (`Comparison::start`).
+        // Everything this process starts inherits the rest's CPUs; front ends are started on
+        // theirs (`Comparison::start`).
         procfs::pin_self(&p.rest).context("pinning the benchmark to its CPUs")?;
         eprintln!("placement: {}", p.describe());
     }
@@ -918,8 +918,7 @@ impl Comparison {
     }
 
     /// `--beside N`: a second generator holding N idle sessions through the front end for
-    /// the length of one steady run; they close when the returned guard is dropped, and the
-    /// front end has let go of their sockets before the next run starts.
+    /// the length of one steady run, once all are open; [`Beside::finish`] closes them.
     async fn beside(&self, load: LoadKind, fe: FrontEnd, setup: &Setup) -> anyhow::Result<Option<Beside>> {
         let steady = matches!(
             load,
