@@ -452,6 +452,11 @@ impl Recorder {
     /// `connack`: the CONNACK return code it answers every CONNECT with (`None`: it never
     /// answers one).
     async fn start_with(addr: std::net::SocketAddr, completes: bool, connack: Option<u8>) -> Recorder {
+        Recorder::start_full(addr, completes, connack, usize::MAX).await
+    }
+
+    /// `pings`: how many PINGREQs it answers on each connection before it falls silent there.
+    async fn start_full(addr: std::net::SocketAddr, completes: bool, connack: Option<u8>, pings: usize) -> Recorder {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -460,14 +465,20 @@ impl Recorder {
             loop {
                 let Ok((s, _)) = listener.accept().await else { return };
                 let g = g.clone();
-                t.lock().unwrap().push(tokio::spawn(Self::serve(s, g, completes, connack)));
+                t.lock().unwrap().push(tokio::spawn(Self::serve(s, g, completes, connack, pings)));
             }
         });
         tasks.lock().unwrap().push(accept);
         Recorder { got, tasks }
     }
 
-    async fn serve(mut s: tokio::net::TcpStream, got: Arc<Mutex<Vec<Vec<u8>>>>, completes: bool, connack: Option<u8>) {
+    async fn serve(
+        mut s: tokio::net::TcpStream,
+        got: Arc<Mutex<Vec<Vec<u8>>>>,
+        completes: bool,
+        connack: Option<u8>,
+        mut pings: usize,
+    ) {
         let mut buf = Vec::new();
         loop {
             let mut chunk = [0u8; 4096];
@@ -490,7 +501,10 @@ impl Recorder {
                         }
                     }
                     6 if completes => [vec![0x70, 0x02], id(0).to_vec()].concat(),
-                    12 => vec![0xd0, 0x00],
+                    12 if pings > 0 => {
+                        pings -= 1;
+                        vec![0xd0, 0x00]
+                    }
                     _ => vec![],
                 };
                 got.lock().unwrap().push(p.clone());
@@ -585,6 +599,41 @@ async fn a_failback_that_cannot_switch_leaves_the_session_where_it_is() {
     let b2 = pool.broker("broker2").unwrap();
     assert_eq!(b2.active_sessions(), 1);
     assert_eq!(pool.metrics.sessions_active.with_label_values(&["broker2"]).get(), 1);
+    c.write_all(&raw::pingreq_packet()).await.unwrap();
+    assert_eq!(raw::read_packet(&mut c, 5 * SECOND).await.unwrap().0, 0xd0, "still served by broker2");
+    primary.die();
+    backup.die();
+    mg.shutdown().await;
+}
+
+/// A failback whose returning broker takes the session (CONNECT, and the PINGREQ that ends a
+/// 3.1.1 restore) and then falls silent before the cut, as one that hangs meanwhile would
+/// while its probes have not noticed yet, leaves the session where it was. Cut over to it, the
+/// client would get nothing until the hang is noticed and the session moved again (in the
+/// chaos run: 13 messages lost when broker1 hung during a failback's overlap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_to_a_broker_that_falls_silent_before_the_cut_leaves_the_session_where_it_is() {
+    let slot = common::Slot::acquire();
+    let backup = Recorder::start(slot.addr(11, 1883), true).await;
+    let extra =
+        "[health]\nprobe = \"tcp\"\ninterval = \"100ms\"\n[proxy]\nfailback_rate = 100\nconnack_timeout = \"300ms\"\n";
+    let text = common::slot_config_text(&slot, 2, extra, "");
+    let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
+    let pool = mg.pool().clone();
+    let p = pool.clone();
+    wait_until(5 * SECOND, || p.broker("broker1").unwrap().probe_up() == Some(false)).await.unwrap();
+    let (mut c, ack) = raw::connect(slot.addr(1, 1883), 4, "not-onto-silence", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    assert_eq!(pool.broker_of("not-onto-silence").as_deref(), Some("broker2"));
+    // broker1 comes back: it answers TCP probes, the CONNECT and one PINGREQ per connection.
+    let primary = Recorder::start_full(slot.addr(10, 1883), true, Some(0), 1).await;
+    let m = pool.clone();
+    wait_until(5 * SECOND, || m.metrics.switches.with_label_values(&["failback", "target_silent"]).get() >= 1)
+        .await
+        .expect("the failback found broker1 silent before the cut");
+    assert_eq!(pool.metrics.switches.with_label_values(&["failback", "ok"]).get(), 0, "never cut over");
+    assert_eq!(pool.metrics.sessions_closed.with_label_values(&["failback"]).get(), 0, "never closed");
+    assert_eq!(pool.broker_of("not-onto-silence").as_deref(), Some("broker2"));
     c.write_all(&raw::pingreq_packet()).await.unwrap();
     assert_eq!(raw::read_packet(&mut c, 5 * SECOND).await.unwrap().0, 0xd0, "still served by broker2");
     primary.die();

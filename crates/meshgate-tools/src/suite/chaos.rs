@@ -515,11 +515,24 @@ fn evaluate(r: &mut ScenarioResult, t: &Target, opts: &ChaosOptions, faults: &[F
         r.notes.push(format!("threshold: at most {} failed connects", opts.max_failed_connects));
     }
     if lost_outside > opts.max_lost_outside {
+        let first = lost_at.iter().copied().fold(f64::NAN, f64::min);
         r.notes.push(format!(
-            "threshold: at most {} messages lost outside fault windows; first lost message sent at {:.2} s",
+            "threshold: at most {} messages lost outside fault windows; first lost message sent at {first:.2} s",
             opts.max_lost_outside,
-            lost_at.iter().copied().fold(f64::NAN, f64::min)
         ));
+        // What to look at next: the windows, and where the front end had its sessions around
+        // the first loss (meshgate's /clients, sampled).
+        let spans: Vec<String> = windows.iter().map(|(a, b)| format!("{a:.2}–{b:.2}")).collect();
+        r.notes.push(format!("fault windows (s): {}", spans.join(", ")));
+        let near: Vec<String> = log
+            .per_broker
+            .iter()
+            .filter(|(at, _, n)| (*at - first).abs() <= 1.5 && *n > 0)
+            .map(|(at, b, n)| format!("{at:.2} {b} {n}"))
+            .collect();
+        if !near.is_empty() {
+            r.notes.push(format!("sessions per broker near it: {}", near.join("; ")));
+        }
     }
     if t.front_end == "nginx" && faults.iter().any(|f| f.kind == "hang") {
         r.notes.push(

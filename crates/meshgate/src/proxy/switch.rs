@@ -7,8 +7,9 @@
 //!    Handling 2; 3.x: the retained messages that answer them are dropped, up to a
 //!    PINGREQ/PINGRESP barrier);
 //! 2. both brokers deliver a while longer (`OVERLAP`: a message published on the new broker
-//!    just before the subscription existed reaches the old one through replication), then
-//!    both streams are brought to a packet boundary;
+//!    just before the subscription existed reaches the old one through replication), the new
+//!    broker answers a PINGREQ (one that hung meanwhile is not cut over to), then both streams
+//!    are brought to a packet boundary;
 //! 3. the cut: the old broker's new deliveries are no longer forwarded (the new broker, already
 //!    subscribed, has the same messages through replication), the client's acknowledgements
 //!    still go to the old broker, everything else the client sends waits for the new one,
@@ -83,6 +84,10 @@ pub enum SwitchError {
     Refused(u8),
     #[error("putting the subscriptions back: {0}")]
     Restore(String),
+    /// Took the session, then stopped answering before the cut (hung since, and its probes
+    /// have not noticed yet).
+    #[error("the new broker did not answer a PINGREQ within {0:?} before the cut")]
+    Silent(Duration),
     #[error("QoS 1/2 flows still open on the old broker after {0:?} ({1} of the client's, {2} to it)")]
     Inflight(Duration, u32, u32),
     #[error("the failed broker's last packet to the client was cut off")]
@@ -106,6 +111,7 @@ impl SwitchError {
             SwitchError::Connect(_) => "connect_failed",
             SwitchError::Refused(_) => "refused",
             SwitchError::Restore(_) => "restore_failed",
+            SwitchError::Silent(_) => "target_silent",
             SwitchError::Inflight(..) => "inflight",
             SwitchError::Torn => "torn_packet",
             SwitchError::Uncopied => "uncopied",
@@ -114,7 +120,7 @@ impl SwitchError {
     }
 
     /// Every `result` label besides "ok", so the metrics start at zero.
-    pub const RESULTS: [&'static str; 13] = [
+    pub const RESULTS: [&'static str; 14] = [
         "no_target",
         "cancelled",
         "enhanced_auth",
@@ -124,6 +130,7 @@ impl SwitchError {
         "connect_failed",
         "refused",
         "restore_failed",
+        "target_silent",
         "inflight",
         "torn_packet",
         "uncopied",
@@ -133,8 +140,8 @@ impl SwitchError {
     /// Whether a session that could not move for `why` may stay where it is: a failback (its
     /// broker works) that failed before the cut, while the old broker still delivered
     /// everything, for a reason that passes (the target unreachable: each attempt counts
-    /// against it, which passive accounting then bars; no target; busy; no boundary). A target
-    /// that refuses the client closes the session as before.
+    /// against it, which passive accounting then bars; no target; busy; no boundary; a target
+    /// that went silent). A target that refuses the client closes the session as before.
     /// Only a clean session stays: a persistent one may have left a session on the target
     /// broker that would queue its messages from then on.
     pub fn stays(&self, why: &str, persistent: bool) -> bool {
@@ -142,7 +149,11 @@ impl SwitchError {
             && !persistent
             && matches!(
                 self,
-                SwitchError::NoTarget | SwitchError::Busy | SwitchError::Connect(_) | SwitchError::Boundary(_)
+                SwitchError::NoTarget
+                    | SwitchError::Busy
+                    | SwitchError::Connect(_)
+                    | SwitchError::Boundary(_)
+                    | SwitchError::Silent(_)
             )
     }
 
@@ -293,7 +304,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
             }
         }
     } else {
-        match planned_cut(proxy, live, &target).await {
+        match planned_cut(proxy, live, &target, &mut conn, &mut to_client).await {
             Ok(b) => b,
             Err(e) => {
                 give_up(&mut conn).await;
@@ -392,6 +403,8 @@ async fn planned_cut(
     proxy: &Arc<Proxy>,
     live: &mut Live,
     target: &crate::pool::Broker,
+    conn: &mut Conn,
+    to_client: &mut Vec<u8>,
 ) -> Result<Vec<u8>, SwitchError> {
     let cfg = proxy.pool.proxy_config();
     // 2. Both brokers deliver a while longer: a message published on the new broker just
@@ -412,6 +425,17 @@ async fn planned_cut(
         _ = tokio::time::sleep(OVERLAP) => {}
         e = live.forward() => return Err(SwitchError::Ended(e)),
     }
+    // The new broker still answers, now that the cut is near: one that hung after it took the
+    // session (its probes have not noticed yet) would get the session at the cut, and the
+    // client would miss what is published until the hang is noticed and the session moves
+    // again. The old broker goes on delivering meanwhile; what the new one sent for the client
+    // before its PINGRESP reaches the client after the switch, in order, as it would have.
+    let limit = cfg.connack_timeout;
+    let early = tokio::select! {
+        r = answers(conn, Instant::now() + limit, limit) => r?,
+        e = live.forward() => return Err(SwitchError::Ended(e)),
+    };
+    to_client.extend_from_slice(&early);
     // Between packets both ways.
     let limit = cfg.connack_timeout;
     let deadline = Instant::now() + limit;
@@ -442,6 +466,31 @@ async fn planned_cut(
             Err(e)
         }
     }
+}
+
+/// A PINGREQ to the new broker and everything it sends until the PINGRESP (its deliveries for
+/// the client, in order, the PINGRESP itself left out: the PINGREQ was meshgate's). The client's
+/// own packets go to the old broker until the cut, so the PINGRESP cannot be one it waits for.
+async fn answers(conn: &mut Conn, deadline: Instant, limit: Duration) -> Result<Vec<u8>, SwitchError> {
+    let mut packets = remote::packets(conn, Vec::new());
+    timeout_at(deadline, write_all(*packets.stream(), &encode::pingreq()))
+        .await
+        .map_err(|_| SwitchError::Silent(limit))?
+        .map_err(|e| SwitchError::Restore(e.to_string()))?;
+    let mut out = Vec::new();
+    loop {
+        let p = timeout_at(deadline, packets.next())
+            .await
+            .map_err(|_| SwitchError::Silent(limit))?
+            .map_err(|e: ReadError| SwitchError::Restore(e.to_string()))?;
+        if p.kind() == kind::PINGRESP {
+            break;
+        }
+        out.extend_from_slice(&p.bytes);
+    }
+    let (_, leftover) = packets.into_parts();
+    out.extend_from_slice(&leftover);
+    Ok(out)
 }
 
 /// The client a session is opened for: its own CONNECT, and its address for a broker that
