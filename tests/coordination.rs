@@ -113,6 +113,15 @@ fn setup() -> (Net, Etcd) {
     (net, etcd)
 }
 
+/// A and B on different brokers (B does not use broker1), both registered: a client id's two
+/// connections meet through the instances only, never through a broker's own takeover.
+fn two_instances_apart(net: &Net, etcd: &Etcd) -> (Instance, Instance) {
+    let a = Instance::start("a", &net.slot, 1, net, &etcd.url(), "", &[]);
+    let b = Instance::start("b", &net.slot, 2, net, &etcd.url(), "", &[("broker1", "enabled = false")]);
+    eventually(10 * SECOND, "both registered", || a.json("/instances")["instances"].as_array().unwrap().len() == 2);
+    (a, b)
+}
+
 /// A and B, A started first and leading with every replication link up.
 fn two_instances(net: &Net, etcd: &Etcd) -> (Instance, Instance) {
     let a = Instance::start("a", &net.slot, 1, net, &etcd.url(), "", &[]);
@@ -170,15 +179,8 @@ async fn leader_killed_replication_goes_on_from_the_other_instance_nothing_lost(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_id_connecting_through_another_instance_closes_the_older_copy() {
     let (net, etcd) = setup();
-    let a = common::blocking(|| Instance::start("a", &net.slot, 1, &net, &etcd.url(), "", &[]));
-    // b does not use broker1: the two connections land on different brokers, so no broker's
-    // own client-id takeover is involved; only the instances can tell each other.
-    let b = common::blocking(|| {
-        Instance::start("b", &net.slot, 2, &net, &etcd.url(), "", &[("broker1", "enabled = false")])
-    });
-    common::blocking(|| {
-        eventually(10 * SECOND, "both registered", || a.json("/instances")["instances"].as_array().unwrap().len() == 2)
-    });
+    // The two connections land on different brokers: only the instances can tell each other.
+    let (a, b) = common::blocking(|| two_instances_apart(&net, &etcd));
     let (mut first, c) = mqtt::connect(a.mqtt, 4, "device-7", 5 * SECOND).await.unwrap();
     assert_eq!(c.code, 0);
     common::blocking(|| {
@@ -424,15 +426,9 @@ async fn subscribe(stream: &mut tokio::net::TcpStream, filter: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_client_taken_over_by_another_instance_keeps_the_newer_record() {
     let (net, etcd) = setup();
-    let a = common::blocking(|| Instance::start("a", &net.slot, 1, &net, &etcd.url(), "", &[]));
-    // b does not use broker1: a's copy stays open until the instances tell each other, so
-    // b's record reaches a while a's connection is still there.
-    let b = common::blocking(|| {
-        Instance::start("b", &net.slot, 2, &net, &etcd.url(), "", &[("broker1", "enabled = false")])
-    });
-    common::blocking(|| {
-        eventually(10 * SECOND, "both registered", || a.json("/instances")["instances"].as_array().unwrap().len() == 2)
-    });
+    // a's copy stays open until the instances tell each other, so b's record reaches a while
+    // a's connection is still there.
+    let (a, b) = common::blocking(|| two_instances_apart(&net, &etcd));
     let (mut first, c) = mqtt::connect_with(a.mqtt, 4, "mover", false, None, None, 5 * SECOND).await.unwrap();
     assert_eq!(c.code, 0);
     subscribe(&mut first, "via/a").await;

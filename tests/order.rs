@@ -8,13 +8,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::instance::get;
 use common::{mqtt, Net};
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshgate");
 /// Request/response pairs per front end. Before the fix, 40 of 40 were overtaken through one
 /// worker; at this count a scheduler that reorders wake-ups cannot pass by luck.
 const PAIRS: usize = 40;
@@ -41,16 +40,7 @@ impl Drop for Daemon {
 }
 
 fn daemon(net: &Net, workers: u32) -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("meshgate.toml");
-    std::fs::write(&config, net.config_text(&format!("[proxy]\nworkers = {workers}\n"))).unwrap();
-    let log = std::fs::File::create(dir.path().join("log")).unwrap();
-    let child = Command::new(BIN)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("meshgate runs");
+    let (child, dir) = common::instance::run(&net.config_text(&format!("[proxy]\nworkers = {workers}\n")));
     let d = Daemon { child, dir };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !get(net.http_addr(), "/health").is_some_and(|b| b.contains("ok")) {

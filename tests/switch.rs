@@ -446,17 +446,13 @@ struct Recorder {
 
 impl Recorder {
     async fn start(addr: std::net::SocketAddr, completes: bool) -> Recorder {
-        Recorder::start_with(addr, completes, Some(0)).await
+        Recorder::start_with(addr, completes, Some(0), usize::MAX).await
     }
 
     /// `connack`: the CONNACK return code it answers every CONNECT with (`None`: it never
-    /// answers one).
-    async fn start_with(addr: std::net::SocketAddr, completes: bool, connack: Option<u8>) -> Recorder {
-        Recorder::start_full(addr, completes, connack, usize::MAX).await
-    }
-
-    /// `pings`: how many PINGREQs it answers on each connection before it falls silent there.
-    async fn start_full(addr: std::net::SocketAddr, completes: bool, connack: Option<u8>, pings: usize) -> Recorder {
+    /// answers one); `pings`: how many PINGREQs it answers on each connection before it falls
+    /// silent there.
+    async fn start_with(addr: std::net::SocketAddr, completes: bool, connack: Option<u8>, pings: usize) -> Recorder {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
@@ -569,11 +565,12 @@ async fn a_dead_brokers_open_qos_flows_are_finished_on_the_next_broker() {
     mg.shutdown().await;
 }
 
-/// A failback that cannot be made (the returning broker takes TCP connections, so its probes
-/// pass, but never answers a CONNECT) leaves the session where it was, working, and accounted
-/// once: failback happens when nothing is wrong, and must not cost the client its connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failback_that_cannot_switch_leaves_the_session_where_it_is() {
+/// A failback that cannot be made leaves the session where it was, working, accounted once,
+/// never closed and never cut over: failback happens when nothing is wrong, and must not cost
+/// the client its connection or its messages. The returning broker answers TCP probes, the
+/// CONNECT with `connack` (`None`: never) and `pings` PINGREQs per connection; the failback
+/// must end with `result`.
+async fn a_failback_that_fails(id: &str, connack: Option<u8>, pings: usize, result: &str) {
     let slot = common::Slot::acquire();
     let backup = Recorder::start(slot.addr(11, 1883), true).await;
     let extra =
@@ -583,17 +580,17 @@ async fn a_failback_that_cannot_switch_leaves_the_session_where_it_is() {
     let pool = mg.pool().clone();
     let p = pool.clone();
     wait_until(5 * SECOND, || p.broker("broker1").unwrap().probe_up() == Some(false)).await.unwrap();
-    let (mut c, ack) = raw::connect(slot.addr(1, 1883), 4, "stayer", 5 * SECOND).await.unwrap();
+    let (mut c, ack) = raw::connect(slot.addr(1, 1883), 4, id, 5 * SECOND).await.unwrap();
     assert_eq!(ack.code, 0);
-    assert_eq!(pool.broker_of("stayer").as_deref(), Some("broker2"));
-    // broker1 comes back: it answers TCP probes, but no CONNECT.
-    let primary = Recorder::start_with(slot.addr(10, 1883), true, None).await;
+    assert_eq!(pool.broker_of(id).as_deref(), Some("broker2"));
+    let primary = Recorder::start_with(slot.addr(10, 1883), true, connack, pings).await;
     let m = pool.clone();
-    wait_until(5 * SECOND, || m.metrics.switches.with_label_values(&["failback", "connect_failed"]).get() >= 1)
+    wait_until(5 * SECOND, || m.metrics.switches.with_label_values(&["failback", result]).get() >= 1)
         .await
-        .expect("failback tried");
+        .unwrap_or_else(|| panic!("failback tried and ended {result}"));
+    assert_eq!(pool.metrics.switches.with_label_values(&["failback", "ok"]).get(), 0, "never cut over");
     assert_eq!(pool.metrics.sessions_closed.with_label_values(&["failback"]).get(), 0, "never closed");
-    assert_eq!(pool.broker_of("stayer").as_deref(), Some("broker2"));
+    assert_eq!(pool.broker_of(id).as_deref(), Some("broker2"));
     // One session, counted once, on broker2.
     assert_eq!(pool.session_count(), 1);
     let b2 = pool.broker("broker2").unwrap();
@@ -606,39 +603,20 @@ async fn a_failback_that_cannot_switch_leaves_the_session_where_it_is() {
     mg.shutdown().await;
 }
 
-/// A failback whose returning broker takes the session (CONNECT, and the PINGREQ that ends a
-/// 3.1.1 restore) and then falls silent before the cut, as one that hangs meanwhile would
-/// while its probes have not noticed yet, leaves the session where it was. Cut over to it, the
-/// client would get nothing until the hang is noticed and the session moved again (in the
-/// chaos run: 13 messages lost when broker1 hung during a failback's overlap).
+/// The returning broker takes TCP connections, so its probes pass, but never answers a CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_that_cannot_switch_leaves_the_session_where_it_is() {
+    a_failback_that_fails("stayer", None, usize::MAX, "connect_failed").await;
+}
+
+/// The returning broker takes the session (CONNECT, and the PINGREQ that ends a 3.1.1 restore)
+/// and then falls silent before the cut, as one that hangs meanwhile would while its probes
+/// have not noticed yet. Cut over to it, the client would get nothing until the hang is
+/// noticed and the session moved again (in the chaos run: 13 messages lost when broker1 hung
+/// during a failback's overlap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failback_to_a_broker_that_falls_silent_before_the_cut_leaves_the_session_where_it_is() {
-    let slot = common::Slot::acquire();
-    let backup = Recorder::start(slot.addr(11, 1883), true).await;
-    let extra =
-        "[health]\nprobe = \"tcp\"\ninterval = \"100ms\"\n[proxy]\nfailback_rate = 100\nconnack_timeout = \"300ms\"\n";
-    let text = common::slot_config_text(&slot, 2, extra, "");
-    let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
-    let pool = mg.pool().clone();
-    let p = pool.clone();
-    wait_until(5 * SECOND, || p.broker("broker1").unwrap().probe_up() == Some(false)).await.unwrap();
-    let (mut c, ack) = raw::connect(slot.addr(1, 1883), 4, "not-onto-silence", 5 * SECOND).await.unwrap();
-    assert_eq!(ack.code, 0);
-    assert_eq!(pool.broker_of("not-onto-silence").as_deref(), Some("broker2"));
-    // broker1 comes back: it answers TCP probes, the CONNECT and one PINGREQ per connection.
-    let primary = Recorder::start_full(slot.addr(10, 1883), true, Some(0), 1).await;
-    let m = pool.clone();
-    wait_until(5 * SECOND, || m.metrics.switches.with_label_values(&["failback", "target_silent"]).get() >= 1)
-        .await
-        .expect("the failback found broker1 silent before the cut");
-    assert_eq!(pool.metrics.switches.with_label_values(&["failback", "ok"]).get(), 0, "never cut over");
-    assert_eq!(pool.metrics.sessions_closed.with_label_values(&["failback"]).get(), 0, "never closed");
-    assert_eq!(pool.broker_of("not-onto-silence").as_deref(), Some("broker2"));
-    c.write_all(&raw::pingreq_packet()).await.unwrap();
-    assert_eq!(raw::read_packet(&mut c, 5 * SECOND).await.unwrap().0, 0xd0, "still served by broker2");
-    primary.die();
-    backup.die();
-    mg.shutdown().await;
+    a_failback_that_fails("not-onto-silence", Some(0), 1, "target_silent").await;
 }
 
 /// A healthy broker that closes one session on purpose (its client id connected to it

@@ -44,16 +44,7 @@ impl Instance {
             let more = brokers_extra.iter().find(|(n, _)| *n == b.name).map_or("", |(_, e)| e);
             text.push_str(&format!("[[broker]]\nname = \"{}\"\naddress = \"{}\"\n{more}\n", b.name, b.addr));
         }
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("meshgate.toml");
-        std::fs::write(&config, text).unwrap();
-        let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("meshgate runs");
+        let (child, dir) = run(&text);
         let i = Instance { name: name.into(), mqtt, http, child: Some(child), dir };
         let deadline = Instant::now() + 10 * SECOND;
         while get(i.http, "/health").is_none() {
@@ -107,6 +98,21 @@ impl Drop for Instance {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `meshgate run` with the config `text`, in a temp dir that also holds its stderr (`log`).
+pub fn run(text: &str) -> (Child, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("meshgate.toml");
+    std::fs::write(&config, text).unwrap();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("meshgate runs");
+    (child, dir)
 }
 
 /// A plain HTTP/1.0 GET; the body, or `None` when nothing answered.

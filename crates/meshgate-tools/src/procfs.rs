@@ -130,11 +130,8 @@ pub fn machine() -> MachineFacts {
 /// Pins `root`, every descendant and every thread of each to `cpus` (threads and processes
 /// they start later inherit it): a front end's workers may exist already, or not yet.
 pub fn pin_tree(root: u32, cpus: &[usize]) -> std::io::Result<()> {
-    use nix::sched::{sched_setaffinity, CpuSet};
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).map_err(std::io::Error::from)?;
-    }
+    use nix::sched::sched_setaffinity;
+    let set = cpu_set(cpus)?;
     for pid in std::iter::once(root).chain(descendants(root)) {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
         for t in tasks.flatten() {
@@ -149,6 +146,14 @@ pub fn pin_tree(root: u32, cpus: &[usize]) -> std::io::Result<()> {
     Ok(())
 }
 
+fn cpu_set(cpus: &[usize]) -> std::io::Result<nix::sched::CpuSet> {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c).map_err(std::io::Error::from)?;
+    }
+    Ok(set)
+}
+
 /// The CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     use nix::sched::{sched_getaffinity, CpuSet};
@@ -160,12 +165,8 @@ pub fn allowed_cpus() -> Vec<usize> {
 
 /// Pins the calling thread (and what it starts from now on) to `cpus`.
 pub fn pin_self(cpus: &[usize]) -> std::io::Result<()> {
-    use nix::sched::{sched_setaffinity, CpuSet};
-    let mut set = CpuSet::new();
-    for &c in cpus {
-        set.set(c).map_err(std::io::Error::from)?;
-    }
-    sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(Into::into)
+    let set = cpu_set(cpus)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(Into::into)
 }
 
 /// Open file descriptors of several processes and all their descendants.
