@@ -455,6 +455,7 @@ fn print_summary(c: &Config) {
 /// readiness only once `Meshgate::start` has returned, that is with every listener bound, so
 /// nothing ordered after the unit starts before clients can connect.
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
+    raise_fd_limit();
     proxy_runtime(&config)?.block_on(async move {
         let notify = std::sync::Arc::new(Notifier::from_env());
         let (tx, reloads) = tokio::sync::mpsc::channel(4);
@@ -484,6 +485,22 @@ fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
         meshgate::run(config, shutdown, reloads, &*notify).await?;
         Ok(())
     })
+}
+
+/// Raises the open-file soft limit to the hard one before anything opens: every client takes
+/// two descriptors and a moving one three, and a shell's default soft limit (1,024) would
+/// stop meshgate at a few hundred clients while the hard limit allows far more (systemd units
+/// set both with `LimitNOFILE=`). Where it cannot, meshgate runs under the limit it has.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft >= hard {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::info!("open-file limit raised from {soft} to {hard} (the hard limit)"),
+        Err(e) => tracing::warn!("open-file limit stays at {soft}: raising it to {hard} failed: {e}"),
+    }
 }
 
 /// systemd hears of readiness, reloads and the shutdown.

@@ -8,10 +8,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::instance::get;
+use common::instance::Daemon;
 use common::{mqtt, Net};
 
 /// Request/response pairs per front end. Before the fix, 40 of 40 were overtaken through one
@@ -20,34 +19,8 @@ const PAIRS: usize = 40;
 /// How long both sessions are idle before the two writes.
 const QUIET: Duration = Duration::from_millis(5);
 
-/// `meshgate run` in front of the net's brokers; SIGKILLed when dropped.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn daemon(net: &Net, workers: u32) -> Daemon {
-    let (child, dir) = common::instance::run(&net.config_text(&format!("[proxy]\nworkers = {workers}\n")));
-    let d = Daemon { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !get(net.http_addr(), "/health").is_some_and(|b| b.contains("ok")) {
-        assert!(Instant::now() < deadline, "meshgate did not report healthy within 10 s:\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    d
+    Daemon::start(net, &format!("[proxy]\nworkers = {workers}\n"))
 }
 
 /// One whole packet from a blocking stream: (first byte, body).

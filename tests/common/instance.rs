@@ -89,8 +89,7 @@ impl Instance {
 
     /// The value of one metric sample, `name{labels}` as the exposition writes it (0 if absent).
     pub fn metric(&self, sample: &str) -> f64 {
-        let body = get(self.http, "/metrics").unwrap_or_default();
-        body.lines().filter(|l| l.starts_with(sample)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+        metric(self.http, sample)
     }
 }
 
@@ -102,17 +101,87 @@ impl Drop for Instance {
 
 /// `meshgate run` with the config `text`, in a temp dir that also holds its stderr (`log`).
 pub fn run(text: &str) -> (Child, tempfile::TempDir) {
+    run_limited(text, None)
+}
+
+/// [`run`], with the process's open-file limit (soft and hard, so meshgate cannot raise it)
+/// set to `nofile`.
+pub fn run_limited(text: &str, nofile: Option<u64>) -> (Child, tempfile::TempDir) {
+    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("meshgate.toml");
     std::fs::write(&config, text).unwrap();
     let log = std::fs::File::create(dir.path().join("log")).unwrap();
-    let child = Command::new(BIN)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("meshgate runs");
-    (child, dir)
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config", config.to_str().unwrap()]).stdout(Stdio::null()).stderr(log);
+    if let Some(n) = nofile {
+        // SAFETY: between fork and exec only setrlimit runs, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    }
+    (cmd.spawn().expect("meshgate runs"), dir)
+}
+
+/// `meshgate run` in front of a net's brokers (config from [`Net::config_text`]), serving
+/// `/health`; SIGKILLed when dropped.
+pub struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub http: SocketAddr,
+}
+
+impl Daemon {
+    pub fn start(net: &Net, extra: &str) -> Daemon {
+        Daemon::start_limited(net, extra, None)
+    }
+
+    /// With its open-file limit set to `nofile` (see [`run_limited`]).
+    pub fn start_limited(net: &Net, extra: &str, nofile: Option<u64>) -> Daemon {
+        let (child, dir) = run_limited(&net.config_text(extra), nofile);
+        let d = Daemon { child, dir, http: net.http_addr() };
+        let deadline = Instant::now() + 10 * SECOND;
+        while !get(d.http, "/health").is_some_and(|b| b.contains("ok")) {
+            assert!(Instant::now() < deadline, "meshgate did not report healthy within 10 s:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// File descriptors the process has open now.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// See [`Instance::metric`].
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric(self.http, sample)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one metric sample at `http`, `name{labels}` as the exposition writes it (0 if
+/// absent).
+pub fn metric(http: SocketAddr, sample: &str) -> f64 {
+    let body = get(http, "/metrics").unwrap_or_default();
+    body.lines().filter(|l| l.starts_with(sample)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// A plain HTTP/1.0 GET; the body, or `None` when nothing answered.

@@ -67,6 +67,14 @@ async fn check_loop(
         if stop.is_cancelled() {
             return;
         }
+        // meshgate's own shortage (out of file descriptors) says nothing about the broker: the
+        // probe is not counted either way.
+        if let Err(ProbeError::Connect(e)) = &result {
+            if e.is_local() {
+                pool.record_local_error(&broker, e.reason(), e);
+                continue;
+            }
+        }
         histogram.observe(latency.as_secs_f64());
         let ok = result.is_ok();
         let record = ProbeRecord {

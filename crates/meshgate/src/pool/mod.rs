@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -151,7 +151,7 @@ impl Broker {
     }
     /// Waits until every session leaving this failed broker has its new broker ready, or
     /// `limit` passed.
-    pub async fn evacuated(&self, limit: std::time::Duration) {
+    pub async fn evacuated(&self, limit: Duration) {
         let mut rx = self.evacuating.subscribe();
         let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
     }
@@ -293,6 +293,8 @@ pub struct Pool {
     pub closing: CancellationToken,
     pub started: SystemTime,
     hooks: Arc<dyn Hooks>,
+    /// When meshgate's own shortage was last logged, and how many went unlogged since.
+    shortage_log: Mutex<(Option<Instant>, u64)>,
 }
 
 /// A registered session; unregisters on drop.
@@ -334,6 +336,7 @@ impl Pool {
             closing: CancellationToken::new(),
             started: SystemTime::now(),
             hooks,
+            shortage_log: Mutex::new((None, 0)),
         };
         pool.refresh();
         pool
@@ -404,6 +407,28 @@ impl Pool {
                 format!("{} passed its probation trial", broker.name),
             );
             self.after_change();
+        }
+    }
+
+    /// An attempt on `broker` failed for lack of meshgate's own resources (file descriptors
+    /// above all): counted for the broker under `reason`, never held against it. A broker
+    /// barred, or probed down, for meshgate's own limit would turn a shortage into an outage:
+    /// 9,000 sessions leaving a hung broker at once, each holding its old connection while
+    /// its new one is made, once barred the backup that was taking them.
+    pub fn record_local_error(&self, broker: &Broker, reason: &'static str, detail: &dyn std::fmt::Display) {
+        self.metrics.upstream_failures.with_label_values(&[&broker.name, reason]).inc();
+        self.note_shortage(detail);
+    }
+
+    /// Logs meshgate's own shortage at error level, once a second at most (with how many
+    /// more there were): the operator has to raise a limit, and a burst must not flood the log.
+    pub fn note_shortage(&self, detail: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        let mut last = self.shortage_log.lock();
+        last.1 += 1;
+        if last.0.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
+            tracing::error!(count = last.1, "{detail}");
+            *last = (Some(now), 0);
         }
     }
 

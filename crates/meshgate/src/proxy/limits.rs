@@ -42,6 +42,8 @@ struct Source {
 #[derive(Default)]
 pub struct Limits {
     state: Mutex<State>,
+    /// `state.total`, readable without the lock (the file-descriptor budget of moves).
+    open: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Default)]
@@ -61,6 +63,7 @@ impl Drop for Admission {
     fn drop(&mut self) {
         let mut s = self.limits.state.lock();
         s.total = s.total.saturating_sub(1);
+        self.limits.open.store(s.total, std::sync::atomic::Ordering::Relaxed);
         if let Some(src) = s.sources.get_mut(&self.ip) {
             src.sessions = src.sessions.saturating_sub(1);
         }
@@ -91,6 +94,7 @@ impl Limits {
         }
         src.sessions += 1;
         s.total += 1;
+        self.open.store(s.total, std::sync::atomic::Ordering::Relaxed);
         Ok(Admission { limits: self.clone(), ip })
     }
 
@@ -99,6 +103,11 @@ impl Limits {
     pub fn with_locks_held<T>(&self, f: impl FnOnce() -> T) -> T {
         let _state = self.state.lock();
         f()
+    }
+
+    /// Client connections admitted and not yet closed, over every listener.
+    pub fn open(&self) -> u32 {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn sessions_from(&self, ip: IpAddr) -> u32 {
@@ -161,6 +170,61 @@ impl RefusalLog {
     }
 }
 
+/// Descriptors kept out of every move's reach: listeners, the HTTP API and its clients,
+/// probes, replication links, etcd, log files, and clients connecting meanwhile.
+const FD_RESERVE: u64 = 256;
+
+/// The file descriptors moves may take. A session moving under its client's connection holds
+/// its old broker's connection until the new one is ready: three descriptors instead of two.
+/// When every session of a failed broker moves at once, the third must come out of what the
+/// open-file limit leaves, or the moves take the last descriptors and accepts, probes and the
+/// moves themselves fail (measured: 9,000 sessions leaving a hung broker under a limit of
+/// 20,000 hit EMFILE by the thousand). A move that finds no room closes its session instead
+/// (a failed broker's: the client reconnects, as without moves) or leaves it where it is.
+pub struct FdBudget {
+    limit: u64,
+    moving: std::sync::atomic::AtomicU64,
+}
+
+/// One move's third descriptor, given back on drop.
+pub struct MoveRoom<'a>(&'a FdBudget);
+
+impl Drop for MoveRoom<'_> {
+    fn drop(&mut self) {
+        self.0.moving.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl FdBudget {
+    /// The budget under the process's open-file limit (its soft limit, as it is now).
+    pub fn from_rlimit() -> FdBudget {
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        FdBudget::new(limit)
+    }
+
+    pub fn new(limit: u64) -> FdBudget {
+        FdBudget { limit, moving: Default::default() }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Room for one more move while `open` client connections (two descriptors each, client
+    /// and broker) are open, or `None`.
+    pub fn take(&self, open: u32) -> Option<MoveRoom<'_>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let moving = self.moving.fetch_add(1, Relaxed) + 1;
+        if 2 * u64::from(open) + moving + FD_RESERVE > self.limit {
+            self.moving.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(MoveRoom(self))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +272,16 @@ mod tests {
         let t1 = t0 + Duration::from_millis(100);
         assert!(l.admit(A, &c, t1).is_ok());
         assert_eq!(l.admit(A, &c, t1).err(), Some(Refusal::RateLimited));
+    }
+
+    #[test]
+    fn moves_take_only_what_the_open_file_limit_leaves() {
+        // 1,000 descriptors: 256 kept back, 600 for 300 connections, so 144 moves fit.
+        let budget = FdBudget::new(1000);
+        let rooms: Vec<_> = (0..144).map(|_| budget.take(300).expect("room for a move")).collect();
+        assert!(budget.take(300).is_none(), "the 145th move would cut into the reserve");
+        drop(rooms);
+        assert!(budget.take(300).is_some(), "finished moves give their descriptors back");
+        assert!(budget.take(373).is_none(), "373 connections leave no room at all");
     }
 }

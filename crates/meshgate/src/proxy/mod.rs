@@ -34,6 +34,8 @@ pub struct Proxy {
     pub durable: Arc<Durable>,
     /// One set of limits for all listeners: `[proxy] max_connections` bounds them together.
     pub limits: Arc<limits::Limits>,
+    /// The descriptors moves may hold beside every session's two.
+    pub fds: limits::FdBudget,
     /// The TLS listeners' acceptor (mqtts, wss); swapped whole when certificates are reloaded.
     pub acceptor: ArcSwapOption<TlsAcceptor>,
     /// The listeners as started (WebSocket path, trusted proxies): read at start only.
@@ -130,6 +132,7 @@ impl Proxy {
             access,
             replicated,
             limits: Default::default(),
+            fds: limits::FdBudget::from_rlimit(),
             acceptor: Default::default(),
             refusals: Default::default(),
             gone_checks: Default::default(),

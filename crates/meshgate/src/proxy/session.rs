@@ -642,6 +642,11 @@ async fn establish(
             Err(e) => {
                 debug!(broker = %broker.name, reason = e.reason(), "broker attempt failed: {e}");
                 failed.push(format!("{}: {e}", broker.name));
+                if e.is_local() {
+                    proxy.pool.record_local_error(&broker, e.reason(), &e);
+                    // Every other broker would fail the same way.
+                    break;
+                }
                 proxy.pool.record_failure(&broker, e.reason());
                 tried.push(broker);
             }

@@ -76,6 +76,8 @@ pub enum SwitchError {
     Incomplete,
     #[error("another operation on this client id's session did not finish in time")]
     Busy,
+    #[error("no file descriptor to spare for a second broker connection (open-file limit {0}): raise LimitNOFILE= or ulimit -n")]
+    NoRoom(u64),
     #[error("the streams did not reach a packet boundary within {0:?}")]
     Boundary(Duration),
     #[error("the new broker: {0}")]
@@ -107,6 +109,7 @@ impl SwitchError {
             SwitchError::EnhancedAuth => "enhanced_auth",
             SwitchError::Incomplete => "subscriptions_unknown",
             SwitchError::Busy => "busy",
+            SwitchError::NoRoom(_) => "no_fds",
             SwitchError::Boundary(_) => "no_boundary",
             SwitchError::Connect(_) => "connect_failed",
             SwitchError::Refused(_) => "refused",
@@ -120,12 +123,13 @@ impl SwitchError {
     }
 
     /// Every `result` label besides "ok", so the metrics start at zero.
-    pub const RESULTS: [&'static str; 14] = [
+    pub const RESULTS: [&'static str; 15] = [
         "no_target",
         "cancelled",
         "enhanced_auth",
         "subscriptions_unknown",
         "busy",
+        "no_fds",
         "no_boundary",
         "connect_failed",
         "refused",
@@ -140,8 +144,8 @@ impl SwitchError {
     /// Whether a session that could not move for `why` may stay where it is: a failback (its
     /// broker works) that failed before the cut, while the old broker still delivered
     /// everything, for a reason that passes (the target unreachable: each attempt counts
-    /// against it, which passive accounting then bars; no target; busy; no boundary; a target
-    /// that went silent). A target that refuses the client closes the session as before.
+    /// against it, which passive accounting then bars; no target; busy; no descriptor to spare;
+    /// no boundary; a target that went silent). A target that refuses the client closes the session as before.
     /// Only a clean session stays: a persistent one may have left a session on the target
     /// broker that would queue its messages from then on.
     pub fn stays(&self, why: &str, persistent: bool) -> bool {
@@ -151,6 +155,7 @@ impl SwitchError {
                 self,
                 SwitchError::NoTarget
                     | SwitchError::Busy
+                    | SwitchError::NoRoom(_)
                     | SwitchError::Connect(_)
                     | SwitchError::Boundary(_)
                     | SwitchError::Silent(_)
@@ -217,6 +222,24 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
     if target.probe_up() == Some(false) || target.admin() != crate::pool::AdminState::Enabled || target.is_removed() {
         return Err(SwitchError::NoTarget);
     }
+    // The new broker's connection is a third descriptor while the old one is open. A failed
+    // broker's connection is kept only for the DISCONNECT at the cut (nothing more is read
+    // from it): without a descriptor to spare it gets that DISCONNECT now and is closed, so
+    // leaving a failed broker never waits for descriptors. Should the move then fail, the
+    // session closes as it would have, but that broker drops the client's will.
+    let _room = match proxy.fds.take(proxy.limits.open()) {
+        Some(room) => Some(room),
+        None if failed => {
+            let _ = timeout_at(Instant::now(), write_all(&mut live.upstream, &encode::disconnect())).await;
+            live.upstream = Conn::Released;
+            None
+        }
+        None => {
+            let e = SwitchError::NoRoom(proxy.fds.limit());
+            proxy.pool.note_shortage(&e);
+            return Err(e);
+        }
+    };
     let version = connect.version;
     // meshgate's own work on this client id's sessions (migration, standby, wipes) and a move
     // take turns, as a connecting client does.
@@ -263,8 +286,10 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
             p
         }
         Err(e) => {
-            if let SwitchError::Connect(a) = &e {
-                proxy.pool.record_failure(&target, a.reason());
+            match &e {
+                SwitchError::Connect(a) if a.is_local() => proxy.pool.record_local_error(&target, a.reason(), a),
+                SwitchError::Connect(a) => proxy.pool.record_failure(&target, a.reason()),
+                _ => {}
             }
             return Err(e);
         }

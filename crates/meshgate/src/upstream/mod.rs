@@ -25,6 +25,15 @@ use crate::transport::Conn;
 pub enum AttemptError {
     #[error("connect failed: {0}")]
     Connect(std::io::Error),
+    /// meshgate's own resources ran out (file descriptors above all): not the broker's doing,
+    /// so it never counts against the broker (passive accounting, probes).
+    #[error("meshgate could not open a connection: {0} (its own limit, not the broker's: raise the open-file limit, LimitNOFILE= or ulimit -n)")]
+    Local(std::io::Error),
+    /// Waited for one of meshgate's own handshake slots to this broker (`HANDSHAKES_PER_BROKER`)
+    /// longer than the connect timeout: a burst of meshgate's making (every client of a failed
+    /// broker at once), not the broker's answer. Those in the slots count if the broker is slow.
+    #[error("no handshake slot to the broker within {0:?} (meshgate's own queue: a burst of connections)")]
+    Queued(Duration),
     #[error("connect timed out after {0:?}")]
     ConnectTimeout(Duration),
     #[error("no CONNACK within {0:?}")]
@@ -38,9 +47,16 @@ pub enum AttemptError {
 }
 
 impl AttemptError {
+    /// meshgate's own shortage or queue, not the broker's answer.
+    pub fn is_local(&self) -> bool {
+        matches!(self, AttemptError::Local(_) | AttemptError::Queued(_))
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             AttemptError::Connect(_) => "connect_error",
+            AttemptError::Local(_) => LOCAL_ERROR,
+            AttemptError::Queued(_) => "handshake_queue",
             AttemptError::ConnectTimeout(_) => "connect_timeout",
             AttemptError::ConnackTimeout(_) => "connack_timeout",
             AttemptError::Closed => "closed_before_connack",
@@ -50,8 +66,10 @@ impl AttemptError {
     }
 
     /// Every reason label, so metrics can show them at zero from the start.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 9] = [
         "connect_error",
+        LOCAL_ERROR,
+        "handshake_queue",
         "connect_timeout",
         "connack_timeout",
         "closed_before_connack",
@@ -59,6 +77,22 @@ impl AttemptError {
         "server_unavailable",
         "server_busy",
     ];
+}
+
+/// The reason label of [`AttemptError::Local`]: counted for the broker tried, never held
+/// against it.
+pub const LOCAL_ERROR: &str = "local_error";
+
+/// Whether a failed `socket()`/`connect()` is meshgate's own shortage rather than the peer's
+/// answer: out of file descriptors (process or system), socket buffers, memory or local ports.
+pub fn is_local(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        matches!(
+            Errno::from_raw(code),
+            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM | Errno::EADDRNOTAVAIL
+        )
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,6 +176,7 @@ impl Upstream {
         let limit = self.timeouts.load().connect;
         let stream = match timeout(limit, TcpStream::connect(address)).await {
             Err(_) => return Err(AttemptError::ConnectTimeout(limit)),
+            Ok(Err(e)) if is_local(&e) => return Err(AttemptError::Local(e)),
             Ok(Err(e)) => return Err(AttemptError::Connect(e)),
             Ok(Ok(s)) => s,
         };
@@ -239,10 +274,11 @@ impl Upstream {
         client: Option<std::net::SocketAddr>,
     ) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
         let t = **self.timeouts.load();
-        // Queueing for a handshake slot counts as connecting.
+        // Queueing for a handshake slot is bounded by the connect timeout, but is meshgate's
+        // own wait, not held against the broker.
         let gate = self.gate(&broker.address);
         let Ok(Ok(_slot)) = timeout(t.connect, gate.acquire_owned()).await else {
-            return Err(AttemptError::ConnectTimeout(t.connect));
+            return Err(AttemptError::Queued(t.connect));
         };
         let mut conn = self.connect_as(broker, client).await?;
         let deadline = Instant::now() + t.connack;
@@ -281,6 +317,7 @@ impl Upstream {
         let mut conn = match self.connect(broker).await {
             Ok(c) => c,
             Err(AttemptError::Connect(_) | AttemptError::ConnectTimeout(_)) => return Some(false),
+            // meshgate's own shortage says nothing about the broker.
             Err(_) => return None,
         };
         let exchange = async {
