@@ -1,13 +1,5 @@
 //! Command-line interface: parsing, logging setup, signals, and dispatch to the library.
 
-// The proxy runtime turns tokio's LIFO slot off (`proxy_runtime`), an unstable setting.
-#[cfg(not(tokio_unstable))]
-compile_error!(
-    "meshgate is built with `--cfg tokio_unstable`, which .cargo/config.toml sets: build from the \
-     checkout's directory, and where RUSTFLAGS, CARGO_ENCODED_RUSTFLAGS or a target.<triple>.rustflags \
-     of your own replace it, add `--cfg tokio_unstable` to them"
-);
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -456,7 +448,7 @@ fn print_summary(c: &Config) {
 /// nothing ordered after the unit starts before clients can connect.
 fn run(config: Config, args: RunArgs) -> anyhow::Result<()> {
     raise_fd_limit();
-    proxy_runtime(&config)?.block_on(async move {
+    proxy_runtime()?.block_on(async move {
         let notify = std::sync::Arc::new(Notifier::from_env());
         let (tx, reloads) = tokio::sync::mpsc::channel(4);
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -529,19 +521,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
-/// The runtime that carries client sessions, with `[proxy] workers` threads (0: tokio's
-/// default, `TOKIO_WORKER_THREADS` or one per core).
-fn proxy_runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    // Sessions run in the order their sockets became readable. With the LIFO slot, the last
-    // session the I/O driver woke in a batch would run first: a PUBLISH could reach the
-    // broker before a SUBSCRIBE another client sent a moment earlier (tests/order.rs).
-    // Sessions do not hand messages to each other, so the slot saves nothing here.
-    b.disable_lifo_slot();
-    if config.proxy.workers > 0 {
-        b.worker_threads(config.proxy.workers as usize);
-    }
-    b.enable_all().build().context("starting the async runtime")
+/// The runtime `meshgate run` and `meshgate up` run on.
+fn proxy_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // One event loop, as one nginx worker: sessions run in the order their sockets became
+    // readable, so a packet never overtakes one another client sent a moment earlier
+    // (tests/order.rs). `[proxy] workers` above one adds loops of their own for the sessions
+    // (`Meshgate::start_daemon`); this one keeps the probes, the HTTP API and replication.
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
 }
 
 /// SIGTERM or SIGINT, with the handlers installed now (in a runtime), so a signal that comes
@@ -591,7 +577,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     let front_end = front_end(args.front_end);
     let instances = Instances { count: usize::from(args.instances), etcd: args.etcd_listen };
-    proxy_runtime(&config)?.block_on(async move {
+    proxy_runtime()?.block_on(async move {
         // Installed before anything starts: a Ctrl-C while etcd or a broker is starting waits
         // for the start and then stops what started, instead of leaving the children running.
         let stopped = stop_signal()?;

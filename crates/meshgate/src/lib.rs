@@ -73,6 +73,8 @@ pub enum Error {
     Bind { what: &'static str, addr: String, err: std::io::Error, hint: &'static str },
     #[error("{0}")]
     Coordination(String),
+    #[error("cannot start the session event loops ([proxy] workers): {0}")]
+    Loops(std::io::Error),
 }
 
 impl Error {
@@ -175,6 +177,9 @@ pub struct Meshgate {
     access_task: tokio::task::JoinHandle<()>,
     /// The configuration at start: what the settings that are read only then still are.
     started: Config,
+    /// Where sessions run when not on the runtime that started meshgate (`start_daemon`);
+    /// dropped last, when every session has ended.
+    loops: Option<proxy::loops::Loops>,
 }
 
 impl Meshgate {
@@ -184,9 +189,29 @@ impl Meshgate {
         Meshgate::start_parts(config, Parts { proxy: true, replication }).await
     }
 
+    /// What `meshgate run` starts: the proxy, and replication when the config enables it, with
+    /// the sessions on `[proxy] workers` event loops of their own when that is more than one
+    /// (0: one per CPU this process may run on); with one, on the calling runtime.
+    pub async fn start_daemon(config: Config) -> Result<Meshgate, Error> {
+        let n = match config.proxy.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        };
+        let loops = match n {
+            1 => None,
+            n => Some(proxy::loops::Loops::start(n).map_err(Error::Loops)?),
+        };
+        let replication = config.replication.enabled;
+        Meshgate::start_on(config, Parts { proxy: true, replication }, loops).await
+    }
+
     /// Binds every listener first (so a taken port fails before anything starts), then spawns
     /// the checkers, the rebalancer, the proxy, replication and the HTTP API.
     pub async fn start_parts(config: Config, parts: Parts) -> Result<Meshgate, Error> {
+        Meshgate::start_on(config, parts, None).await
+    }
+
+    async fn start_on(config: Config, parts: Parts, loops: Option<proxy::loops::Loops>) -> Result<Meshgate, Error> {
         let mqtt = match parts.proxy {
             true => Some(bind("MQTT", &config.listen.mqtt).await?),
             false => None,
@@ -258,20 +283,18 @@ impl Meshgate {
         let admin_token = Arc::new(ArcSwapOption::from(config.admin.token.clone().map(Arc::new)));
         let checkers = stop.child_token();
         health::spawn_checkers(&pool, &upstream, &config.health, &tracker, &checkers);
-        if let Some(mqtt) = mqtt {
+        if mqtt.is_some() {
             tracker.spawn(proxy::rebalance_loop(pool.clone(), stop.clone()));
-            tracker.spawn(proxy::accept_loop(
-                mqtt,
-                proxy.clone(),
-                tracker.clone(),
-                stop.clone(),
-                proxy::Listener::Mqtt,
-            ));
         }
-        let others = [(mqtts, proxy::Listener::Mqtts), (ws, proxy::Listener::Ws), (wss, proxy::Listener::Wss)];
-        for (listener, kind) in others {
+        let listeners = [
+            (mqtt, proxy::Listener::Mqtt),
+            (mqtts, proxy::Listener::Mqtts),
+            (ws, proxy::Listener::Ws),
+            (wss, proxy::Listener::Wss),
+        ];
+        for (listener, kind) in listeners {
             if let Some(l) = listener {
-                tracker.spawn(proxy::accept_loop(l, proxy.clone(), tracker.clone(), stop.clone(), kind));
+                proxy::spawn_accept(l, kind, loops.as_ref(), &proxy, &tracker, &stop).map_err(Error::Loops)?;
             }
         }
         if parts.proxy {
@@ -336,6 +359,7 @@ impl Meshgate {
             access_stop,
             access_task,
             started: config,
+            loops,
         })
     }
 
@@ -474,6 +498,10 @@ impl Meshgate {
         // Every session has ended and queued its access log line: write them, then stop.
         self.access_stop.cancel();
         let _ = self.access_task.await;
+        // Their sessions have ended; what the loops still hold (a switch's leftover task) goes.
+        if let Some(loops) = self.loops {
+            let _ = tokio::task::spawn_blocking(move || drop(loops)).await;
+        }
         info!("meshgate stopped");
     }
 }
@@ -499,7 +527,7 @@ pub async fn run(
     mut reloads: tokio::sync::mpsc::Receiver<Result<Config, String>>,
     lifecycle: &impl Lifecycle,
 ) -> Result<(), Error> {
-    let mg = Meshgate::start(config).await?;
+    let mg = Meshgate::start_daemon(config).await?;
     lifecycle.ready(&mg);
     tokio::pin!(shutdown);
     loop {

@@ -2,6 +2,7 @@
 
 pub mod forward;
 pub mod limits;
+pub mod loops;
 pub mod session;
 pub mod switch;
 pub mod track;
@@ -145,6 +146,38 @@ impl Proxy {
         self.pool.metrics.rejected.with_label_values(&[reason]).inc();
         self.refusals.note(reason, detail);
     }
+}
+
+/// Accepts on `listener` until `stop` is cancelled: on each of `loops` (a duplicate of its
+/// socket registered with that loop's own epoll, so each loop's sessions are its own), or on
+/// this runtime.
+pub fn spawn_accept(
+    listener: TcpListener,
+    kind: Listener,
+    loops: Option<&loops::Loops>,
+    proxy: &Arc<Proxy>,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> std::io::Result<()> {
+    let Some(loops) = loops else {
+        tracker.spawn(accept_loop(listener, proxy.clone(), tracker.clone(), stop.clone(), kind));
+        return Ok(());
+    };
+    let socket = listener.into_std()?;
+    for handle in loops.handles() {
+        let dup = socket.try_clone()?;
+        let (proxy, t, stop) = (proxy.clone(), tracker.clone(), stop.clone());
+        tracker.spawn_on(
+            async move {
+                match TcpListener::from_std(dup) {
+                    Ok(l) => accept_loop(l, proxy, t, stop, kind).await,
+                    Err(e) => error!("cannot accept {} clients on a session loop: {e}", kind.as_str()),
+                }
+            },
+            handle,
+        );
+    }
+    Ok(())
 }
 
 /// Accepts clients until `stop` is cancelled. Each connection is admitted under the limits
