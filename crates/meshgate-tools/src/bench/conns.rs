@@ -8,13 +8,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::load::CpuWindow;
 use super::stats::{Errors, Percentiles};
+use super::transport::Conn;
 use super::wire;
 use crate::procfs::rss_of;
 use meshgate::mqtt::encode;
@@ -150,11 +151,16 @@ pub struct IdleOptions {
     /// Print `open N` on stdout once every session is open: `bench compare --beside` waits
     /// for it before its load starts.
     pub announce: bool,
+    /// Plain TCP, or the front end's TLS or WebSocket listener.
+    pub transport: super::transport::Transport,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IdleReport {
     pub target: String,
+    /// How the sessions reached the front end (reports from before there was a choice: tcp).
+    #[serde(default = "tcp")]
+    pub transport: super::transport::Kind,
     pub sessions_requested: usize,
     pub sessions_open: usize,
     /// Sessions that still answered a PINGREQ after the hold.
@@ -174,7 +180,7 @@ pub async fn idle(o: IdleOptions, progress: bool) -> IdleReport {
     let started = Instant::now();
     let mut errors = Errors::default();
     let mut lat = Vec::with_capacity(o.sessions);
-    let mut streams: Vec<TcpStream> = Vec::with_capacity(o.sessions);
+    let mut streams: Vec<Conn> = Vec::with_capacity(o.sessions);
     let mut set = JoinSet::new();
     let mut next = 0;
     let mut last_report = Instant::now();
@@ -182,11 +188,10 @@ pub async fn idle(o: IdleOptions, progress: bool) -> IdleReport {
     while next < o.sessions || !set.is_empty() {
         while next < o.sessions && set.len() < o.concurrency {
             let id = format!("mgb-idle-{run_id}-{next}");
-            let target = o.target;
-            let limit = o.connect_timeout;
+            let (target, limit, transport) = (o.target, o.connect_timeout, o.transport.clone());
             set.spawn(async move {
                 let t = Instant::now();
-                wire::open(target, &id, 0, limit).await.map(|s| (s, t.elapsed().as_nanos() as u64))
+                Conn::open(&transport, target, &id, 0, limit).await.map(|s| (s, t.elapsed().as_nanos() as u64))
             });
             next += 1;
         }
@@ -220,6 +225,7 @@ pub async fn idle(o: IdleOptions, progress: bool) -> IdleReport {
     };
     IdleReport {
         target: o.target.to_string(),
+        transport: o.transport.kind,
         sessions_requested: o.sessions,
         sessions_open: open,
         alive_at_end: alive,
@@ -232,8 +238,8 @@ pub async fn idle(o: IdleOptions, progress: bool) -> IdleReport {
     }
 }
 
-/// PINGREQ on every stream, counts PINGRESPs; closes them all.
-async fn ping_all(streams: Vec<TcpStream>, concurrency: usize, limit: Duration, errors: &mut Errors) -> usize {
+/// PINGREQ on every session, counts PINGRESPs; closes them all.
+async fn ping_all(streams: Vec<Conn>, concurrency: usize, limit: Duration, errors: &mut Errors) -> usize {
     let mut set = JoinSet::new();
     let mut alive = 0;
     let mut it = streams.into_iter();
@@ -241,17 +247,8 @@ async fn ping_all(streams: Vec<TcpStream>, concurrency: usize, limit: Duration, 
         while set.len() < concurrency * 4 {
             let Some(mut s) = it.next() else { break };
             set.spawn(async move {
-                let r = tokio::time::timeout(limit, async {
-                    s.write_all(&PINGREQ).await?;
-                    let mut b = [0u8; 2];
-                    s.read_exact(&mut b).await?;
-                    let _ = s.write_all(&encode::disconnect()).await;
-                    Ok::<_, std::io::Error>(b)
-                })
-                .await;
-                match r {
-                    Ok(Ok([0xd0, 0x00])) => Ok(()),
-                    Ok(Ok(b)) => Err(format!("not a PINGRESP: {b:02x?}")),
+                match tokio::time::timeout(limit, s.ping_and_leave()).await {
+                    Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no PINGRESP within {limit:?}")),
                 }
@@ -265,6 +262,10 @@ async fn ping_all(streams: Vec<TcpStream>, concurrency: usize, limit: Duration, 
         }
     }
     alive
+}
+
+fn tcp() -> super::transport::Kind {
+    super::transport::Kind::Tcp
 }
 
 // ---------------------------------------------------------------- failover under load

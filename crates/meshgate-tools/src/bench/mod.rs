@@ -4,7 +4,8 @@
 //!
 //! - `wire`: the generator's own lean MQTT client (no per-message allocation, batched writes).
 //! - `load`: publish/subscribe throughput and publish-to-delivery latency.
-//! - `conns`: connection setup rate, idle sessions with memory per session, failover under load.
+//! - `conns`: connection setup rate, idle sessions with memory per session, failover under load;
+//!   `transport`: the idle sessions over TLS and WebSockets too.
 //! - `stats`: percentiles, errors, medians (memory and CPU time: [`crate::procfs`]).
 //! - `compare`: the orchestrated comparison (also `--coordination`: meshgate without and with
 //!   `[coordination]`); `report`: its markdown tables and SVG charts; `etcd`: the etcd a
@@ -16,6 +17,7 @@ pub mod etcd;
 pub mod load;
 pub mod report;
 pub mod stats;
+pub mod transport;
 pub mod wire;
 
 use std::time::Duration;
@@ -145,6 +147,19 @@ pub struct IdleArgs {
     /// Print `open N` on stdout as soon as every session is open (then hold them).
     #[arg(long)]
     pub announce: bool,
+    /// How the sessions reach the target: plain TCP, TLS (an mqtts listener), MQTT over
+    /// WebSockets (ws) or over secure WebSockets (wss).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: transport::Kind,
+    /// For tls and wss: the CA (PEM) that signed the target's certificate.
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// For tls and wss: the name the target's certificate carries.
+    #[arg(long, default_value = "localhost")]
+    pub tls_name: String,
+    /// For ws and wss: the WebSocket path.
+    #[arg(long, default_value = "/mqtt")]
+    pub ws_path: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -261,6 +276,7 @@ pub async fn run(load: Load) -> anyhow::Result<Report> {
                     connect_timeout: a.common.connect_timeout,
                     pids: a.common.pids.clone(),
                     announce: a.announce,
+                    transport: transport::Transport::new(a.transport, a.ca.clone(), &a.tls_name, &a.ws_path)?,
                 },
                 !a.common.quiet,
             )
@@ -355,7 +371,7 @@ pub fn table(r: &Report) -> String {
             &c.errors
         }
         Report::Idle(i) => {
-            row("target", i.target.clone());
+            row("target", format!("{} ({:?})", i.target, i.transport).to_lowercase());
             row(
                 "sessions open / alive at end",
                 format!("{} of {} / {}", i.sessions_open, i.sessions_requested, i.alive_at_end),

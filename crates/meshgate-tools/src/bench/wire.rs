@@ -56,30 +56,37 @@ pub async fn open(addr: SocketAddr, client_id: &str, keepalive: u16, limit: Dura
         Ok(r) => r.map_err(WireError::Connect)?,
     };
     let _ = stream.set_nodelay(true);
-    let handshake = async {
-        stream.write_all(&encode::connect(4, client_id, true, keepalive, None, None)).await?;
-        let mut buf = [0u8; 64];
-        let mut have = 0;
-        loop {
-            match connack::parse(&buf[..have]) {
-                Ok(Some((ack, _))) if ack.code == 0 => return Ok(()),
-                Ok(Some((ack, _))) => return Err(WireError::Refused(ack.code)),
-                Ok(None) => {}
-                Err(e) => return Err(WireError::Protocol(e.to_string())),
-            }
-            if have == buf.len() {
-                return Err(WireError::Protocol("CONNACK larger than 64 bytes".into()));
-            }
-            match stream.read(&mut buf[have..]).await? {
-                0 => return Err(WireError::Closed),
-                n => have += n,
-            }
-        }
-    };
     let left = deadline.saturating_duration_since(Instant::now());
-    match timeout(left, handshake).await {
+    let connect = encode::connect(4, client_id, true, keepalive, None, None);
+    match timeout(left, handshake(&mut stream, &connect)).await {
         Err(_) => Err(WireError::ConnackTimeout(limit)),
         Ok(r) => r.map(|()| stream),
+    }
+}
+
+/// Sends `connect` on `stream` and reads until an accepting CONNACK (a refusal, a close or
+/// anything else is the error): the session handshake over any byte stream (TCP, TLS).
+pub async fn handshake<S>(stream: &mut S, connect: &[u8]) -> Result<(), WireError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(connect).await?;
+    let mut buf = [0u8; 64];
+    let mut have = 0;
+    loop {
+        match connack::parse(&buf[..have]) {
+            Ok(Some((ack, _))) if ack.code == 0 => return Ok(()),
+            Ok(Some((ack, _))) => return Err(WireError::Refused(ack.code)),
+            Ok(None) => {}
+            Err(e) => return Err(WireError::Protocol(e.to_string())),
+        }
+        if have == buf.len() {
+            return Err(WireError::Protocol("CONNACK larger than 64 bytes".into()));
+        }
+        match stream.read(&mut buf[have..]).await? {
+            0 => return Err(WireError::Closed),
+            n => have += n,
+        }
     }
 }
 
