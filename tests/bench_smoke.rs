@@ -170,9 +170,15 @@ fn compare_smoke_runs_every_load_against_every_front_end() {
     let results: Value =
         serde_json::from_slice(&std::fs::read(out_dir.path().join("benchmarks.json")).unwrap()).unwrap();
     let runs = results["runs"].as_array().unwrap();
-    // 7 loads x 4 front ends + failover x 3 proxies.
-    assert_eq!(runs.len(), 31, "{stderr}");
+    // 7 loads x 4 front ends + failover x 3 proxies + meshgate's TLS and WebSocket idle loads.
+    assert_eq!(runs.len(), 33, "{stderr}");
     assert!(runs.iter().all(|r| r["report"].is_object() && r["error"].is_null()), "{stderr}");
+    for load in ["idle_tls", "idle_ws"] {
+        let run = runs.iter().find(|r| r["load"] == load).unwrap_or_else(|| panic!("no {load} run: {stderr}"));
+        assert_eq!(run["front_end"], "meshgate");
+        let idle = &run["report"];
+        assert_eq!(idle["alive_at_end"], idle["sessions_requested"], "{load}: {run:#}");
+    }
     let md = std::fs::read_to_string(out_dir.path().join("benchmarks.md")).unwrap();
     for fe in ["direct", "nginx", "HAProxy", "meshgate", "meshgate / nginx"] {
         assert!(md.contains(fe), "benchmarks.md lacks {fe}:\n{md}");

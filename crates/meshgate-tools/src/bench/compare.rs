@@ -64,8 +64,9 @@ pub struct CompareArgs {
     #[arg(long, value_delimiter = ',')]
     pub front_ends: Option<Vec<String>>,
     /// Loads to run (comma-separated): qos0, qos0x16, qos1, qos1x16, latency, connect, idle,
-    /// failover [default: all; with --coordination qos0,qos1,connect, and idle and failover
-    /// are not offered].
+    /// idle_tls and idle_ws (idle sessions through meshgate's TLS and WebSocket listeners,
+    /// meshgate only), failover [default: all; with --coordination qos0,qos1,connect, and the
+    /// idle loads and failover are not offered].
     #[arg(long, value_delimiter = ',')]
     pub loads: Option<Vec<String>>,
     /// Coordination off vs on instead of the four front ends: meshgate with the same config in
@@ -168,11 +169,15 @@ pub enum LoadKind {
     Latency,
     Connect,
     Idle,
+    /// Idle sessions through meshgate's TLS listener (meshgate only).
+    IdleTls,
+    /// Idle sessions through meshgate's WebSocket listener (meshgate only).
+    IdleWs,
     Failover,
 }
 
 impl LoadKind {
-    pub const ALL: [LoadKind; 8] = [
+    pub const ALL: [LoadKind; 10] = [
         LoadKind::Qos0,
         LoadKind::Qos0x16,
         LoadKind::Qos1,
@@ -180,8 +185,20 @@ impl LoadKind {
         LoadKind::Latency,
         LoadKind::Connect,
         LoadKind::Idle,
+        LoadKind::IdleTls,
+        LoadKind::IdleWs,
         LoadKind::Failover,
     ];
+
+    /// Loads only meshgate takes: its TLS and WebSocket listeners (the other front ends are
+    /// compared over TCP).
+    pub fn meshgate_only(self) -> bool {
+        matches!(self, LoadKind::IdleTls | LoadKind::IdleWs)
+    }
+
+    fn idle(self) -> bool {
+        matches!(self, LoadKind::Idle | LoadKind::IdleTls | LoadKind::IdleWs)
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -192,6 +209,8 @@ impl LoadKind {
             LoadKind::Latency => "latency at half load",
             LoadKind::Connect => "connection setup",
             LoadKind::Idle => "idle sessions",
+            LoadKind::IdleTls => "idle sessions, TLS",
+            LoadKind::IdleWs => "idle sessions, WebSocket",
             LoadKind::Failover => "failover under load",
         }
     }
@@ -202,9 +221,40 @@ impl LoadKind {
             .into_iter()
             .find(|l| serde_json::to_value(l).ok().and_then(|v| v.as_str().map(|v| v == s)).unwrap_or(false))
             .ok_or_else(|| {
-                anyhow::anyhow!("unknown load {s:?} (qos0, qos0x16, qos1, qos1x16, latency, connect, idle, failover)")
+                anyhow::anyhow!(
+                    "unknown load {s:?} (qos0, qos0x16, qos1, qos1x16, latency, connect, idle, idle_tls, idle_ws, failover)"
+                )
             })
     }
+}
+
+/// Ports of meshgate's TLS and WebSocket listeners, on its MQTT listener's address.
+const TLS_PORT: u16 = 8883;
+const WS_PORT: u16 = 8083;
+
+/// A throwaway CA (`listener-ca.pem`, what the TLS idle load trusts) and the certificate of
+/// meshgate's TLS listener (`listener.pem`, `listener.key`) for "localhost" and every address
+/// of `net`, in `dir`.
+fn listener_certificate(dir: &std::path::Path, net: &str) -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name.push(DnType::CommonName, "meshgate bench CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let mut server = CertificateParams::new(vec!["localhost".to_string()])?;
+    server.distinguished_name.push(DnType::CommonName, "localhost");
+    for last in 0..=255u8 {
+        if let Ok(ip) = format!("{net}.{last}").parse() {
+            server.subject_alt_names.push(SanType::IpAddress(ip));
+        }
+    }
+    let key = KeyPair::generate()?;
+    let cert = server.signed_by(&key, &ca_cert, &ca_key)?;
+    std::fs::write(dir.join("listener-ca.pem"), ca_cert.pem())?;
+    std::fs::write(dir.join("listener.pem"), cert.pem())?;
+    std::fs::write(dir.join("listener.key"), key.serialize_pem())?;
+    Ok(())
 }
 
 /// The resolved plan of one comparison.
@@ -371,7 +421,7 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
     }
     if coordination {
         // Both need fresh processes per run, and a claim's cost is in the steady loads already.
-        if let Some(l) = loads.iter().find(|l| matches!(l, LoadKind::Idle | LoadKind::Failover)) {
+        if let Some(l) = loads.iter().find(|l| l.idle() || **l == LoadKind::Failover) {
             bail!("--coordination runs qos0, qos0x16, qos1, qos1x16, latency and connect, not {}", l.label());
         }
     }
@@ -442,6 +492,7 @@ pub fn main(a: CompareArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let work = std::env::temp_dir().join(format!("meshgate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    listener_certificate(&work, &settings.net).context("writing the TLS listener's certificate")?;
     let started = Instant::now();
     let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     // On SIGINT or SIGTERM the comparison is dropped, and with it every process it started
@@ -627,6 +678,11 @@ impl Comparison {
         self.addr(fe.octet(), 1883)
     }
 
+    /// meshgate's TLS or WebSocket listener: its MQTT address with another port.
+    fn listener(&self, fe: FrontEnd, port: u16) -> SocketAddr {
+        self.addr(fe.octet(), port)
+    }
+
     /// The most sessions any load holds through a front end at once, which its connection
     /// limits must allow.
     fn most_sessions(&self) -> usize {
@@ -636,7 +692,13 @@ impl Comparison {
     fn total_runs(&self) -> usize {
         let fes = self.s.front_ends.len();
         let proxies = self.s.front_ends.iter().filter(|f| **f != FrontEnd::Direct).count();
-        self.s.loads.iter().map(|l| if *l == LoadKind::Failover { proxies } else { fes }).sum::<usize>() * self.s.rounds
+        let meshgate = usize::from(self.s.front_ends.contains(&FrontEnd::Meshgate));
+        let per_round = |l: &LoadKind| match l {
+            LoadKind::Failover => proxies,
+            l if l.meshgate_only() => meshgate,
+            _ => fes,
+        };
+        self.s.loads.iter().map(per_round).sum::<usize>() * self.s.rounds
     }
 
     /// Front ends in this round's order: the list rotated by the round number.
@@ -705,13 +767,16 @@ impl Comparison {
             }
             drop(setup);
         }
-        for load in [LoadKind::Idle, LoadKind::Failover] {
+        for load in [LoadKind::Idle, LoadKind::IdleTls, LoadKind::IdleWs, LoadKind::Failover] {
             if !wants(load) {
                 continue;
             }
             for round in 0..self.s.rounds {
                 for fe in self.order(round) {
                     if load == LoadKind::Failover && fe == FrontEnd::Direct {
+                        continue;
+                    }
+                    if load.meshgate_only() && fe != FrontEnd::Meshgate {
                         continue;
                     }
                     // Fresh brokers and a fresh front end: no memory or failure state carried over.
@@ -767,7 +832,12 @@ impl Comparison {
     }
 
     async fn one(&mut self, load: LoadKind, fe: FrontEnd, round: usize, setup: &Setup) {
-        let target = self.target(fe).to_string();
+        let target = match load {
+            LoadKind::IdleTls => self.listener(fe, TLS_PORT),
+            LoadKind::IdleWs => self.listener(fe, WS_PORT),
+            _ => self.target(fe),
+        }
+        .to_string();
         let d = format!("{}s", self.s.duration_s);
         let w = format!("{}s", self.s.warmup_s);
         let mut args: Vec<String> = Vec::new();
@@ -797,8 +867,14 @@ impl Comparison {
                 }
                 args.extend(["--broker-pid".into(), setup.primary.pid().to_string()]);
             }
-            LoadKind::Idle => {
+            LoadKind::Idle | LoadKind::IdleTls | LoadKind::IdleWs => {
                 args.extend(["idle".into(), "--sessions".into(), self.s.idle_sessions.to_string()]);
+                let ca = self.work.join("listener-ca.pem").display().to_string();
+                match load {
+                    LoadKind::IdleTls => args.extend(["--transport".into(), "tls".into(), "--ca".into(), ca]),
+                    LoadKind::IdleWs => args.extend(["--transport".into(), "ws".into()]),
+                    _ => {}
+                }
                 args.extend(["--hold".into(), if self.s.smoke { "1s" } else { "3s" }.into()]);
                 for p in setup.pids(fe) {
                     args.extend(["--pid".into(), p.to_string()]);
@@ -822,7 +898,7 @@ impl Comparison {
             args.extend(["--broker-pid".into(), setup.primary.pid().to_string()]);
         }
         // etcd's CPU time is reported apart from meshgate's, for the loads that read CPU time.
-        if let Some(pid) = setup.etcd_pid(fe).filter(|_| !matches!(load, LoadKind::Idle | LoadKind::Failover)) {
+        if let Some(pid) = setup.etcd_pid(fe).filter(|_| !load.idle() && load != LoadKind::Failover) {
             args.extend(["--etcd-pid".into(), pid.to_string()]);
         }
         args.extend(self.extra.iter().cloned());
@@ -1096,7 +1172,7 @@ impl Comparison {
         use toml::{Table, Value};
         let table = |pairs: Vec<(&str, Value)>| Value::Table(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect());
         // The shipped configs/meshgate.toml's broker settings, on the benchmark's two brokers,
-        // and the worker threads asked for.
+        // and the workers asked for.
         let broker = |name: &str, last: u8, weight: Option<i64>| {
             let mut b = vec![("name", name.into()), ("address", self.addr(last, 1883).to_string().into())];
             b.extend(weight.map(|w| ("weight", w.into())));
@@ -1104,14 +1180,25 @@ impl Comparison {
             table(b)
         };
         let http = http.map_or_else(|| "off".to_string(), |a| a.to_string());
+        let mut listeners = vec![("mqtt", listen.to_string().into()), ("http", http.into())];
+        if !self.s.coordination {
+            // For the TLS and WebSocket idle loads; idle otherwise.
+            listeners.push(("mqtts", SocketAddr::new(listen.ip(), TLS_PORT).to_string().into()));
+            listeners.push(("ws", SocketAddr::new(listen.ip(), WS_PORT).to_string().into()));
+        }
         let mut doc: Table = [
-            ("listen", table(vec![("mqtt", listen.to_string().into()), ("http", http.into())])),
+            ("listen", table(listeners)),
             ("proxy", table(vec![("workers", i64::from(self.s.meshgate_workers).into())])),
             ("broker", Value::Array(vec![broker("broker1", 10, Some(5)), broker("broker2", 11, None)])),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if !self.s.coordination {
+            let file = |name: &str| self.work.join(name).display().to_string();
+            let tls = table(vec![("cert", file("listener.pem").into()), ("key", file("listener.key").into())]);
+            doc.insert("tls".into(), tls);
+        }
         if let Some(etcd) = etcd {
             // The default lease (3 s); a prefix of its own so nothing else's keys mix in.
             let urls = Value::Array(vec![format!("http://{etcd}").into()]);

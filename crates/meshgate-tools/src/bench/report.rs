@@ -241,6 +241,18 @@ impl Summary {
                 _ => None,
             },
         );
+        for (load, listener) in [(LoadKind::IdleTls, "TLS"), (LoadKind::IdleWs, "WebSocket")] {
+            row(
+                load,
+                format!("memory per idle session, {listener} listener ({} held)", group(s.idle_sessions as u64)),
+                false,
+                Unit::Bytes,
+                &|run: &Run| match run.report.as_ref()? {
+                    Report::Idle(i) => i.bytes_per_session,
+                    _ => None,
+                },
+            );
+        }
         row(
             LoadKind::Failover,
             format!("failover: all {} clients back after a hang", group(s.failover_clients as u64)),
@@ -867,9 +879,9 @@ pub fn markdown(results: &Results, summary: &Summary, charts: &[(&str, &str)]) -
         s.failover_clients,
         s.failover_deadline_s,
         match s.meshgate_workers {
-            0 => "one worker thread per core".to_string(),
-            1 => "one worker thread (`[proxy] workers = 1`, as nginx's `worker_processes 1`)".to_string(),
-            n => format!("{n} worker threads"),
+            0 => "one worker (event loop) per core".to_string(),
+            1 => "one worker (`[proxy] workers = 1`: one event loop, as nginx's `worker_processes 1`)".to_string(),
+            n => format!("{n} workers (event loops)"),
         }
     );
     let _ = writeln!(out, "{}\n", placement_line(s));
@@ -939,7 +951,7 @@ fn coordination_markdown(results: &Results, summary: &Summary, charts: &[(&str, 
     );
     let _ = writeln!(
         out,
-        "**Settings:** {} round(s), off and on alternating first each round; loads {:.0} s each ({:.1} s warm-up for the publish loads); {} B payloads; connection setup with {} handshakes in flight; meshgate with {} worker thread(s), both instances running side by side with the same config but `[coordination]` (etcd on {}, one member, data on the run's directory, `lease_ttl` 3 s). Medians over rounds; \"rounds\" is the lowest and highest on/off ratio within one round.\n",
+        "**Settings:** {} round(s), off and on alternating first each round; loads {:.0} s each ({:.1} s warm-up for the publish loads); {} B payloads; connection setup with {} handshakes in flight; meshgate with {} worker(s), both instances running side by side with the same config but `[coordination]` (etcd on {}, one member, data on the run's directory, `lease_ttl` 3 s). Medians over rounds; \"rounds\" is the lowest and highest on/off ratio within one round.\n",
         s.rounds,
         s.duration_s,
         s.warmup_s,
