@@ -65,46 +65,77 @@ fn wait_for(limit: Duration, what: &str, d: &Daemon, mut cond: impl FnMut() -> b
 /// With every descriptor taken (idle connections that never send a CONNECT), a client's
 /// connection to the broker and the broker's probes fail with EMFILE. Before the fix each
 /// counted against the broker: with `max_fails = 1` one such CONNECT barred it for
-/// `fail_timeout`, and two probes took it down ("no broker is available").
+/// `fail_timeout`, and two probes took it down ("no broker is available"). The probes run
+/// once an hour while the table is filled for the client (so none takes the last descriptor
+/// first), then, after a reload, every 100 ms with the table full.
 #[test]
 fn running_out_of_descriptors_is_not_held_against_the_broker() {
     const NOFILE: u64 = 64;
     let net = Net::start(1);
-    let d = Daemon::start_limited(&net, "[health]\ninterval = \"100ms\"\n", Some(NOFILE));
-    let local = "meshgate_upstream_failures_total{broker=\"broker1\",reason=\"local_error\"}";
+    let d = Daemon::start_limited(&net, "[health]\ninterval = \"1h\"\n", Some(NOFILE));
     let addr = net.mqtt_addr();
-    // Fill the table, leaving one descriptor: for the next client's accept.
-    let mut idle = Vec::new();
-    while (d.open_fds() as u64) < NOFILE - 1 {
-        let before = d.open_fds();
-        idle.push(TcpStream::connect(addr).unwrap());
-        wait_for(5 * SECOND, "an idle connection accepted", &d, || d.open_fds() > before);
-        assert!(idle.len() < NOFILE as usize, "meshgate's table never filled:\n{}", d.log());
+    // Descriptors numbered below the limit: what it allows. (A test binary may hand its child
+    // an inherited descriptor numbered above it, cargo's jobserver pipe, which takes no slot.)
+    let slots = || {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", d.pid())).unwrap();
+        fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok()).filter(|&n| n < NOFILE).count() as u64
+    };
+    // Every descriptor but one (no probe runs meanwhile): the next client's accept takes it,
+    // and its broker connection finds none.
+    // The count settles first: the readiness check's HTTP connection closes just after it.
+    let settled = Instant::now();
+    let mut last = slots();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = slots();
+        if now == last {
+            break;
+        }
+        assert!(settled.elapsed() < 5 * SECOND, "meshgate's descriptors never settled:\n{}", d.log());
+        last = now;
     }
-    // Accepted on the last descriptor, this client's broker connection finds none.
+    let mut idle = Vec::new();
+    while slots() < NOFILE - 1 {
+        let before = slots();
+        idle.push(TcpStream::connect(addr).unwrap());
+        wait_for(5 * SECOND, "an idle connection accepted", &d, || slots() > before);
+    }
     let mut c = TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(5 * SECOND)).unwrap();
     c.write_all(&mqtt::connect_packet(4, "short", true, 60, None, None)).unwrap();
-    let mut rest = Vec::new();
-    let _ = c.read_to_end(&mut rest);
+    match read_packet(&mut c) {
+        Ok((0x20, body)) => {
+            assert_ne!(body.get(1), Some(&0), "served without a descriptor for the broker:\n{}", d.log())
+        }
+        Ok((first, _)) => panic!("{first:#04x} instead of a CONNACK"),
+        Err(_) => {}
+    }
     let shortages = || d.log().matches("could not open a connection").count();
-    wait_for(5 * SECOND, "an EMFILE reached a broker connection", &d, || shortages() >= 1);
-    // The table full again (the refused client's descriptor taken by one more idle
-    // connection): the probes (every 100 ms) find none either. Each is counted and logged once
-    // a second at most; a second line means a second of failed probes, where fall = 2 would
-    // have taken the broker down.
-    while (d.open_fds() as u64) < NOFILE {
-        let before = d.open_fds();
+    wait_for(5 * SECOND, "the client's EMFILE logged", &d, || shortages() >= 1);
+    // Probes every 100 ms (the refused client's descriptor reads the file), then the table full
+    // again: each probe finds no descriptor, is counted and logged once a second at most; a
+    // second line means a second of failed probes, where fall = 2 would have taken it down.
+    d.reload(&net, "[health]\ninterval = \"100ms\"\n");
+    wait_for(5 * SECOND, "the reload applied", &d, || d.log().contains("configuration reloaded"));
+    // Idle connections until one cannot be accepted (a probe may hold the last descriptor for
+    // a moment, so the count alone does not tell): then every descriptor is taken.
+    let refused_accepts = || d.log().matches("accept failed").count();
+    let refused_before = refused_accepts();
+    while refused_accepts() == refused_before {
+        let before = slots();
         idle.push(TcpStream::connect(addr).unwrap());
-        wait_for(5 * SECOND, "an idle connection accepted", &d, || d.open_fds() > before);
+        wait_for(5 * SECOND, "an idle connection accepted or refused", &d, || {
+            slots() > before || refused_accepts() > refused_before
+        });
     }
     wait_for(5 * SECOND, "a second of probes without a descriptor", &d, || shortages() >= 2);
     drop(idle);
-    wait_for(5 * SECOND, "the idle connections closed", &d, || (d.open_fds() as u64) < NOFILE / 2);
+    wait_for(5 * SECOND, "the idle connections closed", &d, || slots() < NOFILE / 2);
     let log = d.log();
     assert!(log.contains("LimitNOFILE"), "the error says what to raise:\n{log}");
     assert!(!log.contains("barred"), "a shortage of meshgate's own barred the broker:\n{log}");
     assert!(!log.contains("broker1 is down"), "a shortage of meshgate's own took the broker down:\n{log}");
+    let local = "meshgate_upstream_failures_total{broker=\"broker1\",reason=\"local_error\"}";
     assert!(d.metric(local) >= 2.0, "the client's attempt and the probes counted as local errors:\n{log}");
     assert_eq!(d.metric("meshgate_upstream_failures_total{broker=\"broker1\",reason=\"connect_error\"}"), 0.0);
     assert_eq!(d.metric("meshgate_broker_available{broker=\"broker1\"}"), 1.0);

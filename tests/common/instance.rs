@@ -155,6 +155,13 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Writes the config for `net` with `extra` and sends SIGHUP, as `systemctl reload` does.
+    pub fn reload(&self, net: &Net, extra: &str) {
+        std::fs::write(self.dir.path().join("meshgate.toml"), net.config_text(extra)).unwrap();
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    }
+
     /// File descriptors the process has open now.
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())

@@ -197,21 +197,19 @@ impl Meshgate {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
         };
-        let loops = match n {
-            1 => None,
-            n => Some(proxy::loops::Loops::start(n).map_err(Error::Loops)?),
-        };
         let replication = config.replication.enabled;
-        Meshgate::start_on(config, Parts { proxy: true, replication }, loops).await
+        Meshgate::start_on(config, Parts { proxy: true, replication }, if n > 1 { n } else { 0 }).await
     }
 
     /// Binds every listener first (so a taken port fails before anything starts), then spawns
     /// the checkers, the rebalancer, the proxy, replication and the HTTP API.
     pub async fn start_parts(config: Config, parts: Parts) -> Result<Meshgate, Error> {
-        Meshgate::start_on(config, parts, None).await
+        Meshgate::start_on(config, parts, 0).await
     }
 
-    async fn start_on(config: Config, parts: Parts, loops: Option<proxy::loops::Loops>) -> Result<Meshgate, Error> {
+    /// With `loops` above zero, the sessions run on that many event loops of their own,
+    /// started once every listener is bound.
+    async fn start_on(config: Config, parts: Parts, loops: usize) -> Result<Meshgate, Error> {
         let mqtt = match parts.proxy {
             true => Some(bind("MQTT", &config.listen.mqtt).await?),
             false => None,
@@ -286,6 +284,10 @@ impl Meshgate {
         if mqtt.is_some() {
             tracker.spawn(proxy::rebalance_loop(pool.clone(), stop.clone()));
         }
+        let loops = match loops {
+            0 => None,
+            n => Some(proxy::loops::Loops::start(n).map_err(Error::Loops)?),
+        };
         let listeners = [
             (mqtt, proxy::Listener::Mqtt),
             (mqtts, proxy::Listener::Mqtts),

@@ -72,6 +72,8 @@ async fn check_loop(
         if let Err(ProbeError::Connect(e)) = &result {
             if e.is_local() {
                 pool.record_local_error(&broker, e.reason(), e);
+                // As after any probe: passive bars expire with time, not with an event.
+                pool.refresh();
                 continue;
             }
         }

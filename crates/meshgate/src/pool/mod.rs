@@ -293,8 +293,9 @@ pub struct Pool {
     pub closing: CancellationToken,
     pub started: SystemTime,
     hooks: Arc<dyn Hooks>,
-    /// When meshgate's own shortage was last logged, and how many went unlogged since.
-    shortage_log: Mutex<(Option<Instant>, u64)>,
+    /// Per kind of meshgate's own shortage, when it was last logged and how many went unlogged
+    /// since.
+    shortage_log: Mutex<std::collections::HashMap<&'static str, (Option<Instant>, u64)>>,
 }
 
 /// A registered session; unregisters on drop.
@@ -336,7 +337,7 @@ impl Pool {
             closing: CancellationToken::new(),
             started: SystemTime::now(),
             hooks,
-            shortage_log: Mutex::new((None, 0)),
+            shortage_log: Default::default(),
         };
         pool.refresh();
         pool
@@ -411,24 +412,31 @@ impl Pool {
     }
 
     /// An attempt on `broker` failed for lack of meshgate's own resources (file descriptors
-    /// above all): counted for the broker under `reason`, never held against it. A broker
-    /// barred, or probed down, for meshgate's own limit would turn a shortage into an outage:
-    /// 9,000 sessions leaving a hung broker at once, each holding its old connection while
-    /// its new one is made, once barred the backup that was taking them.
+    /// above all) or in its own queue: counted for the broker under `reason`, never held
+    /// against it, and a probation trial it took is handed back. A broker barred, or probed
+    /// down, for meshgate's own limit would turn a shortage into an outage: 9,000 sessions
+    /// leaving a hung broker at once, each holding its old connection while its new one is
+    /// made, once barred the backup that was taking them.
     pub fn record_local_error(&self, broker: &Broker, reason: &'static str, detail: &dyn std::fmt::Display) {
         self.metrics.upstream_failures.with_label_values(&[&broker.name, reason]).inc();
-        self.note_shortage(detail);
+        broker.passive.lock().release(Instant::now());
+        self.note_shortage(reason, detail);
     }
 
-    /// Logs meshgate's own shortage at error level, once a second at most (with how many
-    /// more there were): the operator has to raise a limit, and a burst must not flood the log.
-    pub fn note_shortage(&self, detail: &dyn std::fmt::Display) {
+    /// Logs meshgate's own shortage once a second at most per kind (with how many more there
+    /// were), so a burst neither floods the log nor hides another kind's line: at error level
+    /// for what the operator must raise (descriptors), at warn for meshgate's own queue.
+    pub fn note_shortage(&self, kind: &'static str, detail: &dyn std::fmt::Display) {
         let now = Instant::now();
-        let mut last = self.shortage_log.lock();
-        last.1 += 1;
-        if last.0.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
-            tracing::error!(count = last.1, "{detail}");
-            *last = (Some(now), 0);
+        let mut log = self.shortage_log.lock();
+        let (last, unlogged) = log.entry(kind).or_insert((None, 0));
+        *unlogged += 1;
+        if last.is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1)) {
+            match kind {
+                "handshake_queue" => tracing::warn!(count = *unlogged, "{detail}"),
+                _ => tracing::error!(count = *unlogged, "{detail}"),
+            }
+            (*last, *unlogged) = (Some(now), 0);
         }
     }
 

@@ -123,6 +123,14 @@ impl Passive {
         }
     }
 
+    /// A claimed attempt that said nothing about the broker (meshgate's own shortage ended it
+    /// before an answer): in probation the trial is handed back, so the next attempt can be it.
+    pub fn release(&mut self, now: Instant) {
+        if let PassiveState::Probation { trial: Some(_) } = self.state(now) {
+            self.state = PassiveState::Probation { trial: None };
+        }
+    }
+
     /// Forget everything: active probes proved the broker healthy again after marking it down.
     pub fn reset(&mut self) {
         self.state = PassiveState::Open { fails: 0, window_start: None };
@@ -189,6 +197,18 @@ mod tests {
         assert!(!p.take(Instant::now()), "only one trial at a time");
         assert_eq!(p.success(Instant::now()), Some(Transition::Reopened));
         assert!(p.take(Instant::now()) && p.take(Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn a_trial_that_said_nothing_is_handed_back() {
+        pause();
+        let mut p = Passive::new(1, T);
+        p.failure(Instant::now());
+        advance(T).await;
+        assert!(p.take(Instant::now()), "the trial");
+        p.release(Instant::now());
+        assert!(p.take(Instant::now()), "the trial again, at once");
+        assert!(!p.take(Instant::now()), "still one at a time");
     }
 
     #[tokio::test]

@@ -165,17 +165,12 @@ pub fn spawn_accept(
     };
     let socket = listener.into_std()?;
     for handle in loops.handles() {
-        let dup = socket.try_clone()?;
-        let (proxy, t, stop) = (proxy.clone(), tracker.clone(), stop.clone());
-        tracker.spawn_on(
-            async move {
-                match TcpListener::from_std(dup) {
-                    Ok(l) => accept_loop(l, proxy, t, stop, kind).await,
-                    Err(e) => error!("cannot accept {} clients on a session loop: {e}", kind.as_str()),
-                }
-            },
-            handle,
-        );
+        // Registered with that loop's reactor: made inside its runtime's context.
+        let l = {
+            let _on_loop = handle.enter();
+            TcpListener::from_std(socket.try_clone()?)?
+        };
+        tracker.spawn_on(accept_loop(l, proxy.clone(), tracker.clone(), stop.clone(), kind), handle);
     }
     Ok(())
 }

@@ -27,6 +27,7 @@ use crate::mqtt::{self, connack, Connack, Connect, ConnectError, FrameScanner};
 use crate::pool::{Broker, Lease, Registered, SessionInfo, BROKER_DOWN};
 use crate::transport::write_all;
 use crate::transport::Conn;
+use crate::upstream::AttemptError;
 
 /// Why a client connection ended before a session existed; the `reason` label of
 /// `meshgate_rejected_connections_total`.
@@ -642,12 +643,16 @@ async fn establish(
             Err(e) => {
                 debug!(broker = %broker.name, reason = e.reason(), "broker attempt failed: {e}");
                 failed.push(format!("{}: {e}", broker.name));
-                if e.is_local() {
-                    proxy.pool.record_local_error(&broker, e.reason(), &e);
-                    // Every other broker would fail the same way.
-                    break;
+                match &e {
+                    // Out of descriptors (or memory): every other broker would fail the same way.
+                    AttemptError::Local(_) => {
+                        proxy.pool.record_local_error(&broker, e.reason(), &e);
+                        break;
+                    }
+                    // This broker's handshake slots are full; the next broker's may not be.
+                    AttemptError::Queued(_) => proxy.pool.record_local_error(&broker, e.reason(), &e),
+                    _ => proxy.pool.record_failure(&broker, e.reason()),
                 }
-                proxy.pool.record_failure(&broker, e.reason());
                 tried.push(broker);
             }
         }

@@ -144,18 +144,22 @@ impl SwitchError {
     /// Whether a session that could not move for `why` may stay where it is: a failback (its
     /// broker works) that failed before the cut, while the old broker still delivered
     /// everything, for a reason that passes (the target unreachable: each attempt counts
-    /// against it, which passive accounting then bars; no target; busy; no descriptor to spare;
-    /// no boundary; a target that went silent). A target that refuses the client closes the session as before.
+    /// against it, which passive accounting then bars; no target; busy; no boundary; a target
+    /// that went silent). A target that refuses the client closes the session as before.
     /// Only a clean session stays: a persistent one may have left a session on the target
-    /// broker that would queue its messages from then on.
+    /// broker that would queue its messages from then on. A failback refused for want of a
+    /// descriptor stays whatever the session: no broker was asked.
     pub fn stays(&self, why: &str, persistent: bool) -> bool {
+        // Refused before any broker was asked: nothing was left anywhere.
+        if why == "failback" && matches!(self, SwitchError::NoRoom(_)) {
+            return true;
+        }
         why == "failback"
             && !persistent
             && matches!(
                 self,
                 SwitchError::NoTarget
                     | SwitchError::Busy
-                    | SwitchError::NoRoom(_)
                     | SwitchError::Connect(_)
                     | SwitchError::Boundary(_)
                     | SwitchError::Silent(_)
@@ -213,6 +217,15 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
         return Err(SwitchError::EnhancedAuth);
     }
     let subs = live.track.lock().subscriptions().ok_or(SwitchError::Incomplete)?;
+    // The new broker's connection is a third descriptor while the old one is open (see
+    // `FdBudget`). Asked before a target is picked, so a move that cannot be made does not take
+    // a broker's probation trial.
+    let room = proxy.fds.take(proxy.limits.open());
+    if room.is_none() && !failed {
+        let e = SwitchError::NoRoom(proxy.fds.limit());
+        proxy.pool.note_shortage("no_fds", &e);
+        return Err(e);
+    }
     let old = live.session.broker.clone();
     let lease = proxy.pool.pick(std::slice::from_ref(&old)).ok_or(SwitchError::NoTarget)?;
     let target = lease.broker().clone();
@@ -222,24 +235,6 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
     if target.probe_up() == Some(false) || target.admin() != crate::pool::AdminState::Enabled || target.is_removed() {
         return Err(SwitchError::NoTarget);
     }
-    // The new broker's connection is a third descriptor while the old one is open. A failed
-    // broker's connection is kept only for the DISCONNECT at the cut (nothing more is read
-    // from it): without a descriptor to spare it gets that DISCONNECT now and is closed, so
-    // leaving a failed broker never waits for descriptors. Should the move then fail, the
-    // session closes as it would have, but that broker drops the client's will.
-    let _room = match proxy.fds.take(proxy.limits.open()) {
-        Some(room) => Some(room),
-        None if failed => {
-            let _ = timeout_at(Instant::now(), write_all(&mut live.upstream, &encode::disconnect())).await;
-            live.upstream = Conn::Released;
-            None
-        }
-        None => {
-            let e = SwitchError::NoRoom(proxy.fds.limit());
-            proxy.pool.note_shortage(&e);
-            return Err(e);
-        }
-    };
     let version = connect.version;
     // meshgate's own work on this client id's sessions (migration, standby, wipes) and a move
     // take turns, as a connecting client does.
@@ -256,6 +251,16 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
         ),
         false => None,
     };
+    // A failed broker's connection is kept only for the DISCONNECT at the cut (nothing more is
+    // read from it). Without a descriptor to spare it gets that DISCONNECT now, once nothing
+    // but the new broker can end the move, and is closed: leaving a failed broker never waits
+    // for descriptors. Should the new broker then fail it, the session closes as it would
+    // have, but the failed broker has dropped the client's will.
+    if room.is_none() {
+        let _ = timeout_at(Instant::now(), write_all(&mut live.upstream, &encode::disconnect())).await;
+        live.upstream = Conn::Released;
+    }
+    let _room = room;
 
     // 1. The session on the new broker, made while forwarding goes on: the old broker keeps
     // delivering until the new one is subscribed. Made in a task of its own, which leaves the

@@ -250,11 +250,11 @@ fn forwarded_for(peer: SocketAddr, req: &Request, trusted: &[Network]) -> Socket
     client
 }
 
-/// A WebSocket as a byte stream: each binary message's bytes are read in order, each write
-/// goes out as one binary message.
 /// tungstenite's read buffer per WebSocket session (see `accept`).
 const WS_READ_BUFFER: usize = 4 * 1024;
 
+/// A WebSocket as a byte stream: each binary message's bytes are read in order, each write
+/// goes out as one binary message.
 pub struct WsConn {
     ws: WebSocketStream<Replay>,
     /// What the last message brought that the reader has not taken yet.

@@ -84,14 +84,13 @@ impl AttemptError {
 pub const LOCAL_ERROR: &str = "local_error";
 
 /// Whether a failed `socket()`/`connect()` is meshgate's own shortage rather than the peer's
-/// answer: out of file descriptors (process or system), socket buffers, memory or local ports.
+/// answer: out of file descriptors (process or system), socket buffers or memory. (Not
+/// EADDRNOTAVAIL: local ports run out per destination, and an address this host cannot reach
+/// at all, a broker's `[::1]` without IPv6, says so too: that is the broker's to answer for.)
 pub fn is_local(e: &std::io::Error) -> bool {
     use nix::errno::Errno;
     e.raw_os_error().is_some_and(|code| {
-        matches!(
-            Errno::from_raw(code),
-            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM | Errno::EADDRNOTAVAIL
-        )
+        matches!(Errno::from_raw(code), Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
     })
 }
 
@@ -317,7 +316,7 @@ impl Upstream {
         let mut conn = match self.connect(broker).await {
             Ok(c) => c,
             Err(AttemptError::Connect(_) | AttemptError::ConnectTimeout(_)) => return Some(false),
-            // meshgate's own shortage says nothing about the broker.
+            // meshgate's own shortage, a TLS or protocol error: not whether it is there.
             Err(_) => return None,
         };
         let exchange = async {
@@ -433,6 +432,8 @@ mod tests {
             AttemptError::Protocol(String::new()),
             AttemptError::Refused { code: 3, reason: "server_unavailable" },
             AttemptError::Refused { code: 0x89, reason: "server_busy" },
+            AttemptError::Local(std::io::ErrorKind::Other.into()),
+            AttemptError::Queued(std::time::Duration::ZERO),
         ];
         for e in errors {
             assert!(AttemptError::REASONS.contains(&e.reason()), "{}", e.reason());
@@ -442,5 +443,20 @@ mod tests {
             let ack = crate::mqtt::Connack { session_present: false, code };
             assert!(AttemptError::REASONS.contains(&ack.broker_failure(version).unwrap()));
         }
+    }
+
+    /// Out of descriptors, buffers or memory is meshgate's; a refused, unreachable or
+    /// unroutable broker (EADDRNOTAVAIL included) is the broker's.
+    #[test]
+    fn only_meshgates_own_shortages_are_local() {
+        use nix::errno::Errno;
+        let err = |e: Errno| std::io::Error::from_raw_os_error(e as i32);
+        for e in [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM] {
+            assert!(super::is_local(&err(e)), "{e}");
+        }
+        for e in [Errno::ECONNREFUSED, Errno::EHOSTUNREACH, Errno::ENETUNREACH, Errno::EADDRNOTAVAIL] {
+            assert!(!super::is_local(&err(e)), "{e}");
+        }
+        assert!(!super::is_local(&std::io::ErrorKind::TimedOut.into()));
     }
 }
