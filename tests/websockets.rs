@@ -97,11 +97,35 @@ async fn mqttjs_and_paho_over_websockets_fail_over_like_tcp_clients() {
     .await;
     let served_after = hung_at.elapsed();
     // Publishing goes on from broker2 for a while.
-    wait_until(10 * SECOND, || {
+    let went_on = wait_until(10 * SECOND, || {
         js_pub.acked().len() > acked_before.0 + 50 && paho_pub.acked().len() > acked_before.1 + 50
     })
-    .await
-    .expect("both publishers are acknowledged through broker2");
+    .await;
+    if went_on.is_none() {
+        // What each side saw, for whoever reads the failure.
+        let m = &pool.metrics;
+        let switches: Vec<_> = meshgate::proxy::switch::SwitchError::RESULTS
+            .iter()
+            .chain(&["ok"])
+            .map(|r| (*r, m.switches.with_label_values(&["broker_down", r]).get()))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let tail = |l: &Lines| {
+            let v = l.0.lock().unwrap();
+            v.iter().rev().take(6).map(|x| x.to_string()).collect::<Vec<_>>()
+        };
+        panic!(
+            "both publishers are acknowledged through broker2: not within 10 s; acked before/now MQTT.js {} {}, \
+             paho {} {}; sessions {:?}; switches {switches:?}; MQTT.js publisher's last lines {:?}; paho's {:?}",
+            acked_before.0,
+            js_pub.acked().len(),
+            acked_before.1,
+            paho_pub.acked().len(),
+            pool.sessions().iter().map(|s| (s.info.client_id.clone(), s.broker.name.clone())).collect::<Vec<_>>(),
+            tail(&js_pub),
+            tail(&paho_pub)
+        );
+    }
     let detection = detected - hung_at;
     let (js_after, paho_after) =
         (js_pub.acked()[acked_before.0..].to_vec(), paho_pub.acked()[acked_before.1..].to_vec());
