@@ -2,42 +2,19 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::instance::Daemon;
+use common::mqtt::blocking::{connected, read_packet};
 use common::{mqtt, Net};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// One whole packet from a blocking stream: (first byte, body).
-fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut first = [0u8; 1];
-    s.read_exact(&mut first)?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b)?;
-        len |= usize::from(b[0] & 0x7f) << shift;
-        shift += 7;
-        if b[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0; len];
-    s.read_exact(&mut body)?;
-    Ok((first[0], body))
-}
-
 /// A clean-session 3.1.1 client, accepted (CONNACK 0).
 fn client(addr: SocketAddr, id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_read_timeout(Some(5 * SECOND)).unwrap();
-    s.write_all(&mqtt::connect_packet(4, id, true, 60, None, None)).unwrap();
-    let (first, body) = read_packet(&mut s).unwrap_or_else(|e| panic!("CONNACK for {id}: {e}"));
-    assert_eq!((first, body.get(1).copied()), (0x20, Some(0)), "{id} accepted");
-    s
+    connected(addr, id, 5 * SECOND)
 }
 
 /// PINGREQ on `s`; true when its PINGRESP comes back on the same connection.

@@ -6,11 +6,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::instance::Daemon;
+use common::mqtt::blocking::{connected, read_packet};
 use common::{mqtt, Net};
 
 /// Request/response pairs per front end. Before the fix, 40 of 40 were overtaken through one
@@ -21,35 +22,6 @@ const QUIET: Duration = Duration::from_millis(5);
 
 fn daemon(net: &Net, workers: u32) -> Daemon {
     Daemon::start(net, &format!("[proxy]\nworkers = {workers}\n"))
-}
-
-/// One whole packet from a blocking stream: (first byte, body).
-fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut first = [0u8; 1];
-    s.read_exact(&mut first)?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b)?;
-        len |= usize::from(b[0] & 0x7f) << shift;
-        shift += 7;
-        if b[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0; len];
-    s.read_exact(&mut body)?;
-    Ok((first[0], body))
-}
-
-fn connected(addr: SocketAddr, id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.set_nodelay(true).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    s.write_all(&mqtt::connect_packet(4, id, true, 60, None, None)).unwrap();
-    let (first, body) = read_packet(&mut s).unwrap_or_else(|e| panic!("CONNACK for {id} via {addr}: {e}"));
-    assert_eq!((first, body.get(1).copied()), (0x20, Some(0)), "{id} accepted via {addr}");
-    s
 }
 
 /// A PINGREQ answered: the broker has taken everything sent before it.
@@ -63,8 +35,8 @@ fn pinged(s: &mut TcpStream) {
 fn overtaken(addr: SocketAddr, tag: &str) -> usize {
     let mut missed = 0;
     for i in 0..PAIRS {
-        let mut responder = connected(addr, &format!("order-{tag}-resp-{i}"));
-        let mut requester = connected(addr, &format!("order-{tag}-req-{i}"));
+        let mut responder = connected(addr, &format!("order-{tag}-resp-{i}"), Duration::from_secs(2));
+        let mut requester = connected(addr, &format!("order-{tag}-req-{i}"), Duration::from_secs(2));
         let topic = format!("order/{tag}/{i}");
         // Both sessions established through to the broker, then idle for a moment: Mosquitto
         // itself takes a PUBLISH first when both clients were active within the last

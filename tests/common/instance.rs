@@ -162,11 +162,6 @@ impl Daemon {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     }
 
-    /// File descriptors the process has open now.
-    pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
-    }
-
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
     }

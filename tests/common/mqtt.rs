@@ -324,3 +324,41 @@ pub async fn wait_until<F: FnMut() -> bool>(deadline: Duration, mut cond: F) -> 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The same over a blocking `std` socket, for tests that drive `meshgate run` from plain threads.
+pub mod blocking {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::time::Duration;
+
+    /// One whole packet: (first byte, body).
+    pub fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first)?;
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            len |= usize::from(b[0] & 0x7f) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        s.read_exact(&mut body)?;
+        Ok((first[0], body))
+    }
+
+    /// A clean-session 3.1.1 client with `id`, accepted (CONNACK 0), reads timing out after
+    /// `read_timeout`.
+    pub fn connected(addr: SocketAddr, id: &str, read_timeout: Duration) -> TcpStream {
+        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(read_timeout)).unwrap();
+        s.write_all(&super::connect_packet(4, id, true, 60, None, None)).unwrap();
+        let (first, body) = read_packet(&mut s).unwrap_or_else(|e| panic!("CONNACK for {id} via {addr}: {e}"));
+        assert_eq!((first, body.get(1).copied()), (0x20, Some(0)), "{id} accepted via {addr}");
+        s
+    }
+}

@@ -231,20 +231,13 @@ impl Summary {
                 });
             }
         }
-        row(
-            LoadKind::Idle,
-            format!("memory per idle session ({} held)", group(s.idle_sessions as u64)),
-            false,
-            Unit::Bytes,
-            &|run: &Run| match run.report.as_ref()? {
-                Report::Idle(i) => i.bytes_per_session,
-                _ => None,
-            },
-        );
-        for (load, listener) in [(LoadKind::IdleTls, "TLS"), (LoadKind::IdleWs, "WebSocket")] {
+        // Over TCP through every front end, and through meshgate's TLS and WebSocket listeners.
+        for (load, listener) in
+            [(LoadKind::Idle, ""), (LoadKind::IdleTls, ", TLS listener"), (LoadKind::IdleWs, ", WebSocket listener")]
+        {
             row(
                 load,
-                format!("memory per idle session, {listener} listener ({} held)", group(s.idle_sessions as u64)),
+                format!("memory per idle session{listener} ({} held)", group(s.idle_sessions as u64)),
                 false,
                 Unit::Bytes,
                 &|run: &Run| match run.report.as_ref()? {

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -79,11 +78,7 @@ fn io_error(e: tokio_tungstenite::tungstenite::Error) -> std::io::Error {
 
 /// Connects, and for TLS completes the handshake, within `limit`.
 async fn stream(t: &Transport, addr: SocketAddr, limit: Duration) -> Result<Box<dyn Io>, WireError> {
-    let tcp = match timeout(limit, TcpStream::connect(addr)).await {
-        Err(_) => return Err(WireError::ConnackTimeout(limit)),
-        Ok(r) => r.map_err(WireError::Connect)?,
-    };
-    let _ = tcp.set_nodelay(true);
+    let tcp = wire::dial(addr, limit).await?;
     match &t.tls {
         None => Ok(Box::new(tcp)),
         Some((connector, name)) => match timeout(limit, connector.connect(name.clone(), tcp)).await {

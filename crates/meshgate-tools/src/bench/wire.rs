@@ -51,17 +51,24 @@ impl WireError {
 /// `limit` (the TCP connect included). Returns the stream and the CONNECT-to-CONNACK time.
 pub async fn open(addr: SocketAddr, client_id: &str, keepalive: u16, limit: Duration) -> Result<TcpStream, WireError> {
     let deadline = Instant::now() + limit;
-    let mut stream = match timeout(limit, TcpStream::connect(addr)).await {
-        Err(_) => return Err(WireError::ConnackTimeout(limit)),
-        Ok(r) => r.map_err(WireError::Connect)?,
-    };
-    let _ = stream.set_nodelay(true);
+    let mut stream = dial(addr, limit).await?;
     let left = deadline.saturating_duration_since(Instant::now());
     let connect = encode::connect(4, client_id, true, keepalive, None, None);
     match timeout(left, handshake(&mut stream, &connect)).await {
         Err(_) => Err(WireError::ConnackTimeout(limit)),
         Ok(r) => r.map(|()| stream),
     }
+}
+
+/// A TCP connection to `addr` within `limit` (counted as a CONNACK timeout: the handshake's
+/// budget), with nodelay.
+pub async fn dial(addr: SocketAddr, limit: Duration) -> Result<TcpStream, WireError> {
+    let stream = match timeout(limit, TcpStream::connect(addr)).await {
+        Err(_) => return Err(WireError::ConnackTimeout(limit)),
+        Ok(r) => r.map_err(WireError::Connect)?,
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// Sends `connect` on `stream` and reads until an accepting CONNACK (a refusal, a close or
