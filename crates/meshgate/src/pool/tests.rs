@@ -454,3 +454,32 @@ fn disabling_closes_sessions_at_once_instead_of_moving_them() {
     assert!(!s[1].is_closing());
     assert_eq!(moved(&p), None);
 }
+
+/// The wait of the sessions leaving a failed broker: none when nobody leaves, until the limit
+/// while some are not ready, and over as soon as the last one is (woken, not timed out).
+#[tokio::test]
+async fn the_evacuation_wait_ends_when_the_last_leaving_session_is_ready() {
+    use std::time::Instant;
+    let pool = pool(&broker("b1", 1, ""));
+    let b = pool.broker("b1").unwrap();
+    let started = Instant::now();
+    b.evacuated(Duration::from_secs(30)).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "nobody leaving: no wait");
+
+    b.evacuation_joined();
+    b.evacuation_joined();
+    let started = Instant::now();
+    b.evacuated(Duration::from_millis(200)).await;
+    assert!(started.elapsed() >= Duration::from_millis(200), "two not ready: the whole limit");
+
+    let waiting = {
+        let b = b.clone();
+        tokio::spawn(async move { b.evacuated(Duration::from_secs(30)).await })
+    };
+    b.evacuation_left();
+    b.evacuation_left();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken when the last one is ready, not at the 30 s limit")
+        .unwrap();
+}
