@@ -109,6 +109,10 @@ pub fn pingreq() -> [u8; 2] {
     [0xc0, 0x00]
 }
 
+pub fn pingresp() -> [u8; 2] {
+    [0xd0, 0x00]
+}
+
 pub fn disconnect() -> [u8; 2] {
     [0xe0, 0x00]
 }

@@ -19,7 +19,10 @@
 //!
 //! A session whose broker failed (its probes say down, or it closed the connection and no
 //! longer accepts one) moves the same way, without the old broker:
-//! 1. the new session is made as above, without forwarding meanwhile; every session leaving
+//! 1. the new session is made as above, while meshgate holds the client: it answers the
+//!    client's PINGREQs itself (those the failed broker never answered, and new ones), so no
+//!    keep-alive runs out and no client reconnects into the move; it keeps what else the client
+//!    sends for the new broker; and a client that leaves ends the move. Every session leaving
 //!    the failed broker then waits briefly for the others' (`Broker::evacuated`), so what a
 //!    publisher sends again is not published before a subscriber is subscribed there;
 //! 2. what the old broker had sent whole goes to the client; what the client sent it and it
@@ -59,6 +62,14 @@ const OVERLAP: Duration = Duration::from_millis(100);
 /// before a subscriber's subscriptions do, and the clients' delivery gap grows by what this
 /// waits.
 const EVACUATION_WAIT: Duration = Duration::from_millis(300);
+
+/// How long a move waits for one of meshgate's own handshake slots to the new broker
+/// (`upstream::HANDSHAKES_PER_BROKER`). A client that connects waits only the connect timeout,
+/// as its own CONNACK timeout runs meanwhile; a client whose session moves is held instead (a
+/// failed broker's: its PINGREQs answered by meshgate), so the burst of moving every session of
+/// a failed broker queues rather than closes sessions, which would come back as a burst of
+/// reconnects to the same queue.
+const MOVE_QUEUE: Duration = Duration::from_secs(5);
 
 /// Why a session could not move; the label is the `result` of `meshgate_session_switches_total`.
 #[derive(Debug, thiserror::Error)]
@@ -268,74 +279,24 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
     // point, even by dropping this future.
     let abandon = tokio_util::sync::CancellationToken::new();
     let _abandon_on_drop = abandon.clone().drop_guard();
-    let task = tokio::spawn(prepare_task(
+    let mut task = tokio::spawn(prepare_task(
         proxy.upstream.clone(),
         target.config(),
         Client { connect: live.connect.clone(), version, address: live.session.session.info.peer },
         subs.clone(),
-        Instant::now() + cfg.upstream_connect_timeout + cfg.connack_timeout,
+        cfg.connack_timeout,
         abandon.clone(),
     ));
-    tokio::pin!(task);
-    let prepared = match failed {
-        // Nothing more comes from a failed broker; what the client sends waits for the new one.
-        true => (&mut task).await.map_err(|e| SwitchError::Restore(e.to_string()))?,
-        false => tokio::select! {
+    let (mut conn, to_client, to_new) = if failed {
+        leave_failed(proxy, live, &mut task, &target, &old).await?
+    } else {
+        let prepared = tokio::select! {
             r = &mut task => r.map_err(|e| SwitchError::Restore(e.to_string()))?,
             e = live.forward() => return Err(SwitchError::Ended(e)),
-        },
-    };
-    let (mut conn, mut to_client) = match prepared {
-        Ok(p) => {
-            proxy.pool.record_success(&target);
-            p
-        }
-        Err(e) => {
-            match &e {
-                SwitchError::Connect(a) if a.is_local() => proxy.pool.record_local_error(&target, a.reason(), a),
-                SwitchError::Connect(a) => proxy.pool.record_failure(&target, a.reason()),
-                _ => {}
-            }
-            return Err(e);
-        }
-    };
-    let to_new = if failed {
-        live.session.evacuated();
-        old.evacuated(EVACUATION_WAIT).await;
-        if live.session.move_requested().is_none() {
-            give_up(&mut conn).await;
-            return Err(SwitchError::Cancelled);
-        }
-        let deadline = Instant::now() + 2 * cfg.connack_timeout;
-        match cut_failed(proxy, live, deadline).await {
-            Ok(Cut::Done(b)) => {
-                // The client's released QoS 2 PUBLISHes, finished on the new broker.
-                let Some(released) = live.track.lock().released() else {
-                    give_up(&mut conn).await;
-                    return Err(SwitchError::Uncopied);
-                };
-                match finish_released(&mut conn, &released, deadline).await {
-                    Ok(more) => to_client.extend_from_slice(&more),
-                    Err(e) => {
-                        give_up(&mut conn).await;
-                        return Err(e);
-                    }
-                }
-                b
-            }
-            Ok(Cut::ClientLeft) => {
-                give_up(&mut conn).await;
-                let _ = timeout_at(Instant::now(), write_all(&mut live.upstream, &encode::disconnect())).await;
-                return Err(SwitchError::Ended(Ended::ClientClosed));
-            }
-            Err((e, _)) => {
-                give_up(&mut conn).await;
-                return Err(e);
-            }
-        }
-    } else {
+        };
+        let (mut conn, mut to_client) = settle(proxy, &target, prepared)?;
         match planned_cut(proxy, live, &target, &mut conn, &mut to_client).await {
-            Ok(b) => b,
+            Ok(b) => (conn, to_client, b),
             Err(e) => {
                 give_up(&mut conn).await;
                 return Err(e);
@@ -523,6 +484,9 @@ async fn answers(conn: &mut Conn, deadline: Instant, limit: Duration) -> Result<
     Ok(out)
 }
 
+/// Step 1's result: the new broker's connection and what it sent for the client meanwhile.
+type Prepared = Result<(Conn, Vec<u8>), SwitchError>;
+
 /// The client a session is opened for: its own CONNECT, and its address for a broker that
 /// takes a PROXY protocol header.
 struct Client {
@@ -532,36 +496,36 @@ struct Client {
 }
 
 /// Step 1 in its own task: the new connection, its subscriptions, and what the new broker sent
-/// for the client. When `abandon` fires first, it leaves the new broker politely.
+/// for the client. When `abandon` fires, it leaves the new broker politely.
 async fn prepare_task(
     upstream: Arc<crate::upstream::Upstream>,
     target: Arc<crate::config::BrokerConfig>,
     client: Client,
     subs: Vec<(String, crate::durable::Sub)>,
-    deadline: Instant,
+    restore: Duration,
     abandon: tokio_util::sync::CancellationToken,
-) -> Result<(Conn, Vec<u8>), SwitchError> {
+) -> Prepared {
     let Client { connect, version, address } = client;
-    let mut conn: Option<Conn> = None;
-    let work = async {
-        let (c, ack, bytes) =
-            upstream.handshake(&target, &connect, version, Some(address)).await.map_err(SwitchError::Connect)?;
-        if ack.code != 0 {
-            return Err(SwitchError::Refused(ack.code));
-        }
-        let c = conn.insert(c);
-        prepare(c, Some(&bytes), version, &subs, deadline).await
-    };
+    // The handshake is not abandoned halfway: once the CONNECT is out, the new broker holds the
+    // client's will, and only a DISCONNECT on a connection it accepted makes it drop that (a
+    // connection closed before its CONNACK would publish the will). Its own timeouts bound it.
+    let (mut conn, ack, bytes) = upstream
+        .handshake_queued(&target, &connect, version, Some(address), MOVE_QUEUE)
+        .await
+        .map_err(SwitchError::Connect)?;
+    if ack.code != 0 {
+        return Err(SwitchError::Refused(ack.code));
+    }
+    // The subscriptions take a CONNACK timeout of their own, however long the slot took.
+    let deadline = Instant::now() + restore;
     let result = tokio::select! {
-        r = work => r,
+        r = prepare(&mut conn, Some(&bytes), version, &subs, deadline), if !abandon.is_cancelled() => r,
         _ = abandon.cancelled() => Err(SwitchError::Cancelled),
     };
-    match (result, conn) {
-        (Ok(to_client), Some(c)) if !abandon.is_cancelled() => Ok((c, to_client)),
-        (result, conn) => {
-            if let Some(mut c) = conn {
-                give_up(&mut c).await;
-            }
+    match result {
+        Ok(to_client) if !abandon.is_cancelled() => Ok((conn, to_client)),
+        result => {
+            give_up(&mut conn).await;
             result.and(Err(SwitchError::Cancelled))
         }
     }
@@ -612,9 +576,10 @@ async fn prepare(
         }
         keep_for_client(version, &passed, &mut to_client, &mut acks);
     }
-    if version != 5 {
+    if version != 5 && !subs.is_empty() {
         // A barrier: the broker answers in order, so whatever it sent in answer to the
-        // SUBSCRIBEs (retained messages, marked retain) comes before this PINGRESP.
+        // SUBSCRIBEs (retained messages, marked retain) comes before this PINGRESP. Without
+        // SUBSCRIBEs nothing answers them, and everything the broker sends is the client's.
         let mut out = std::mem::take(&mut acks);
         out.extend_from_slice(&encode::pingreq());
         timeout_at(deadline, write_all(*packets.stream(), &out))
@@ -797,12 +762,98 @@ async fn cut(
     Ok(Cut::Done(to_new))
 }
 
-/// The cut of a session leaving a failed broker (steps 2 and 3 of that move): returns what
-/// goes to the new broker, the client's unacknowledged PUBLISHes first.
-async fn cut_failed(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> Result<Cut, (SwitchError, Vec<u8>)> {
+/// A failed broker's move, steps 1 to 3: the client is read all along while the new session
+/// is made and the others' are waited for. Returns the new connection, what goes to the client
+/// and what goes to the new broker.
+async fn leave_failed(
+    proxy: &Arc<Proxy>,
+    live: &mut Live,
+    task: &mut tokio::task::JoinHandle<Prepared>,
+    target: &crate::pool::Broker,
+    old: &crate::pool::Broker,
+) -> Result<(Conn, Vec<u8>, Vec<u8>), SwitchError> {
+    let mut prepared = None;
+    let cut = cut_failed(proxy, live, task, target, old, &mut prepared).await;
+    let Some((mut conn, mut to_client)) = prepared else {
+        // Ended before the new session was made: dropping `task` leaves the new broker.
+        return match cut {
+            Ok(Cut::ClientLeft) => Err(client_left(live).await),
+            Err((e, _)) => Err(e),
+            // Not reached: the cut ends only once the new session is made.
+            Ok(Cut::Done(_)) => Err(SwitchError::Cancelled),
+        };
+    };
+    match cut {
+        Ok(Cut::Done(b)) => {
+            // The client's released QoS 2 PUBLISHes, finished on the new broker.
+            let Some(released) = live.track.lock().released() else {
+                give_up(&mut conn).await;
+                return Err(SwitchError::Uncopied);
+            };
+            let deadline = Instant::now() + 2 * proxy.pool.proxy_config().connack_timeout;
+            match finish_released(&mut conn, &released, deadline).await {
+                Ok(more) => to_client.extend_from_slice(&more),
+                Err(e) => {
+                    give_up(&mut conn).await;
+                    return Err(e);
+                }
+            }
+            Ok((conn, to_client, b))
+        }
+        Ok(Cut::ClientLeft) => {
+            give_up(&mut conn).await;
+            Err(client_left(live).await)
+        }
+        Err((e, _)) => {
+            give_up(&mut conn).await;
+            Err(e)
+        }
+    }
+}
+
+/// The client said DISCONNECT while its session left a failed broker: the session ends, and a
+/// hung broker that wakes reads the DISCONNECT too, so it drops the will.
+async fn client_left(live: &mut Live) -> SwitchError {
+    let _ = timeout_at(Instant::now(), write_all(&mut live.upstream, &encode::disconnect())).await;
+    SwitchError::Ended(Ended::ClientClosed)
+}
+
+/// The result of step 1, recorded against the target: its success, or a failure that is the
+/// broker's (meshgate's own shortages are counted apart).
+fn settle(proxy: &Proxy, target: &crate::pool::Broker, prepared: Prepared) -> Prepared {
+    match &prepared {
+        Ok(_) => proxy.pool.record_success(target),
+        Err(SwitchError::Connect(a)) if a.is_local() => proxy.pool.record_local_error(target, a.reason(), a),
+        Err(SwitchError::Connect(a)) => proxy.pool.record_failure(target, a.reason()),
+        Err(_) => {}
+    }
+    prepared
+}
+
+/// Holding the client while its session leaves a failed broker, and the cut (steps 1 to 3 of
+/// that move, the new session being made by `task`): returns what goes to the new broker, the
+/// client's unacknowledged PUBLISHes first, and leaves the new session in `prepared`.
+///
+/// Nothing is read from the failed broker. The client is read from the start: the old
+/// broker's PINGREQs it never answered and those the client sends meanwhile are answered by
+/// meshgate (a client whose keep-alive runs out reconnects, and its new session races the one
+/// being moved at the new broker), a client that leaves ends the move at once, and everything
+/// else it sends waits for the new broker.
+async fn cut_failed(
+    proxy: &Arc<Proxy>,
+    live: &mut Live,
+    task: &mut tokio::task::JoinHandle<Prepared>,
+    target: &crate::pool::Broker,
+    old: &crate::pool::Broker,
+    prepared: &mut Option<(Conn, Vec<u8>)>,
+) -> Result<Cut, (SwitchError, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
-    let max = proxy.pool.proxy_config().max_packet_size as usize;
+    let cfg = proxy.pool.proxy_config();
+    let max = cfg.max_packet_size as usize;
     let started = Instant::now();
+    // Until the new session is made and the others' waited for, the task's own deadlines
+    // bound the move; this one bounds writing to the client meanwhile. The cut gets its own.
+    let mut deadline = started + MOVE_QUEUE + cfg.upstream_connect_timeout + 3 * cfg.connack_timeout + EVACUATION_WAIT;
     let Live { client, track, scanner, down_scanner, session, up_held, down_held, .. } = live;
     let mut to_new = Vec::new();
     macro_rules! fail {
@@ -859,14 +910,16 @@ async fn cut_failed(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> R
         fail!(SwitchError::Uncopied);
     }
     let mut resend = track.lock().unacknowledged().unwrap_or_default();
-    // PINGREQs the old broker never answered: the new one answers them.
-    let pings = track.lock().pings_open;
-    for _ in 0..pings {
-        resend.extend_from_slice(&encode::pingreq());
-    }
     let mut from_client = PacketReader::with_buffered(&mut *client, buf, max);
-    // The old broker's part in QoS 2 flows whose message has arrived, then the cut.
+    // The old broker's part in QoS 2 flows whose message has arrived, and the PINGRESPs it
+    // owes; then the cut.
     let mut reply = track.lock().owed_by_failed_broker();
+    for _ in 0..track.lock().pings_open {
+        reply.extend_from_slice(&encode::pingresp());
+    }
+    // Set once the new session is made: then the wait for the others', then the cut.
+    let mut evacuation = None;
+    let mut evacuated = false;
     loop {
         if !reply.is_empty() {
             let mut n = 0;
@@ -878,10 +931,27 @@ async fn cut_failed(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> R
             client_io!(write_all(*from_client.stream(), &reply));
             reply.clear();
         }
-        if track.lock().ready_to_leave_failed_broker() {
+        if evacuated && track.lock().ready_to_leave_failed_broker() {
             break;
         }
         tokio::select! {
+            r = &mut *task, if prepared.is_none() => {
+                let r = r.map_err(|e| SwitchError::Restore(e.to_string())).and_then(|r| settle(proxy, target, r));
+                match r {
+                    Ok(p) => *prepared = Some(p),
+                    Err(e) => fail!(e),
+                }
+                session.evacuated();
+                evacuation = Some(Box::pin(old.evacuated(EVACUATION_WAIT)));
+            }
+            _ = async { evacuation.as_mut().expect("enabled once set").await }, if evacuation.is_some() && !evacuated => {
+                evacuated = true;
+                // Closed (a close that wins over the move, shutdown) meanwhile: the close stands.
+                if session.move_requested().is_none() {
+                    fail!(SwitchError::Cancelled);
+                }
+                deadline = Instant::now() + 2 * cfg.connack_timeout;
+            }
             p = from_client.next(), if to_new.len() < CUT_BUFFER => {
                 let p = match seen_from_client(p, track, scanner, session) {
                     Ok(p) => p,
@@ -897,8 +967,8 @@ async fn cut_failed(proxy: &Arc<Proxy>, live: &mut Live, deadline: Instant) -> R
                     // The client releases its QoS 2 PUBLISH: `track` marks it, and the flow is
                     // finished on the new broker from its copy.
                     kind::PUBREL => {}
-                    // The session ends here; a hung broker that wakes reads the DISCONNECT
-                    // too, so it drops the will.
+                    // Its keep-alive: meshgate is there, and its session is on its way.
+                    kind::PINGREQ => reply.extend_from_slice(&encode::pingresp()),
                     kind::DISCONNECT => return Ok(Cut::ClientLeft),
                     _ => to_new.extend_from_slice(&p.bytes),
                 }

@@ -272,12 +272,26 @@ impl Upstream {
         version: u8,
         client: Option<std::net::SocketAddr>,
     ) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
+        // A connecting client's own CONNACK timeout runs meanwhile: its wait for a slot is
+        // bounded by the connect timeout.
+        let queue = self.timeouts.load().connect;
+        self.handshake_queued(broker, packet, version, client, queue).await
+    }
+
+    /// `handshake`, waiting up to `queue` for one of meshgate's handshake slots to the broker
+    /// (a wait that is meshgate's own, never held against the broker).
+    pub async fn handshake_queued(
+        &self,
+        broker: &BrokerConfig,
+        packet: &[u8],
+        version: u8,
+        client: Option<std::net::SocketAddr>,
+        queue: Duration,
+    ) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
         let t = **self.timeouts.load();
-        // Queueing for a handshake slot is bounded by the connect timeout, but is meshgate's
-        // own wait, not held against the broker.
         let gate = self.gate(&broker.address);
-        let Ok(Ok(_slot)) = timeout(t.connect, gate.acquire_owned()).await else {
-            return Err(AttemptError::Queued(t.connect));
+        let Ok(Ok(_slot)) = timeout(queue, gate.acquire_owned()).await else {
+            return Err(AttemptError::Queued(queue));
         };
         let mut conn = self.connect_as(broker, client).await?;
         let deadline = Instant::now() + t.connack;
