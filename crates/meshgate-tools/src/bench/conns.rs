@@ -289,9 +289,9 @@ pub struct FailoverReport {
     pub target: String,
     pub clients: usize,
     pub connected_before: usize,
-    /// Clients served again after the hang, within the deadline: a PINGREQ sent after it was
-    /// answered (the front end moved the session under the client's connection) or a new
-    /// session was accepted.
+    /// Clients served again after the hang, within the deadline: a QoS 1 PUBLISH sent after it
+    /// was acknowledged, on the client's connection (the front end moved the session under it)
+    /// or on a new session.
     pub reconnected: usize,
     /// Of those, the clients whose connection never closed (no new session needed).
     #[serde(default)]
@@ -444,7 +444,9 @@ pub async fn failover(o: FailoverOptions, progress: bool) -> anyhow::Result<Fail
 
 /// One client: pings every `ping_interval`; when the session dies (closed, or no PINGRESP
 /// within `ping_timeout`) reconnects with the same client id until a CONNACK accepts it. It is
-/// served again at the first PINGRESP to a PINGREQ sent after the fault, or its new session.
+/// served again at the first PUBACK to a QoS 1 PUBLISH sent after the fault: a broker has its
+/// messages again. (A PINGRESP would not say so: meshgate answers PINGREQs itself while it
+/// moves a session.) Until then every ping carries such a PUBLISH.
 async fn client(
     id: String,
     mut stream: TcpStream,
@@ -460,16 +462,26 @@ async fn client(
         _ = tokio::time::sleep(offset) => {}
         _ = stop.cancelled() => return out,
     }
+    let mut closed = false;
+    let mut packet_id: u16 = 0;
     loop {
-        let after_fault = fault.since().is_some();
-        let alive = tokio::select! {
-            r = ping(&mut stream, o.ping_timeout) => r,
+        let publish = (fault.since().is_some() && out.reconnected.is_none()).then(|| {
+            packet_id = packet_id.wrapping_add(1).max(1);
+            packet_id
+        });
+        let (alive, acked) = tokio::select! {
+            r = ping(&mut stream, o.ping_timeout, publish, &fault) => r,
             _ = stop.cancelled() => return out,
         };
-        if alive && after_fault && out.reconnected.is_none() {
-            out.reconnected = fault.since();
-            out.kept = true;
+        if acked.is_some() && out.reconnected.is_none() {
+            out.reconnected = acked;
+            out.kept = !closed;
             back.fetch_add(1, Ordering::Relaxed);
+        }
+        // Not served yet after the fault: the next PUBLISH at once (a PUBACK read late would be
+        // timed late).
+        if alive && publish.is_some() && out.reconnected.is_none() {
+            continue;
         }
         if alive {
             tokio::select! {
@@ -484,8 +496,8 @@ async fn client(
         if out.noticed.is_none() {
             out.noticed = after_fault;
         }
-        // Its connection closed after all: not one that kept it.
-        out.kept = false;
+        // Its connection closed: a client served from now on did not keep it.
+        closed = true;
         loop {
             out.attempts += 1;
             let r = tokio::select! {
@@ -494,13 +506,8 @@ async fn client(
             };
             match r {
                 Ok(s) => {
+                    // Pinged (with its PUBLISH) at once on the new session.
                     stream = s;
-                    if let Some(d) = fault.since() {
-                        if out.reconnected.is_none() {
-                            out.reconnected = Some(d);
-                            back.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
                     break;
                 }
                 Err(e) => {
@@ -515,22 +522,47 @@ async fn client(
     }
 }
 
-/// PINGREQ, then wait for PINGRESP (other packets are skipped).
-async fn ping(stream: &mut TcpStream, limit: Duration) -> bool {
-    let r = tokio::time::timeout(limit, async {
-        stream.write_all(&PINGREQ).await?;
-        let mut rb = wire::ReadBuf::new(64);
+/// A QoS 1 PUBLISH with packet id `publish` (if given) and a PINGREQ: the connection lives if
+/// the PINGRESP comes within `limit`; the PUBACK (any: the client publishes only after the
+/// fault) is waited for up to `limit` longer and timed when it is read. Other packets are
+/// skipped. Returns whether the PINGRESP came, and when after the fault a PUBACK did.
+async fn ping(
+    stream: &mut TcpStream,
+    limit: Duration,
+    publish: Option<u16>,
+    fault: &Fault,
+) -> (bool, Option<Duration>) {
+    let (mut pong, mut acked) = (false, None);
+    let started = tokio::time::Instant::now();
+    let mut out = Vec::with_capacity(16);
+    if let Some(id) = publish {
+        // Topic "mgb-fo", nobody subscribed: the broker's acknowledgement is all it costs.
+        out.extend_from_slice(&[0x32, 10, 0, 6]);
+        out.extend_from_slice(b"mgb-fo");
+        out.extend_from_slice(&id.to_be_bytes());
+    }
+    out.extend_from_slice(&PINGREQ);
+    if tokio::time::timeout(limit, stream.write_all(&out)).await.map_or(true, |r| r.is_err()) {
+        return (false, None);
+    }
+    let mut rb = wire::ReadBuf::new(64);
+    loop {
         loop {
-            while let Some(p) = rb.next_packet().map_err(std::io::Error::other)? {
-                if p.first == 0xd0 {
-                    return Ok::<_, std::io::Error>(());
-                }
-            }
-            if rb.fill(stream).await? == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            match rb.next_packet() {
+                Ok(Some(p)) if p.first == 0xd0 => pong = true,
+                Ok(Some(p)) if p.first == 0x40 && acked.is_none() => acked = fault.since(),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => return (false, acked),
             }
         }
-    })
-    .await;
-    matches!(r, Ok(Ok(())))
+        if pong && (acked.is_some() || publish.is_none()) {
+            return (pong, acked);
+        }
+        let until = started + if pong { 2 * limit } else { limit };
+        match tokio::time::timeout_at(until, rb.fill(stream)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return (pong, acked),
+        }
+    }
 }
