@@ -416,3 +416,23 @@ async fn the_access_log_has_a_line_per_ended_session_with_its_numbers() {
     assert_eq!((l["client_id"].as_str(), l["end"].as_str()), (Some("acc-2"), Some("broker_disabled")), "{l}");
     mg.shutdown().await;
 }
+
+/// Sessions still open when the shutdown's grace period ends are closed by meshgate: an MQTT 5
+/// client hears "server shutting down" (0x8B), a 3.1.1 client's connection closes, and the
+/// shutdown returns once they have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_left_after_the_grace_period_are_closed_with_server_shutting_down() {
+    let net = Net::start(1);
+    let mg = net.meshgate("[proxy]\nshutdown_grace = \"300ms\"\n").await;
+    let (mut v5, ack) = raw::connect(net.mqtt_addr(), 5, "stays-5", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    let (mut v4, ack) = raw::connect(net.mqtt_addr(), 4, "stays-4", 5 * SECOND).await.unwrap();
+    assert_eq!(ack.code, 0);
+    let pool = mg.pool().clone();
+    wait_until(5 * SECOND, || pool.session_count() == 2).await.expect("both registered");
+    let stopping = tokio::spawn(mg.shutdown());
+    let (kind, body) = raw::read_packet(&mut v5, 5 * SECOND).await.expect("a DISCONNECT after the grace period");
+    assert_eq!((kind, body.first().copied()), (0xe0, Some(0x8b)), "DISCONNECT: server shutting down");
+    assert!(raw::closed_within(&mut v4, 5 * SECOND).await, "the 3.1.1 client's connection closes");
+    tokio::time::timeout(5 * SECOND, stopping).await.expect("the shutdown ends with its sessions").unwrap();
+}

@@ -489,12 +489,13 @@ impl Meshgate {
             info!(sessions = open, grace = %humantime::format_duration(grace), "shutting down: waiting for sessions to end");
         }
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            // Switched first: a session registered after the close pass below sees it at once.
+            self.pool.closing.cancel();
             let sessions = self.pool.sessions();
             info!(sessions = sessions.len(), "grace period over: closing remaining sessions");
             for s in sessions {
                 s.close("shutdown");
             }
-            self.pool.closing.cancel();
             self.tracker.wait().await;
         }
         // Every session has ended and queued its access log line: write them, then stop.

@@ -62,11 +62,17 @@ impl Rejected {
 ///
 /// The forwarding state is boxed too: tokio pads a task's own allocation to a multiple of
 /// 128 bytes (cache-line alignment), so a small task plus one ordinary allocation costs an
-/// idle session less than one large task.
-pub fn handle(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
+/// idle session less than one large task. `guard` (the client's place under the limits) is
+/// held in the box until the session ends.
+pub fn handle<G: Send + 'static>(
+    proxy: Arc<Proxy>,
+    client: TcpStream,
+    peer: SocketAddr,
+    guard: G,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     let _ = client.set_nodelay(true);
     let setup = Box::pin(setup_in_span(proxy.clone(), Conn::Tcp(client), peer));
-    Box::pin(session_task(proxy, setup, Listener::Mqtt))
+    Box::pin(session_task(proxy, setup, Listener::Mqtt, guard))
 }
 
 /// A client of the TLS listener: the handshake (client certificate checked when [tls]
@@ -92,7 +98,7 @@ pub async fn handle_tls(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) 
         }
     };
     let setup = Box::pin(setup_in_span(proxy.clone(), Conn::ClientTls(Box::new(tls)), peer));
-    session_task(proxy, setup, Listener::Mqtts).await
+    session_task(proxy, setup, Listener::Mqtts, ()).await
 }
 
 /// A client of a WebSocket listener (`wss`: TLS first): the upgrade, within the CONNECT time,
@@ -145,11 +151,16 @@ pub async fn handle_ws(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, t
         }
     };
     let setup = Box::pin(setup_in_span(proxy.clone(), Conn::ClientWs(Box::new(ws)), client_addr));
-    session_task(proxy, setup, if tls { Listener::Wss } else { Listener::Ws }).await;
-    drop(admission);
+    session_task(proxy, setup, if tls { Listener::Wss } else { Listener::Ws }, admission).await;
 }
 
-async fn session_task<F: Future<Output = Option<Live>>>(proxy: Arc<Proxy>, setup: Pin<Box<F>>, listener: Listener) {
+/// One session from its setup to its end; `guard` is dropped at the end.
+async fn session_task<F: Future<Output = Option<Live>>, G>(
+    proxy: Arc<Proxy>,
+    setup: Pin<Box<F>>,
+    listener: Listener,
+    guard: G,
+) {
     proxy.pool.metrics.client_sessions.inc();
     // Looked up at open and close only: the task carries the label, not the gauge.
     proxy.pool.metrics.listener_connections.with_label_values(&[listener.as_str()]).inc();
@@ -163,6 +174,7 @@ async fn session_task<F: Future<Output = Option<Live>>>(proxy: Arc<Proxy>, setup
     }
     proxy.pool.metrics.client_sessions.dec();
     proxy.pool.metrics.listener_connections.with_label_values(&[listener.as_str()]).dec();
+    drop(guard);
 }
 
 /// What forwarding needs from the setup: one session's connections and the state of each
@@ -455,7 +467,7 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
     proxy.pool.metrics.connack_duration.observe(accepted.elapsed().as_secs_f64());
 
     let max_subs = proxy.durable.config().max_subscriptions;
-    let mut track = Track::new(connect.client_id.clone(), connect.version, max_subs);
+    let mut track = Track::new(connect.version, max_subs);
     if !cfg.switches_off_failed_brokers() {
         // Never switched off a failed broker: nothing to send again, so nothing is copied.
         track = track.without_copies();
@@ -476,7 +488,7 @@ async fn setup(proxy: &Arc<Proxy>, mut client: Conn, peer: SocketAddr) -> Option
             durable.on_established(&connect, &packet, broker);
             // What the session holds on its broker now: the record (restored, or present).
             track.seed(durable.to_restore(&connect.client_id));
-            track = track.with_record(durable.clone(), broker.clone());
+            track = track.with_record(durable.clone(), connect.client_id.clone(), broker.clone());
         }
     }
     if ack.code != 0 {

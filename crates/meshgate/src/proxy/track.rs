@@ -9,7 +9,7 @@
 //! PUBLISHes as far as their packet identifier, and keeps a copy of each QoS 1/2 PUBLISH of
 //! the client until its broker has it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::durable::{Durable, Sub};
@@ -122,6 +122,8 @@ enum Pending {
 /// A persistent session's link to its record.
 struct Record {
     durable: Arc<Durable>,
+    /// The record's key (kept here only: a session without a record has no use for it).
+    client_id: String,
     /// The broker the session is connected to (where an MQTT 5 DISCONNECT ends it).
     broker: String,
 }
@@ -137,10 +139,12 @@ pub struct Track {
 
 /// The subscription side of a `Track`.
 struct Subs {
-    client_id: String,
     version: u8,
-    record: Option<Record>,
-    pending: HashMap<u16, Pending>,
+    /// Boxed: only persistent sessions have one.
+    record: Option<Box<Record>>,
+    /// By packet identifier; a list, as `Flows`: at most `MAX_PENDING`, and empty it costs an
+    /// idle session nothing on the heap (a map's hasher state alone took 16 bytes).
+    pending: Vec<(u16, Pending)>,
     pending_bytes: usize,
     /// This connection's subscriptions as its broker granted them, at most `max`.
     granted: BTreeMap<String, Sub>,
@@ -154,13 +158,12 @@ struct Subs {
 pub type SharedTrack = parking_lot::Mutex<Track>;
 
 impl Track {
-    pub fn new(client_id: String, version: u8, max_subs: usize) -> Track {
+    pub fn new(version: u8, max_subs: usize) -> Track {
         Track {
             subs: Subs {
-                client_id,
                 version,
                 record: None,
-                pending: HashMap::new(),
+                pending: Vec::new(),
                 pending_bytes: 0,
                 granted: BTreeMap::new(),
                 max: max_subs,
@@ -174,8 +177,8 @@ impl Track {
     }
 
     /// Subscription changes also go to this persistent session's record, which lives on `broker`.
-    pub fn with_record(mut self, durable: Arc<Durable>, broker: String) -> Track {
-        self.subs.record = Some(Record { durable, broker });
+    pub fn with_record(mut self, durable: Arc<Durable>, client_id: String, broker: String) -> Track {
+        self.subs.record = Some(Box::new(Record { durable, client_id, broker }));
         self
     }
 
@@ -394,10 +397,17 @@ impl Flows {
 }
 
 impl Subs {
+    /// A request awaiting its answer; one reusing a pending identifier replaces it, as its
+    /// answer will be to the new one.
+    fn pend(&mut self, id: u16, request: Pending) {
+        self.pending.retain(|(i, _)| *i != id);
+        self.pending.push((id, request));
+    }
+
     fn mark_incomplete(&mut self) {
         self.incomplete = true;
         if let Some(r) = &self.record {
-            r.durable.mark_incomplete(&self.client_id);
+            r.durable.mark_incomplete(&r.client_id);
         }
     }
 
@@ -411,7 +421,7 @@ impl Subs {
             if h.kind() == kind::DISCONNECT {
                 if disconnect_expiry(body) == Some(0) {
                     if let Some(r) = &self.record {
-                        r.durable.forget(&self.client_id, &r.broker);
+                        r.durable.forget(&r.client_id, &r.broker);
                     }
                 }
                 return;
@@ -428,15 +438,16 @@ impl Subs {
                         .into_iter()
                         .map(|(f, options)| (f, Sub { options, properties: s.properties.clone() }))
                         .collect();
-                    self.pending.insert(s.packet_id, Pending::Subscribe(subs));
+                    self.pend(s.packet_id, Pending::Subscribe(subs));
                 }
             } else if let Some(u) = parse_unsubscribe(version, body) {
-                self.pending.insert(u.packet_id, Pending::Unsubscribe(u.filters));
+                self.pend(u.packet_id, Pending::Unsubscribe(u.filters));
             }
             return;
         }
         let Some(ack) = body.and_then(|b| parse_ack(version, b)) else { return };
-        let answered = self.pending.remove(&ack.packet_id);
+        let answered = self.pending.iter().position(|(id, _)| *id == ack.packet_id);
+        let answered = answered.map(|i| self.pending.swap_remove(i).1);
         if answered.is_some() && self.pending.is_empty() {
             self.pending_bytes = 0;
         }
@@ -456,7 +467,7 @@ impl Subs {
                     self.granted.insert(f.clone(), s.clone());
                 }
                 if let Some(r) = &self.record {
-                    r.durable.add(&self.client_id, ok);
+                    r.durable.add(&r.client_id, ok);
                 }
             }
             Some(Pending::Unsubscribe(filters)) => {
@@ -472,7 +483,7 @@ impl Subs {
                     self.granted.remove(f);
                 }
                 if let Some(r) = &self.record {
-                    r.durable.remove(&self.client_id, &gone);
+                    r.durable.remove(&r.client_id, &gone);
                 }
             }
             None => {}
@@ -490,7 +501,7 @@ mod tests {
     fn only_what_the_broker_granted_is_recorded_and_unsubscribe_removes_it() {
         let d = durable();
         d.on_established(&connect(4, "c"), &[], "b1");
-        let mut t = Track::new("c".into(), 4, 100).with_record(d.clone(), "b1".into());
+        let mut t = Track::new(4, 100).with_record(d.clone(), "c".into(), "b1".into());
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         // Split mid-packet: the capture spans reads.
@@ -515,7 +526,7 @@ mod tests {
     fn mqtt5_disconnect_with_expiry_zero_forgets_the_session() {
         let d = durable();
         d.on_established(&connect(5, "v5"), &[], "b1");
-        let mut t = Track::new("v5".into(), 5, 100).with_record(d.clone(), "b1".into());
+        let mut t = Track::new(5, 100).with_record(d.clone(), "v5".into(), "b1".into());
         let mut up = FrameScanner::new(1 << 20);
         let mut n = 0;
         // DISCONNECT reason 0, session expiry 0.
@@ -525,7 +536,7 @@ mod tests {
 
     #[test]
     fn a_clean_session_keeps_its_own_subscriptions() {
-        let mut t = Track::new("c".into(), 4, 1);
+        let mut t = Track::new(4, 1);
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         t.feed(true, &mut up, &encode_subscribe(4, 1, &[], &[("a", 0), ("b", 0)]), &mut n).unwrap();
@@ -535,7 +546,7 @@ mod tests {
 
     #[test]
     fn qos_flows_are_counted_open_until_finished_each_way() {
-        let mut t = Track::new("c".into(), 4, 10);
+        let mut t = Track::new(4, 10);
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         let q1 = crate::mqtt::encode::publish_with(4, "t", b"x", 1, false, 7);
@@ -555,7 +566,7 @@ mod tests {
 
     #[test]
     fn a_failed_brokers_unfinished_flows_are_sent_again_or_finished_for_it() {
-        let mut t = Track::new("c".into(), 4, 10);
+        let mut t = Track::new(4, 10);
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         let p = |qos, id| crate::mqtt::encode::publish_with(4, "t", &[id as u8; 3], qos, false, id);
@@ -593,7 +604,7 @@ mod tests {
 
     #[test]
     fn a_pubrec_not_yet_answered_by_the_client_holds_a_failed_brokers_switch() {
-        let mut t = Track::new("c".into(), 4, 10);
+        let mut t = Track::new(4, 10);
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         t.feed(true, &mut up, &crate::mqtt::encode::publish_with(4, "t", b"x", 2, false, 3), &mut n).unwrap();
@@ -606,7 +617,7 @@ mod tests {
 
     #[test]
     fn a_session_without_copies_copies_nothing_and_cannot_resend() {
-        let mut t = Track::new("c".into(), 4, 10).without_copies();
+        let mut t = Track::new(4, 10).without_copies();
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         t.feed(true, &mut up, &crate::mqtt::encode::publish_with(4, "t", b"x", 1, false, 3), &mut n).unwrap();
@@ -617,7 +628,7 @@ mod tests {
 
     #[test]
     fn an_mqtt5_pubrec_with_a_failure_reason_ends_the_flow() {
-        let mut t = Track::new("c".into(), 5, 10);
+        let mut t = Track::new(5, 10);
         let (mut up, mut down) = (FrameScanner::new(1 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         t.feed(true, &mut up, &crate::mqtt::encode::publish_with(5, "t", b"x", 2, false, 5), &mut n).unwrap();
@@ -628,7 +639,7 @@ mod tests {
 
     #[test]
     fn copies_stop_at_the_limit_and_the_flow_is_still_counted() {
-        let mut t = Track::new("c".into(), 4, 10);
+        let mut t = Track::new(4, 10);
         let (mut up, mut down) = (FrameScanner::new(4 << 20), FrameScanner::new(u32::MAX));
         let mut n = 0;
         let big = crate::mqtt::encode::publish_with(4, "t", &vec![0; COPY_LIMIT + 10], 1, false, 1);
