@@ -441,6 +441,8 @@ async fn sessions_that_cannot_switch_close_with_use_another_server() {
 /// once, as a killed process's would be.
 struct Recorder {
     got: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Connections that ended (closed by meshgate or failed).
+    closes: Arc<std::sync::atomic::AtomicUsize>,
     tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -472,16 +474,22 @@ impl Recorder {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let got: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
-        let (g, t) = (got.clone(), tasks.clone());
+        let closes: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let (g, t, c) = (got.clone(), tasks.clone(), closes.clone());
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else { return };
-                let g = g.clone();
-                t.lock().unwrap().push(tokio::spawn(Self::serve(s, g, completes, connack, pings, delay)));
+                let (g, c) = (g.clone(), c.clone());
+                t.lock().unwrap().push(tokio::spawn(async move {
+                    // Counted only for connections that sent something (not the TCP probes).
+                    if Self::serve(s, g, completes, connack, pings, delay).await {
+                        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }));
             }
         });
         tasks.lock().unwrap().push(accept);
-        Recorder { got, tasks }
+        Recorder { got, closes, tasks }
     }
 
     async fn serve(
@@ -491,12 +499,13 @@ impl Recorder {
         connack: Option<u8>,
         mut pings: usize,
         delay: Duration,
-    ) {
+    ) -> bool {
         let mut buf = Vec::new();
+        let mut any = false;
         loop {
             let mut chunk = [0u8; 4096];
             let n = match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return any,
                 Ok(n) => n,
             };
             buf.extend_from_slice(&chunk[..n]);
@@ -521,11 +530,12 @@ impl Recorder {
                     _ => vec![],
                 };
                 got.lock().unwrap().push(p.clone());
+                any = true;
                 if p[0] >> 4 == 1 {
                     tokio::time::sleep(delay).await;
                 }
                 if !reply.is_empty() && s.write_all(&reply).await.is_err() {
-                    return;
+                    return any;
                 }
             }
         }
@@ -612,7 +622,7 @@ async fn a_slow_move(id: &str) -> (common::Slot, Recorder, Recorder, meshgate::M
 /// moves, are answered by meshgate at once, not after the move (a client that waits too long
 /// reconnects, and its new session races the moving one at the next broker). After the move
 /// the client's QoS 1 PUBLISH is acknowledged by the next broker, which never saw the client's
-/// PINGREQs (only the one that ends a 3.1.1 restore).
+/// PINGREQs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_keeps_its_keep_alive_while_its_session_leaves_a_failed_broker() {
     let (_slot, dying, next, mg, mut c) = a_slow_move("pinger").await;
@@ -641,28 +651,46 @@ async fn a_client_keeps_its_keep_alive_while_its_session_leaves_a_failed_broker(
     mg.shutdown().await;
 }
 
-/// A client that leaves while its session moves off a failed broker ends the move at once:
-/// the next broker, still to answer the CONNECT, gets a DISCONNECT (so it drops the will) and
-/// the session is gone, well before the move could have finished.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_leaves_while_its_session_moves_ends_the_move() {
-    let (_slot, dying, next, mg, c) = a_slow_move("leaver").await;
+/// A client that leaves while its session moves off a failed broker ends the move at once,
+/// well before the move could have finished; the next broker, still to answer the CONNECT,
+/// is then left as the client left: after a DISCONNECT with one (it drops the client's will),
+/// after a vanished connection by closing without one (it publishes the will, which the
+/// failed broker cannot).
+async fn a_client_that_leaves_while_its_session_moves(id: &str, says_disconnect: bool) {
+    let (_slot, dying, next, mg, mut c) = a_slow_move(id).await;
     let pool = mg.pool().clone();
     dying.die();
     let n = next.got.clone();
     wait_until(5 * SECOND, || n.lock().unwrap().len() == 1).await.expect("the next broker got the CONNECT");
+    if says_disconnect {
+        c.write_all(&[0xe0, 0x00]).await.unwrap();
+    }
     drop(c);
     let p = pool.clone();
     wait_until(SLOW_CONNACK / 2, || p.metrics.switches.with_label_values(&["broker_down", "ended"]).get() == 1)
         .await
         .expect("the move ends with its client");
-    assert_eq!(pool.session_count(), 0);
-    let n = next.got.clone();
-    wait_until(2 * SLOW_CONNACK, || n.lock().unwrap().len() == 2).await.expect("the next broker hears the move end");
-    assert_eq!(next.first_bytes(), vec![0x10, 0xe0], "CONNECT, then DISCONNECT: the will is dropped");
+    let p = pool.clone();
+    wait_until(SLOW_CONNACK / 2, || p.session_count() == 0).await.expect("the session is gone");
+    let closes = next.closes.clone();
+    wait_until(2 * SLOW_CONNACK, || closes.load(std::sync::atomic::Ordering::SeqCst) == 1)
+        .await
+        .expect("the next broker's connection ends");
+    let expected = if says_disconnect { vec![0x10, 0xe0] } else { vec![0x10] };
+    assert_eq!(next.first_bytes(), expected, "DISCONNECT only when the client said it");
     assert_eq!(pool.metrics.switches.with_label_values(&["broker_down", "ok"]).get(), 0);
     next.die();
     mg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_while_its_session_moves_ends_the_move_without_its_will() {
+    a_client_that_leaves_while_its_session_moves("leaver", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_while_its_session_moves_leaves_its_will_to_the_next_broker() {
+    a_client_that_leaves_while_its_session_moves("vanisher", false).await;
 }
 
 /// A failback that cannot be made leaves the session where it was, working, accounted once,

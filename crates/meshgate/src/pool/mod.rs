@@ -302,8 +302,9 @@ pub struct Pool {
     pub metrics: Metrics,
     /// Wakes the rebalancer when tiers or admin states change.
     pub changed: Notify,
-    /// Cancelled when the shutdown grace period is over: every client task, registered or
-    /// still setting up, ends then.
+    /// Cancelled when the shutdown grace period is over: every client task still setting up
+    /// ends then, and a registered session at its next wake-up (the shutdown closes each one,
+    /// which wakes it).
     pub closing: CancellationToken,
     pub started: SystemTime,
     hooks: Arc<dyn Hooks>,
@@ -431,6 +432,12 @@ impl Pool {
     /// down, for meshgate's own limit would turn a shortage into an outage: 9,000 sessions
     /// leaving a hung broker at once, each holding its old connection while its new one is
     /// made, once barred the backup that was taking them.
+    /// An attempt meshgate gave up before the broker's answer: no verdict on the broker, and in
+    /// probation its trial is handed back.
+    pub fn release_attempt(&self, broker: &Broker) {
+        broker.passive.lock().release(Instant::now());
+    }
+
     pub fn record_local_error(&self, broker: &Broker, reason: &'static str, detail: &dyn std::fmt::Display) {
         self.metrics.upstream_failures.with_label_values(&[&broker.name, reason]).inc();
         broker.passive.lock().release(Instant::now());

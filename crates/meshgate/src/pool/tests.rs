@@ -476,7 +476,11 @@ async fn the_evacuation_wait_ends_when_the_last_leaving_session_is_ready() {
         let b = b.clone();
         tokio::spawn(async move { b.evacuated(Duration::from_secs(30)).await })
     };
+    // One thread: the waiter runs until it waits.
+    tokio::task::yield_now().await;
     b.evacuation_left();
+    tokio::task::yield_now().await;
+    assert!(!waiting.is_finished(), "one still not ready: still waiting");
     b.evacuation_left();
     tokio::time::timeout(Duration::from_secs(5), waiting)
         .await

@@ -250,7 +250,7 @@ async fn forward_session(proxy: &Arc<Proxy>, live: &mut Live) {
         let session = live.session.session.clone();
         let ended = tokio::select! {
             e = live.forward() => Some(e),
-            // Also fires when meshgate shuts down: the session's token is a child of the pool's.
+            // Also fires when meshgate shuts down (the shutdown closes every session).
             _ = session.cancelled() => None,
         };
         if proxy.pool.closing.is_cancelled() {

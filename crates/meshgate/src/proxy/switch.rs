@@ -275,26 +275,24 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
 
     // 1. The session on the new broker, made while forwarding goes on: the old broker keeps
     // delivering until the new one is subscribed. Made in a task of its own, which leaves the
-    // new broker politely (so it drops the client's will) if this move is abandoned at any
-    // point, even by dropping this future.
-    let abandon = tokio_util::sync::CancellationToken::new();
-    let _abandon_on_drop = abandon.clone().drop_guard();
-    let mut task = tokio::spawn(prepare_task(
-        proxy.upstream.clone(),
-        target.config(),
+    // new broker (`Preparing`) if this move is abandoned at any point, even by dropping this
+    // future.
+    let mut preparing = Preparing::start(
+        proxy,
+        &target,
         Client { connect: live.connect.clone(), version, address: live.session.session.info.peer },
         subs.clone(),
-        cfg.connack_timeout,
-        abandon.clone(),
-    ));
+    );
     let (mut conn, to_client, to_new) = if failed {
-        leave_failed(proxy, live, &mut task, &target, &old).await?
+        leave_failed(proxy, live, &mut preparing, &old).await?
     } else {
+        // A client that vanishes meanwhile leaves its will to the old broker, whose connection
+        // closes with the session: the new one is left politely.
         let prepared = tokio::select! {
-            r = &mut task => r.map_err(|e| SwitchError::Restore(e.to_string()))?,
+            r = preparing.result() => r?,
             e = live.forward() => return Err(SwitchError::Ended(e)),
         };
-        let (mut conn, mut to_client) = settle(proxy, &target, prepared)?;
+        let (mut conn, mut to_client) = prepared;
         match planned_cut(proxy, live, &target, &mut conn, &mut to_client).await {
             Ok(b) => (conn, to_client, b),
             Err(e) => {
@@ -495,8 +493,78 @@ struct Client {
     address: std::net::SocketAddr,
 }
 
+/// Step 1 running in a task of its own (`prepare_task`), settled against the target when its
+/// result is read. Dropped before that (the move ended early), it abandons the task and leaves
+/// the new broker: politely (a DISCONNECT, so the broker drops the client's will), or, after
+/// `abandon_with_will`, as a client that vanished would (the broker publishes the will). A
+/// result that came anyway is settled and left the same way.
+struct Preparing {
+    task: Option<tokio::task::JoinHandle<Prepared>>,
+    abandon: tokio_util::sync::CancellationToken,
+    with_will: Arc<std::sync::atomic::AtomicBool>,
+    proxy: Arc<Proxy>,
+    target: Arc<crate::pool::Broker>,
+    version: u8,
+}
+
+impl Preparing {
+    fn start(
+        proxy: &Arc<Proxy>,
+        target: &Arc<crate::pool::Broker>,
+        client: Client,
+        subs: Vec<(String, crate::durable::Sub)>,
+    ) -> Preparing {
+        let abandon = tokio_util::sync::CancellationToken::new();
+        let with_will = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let version = client.version;
+        let task = tokio::spawn(prepare_task(
+            proxy.upstream.clone(),
+            target.config(),
+            client,
+            subs,
+            proxy.pool.proxy_config().connack_timeout,
+            abandon.clone(),
+            with_will.clone(),
+        ));
+        Preparing { task: Some(task), abandon, with_will, proxy: proxy.clone(), target: target.clone(), version }
+    }
+
+    /// The new session, settled against the target. Cancel-safe: dropped before the task ends,
+    /// the task goes on.
+    async fn result(&mut self) -> Prepared {
+        let r = self.task.as_mut().expect("a result is read once").await;
+        self.task = None;
+        settle(&self.proxy, &self.target, r.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string()))))
+    }
+
+    /// The client vanished without a DISCONNECT: the new broker, which has its will, is left
+    /// the way the client left (the failed broker is told DISCONNECT, so the will is published
+    /// once).
+    fn abandon_with_will(&self) {
+        self.with_will.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Preparing {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else { return };
+        self.abandon.cancel();
+        let (proxy, target, with_will, version) =
+            (self.proxy.clone(), self.target.clone(), self.with_will.clone(), self.version);
+        // The task may have finished just before it was abandoned: its connection is left here.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let r = task.await.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string())));
+                if let Ok((mut conn, _)) = settle(&proxy, &target, r) {
+                    leave(&mut conn, version, with_will.load(Ordering::Acquire)).await;
+                }
+            });
+        }
+    }
+}
+
 /// Step 1 in its own task: the new connection, its subscriptions, and what the new broker sent
-/// for the client. When `abandon` fires, it leaves the new broker politely.
+/// for the client. When `abandon` fires, it leaves the new broker (`leave`).
 async fn prepare_task(
     upstream: Arc<crate::upstream::Upstream>,
     target: Arc<crate::config::BrokerConfig>,
@@ -504,15 +572,18 @@ async fn prepare_task(
     subs: Vec<(String, crate::durable::Sub)>,
     restore: Duration,
     abandon: tokio_util::sync::CancellationToken,
+    with_will: Arc<std::sync::atomic::AtomicBool>,
 ) -> Prepared {
     let Client { connect, version, address } = client;
-    // The handshake is not abandoned halfway: once the CONNECT is out, the new broker holds the
-    // client's will, and only a DISCONNECT on a connection it accepted makes it drop that (a
-    // connection closed before its CONNACK would publish the will). Its own timeouts bound it.
-    let (mut conn, ack, bytes) = upstream
-        .handshake_queued(&target, &connect, version, Some(address), MOVE_QUEUE)
-        .await
-        .map_err(SwitchError::Connect)?;
+    // Until the CONNECT is out nothing is left on the broker: a slot and a connection are
+    // given up at once.
+    let opened = tokio::select! {
+        r = upstream.open(&target, Some(address), MOVE_QUEUE) => r.map_err(SwitchError::Connect)?,
+        _ = abandon.cancelled() => return Err(SwitchError::Cancelled),
+    };
+    // From here on it is not abandoned halfway: the new broker holds the client's will, and a
+    // connection closed before its CONNACK would publish it. The CONNACK timeout bounds it.
+    let (mut conn, ack, bytes) = upstream.exchange(opened, &connect, version).await.map_err(SwitchError::Connect)?;
     if ack.code != 0 {
         return Err(SwitchError::Refused(ack.code));
     }
@@ -525,9 +596,20 @@ async fn prepare_task(
     match result {
         Ok(to_client) if !abandon.is_cancelled() => Ok((conn, to_client)),
         result => {
-            give_up(&mut conn).await;
+            leave(&mut conn, version, with_will.load(Ordering::Acquire)).await;
             result.and(Err(SwitchError::Cancelled))
         }
+    }
+}
+
+/// Leaves the new broker of a move that will not happen: politely (`give_up`), or `with_will`
+/// as the client left (MQTT 5: DISCONNECT "with will message"; 3.x: the connection closes
+/// without a DISCONNECT when `conn` is dropped), so the broker publishes the client's will.
+async fn leave(conn: &mut Conn, version: u8, with_will: bool) {
+    match (with_will, version) {
+        (false, _) => give_up(conn).await,
+        (true, 5) => best_effort(conn, &[0xe0, 0x01, 0x04]).await,
+        (true, _) => {}
     }
 }
 
@@ -768,23 +850,17 @@ async fn cut(
 async fn leave_failed(
     proxy: &Arc<Proxy>,
     live: &mut Live,
-    task: &mut tokio::task::JoinHandle<Prepared>,
-    target: &crate::pool::Broker,
+    preparing: &mut Preparing,
     old: &crate::pool::Broker,
 ) -> Result<(Conn, Vec<u8>, Vec<u8>), SwitchError> {
     let mut prepared = None;
-    let cut = cut_failed(proxy, live, task, target, old, &mut prepared).await;
-    let Some((mut conn, mut to_client)) = prepared else {
-        // Ended before the new session was made: dropping `task` leaves the new broker.
-        return match cut {
-            Ok(Cut::ClientLeft) => Err(client_left(live).await),
-            Err((e, _)) => Err(e),
-            // Not reached: the cut ends only once the new session is made.
-            Ok(Cut::Done(_)) => Err(SwitchError::Cancelled),
-        };
-    };
-    match cut {
+    let cut = cut_failed(proxy, live, preparing, old, &mut prepared).await;
+    let (e, vanished) = match cut {
         Ok(Cut::Done(b)) => {
+            let Some((mut conn, mut to_client)) = prepared else {
+                // Not reached: the cut ends only once the new session is made.
+                return Err(SwitchError::Cancelled);
+            };
             // The client's released QoS 2 PUBLISHes, finished on the new broker.
             let Some(released) = live.track.lock().released() else {
                 give_up(&mut conn).await;
@@ -798,34 +874,40 @@ async fn leave_failed(
                     return Err(e);
                 }
             }
-            Ok((conn, to_client, b))
+            return Ok((conn, to_client, b));
         }
-        Ok(Cut::ClientLeft) => {
-            give_up(&mut conn).await;
-            Err(client_left(live).await)
-        }
+        // The client said DISCONNECT: no broker is to publish its will.
+        Ok(Cut::ClientLeft) => (SwitchError::Ended(Ended::ClientClosed), false),
+        // The client's connection broke without a DISCONNECT: its will is published, once, by
+        // the new broker, which has it (or is getting it).
+        Err((e @ SwitchError::Ended(Ended::ClientClosed | Ended::ClientSide(_)), _)) => (e, true),
         Err((e, _)) => {
-            give_up(&mut conn).await;
-            Err(e)
+            if let Some((mut conn, _)) = prepared {
+                give_up(&mut conn).await;
+            }
+            return Err(e);
         }
+    };
+    match prepared {
+        Some((mut conn, _)) => leave(&mut conn, preparing.version, vanished).await,
+        None if vanished => preparing.abandon_with_will(),
+        None => {}
     }
-}
-
-/// The client said DISCONNECT while its session left a failed broker: the session ends, and a
-/// hung broker that wakes reads the DISCONNECT too, so it drops the will.
-async fn client_left(live: &mut Live) -> SwitchError {
+    // A hung broker that wakes reads the DISCONNECT, so it drops the will too.
     let _ = timeout_at(Instant::now(), write_all(&mut live.upstream, &encode::disconnect())).await;
-    SwitchError::Ended(Ended::ClientClosed)
+    Err(e)
 }
 
 /// The result of step 1, recorded against the target: its success, or a failure that is the
-/// broker's (meshgate's own shortages are counted apart).
+/// broker's (meshgate's own shortages are counted apart); any other end hands a probation
+/// trial back.
 fn settle(proxy: &Proxy, target: &crate::pool::Broker, prepared: Prepared) -> Prepared {
     match &prepared {
         Ok(_) => proxy.pool.record_success(target),
         Err(SwitchError::Connect(a)) if a.is_local() => proxy.pool.record_local_error(target, a.reason(), a),
         Err(SwitchError::Connect(a)) => proxy.pool.record_failure(target, a.reason()),
-        Err(_) => {}
+        // Abandoned, refused or not restored: nothing said about the broker's health.
+        Err(_) => proxy.pool.release_attempt(target),
     }
     prepared
 }
@@ -842,8 +924,7 @@ fn settle(proxy: &Proxy, target: &crate::pool::Broker, prepared: Prepared) -> Pr
 async fn cut_failed(
     proxy: &Arc<Proxy>,
     live: &mut Live,
-    task: &mut tokio::task::JoinHandle<Prepared>,
-    target: &crate::pool::Broker,
+    preparing: &mut Preparing,
     old: &crate::pool::Broker,
     prepared: &mut Option<(Conn, Vec<u8>)>,
 ) -> Result<Cut, (SwitchError, Vec<u8>)> {
@@ -852,8 +933,10 @@ async fn cut_failed(
     let max = cfg.max_packet_size as usize;
     let started = Instant::now();
     // Until the new session is made and the others' waited for, the task's own deadlines
-    // bound the move; this one bounds writing to the client meanwhile. The cut gets its own.
-    let mut deadline = started + MOVE_QUEUE + cfg.upstream_connect_timeout + 3 * cfg.connack_timeout + EVACUATION_WAIT;
+    // bound the move (a slot, the connect and a TLS handshake, the CONNACK, the restore); this
+    // one, past all of them, bounds writing to the client meanwhile. The cut gets its own.
+    let mut deadline =
+        started + MOVE_QUEUE + 2 * cfg.upstream_connect_timeout + 3 * cfg.connack_timeout + EVACUATION_WAIT;
     let Live { client, track, scanner, down_scanner, session, up_held, down_held, .. } = live;
     let mut to_new = Vec::new();
     macro_rules! fail {
@@ -935,8 +1018,7 @@ async fn cut_failed(
             break;
         }
         tokio::select! {
-            r = &mut *task, if prepared.is_none() => {
-                let r = r.map_err(|e| SwitchError::Restore(e.to_string())).and_then(|r| settle(proxy, target, r));
+            r = preparing.result(), if prepared.is_none() => {
                 match r {
                     Ok(p) => *prepared = Some(p),
                     Err(e) => fail!(e),

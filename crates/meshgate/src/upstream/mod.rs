@@ -30,7 +30,7 @@ pub enum AttemptError {
     #[error("meshgate could not open a connection: {0} (its own limit, not the broker's: raise the open-file limit, LimitNOFILE= or ulimit -n)")]
     Local(std::io::Error),
     /// Waited for one of meshgate's own handshake slots to this broker (`HANDSHAKES_PER_BROKER`)
-    /// longer than the connect timeout: a burst of meshgate's making (every client of a failed
+    /// longer than the connect timeout (a move: its own limit): a burst of meshgate's making (every client of a failed
     /// broker at once), not the broker's answer. Those in the slots count if the broker is slow.
     #[error("no handshake slot to the broker within {0:?} (meshgate's own queue: a burst of connections)")]
     Queued(Duration),
@@ -109,6 +109,12 @@ const CONNACK_READ_LIMIT: usize = 64 * 1024;
 /// client a one-second retransmission (measured: 1,000 clients back after 2.7 s instead of
 /// 0.8 s). Queued here instead, the same burst is served in tens of milliseconds.
 const HANDSHAKES_PER_BROKER: usize = 64;
+
+/// A connection to a broker with its handshake slot, before the CONNECT (`Upstream::open`).
+pub struct Opened {
+    conn: Conn,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
 
 pub struct Upstream {
     /// For brokers with `tls = true`; `None` when no CA is configured (then no broker has it).
@@ -275,25 +281,37 @@ impl Upstream {
         // A connecting client's own CONNACK timeout runs meanwhile: its wait for a slot is
         // bounded by the connect timeout.
         let queue = self.timeouts.load().connect;
-        self.handshake_queued(broker, packet, version, client, queue).await
+        let opened = self.open(broker, client, queue).await?;
+        self.exchange(opened, packet, version).await
     }
 
-    /// `handshake`, waiting up to `queue` for one of meshgate's handshake slots to the broker
-    /// (a wait that is meshgate's own, never held against the broker).
-    pub async fn handshake_queued(
+    /// The first half of a handshake: a slot (waited for up to `queue`) and the connection,
+    /// nothing sent yet. Dropping it at any point leaves nothing on the broker.
+    pub async fn open(
         &self,
         broker: &BrokerConfig,
-        packet: &[u8],
-        version: u8,
         client: Option<std::net::SocketAddr>,
         queue: Duration,
-    ) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
-        let t = **self.timeouts.load();
+    ) -> Result<Opened, AttemptError> {
         let gate = self.gate(&broker.address);
-        let Ok(Ok(_slot)) = timeout(queue, gate.acquire_owned()).await else {
+        let Ok(Ok(slot)) = timeout(queue, gate.acquire_owned()).await else {
             return Err(AttemptError::Queued(queue));
         };
-        let mut conn = self.connect_as(broker, client).await?;
+        let conn = self.connect_as(broker, client).await?;
+        Ok(Opened { conn, _slot: slot })
+    }
+
+    /// The second half: the CONNECT, answered by its CONNACK within the CONNACK timeout. Once
+    /// the CONNECT is out the broker holds the client's will, which only a DISCONNECT on the
+    /// connection it accepted makes it drop.
+    pub async fn exchange(
+        &self,
+        opened: Opened,
+        packet: &[u8],
+        version: u8,
+    ) -> Result<(Conn, Connack, Vec<u8>), AttemptError> {
+        let t = **self.timeouts.load();
+        let Opened { mut conn, _slot } = opened;
         let deadline = Instant::now() + t.connack;
         let exchange = async {
             crate::transport::write_all(&mut conn, packet).await.map_err(AttemptError::Connect)?;
