@@ -513,6 +513,8 @@ impl Recorder {
                 let body = &p[1 + used..];
                 let id = |at: usize| [body[at], body[at + 1]];
                 let reply: Vec<u8> = match p[0] >> 4 {
+                    // MQTT 5 (protocol level 5) with an empty property list.
+                    1 if body.get(6) == Some(&5) => connack.map_or(vec![], |code| vec![0x20, 0x03, 0x00, code, 0x00]),
                     1 => connack.map_or(vec![], |code| vec![0x20, 0x02, 0x00, code]),
                     3 => {
                         let tl = u16::from_be_bytes([body[0], body[1]]) as usize;
@@ -604,6 +606,14 @@ const SLOW_CONNACK: Duration = Duration::from_secs(3);
 /// PINGREQ), `next` on broker2 answering CONNECTs after `SLOW_CONNACK`; and a 3.1.1 client
 /// `id` on broker1.
 async fn a_slow_move(id: &str) -> (common::Slot, Recorder, Recorder, meshgate::Meshgate, tokio::net::TcpStream) {
+    a_slow_move_of(id, 4).await
+}
+
+/// `a_slow_move` with an MQTT `version` client.
+async fn a_slow_move_of(
+    id: &str,
+    version: u8,
+) -> (common::Slot, Recorder, Recorder, meshgate::Meshgate, tokio::net::TcpStream) {
     let slot = common::Slot::acquire();
     let dying = Recorder::start_with(slot.addr(10, 1883), true, Some(0), 0).await;
     let next = Recorder::slow(slot.addr(11, 1883), SLOW_CONNACK).await;
@@ -611,7 +621,7 @@ async fn a_slow_move(id: &str) -> (common::Slot, Recorder, Recorder, meshgate::M
     let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
     let pool = mg.pool().clone();
     wait_until(5 * SECOND, || pool.brokers().iter().all(|b| b.probe_up() == Some(true))).await.unwrap();
-    let (c, ack) = raw::connect(slot.addr(1, 1883), 4, id, 5 * SECOND).await.unwrap();
+    let (c, ack) = raw::connect(slot.addr(1, 1883), version, id, 5 * SECOND).await.unwrap();
     assert_eq!(ack.code, 0);
     assert_eq!(pool.broker_of(id).as_deref(), Some("broker1"));
     (slot, dying, next, mg, c)
@@ -651,19 +661,33 @@ async fn a_client_keeps_its_keep_alive_while_its_session_leaves_a_failed_broker(
     mg.shutdown().await;
 }
 
-/// A client that leaves while its session moves off a failed broker ends the move at once,
+/// How a client leaves while its session moves.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Leaves {
+    /// DISCONNECT (MQTT 5: reason 0, normal).
+    Disconnect,
+    /// The connection closes without a DISCONNECT.
+    Vanishes,
+    /// MQTT 5 DISCONNECT with reason 0x04, "disconnect with will message".
+    AsksForItsWill,
+}
+
+/// A client that leaves while its session moves off a failed broker ends its session at once,
 /// well before the move could have finished; the next broker, still to answer the CONNECT,
-/// is then left as the client left: after a DISCONNECT with one (it drops the client's will),
-/// after a vanished connection by closing without one (it publishes the will, which the
-/// failed broker cannot).
-async fn a_client_that_leaves_while_its_session_moves(id: &str, says_disconnect: bool) {
-    let (_slot, dying, next, mg, mut c) = a_slow_move(id).await;
+/// is then left as the client left: after a DISCONNECT with one (it drops the client's will);
+/// after a vanished connection (3.1.1) by closing without one, or (MQTT 5) with a DISCONNECT
+/// 0x04, so it publishes the will, which the failed broker cannot.
+async fn a_client_that_leaves_while_its_session_moves(id: &str, version: u8, how: Leaves) {
+    let (_slot, dying, next, mg, mut c) = a_slow_move_of(id, version).await;
     let pool = mg.pool().clone();
     dying.die();
     let n = next.got.clone();
     wait_until(5 * SECOND, || n.lock().unwrap().len() == 1).await.expect("the next broker got the CONNECT");
-    if says_disconnect {
-        c.write_all(&[0xe0, 0x00]).await.unwrap();
+    match (how, version) {
+        (Leaves::Disconnect, 5) => c.write_all(&[0xe0, 0x01, 0x00]).await.unwrap(),
+        (Leaves::Disconnect, _) => c.write_all(&[0xe0, 0x00]).await.unwrap(),
+        (Leaves::AsksForItsWill, _) => c.write_all(&[0xe0, 0x01, 0x04]).await.unwrap(),
+        (Leaves::Vanishes, _) => {}
     }
     drop(c);
     let p = pool.clone();
@@ -676,8 +700,15 @@ async fn a_client_that_leaves_while_its_session_moves(id: &str, says_disconnect:
     wait_until(2 * SLOW_CONNACK, || closes.load(std::sync::atomic::Ordering::SeqCst) == 1)
         .await
         .expect("the next broker's connection ends");
-    let expected = if says_disconnect { vec![0x10, 0xe0] } else { vec![0x10] };
-    assert_eq!(next.first_bytes(), expected, "DISCONNECT only when the client said it");
+    let got = next.got.lock().unwrap().clone();
+    let expected: Vec<Vec<u8>> = match (how, version) {
+        (Leaves::Disconnect, _) => vec![vec![0xe0, 0x00]],
+        (Leaves::Vanishes, 4) => vec![],
+        (Leaves::Vanishes | Leaves::AsksForItsWill, _) => vec![vec![0xe0, 0x01, 0x04]],
+    };
+    assert_eq!(got.len(), 1 + expected.len(), "{how:?}: {got:?}");
+    assert_eq!(got[0][0], 0x10, "the CONNECT first");
+    assert_eq!(got[1..].to_vec(), expected, "{how:?}: how the next broker was left");
     assert_eq!(pool.metrics.switches.with_label_values(&["broker_down", "ok"]).get(), 0);
     next.die();
     mg.shutdown().await;
@@ -685,12 +716,18 @@ async fn a_client_that_leaves_while_its_session_moves(id: &str, says_disconnect:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_while_its_session_moves_ends_the_move_without_its_will() {
-    a_client_that_leaves_while_its_session_moves("leaver", true).await;
+    a_client_that_leaves_while_its_session_moves("leaver", 4, Leaves::Disconnect).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_vanishes_while_its_session_moves_leaves_its_will_to_the_next_broker() {
-    a_client_that_leaves_while_its_session_moves("vanisher", false).await;
+    a_client_that_leaves_while_its_session_moves("vanisher", 4, Leaves::Vanishes).await;
+    a_client_that_leaves_while_its_session_moves("vanisher-5", 5, Leaves::Vanishes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_client_that_asks_for_its_will_while_its_session_moves_leaves_it_to_the_next_broker() {
+    a_client_that_leaves_while_its_session_moves("asker", 5, Leaves::AsksForItsWill).await;
 }
 
 /// A failback that cannot be made leaves the session where it was, working, accounted once,

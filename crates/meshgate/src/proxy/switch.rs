@@ -496,12 +496,17 @@ struct Client {
 /// Step 1 running in a task of its own (`prepare_task`), settled against the target when its
 /// result is read. Dropped before that (the move ended early), it abandons the task and leaves
 /// the new broker: politely (a DISCONNECT, so the broker drops the client's will), or, after
-/// `abandon_with_will`, as a client that vanished would (the broker publishes the will). A
+/// `hand_over_will`, as a client that vanished would (the broker publishes the will). A
 /// result that came anyway is settled and left the same way.
 struct Preparing {
     task: Option<tokio::task::JoinHandle<Prepared>>,
     abandon: tokio_util::sync::CancellationToken,
     with_will: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the new broker was left with the client's will (it publishes it).
+    will_left: Arc<std::sync::atomic::AtomicBool>,
+    /// The failed broker's connection, handed over with the will: told DISCONNECT (so a hung
+    /// broker that wakes drops the will) only once the new broker has published it.
+    failed: Option<Conn>,
     proxy: Arc<Proxy>,
     target: Arc<crate::pool::Broker>,
     version: u8,
@@ -516,6 +521,7 @@ impl Preparing {
     ) -> Preparing {
         let abandon = tokio_util::sync::CancellationToken::new();
         let with_will = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let will_left = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let version = client.version;
         let task = tokio::spawn(prepare_task(
             proxy.upstream.clone(),
@@ -523,10 +529,18 @@ impl Preparing {
             client,
             subs,
             proxy.pool.proxy_config().connack_timeout,
-            abandon.clone(),
-            with_will.clone(),
+            Abandon { token: abandon.clone(), with_will: with_will.clone(), will_left: will_left.clone() },
         ));
-        Preparing { task: Some(task), abandon, with_will, proxy: proxy.clone(), target: target.clone(), version }
+        Preparing {
+            task: Some(task),
+            abandon,
+            with_will,
+            will_left,
+            failed: None,
+            proxy: proxy.clone(),
+            target: target.clone(),
+            version,
+        }
     }
 
     /// The new session, settled against the target. Cancel-safe: dropped before the task ends,
@@ -537,11 +551,14 @@ impl Preparing {
         settle(&self.proxy, &self.target, r.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string()))))
     }
 
-    /// The client vanished without a DISCONNECT: the new broker, which has its will, is left
-    /// the way the client left (the failed broker is told DISCONNECT, so the will is published
-    /// once).
-    fn abandon_with_will(&self) {
+    /// The client vanished without a DISCONNECT before the new session was made: the move goes
+    /// on until the new broker has the client's will (its CONNECT sent, even if it still waited
+    /// for a slot), which it is then left to publish, as the client left; only then is the
+    /// failed broker (`failed`) told DISCONNECT, so the will is published once, and not lost
+    /// when the new broker never got it.
+    fn hand_over_will(&mut self, failed: Conn) {
         self.with_will.store(true, Ordering::Release);
+        self.failed = Some(failed);
     }
 }
 
@@ -549,17 +566,50 @@ impl Drop for Preparing {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
         self.abandon.cancel();
-        let (proxy, target, with_will, version) =
-            (self.proxy.clone(), self.target.clone(), self.with_will.clone(), self.version);
+        let (proxy, target, version) = (self.proxy.clone(), self.target.clone(), self.version);
+        let (with_will, will_left, failed) = (self.with_will.clone(), self.will_left.clone(), self.failed.take());
         // The task may have finished just before it was abandoned: its connection is left here.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let r = task.await.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string())));
                 if let Ok((mut conn, _)) = settle(&proxy, &target, r) {
-                    leave(&mut conn, version, with_will.load(Ordering::Acquire)).await;
+                    let w = with_will.load(Ordering::Acquire);
+                    leave(&mut conn, version, w).await;
+                    will_left.fetch_or(w, Ordering::AcqRel);
+                }
+                if let Some(mut failed) = failed {
+                    if will_left.load(Ordering::Acquire) {
+                        best_effort(&mut failed, &encode::disconnect()).await;
+                    }
                 }
             });
         }
+    }
+}
+
+/// How `prepare_task` learns that its move was abandoned, and how to leave the new broker then.
+struct Abandon {
+    token: tokio_util::sync::CancellationToken,
+    /// Set before `token` fires: the client vanished, its will is to reach the new broker.
+    with_will: Arc<std::sync::atomic::AtomicBool>,
+    will_left: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Abandon {
+    /// Fires when the move is abandoned, unless the will is to be handed over: then the
+    /// handshake goes on (its own timeouts bound it).
+    async fn before_connect(&self) {
+        self.token.cancelled().await;
+        if self.with_will.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Leaves the new broker as `Preparing` was told to.
+    async fn leave(&self, conn: &mut Conn, version: u8) {
+        let w = self.with_will.load(Ordering::Acquire);
+        leave(conn, version, w).await;
+        self.will_left.fetch_or(w, Ordering::AcqRel);
     }
 }
 
@@ -571,15 +621,15 @@ async fn prepare_task(
     client: Client,
     subs: Vec<(String, crate::durable::Sub)>,
     restore: Duration,
-    abandon: tokio_util::sync::CancellationToken,
-    with_will: Arc<std::sync::atomic::AtomicBool>,
+    abandon: Abandon,
 ) -> Prepared {
     let Client { connect, version, address } = client;
     // Until the CONNECT is out nothing is left on the broker: a slot and a connection are
-    // given up at once.
+    // given up at once (unless the will is to be handed over).
     let opened = tokio::select! {
+        biased;
+        _ = abandon.before_connect() => return Err(SwitchError::Cancelled),
         r = upstream.open(&target, Some(address), MOVE_QUEUE) => r.map_err(SwitchError::Connect)?,
-        _ = abandon.cancelled() => return Err(SwitchError::Cancelled),
     };
     // From here on it is not abandoned halfway: the new broker holds the client's will, and a
     // connection closed before its CONNACK would publish it. The CONNACK timeout bounds it.
@@ -590,13 +640,13 @@ async fn prepare_task(
     // The subscriptions take a CONNACK timeout of their own, however long the slot took.
     let deadline = Instant::now() + restore;
     let result = tokio::select! {
-        r = prepare(&mut conn, Some(&bytes), version, &subs, deadline), if !abandon.is_cancelled() => r,
-        _ = abandon.cancelled() => Err(SwitchError::Cancelled),
+        r = prepare(&mut conn, Some(&bytes), version, &subs, deadline), if !abandon.token.is_cancelled() => r,
+        _ = abandon.token.cancelled() => Err(SwitchError::Cancelled),
     };
     match result {
-        Ok(to_client) if !abandon.is_cancelled() => Ok((conn, to_client)),
+        Ok(to_client) if !abandon.token.is_cancelled() => Ok((conn, to_client)),
         result => {
-            leave(&mut conn, version, with_will.load(Ordering::Acquire)).await;
+            abandon.leave(&mut conn, version).await;
             result.and(Err(SwitchError::Cancelled))
         }
     }
@@ -878,8 +928,9 @@ async fn leave_failed(
         }
         // The client said DISCONNECT: no broker is to publish its will.
         Ok(Cut::ClientLeft) => (SwitchError::Ended(Ended::ClientClosed), false),
-        // The client's connection broke without a DISCONNECT: its will is published, once, by
-        // the new broker, which has it (or is getting it).
+        // The client's connection broke without a DISCONNECT (or, MQTT 5, it asked for its will
+        // with one): its will is published, once, by the new broker, which has it (or is
+        // getting it).
         Err((e @ SwitchError::Ended(Ended::ClientClosed | Ended::ClientSide(_)), _)) => (e, true),
         Err((e, _)) => {
             if let Some((mut conn, _)) = prepared {
@@ -890,7 +941,10 @@ async fn leave_failed(
     };
     match prepared {
         Some((mut conn, _)) => leave(&mut conn, preparing.version, vanished).await,
-        None if vanished => preparing.abandon_with_will(),
+        None if vanished => {
+            preparing.hand_over_will(std::mem::replace(&mut live.upstream, Conn::Released));
+            return Err(e);
+        }
         None => {}
     }
     // A hung broker that wakes reads the DISCONNECT, so it drops the will too.
@@ -899,15 +953,19 @@ async fn leave_failed(
 }
 
 /// The result of step 1, recorded against the target: its success, or a failure that is the
-/// broker's (meshgate's own shortages are counted apart); any other end hands a probation
-/// trial back.
+/// broker's (meshgate's own shortages are counted apart); an abandoned attempt hands a
+/// probation trial back.
 fn settle(proxy: &Proxy, target: &crate::pool::Broker, prepared: Prepared) -> Prepared {
     match &prepared {
         Ok(_) => proxy.pool.record_success(target),
         Err(SwitchError::Connect(a)) if a.is_local() => proxy.pool.record_local_error(target, a.reason(), a),
         Err(SwitchError::Connect(a)) => proxy.pool.record_failure(target, a.reason()),
-        // Abandoned, refused or not restored: nothing said about the broker's health.
-        Err(_) => proxy.pool.release_attempt(target),
+        // A refusal of the client (not of the broker's making) is an answer.
+        Err(SwitchError::Refused(_)) => proxy.pool.record_success(target),
+        // Abandoned: nothing said about the broker's health.
+        Err(SwitchError::Cancelled) => proxy.pool.release_attempt(target),
+        // The subscriptions not restored: counted nowhere, as before moves were abandoned.
+        Err(_) => {}
     }
     prepared
 }
@@ -1051,6 +1109,10 @@ async fn cut_failed(
                     kind::PUBREL => {}
                     // Its keep-alive: meshgate is there, and its session is on its way.
                     kind::PINGREQ => reply.extend_from_slice(&encode::pingresp()),
+                    // MQTT 5 "disconnect with will message": as a connection that broke.
+                    kind::DISCONNECT if session.info.version == 5 && p.body().first() == Some(&0x04) => {
+                        fail!(SwitchError::Ended(Ended::ClientClosed))
+                    }
                     kind::DISCONNECT => return Ok(Cut::ClientLeft),
                     _ => to_new.extend_from_slice(&p.bytes),
                 }
