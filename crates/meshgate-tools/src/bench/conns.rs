@@ -537,9 +537,8 @@ async fn ping(
     let mut out = Vec::with_capacity(16);
     if let Some(id) = publish {
         // Topic "mgb-fo", nobody subscribed: the broker's acknowledgement is all it costs.
-        out.extend_from_slice(&[0x32, 10, 0, 6]);
-        out.extend_from_slice(b"mgb-fo");
-        out.extend_from_slice(&id.to_be_bytes());
+        let stamp = wire::Stamp { sent_ns: 0, seq: u64::from(id), publisher: 0 };
+        wire::push_publish(&mut out, b"mgb-fo", 1, id, 0, stamp);
     }
     out.extend_from_slice(&PINGREQ);
     if tokio::time::timeout(limit, stream.write_all(&out)).await.map_or(true, |r| r.is_err()) {

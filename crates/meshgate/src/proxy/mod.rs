@@ -240,10 +240,7 @@ fn serve(
     admission: limits::Admission,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     match kind {
-        Listener::Mqtts => Box::pin(async move {
-            session::handle_tls(proxy, stream, client).await;
-            drop(admission);
-        }),
+        Listener::Mqtts => Box::pin(session::handle_tls(proxy, stream, client, admission)),
         _ => session::handle(proxy, stream, client, admission),
     }
 }

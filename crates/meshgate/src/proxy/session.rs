@@ -20,6 +20,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
 use super::forward::{self, Ended, ForwardError, Held, Tally};
+use super::limits::Admission;
 use super::track::{SharedTrack, Track};
 use super::Proxy;
 use crate::config::{Listener, Move};
@@ -62,22 +63,22 @@ impl Rejected {
 ///
 /// The forwarding state is boxed too: tokio pads a task's own allocation to a multiple of
 /// 128 bytes (cache-line alignment), so a small task plus one ordinary allocation costs an
-/// idle session less than one large task. `guard` (the client's place under the limits) is
-/// held in the box until the session ends.
-pub fn handle<G: Send + 'static>(
+/// idle session less than one large task. The client's place under the limits (`admission`)
+/// is held in the box until the session ends.
+pub fn handle(
     proxy: Arc<Proxy>,
     client: TcpStream,
     peer: SocketAddr,
-    guard: G,
+    admission: Admission,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     let _ = client.set_nodelay(true);
     let setup = Box::pin(setup_in_span(proxy.clone(), Conn::Tcp(client), peer));
-    Box::pin(session_task(proxy, setup, Listener::Mqtt, guard))
+    Box::pin(session_task(proxy, setup, Listener::Mqtt, admission))
 }
 
 /// A client of the TLS listener: the handshake (client certificate checked when [tls]
 /// client_ca is set) must finish within the CONNECT time; then the session is as any other.
-pub async fn handle_tls(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) {
+pub async fn handle_tls(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, admission: Admission) {
     let _ = client.set_nodelay(true);
     let Some(acceptor) = proxy.acceptor.load_full() else { return };
     let limit = proxy.pool.proxy_config().client_connect_timeout;
@@ -98,7 +99,7 @@ pub async fn handle_tls(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr) 
         }
     };
     let setup = Box::pin(setup_in_span(proxy.clone(), Conn::ClientTls(Box::new(tls)), peer));
-    session_task(proxy, setup, Listener::Mqtts, ()).await
+    session_task(proxy, setup, Listener::Mqtts, admission).await
 }
 
 /// A client of a WebSocket listener (`wss`: TLS first): the upgrade, within the CONNECT time,
@@ -154,12 +155,12 @@ pub async fn handle_ws(proxy: Arc<Proxy>, client: TcpStream, peer: SocketAddr, t
     session_task(proxy, setup, if tls { Listener::Wss } else { Listener::Ws }, admission).await;
 }
 
-/// One session from its setup to its end; `guard` is dropped at the end.
-async fn session_task<F: Future<Output = Option<Live>>, G>(
+/// One session from its setup to its end, when its place under the limits is given back.
+async fn session_task<F: Future<Output = Option<Live>>>(
     proxy: Arc<Proxy>,
     setup: Pin<Box<F>>,
     listener: Listener,
-    guard: G,
+    admission: Admission,
 ) {
     proxy.pool.metrics.client_sessions.inc();
     // Looked up at open and close only: the task carries the label, not the gauge.
@@ -174,7 +175,7 @@ async fn session_task<F: Future<Output = Option<Live>>, G>(
     }
     proxy.pool.metrics.client_sessions.dec();
     proxy.pool.metrics.listener_connections.with_label_values(&[listener.as_str()]).dec();
-    drop(guard);
+    drop(admission);
 }
 
 /// What forwarding needs from the setup: one session's connections and the state of each

@@ -500,10 +500,7 @@ struct Client {
 /// result that came anyway is settled and left the same way.
 struct Preparing {
     task: Option<tokio::task::JoinHandle<Prepared>>,
-    abandon: tokio_util::sync::CancellationToken,
-    with_will: Arc<std::sync::atomic::AtomicBool>,
-    /// Set once the new broker was left with the client's will (it publishes it).
-    will_left: Arc<std::sync::atomic::AtomicBool>,
+    abandon: Abandon,
     /// The failed broker's connection, handed over with the will: told DISCONNECT (so a hung
     /// broker that wakes drops the will) only once the new broker has published it.
     failed: Option<Conn>,
@@ -519,9 +516,7 @@ impl Preparing {
         client: Client,
         subs: Vec<(String, crate::durable::Sub)>,
     ) -> Preparing {
-        let abandon = tokio_util::sync::CancellationToken::new();
-        let with_will = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let will_left = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abandon = Abandon::default();
         let version = client.version;
         let task = tokio::spawn(prepare_task(
             proxy.upstream.clone(),
@@ -529,18 +524,9 @@ impl Preparing {
             client,
             subs,
             proxy.pool.proxy_config().connack_timeout,
-            Abandon { token: abandon.clone(), with_will: with_will.clone(), will_left: will_left.clone() },
+            abandon.clone(),
         ));
-        Preparing {
-            task: Some(task),
-            abandon,
-            with_will,
-            will_left,
-            failed: None,
-            proxy: proxy.clone(),
-            target: target.clone(),
-            version,
-        }
+        Preparing { task: Some(task), abandon, failed: None, proxy: proxy.clone(), target: target.clone(), version }
     }
 
     /// The new session, settled against the target. Cancel-safe: dropped before the task ends,
@@ -557,7 +543,7 @@ impl Preparing {
     /// failed broker (`failed`) told DISCONNECT, so the will is published once, and not lost
     /// when the new broker never got it.
     fn hand_over_will(&mut self, failed: Conn) {
-        self.with_will.store(true, Ordering::Release);
+        self.abandon.with_will.store(true, Ordering::Release);
         self.failed = Some(failed);
     }
 }
@@ -565,20 +551,18 @@ impl Preparing {
 impl Drop for Preparing {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
-        self.abandon.cancel();
+        self.abandon.token.cancel();
         let (proxy, target, version) = (self.proxy.clone(), self.target.clone(), self.version);
-        let (with_will, will_left, failed) = (self.with_will.clone(), self.will_left.clone(), self.failed.take());
+        let (abandon, failed) = (self.abandon.clone(), self.failed.take());
         // The task may have finished just before it was abandoned: its connection is left here.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let r = task.await.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string())));
                 if let Ok((mut conn, _)) = settle(&proxy, &target, r) {
-                    let w = with_will.load(Ordering::Acquire);
-                    leave(&mut conn, version, w).await;
-                    will_left.fetch_or(w, Ordering::AcqRel);
+                    abandon.leave(&mut conn, version).await;
                 }
                 if let Some(mut failed) = failed {
-                    if will_left.load(Ordering::Acquire) {
+                    if abandon.will_left.load(Ordering::Acquire) {
                         best_effort(&mut failed, &encode::disconnect()).await;
                     }
                 }
@@ -587,11 +571,14 @@ impl Drop for Preparing {
     }
 }
 
-/// How `prepare_task` learns that its move was abandoned, and how to leave the new broker then.
+/// How `prepare_task` learns that its move was abandoned, and how to leave the new broker then;
+/// shared by `Preparing` and its task.
+#[derive(Clone, Default)]
 struct Abandon {
     token: tokio_util::sync::CancellationToken,
     /// Set before `token` fires: the client vanished, its will is to reach the new broker.
     with_will: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the new broker was left with the client's will (it publishes it).
     will_left: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -964,7 +951,7 @@ fn settle(proxy: &Proxy, target: &crate::pool::Broker, prepared: Prepared) -> Pr
         Err(SwitchError::Refused(_)) => proxy.pool.record_success(target),
         // Abandoned: nothing said about the broker's health.
         Err(SwitchError::Cancelled) => proxy.pool.release_attempt(target),
-        // The subscriptions not restored: counted nowhere, as before moves were abandoned.
+        // The subscriptions not restored: not counted either way.
         Err(_) => {}
     }
     prepared
