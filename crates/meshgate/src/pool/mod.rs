@@ -400,8 +400,9 @@ impl Pool {
         let untried = || brokers.iter().filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b)));
         let mut candidates: Vec<&Arc<Broker>> = untried().filter(|b| b.available(now)).collect();
         while let Some(b) = least_loaded(candidates.iter().copied()) {
-            if b.passive.lock().take(now) {
-                return Some(Lease::new(&b));
+            let taken = b.passive.lock().take(now);
+            if let Some(trial) = taken {
+                return Some(Lease::trial(&b, trial));
             }
             // Lost the probation trial to another session: try the rest of the tier.
             candidates.retain(|c| !Arc::ptr_eq(c, &b));

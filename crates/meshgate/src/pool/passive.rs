@@ -70,15 +70,17 @@ impl Passive {
         }
     }
 
-    /// Claims a session attempt: in probation this hands out the single trial.
-    pub fn take(&mut self, now: Instant) -> bool {
+    /// Claims a session attempt: in probation this hands out the single trial, named by when
+    /// it was handed out (`None`: an ordinary attempt, `Some(Some(at))`: the trial).
+    pub fn take(&mut self, now: Instant) -> Option<Option<Instant>> {
         if !self.allows(now) {
-            return false;
+            return None;
         }
         if let PassiveState::Probation { .. } = self.state(now) {
             self.state = PassiveState::Probation { trial: Some(now) };
+            return Some(Some(now));
         }
-        true
+        Some(None)
     }
 
     pub fn failure(&mut self, now: Instant) -> Option<Transition> {
@@ -127,6 +129,15 @@ impl Passive {
     /// before an answer): in probation the trial is handed back, so the next attempt can be it.
     pub fn release(&mut self, now: Instant) {
         if let PassiveState::Probation { trial: Some(_) } = self.state(now) {
+            self.state = PassiveState::Probation { trial: None };
+        }
+    }
+
+    /// The trial handed out at `trial` ended without a word on the broker: handed back if it is
+    /// still the broker's trial. One that expired and was handed out again, or was settled
+    /// (success reopened the broker, failure barred it), is not this one's to give back.
+    pub fn release_trial(&mut self, trial: Instant, now: Instant) {
+        if self.state(now) == (PassiveState::Probation { trial: Some(trial) }) {
             self.state = PassiveState::Probation { trial: None };
         }
     }
@@ -191,12 +202,12 @@ mod tests {
         let mut p = Passive::new(1, T);
         p.failure(Instant::now());
         advance(T - Duration::from_millis(1)).await;
-        assert!(!p.take(Instant::now()), "still barred");
+        assert!(p.take(Instant::now()).is_none(), "still barred");
         advance(Duration::from_millis(1)).await;
-        assert!(p.take(Instant::now()), "the trial");
-        assert!(!p.take(Instant::now()), "only one trial at a time");
+        assert!(p.take(Instant::now()).is_some(), "the trial");
+        assert!(p.take(Instant::now()).is_none(), "only one trial at a time");
         assert_eq!(p.success(Instant::now()), Some(Transition::Reopened));
-        assert!(p.take(Instant::now()) && p.take(Instant::now()));
+        assert!(p.take(Instant::now()).is_some() && p.take(Instant::now()).is_some());
     }
 
     #[tokio::test]
@@ -205,10 +216,10 @@ mod tests {
         let mut p = Passive::new(1, T);
         p.failure(Instant::now());
         advance(T).await;
-        assert!(p.take(Instant::now()), "the trial");
+        assert!(p.take(Instant::now()).is_some(), "the trial");
         p.release(Instant::now());
-        assert!(p.take(Instant::now()), "the trial again, at once");
-        assert!(!p.take(Instant::now()), "still one at a time");
+        assert!(p.take(Instant::now()).is_some(), "the trial again, at once");
+        assert!(p.take(Instant::now()).is_none(), "still one at a time");
     }
 
     #[tokio::test]
@@ -219,7 +230,7 @@ mod tests {
             p.failure(Instant::now());
         }
         advance(T).await;
-        assert!(p.take(Instant::now()));
+        assert!(p.take(Instant::now()).is_some());
         let now = Instant::now();
         assert_eq!(p.failure(now), Some(Transition::Barred { until: now + T }), "one failure in probation is enough");
     }
@@ -230,7 +241,7 @@ mod tests {
         let mut p = Passive::new(1, T);
         p.failure(Instant::now());
         advance(T).await;
-        assert!(p.take(Instant::now()));
+        assert!(p.take(Instant::now()).is_some());
         advance(T).await;
         assert!(p.allows(Instant::now()));
     }

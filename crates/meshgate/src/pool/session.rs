@@ -7,21 +7,32 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::SystemTime;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Broker;
 
 /// A reserved place on a broker while a CONNECT is tried there. Counting the attempt as a
 /// session from the moment of selection makes a burst of connects spread over a tier instead
-/// of all landing on the broker that looked idlest. Dropping the lease gives the place back.
+/// of all landing on the broker that looked idlest. Dropping the lease gives the place back,
+/// and the broker's probation trial if the lease took it and nothing settled it (the attempt
+/// ended before any answer): the next attempt is the trial then, not one `fail_timeout` later.
 pub struct Lease {
     broker: Option<Arc<Broker>>,
+    /// When this lease was handed the broker's probation trial, if it was.
+    trial: Option<Instant>,
 }
 
 impl Lease {
     pub(super) fn new(broker: &Arc<Broker>) -> Lease {
         broker.active.fetch_add(1, Ordering::Relaxed);
-        Lease { broker: Some(broker.clone()) }
+        Lease { broker: Some(broker.clone()), trial: None }
+    }
+
+    pub(super) fn trial(broker: &Arc<Broker>, trial: Option<Instant>) -> Lease {
+        let mut lease = Lease::new(broker);
+        lease.trial = trial;
+        lease
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
@@ -38,6 +49,9 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(b) = self.broker.take() {
             b.active.fetch_sub(1, Ordering::Relaxed);
+            if let Some(trial) = self.trial {
+                b.passive.lock().release_trial(trial, Instant::now());
+            }
         }
     }
 }

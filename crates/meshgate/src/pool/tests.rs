@@ -237,6 +237,31 @@ async fn a_passive_bar_sends_sessions_to_the_next_tier_until_probation() {
     assert_eq!(picked(&p).as_deref(), Some("a"), "a trial that never reported back expires");
 }
 
+/// A move that ends after `pick` without trying the broker (no target after all, the client
+/// id busy) or a connect whose future is dropped says nothing about the broker: its trial is
+/// the next attempt's at once, not one `fail_timeout` later. A trial that expired and was
+/// handed out again is the newer lease's, whatever the older one does.
+#[tokio::test(start_paused = true)]
+async fn a_trial_dropped_unsettled_is_handed_back_and_only_its_own() {
+    let p = barrable_primary();
+    let a = p.broker("a").unwrap();
+    p.record_failure(&a, "connect");
+    p.record_failure(&a, "connect");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    drop(p.pick(&[]).unwrap());
+    let first = p.pick(&[]).unwrap();
+    assert_eq!(first.broker().name, "a", "the trial again, at once");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let second = p.pick(&[]).unwrap();
+    assert_eq!(second.broker().name, "a", "the first trial expired: a new one");
+    drop(first);
+    assert_eq!(picked(&p).as_deref(), Some("b"), "the expired lease gives back nothing of the new trial");
+    p.record_success(&a);
+    drop(second);
+    assert_eq!(picked(&p).as_deref(), Some("a"), "a settled trial stays settled");
+    assert_eq!(p.events.since(0).iter().filter(|e| e.kind == "passive_reopen").count(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_trial_bars_again_at_once() {
     let p = barrable_primary();
