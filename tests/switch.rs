@@ -730,6 +730,33 @@ async fn an_mqtt5_client_that_asks_for_its_will_while_its_session_moves_leaves_i
     a_client_that_leaves_while_its_session_moves("asker", 5, Leaves::AsksForItsWill).await;
 }
 
+/// meshgate's shutdown waits for what a move left behind: a client that vanished while its
+/// session moved leaves its will to the next broker, which has yet to answer the CONNECT when
+/// meshgate is told to stop. Shutdown returns only once that connection was left as the client
+/// left (closed without a DISCONNECT, so the broker publishes the will), never with it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_what_a_move_left_behind() {
+    let (_slot, dying, next, mg, c) = a_slow_move("late-vanisher").await;
+    let pool = mg.pool().clone();
+    dying.die();
+    let n = next.got.clone();
+    wait_until(5 * SECOND, || n.lock().unwrap().len() == 1).await.expect("the next broker got the CONNECT");
+    drop(c);
+    let p = pool.clone();
+    wait_until(SLOW_CONNACK / 2, || p.session_count() == 0).await.expect("the session is gone");
+    let closes = next.closes.clone();
+    assert_eq!(closes.load(std::sync::atomic::Ordering::SeqCst), 0, "the next broker has yet to answer");
+    let started = std::time::Instant::now();
+    mg.shutdown().await;
+    let took = started.elapsed();
+    // The recorder notices the close on its own task: a moment, far less than the CONNACK's wait.
+    wait_until(SECOND / 2, || closes.load(std::sync::atomic::Ordering::SeqCst) == 1)
+        .await
+        .unwrap_or_else(|| panic!("shutdown returned after {took:?} with the next broker's connection open"));
+    assert_eq!(next.got.lock().unwrap().len(), 1, "left without a DISCONNECT: the next broker publishes the will");
+    next.die();
+}
+
 /// A failback that cannot be made leaves the session where it was, working, accounted once,
 /// never closed and never cut over: failback happens when nothing is wrong, and must not cost
 /// the client its connection or its messages. The returning broker answers TCP probes, the

@@ -275,6 +275,7 @@ impl Meshgate {
             // does not wait for them.
             config.replication.enabled && coordination.is_none(),
             config.listen.clone(),
+            tracker.clone(),
         ));
         proxy.acceptor.store(acceptor.map(Arc::new));
         proxy.init_metrics();
@@ -501,7 +502,7 @@ impl Meshgate {
         // Every session has ended and queued its access log line: write them, then stop.
         self.access_stop.cancel();
         let _ = self.access_task.await;
-        // Their sessions have ended; what the loops still hold (a switch's leftover task) goes.
+        // Their sessions and the moves' own tasks have ended: the loops' threads go.
         if let Some(loops) = self.loops {
             let _ = tokio::task::spawn_blocking(move || drop(loops)).await;
         }

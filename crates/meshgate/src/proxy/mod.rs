@@ -50,6 +50,11 @@ pub struct Proxy {
     /// Per broker, the last verdict on whether it is gone (`session::broker_gone`): one check at
     /// a time, shared by every session the broker closed at once.
     gone_checks: parking_lot::Mutex<std::collections::HashMap<String, GoneCheck>>,
+    /// The daemon's tasks, which its shutdown waits for: a move's own tasks (the new session
+    /// being made, and leaving it when the move was abandoned) join them, so no connection
+    /// meshgate opened outlives it, and a will handed to the next broker is published before
+    /// the failed broker is told DISCONNECT, not left half done.
+    pub tasks: TaskTracker,
 }
 
 /// One broker's gone-or-not check: taken by one session at a time, the verdict kept briefly.
@@ -124,8 +129,10 @@ impl Proxy {
         access: crate::accesslog::AccessLog,
         replicated: bool,
         listen: crate::config::Listen,
+        tasks: TaskTracker,
     ) -> Proxy {
         Proxy {
+            tasks,
             listen,
             pool,
             upstream,

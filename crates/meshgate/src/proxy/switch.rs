@@ -518,7 +518,7 @@ impl Preparing {
     ) -> Preparing {
         let abandon = Abandon::default();
         let version = client.version;
-        let task = tokio::spawn(prepare_task(
+        let task = proxy.tasks.spawn(prepare_task(
             proxy.upstream.clone(),
             target.config(),
             client,
@@ -554,9 +554,10 @@ impl Drop for Preparing {
         self.abandon.token.cancel();
         let (proxy, target, version) = (self.proxy.clone(), self.target.clone(), self.version);
         let (abandon, failed) = (self.abandon.clone(), self.failed.take());
+        let tasks = self.proxy.tasks.clone();
         // The task may have finished just before it was abandoned: its connection is left here.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
+            rt.spawn(tasks.track_future(async move {
                 let r = task.await.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string())));
                 if let Ok((mut conn, _)) = settle(&proxy, &target, r) {
                     abandon.leave(&mut conn, version).await;
@@ -566,7 +567,7 @@ impl Drop for Preparing {
                         best_effort(&mut failed, &encode::disconnect()).await;
                     }
                 }
-            });
+            }));
         }
     }
 }
