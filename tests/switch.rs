@@ -730,6 +730,50 @@ async fn an_mqtt5_client_that_asks_for_its_will_while_its_session_moves_leaves_i
     a_client_that_leaves_while_its_session_moves("asker", 5, Leaves::AsksForItsWill).await;
 }
 
+/// A client that vanishes while its session's move still waits for one of meshgate's 64
+/// handshake slots to the next broker (before its CONNECT is out) still has its will published
+/// by that broker: the move goes on until the CONNECT is out and the broker has answered, then
+/// closes as the client left. 65 clients leave a failed broker for one that takes 3 s to answer
+/// each CONNECT, so one move waits for a slot; then every client vanishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_while_its_move_waits_for_a_slot_still_leaves_its_will() {
+    const CLIENTS: usize = 65;
+    let slot = common::Slot::acquire();
+    let dying = Recorder::start_with(slot.addr(10, 1883), true, Some(0), 0).await;
+    let next = Recorder::slow(slot.addr(11, 1883), SLOW_CONNACK).await;
+    let text = common::slot_config_text(&slot, 2, "[health]\nprobe = \"tcp\"\n[proxy]\nconnack_timeout = \"5s\"\n", "");
+    let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
+    let pool = mg.pool().clone();
+    wait_until(5 * SECOND, || pool.brokers().iter().all(|b| b.probe_up() == Some(true))).await.unwrap();
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let (c, ack) = raw::connect(slot.addr(1, 1883), 4, &format!("queued-{i}"), 5 * SECOND).await.unwrap();
+        assert_eq!(ack.code, 0);
+        clients.push(c);
+    }
+    dying.die();
+    let n = next.got.clone();
+    wait_until(SLOW_CONNACK / 2, || n.lock().unwrap().len() == CLIENTS - 1).await.expect("64 CONNECTs, one per slot");
+    // Every slot is held until the first CONNACKs, 3 s after their CONNECTs: the last move
+    // waits for one while its client goes.
+    drop(clients);
+    let p = pool.clone();
+    wait_until(SLOW_CONNACK / 2, || {
+        p.metrics.switches.with_label_values(&["broker_down", "ended"]).get() == CLIENTS as u64
+    })
+    .await
+    .expect("every move ends with its client");
+    let closes = next.closes.clone();
+    wait_until(4 * SLOW_CONNACK, || closes.load(std::sync::atomic::Ordering::SeqCst) == CLIENTS)
+        .await
+        .expect("every connection to the next broker is left");
+    let got = next.got.lock().unwrap().clone();
+    assert_eq!(got.len(), CLIENTS, "one CONNECT per client, the queued one's too, and nothing else: {got:?}");
+    assert!(got.iter().all(|p| p[0] == 0x10), "no DISCONNECT: the next broker publishes every will");
+    next.die();
+    mg.shutdown().await;
+}
+
 /// meshgate's shutdown waits for what a move left behind: a client that vanished while its
 /// session moved leaves its will to the next broker, which has yet to answer the CONNECT when
 /// meshgate is told to stop. Shutdown returns only once that connection was left as the client
