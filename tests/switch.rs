@@ -614,6 +614,15 @@ async fn a_slow_move_of(
     id: &str,
     version: u8,
 ) -> (common::Slot, Recorder, Recorder, meshgate::Meshgate, tokio::net::TcpStream) {
+    let (slot, dying, next, mg, mut clients) = slow_moves(&[id.to_string()], version).await;
+    (slot, dying, next, mg, clients.pop().expect("one client"))
+}
+
+/// `a_slow_move` with one MQTT `version` client for each of `ids`.
+async fn slow_moves(
+    ids: &[String],
+    version: u8,
+) -> (common::Slot, Recorder, Recorder, meshgate::Meshgate, Vec<tokio::net::TcpStream>) {
     let slot = common::Slot::acquire();
     let dying = Recorder::start_with(slot.addr(10, 1883), true, Some(0), 0).await;
     let next = Recorder::slow(slot.addr(11, 1883), SLOW_CONNACK).await;
@@ -621,10 +630,14 @@ async fn a_slow_move_of(
     let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
     let pool = mg.pool().clone();
     wait_until(5 * SECOND, || pool.brokers().iter().all(|b| b.probe_up() == Some(true))).await.unwrap();
-    let (c, ack) = raw::connect(slot.addr(1, 1883), version, id, 5 * SECOND).await.unwrap();
-    assert_eq!(ack.code, 0);
-    assert_eq!(pool.broker_of(id).as_deref(), Some("broker1"));
-    (slot, dying, next, mg, c)
+    let mut clients = Vec::new();
+    for id in ids {
+        let (c, ack) = raw::connect(slot.addr(1, 1883), version, id, 5 * SECOND).await.unwrap();
+        assert_eq!(ack.code, 0);
+        assert_eq!(pool.broker_of(id).as_deref(), Some("broker1"));
+        clients.push(c);
+    }
+    (slot, dying, next, mg, clients)
 }
 
 /// A session leaving a failed broker keeps its client's keep-alive going while the next broker
@@ -738,19 +751,9 @@ async fn an_mqtt5_client_that_asks_for_its_will_while_its_session_moves_leaves_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_vanishes_while_its_move_waits_for_a_slot_still_leaves_its_will() {
     const CLIENTS: usize = 65;
-    let slot = common::Slot::acquire();
-    let dying = Recorder::start_with(slot.addr(10, 1883), true, Some(0), 0).await;
-    let next = Recorder::slow(slot.addr(11, 1883), SLOW_CONNACK).await;
-    let text = common::slot_config_text(&slot, 2, "[health]\nprobe = \"tcp\"\n[proxy]\nconnack_timeout = \"5s\"\n", "");
-    let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
+    let ids: Vec<String> = (0..CLIENTS).map(|i| format!("queued-{i}")).collect();
+    let (_slot, dying, next, mg, clients) = slow_moves(&ids, 4).await;
     let pool = mg.pool().clone();
-    wait_until(5 * SECOND, || pool.brokers().iter().all(|b| b.probe_up() == Some(true))).await.unwrap();
-    let mut clients = Vec::new();
-    for i in 0..CLIENTS {
-        let (c, ack) = raw::connect(slot.addr(1, 1883), 4, &format!("queued-{i}"), 5 * SECOND).await.unwrap();
-        assert_eq!(ack.code, 0);
-        clients.push(c);
-    }
     dying.die();
     let n = next.got.clone();
     wait_until(SLOW_CONNACK / 2, || n.lock().unwrap().len() == CLIENTS - 1).await.expect("64 CONNECTs, one per slot");
