@@ -83,7 +83,10 @@ fn main() -> io::Result<()> {
                 queue.pop_front();
             }
         }
-        ring.submit_and_wait(1)?;
+        match ring.submit_and_wait(1) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
         let done: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
         for (data, res) in done {
             if data == ACCEPT {

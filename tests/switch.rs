@@ -614,19 +614,22 @@ async fn a_slow_move_of(
     id: &str,
     version: u8,
 ) -> (common::Slot, Recorder, Recorder, meshgate::Meshgate, tokio::net::TcpStream) {
-    let (slot, dying, next, mg, mut clients) = slow_moves(&[id.to_string()], version).await;
+    let (slot, dying, next, mg, mut clients) = slow_moves(&[id.to_string()], version, "").await;
     (slot, dying, next, mg, clients.pop().expect("one client"))
 }
 
-/// `a_slow_move` with one MQTT `version` client for each of `ids`.
+/// `a_slow_move` with one MQTT `version` client for each of `ids`, and `broker_extra` in both
+/// brokers' configuration.
 async fn slow_moves(
     ids: &[String],
     version: u8,
+    broker_extra: &str,
 ) -> (common::Slot, Recorder, Recorder, meshgate::Meshgate, Vec<tokio::net::TcpStream>) {
     let slot = common::Slot::acquire();
     let dying = Recorder::start_with(slot.addr(10, 1883), true, Some(0), 0).await;
     let next = Recorder::slow(slot.addr(11, 1883), SLOW_CONNACK).await;
-    let text = common::slot_config_text(&slot, 2, "[health]\nprobe = \"tcp\"\n[proxy]\nconnack_timeout = \"5s\"\n", "");
+    let extra = "[health]\nprobe = \"tcp\"\n[proxy]\nconnack_timeout = \"5s\"\n";
+    let text = common::slot_config_text(&slot, 2, extra, broker_extra);
     let mg = meshgate::Meshgate::start(meshgate::Config::from_toml(&text, "t").unwrap()).await.unwrap();
     let pool = mg.pool().clone();
     wait_until(5 * SECOND, || pool.brokers().iter().all(|b| b.probe_up() == Some(true))).await.unwrap();
@@ -752,7 +755,7 @@ async fn an_mqtt5_client_that_asks_for_its_will_while_its_session_moves_leaves_i
 async fn a_client_that_vanishes_while_its_move_waits_for_a_slot_still_leaves_its_will() {
     const CLIENTS: usize = 65;
     let ids: Vec<String> = (0..CLIENTS).map(|i| format!("queued-{i}")).collect();
-    let (_slot, dying, next, mg, clients) = slow_moves(&ids, 4).await;
+    let (_slot, dying, next, mg, clients) = slow_moves(&ids, 4, "").await;
     let pool = mg.pool().clone();
     dying.die();
     let n = next.got.clone();
@@ -773,6 +776,46 @@ async fn a_client_that_vanishes_while_its_move_waits_for_a_slot_still_leaves_its
     let got = next.got.lock().unwrap().clone();
     assert_eq!(got.len(), CLIENTS, "one CONNECT per client, the queued one's too, and nothing else: {got:?}");
     assert!(got.iter().all(|p| p[0] == 0x10), "no DISCONNECT: the next broker publishes every will");
+    next.die();
+    mg.shutdown().await;
+}
+
+/// A move to a broker on passive probation is that broker's one trial until its result is
+/// recorded, even after the move was abandoned: a client that vanishes while the next broker
+/// has yet to answer its session's CONNECT leaves the trial held (no other session is sent
+/// there meanwhile), and it is handed back only once the answer came and the connection was
+/// left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_move_keeps_its_probation_trial_until_its_answer() {
+    let ids = ["trialist".to_string()];
+    let (_slot, dying, next, mg, mut clients) = slow_moves(&ids, 4, "max_fails = 1\nfail_timeout = \"1s\"\n").await;
+    let pool = mg.pool().clone();
+    let b2 = pool.broker("broker2").unwrap();
+    pool.record_failure(&b2, "connect_error");
+    assert!(!b2.available(tokio::time::Instant::now()), "barred");
+    let b = b2.clone();
+    wait_until(3 * SECOND, || b.available(tokio::time::Instant::now())).await.expect("on probation after 1 s");
+    dying.die();
+    let n = next.got.clone();
+    wait_until(5 * SECOND, || n.lock().unwrap().len() == 1).await.expect("the next broker got the CONNECT");
+    assert!(!b2.available(tokio::time::Instant::now()), "the move holds the trial");
+    drop(clients.pop());
+    let p = pool.clone();
+    wait_until(SLOW_CONNACK / 2, || p.metrics.switches.with_label_values(&["broker_down", "ended"]).get() == 1)
+        .await
+        .expect("the move ends with its client");
+    assert!(
+        !b2.available(tokio::time::Instant::now()),
+        "the abandoned move still waits for its answer: the trial is its own"
+    );
+    let closes = next.closes.clone();
+    wait_until(2 * SLOW_CONNACK, || closes.load(std::sync::atomic::Ordering::SeqCst) == 1)
+        .await
+        .expect("the next broker's connection is left once it answered");
+    let b = b2.clone();
+    wait_until(SECOND, || b.available(tokio::time::Instant::now()))
+        .await
+        .expect("the trial handed back after the answer");
     next.die();
     mg.shutdown().await;
 }

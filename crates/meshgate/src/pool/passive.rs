@@ -5,7 +5,8 @@
 //! CONNACK, or a CONNACK saying "server unavailable"/"server busy". After `max_fails` such
 //! failures within `fail_timeout` of the first one, the broker is barred for `fail_timeout`.
 //! When the bar ends the broker is on probation: one session may try it; success reopens it,
-//! failure bars it again at once. `max_fails = 0` turns accounting off, as in nginx.
+//! failure bars it again at once, and a trial that ends with no word on the broker is handed
+//! back by the attempt that holds it. `max_fails = 0` turns accounting off, as in nginx.
 //! The clock is a parameter so the machine is tested with paused time.
 
 use std::time::Duration;
@@ -26,6 +27,8 @@ pub struct Passive {
     pub max_fails: u32,
     pub fail_timeout: Duration,
     state: PassiveState,
+    /// Trials handed out so far: each trial's name, so an attempt gives back only its own.
+    trials: u64,
 }
 
 /// A change worth an event and a log line.
@@ -37,7 +40,7 @@ pub enum Transition {
 
 impl Passive {
     pub fn new(max_fails: u32, fail_timeout: Duration) -> Self {
-        Passive { max_fails, fail_timeout, state: PassiveState::Open { fails: 0, window_start: None } }
+        Passive { max_fails, fail_timeout, state: PassiveState::Open { fails: 0, window_start: None }, trials: 0 }
     }
 
     pub fn state(&self, now: Instant) -> PassiveState {
@@ -70,15 +73,16 @@ impl Passive {
         }
     }
 
-    /// Claims a session attempt: in probation this hands out the single trial, named by when
-    /// it was handed out (`None`: an ordinary attempt, `Some(Some(at))`: the trial).
-    pub fn take(&mut self, now: Instant) -> Option<Option<Instant>> {
+    /// Claims a session attempt: in probation this hands out the single trial, with its name
+    /// (`Some(None)`: an ordinary attempt, `Some(Some(trial))`: the trial).
+    pub fn take(&mut self, now: Instant) -> Option<Option<u64>> {
         if !self.allows(now) {
             return None;
         }
         if let PassiveState::Probation { .. } = self.state(now) {
             self.state = PassiveState::Probation { trial: Some(now) };
-            return Some(Some(now));
+            self.trials += 1;
+            return Some(Some(self.trials));
         }
         Some(None)
     }
@@ -125,20 +129,15 @@ impl Passive {
         }
     }
 
-    /// A claimed attempt that said nothing about the broker (meshgate's own shortage ended it
-    /// before an answer): in probation the trial is handed back, so the next attempt can be it.
-    pub fn release(&mut self, now: Instant) {
-        if let PassiveState::Probation { trial: Some(_) } = self.state(now) {
-            self.state = PassiveState::Probation { trial: None };
-        }
-    }
-
-    /// The trial handed out at `trial` ended without a word on the broker: handed back if it is
-    /// still the broker's trial. One that expired and was handed out again, or was settled
+    /// The trial `trial` ended without a word on the broker (abandoned, or meshgate's own
+    /// shortage ended it before an answer): handed back, so the next attempt can be it, if it
+    /// is still the broker's trial. One that expired and was handed out again, or was settled
     /// (success reopened the broker, failure barred it), is not this one's to give back.
-    pub fn release_trial(&mut self, trial: Instant, now: Instant) {
-        if self.state(now) == (PassiveState::Probation { trial: Some(trial) }) {
-            self.state = PassiveState::Probation { trial: None };
+    pub fn release_trial(&mut self, trial: u64, now: Instant) {
+        if let PassiveState::Probation { trial: Some(_) } = self.state(now) {
+            if self.trials == trial {
+                self.state = PassiveState::Probation { trial: None };
+            }
         }
     }
 
@@ -216,10 +215,14 @@ mod tests {
         let mut p = Passive::new(1, T);
         p.failure(Instant::now());
         advance(T).await;
-        assert!(p.take(Instant::now()).is_some(), "the trial");
-        p.release(Instant::now());
-        assert!(p.take(Instant::now()).is_some(), "the trial again, at once");
+        let first = p.take(Instant::now()).flatten().expect("the trial");
+        p.release_trial(first, Instant::now());
+        let second = p.take(Instant::now()).flatten().expect("the trial again, at once");
         assert!(p.take(Instant::now()).is_none(), "still one at a time");
+        p.release_trial(first, Instant::now());
+        assert!(p.take(Instant::now()).is_none(), "the first trial gives back nothing of the second");
+        p.release_trial(second, Instant::now());
+        assert!(p.take(Instant::now()).is_some());
     }
 
     #[tokio::test]

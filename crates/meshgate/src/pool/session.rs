@@ -1,4 +1,4 @@
-//! One proxied session's identity, live counters and its stop switch, as the pool and the API see it.
+//! One proxied session's identity, live counters and stop switch, and the lease that holds its place on a broker while it connects, as the pool and the API see them.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,10 +17,12 @@ use super::Broker;
 /// of all landing on the broker that looked idlest. Dropping the lease gives the place back,
 /// and the broker's probation trial if the lease took it and nothing settled it (the attempt
 /// ended before any answer): the next attempt is the trial then, not one `fail_timeout` later.
+/// An attempt keeps its lease until its result is recorded, so the trial is never handed to
+/// another while it runs.
 pub struct Lease {
     broker: Option<Arc<Broker>>,
-    /// When this lease was handed the broker's probation trial, if it was.
-    trial: Option<Instant>,
+    /// The broker's probation trial, if this lease was handed it.
+    trial: Option<u64>,
 }
 
 impl Lease {
@@ -29,7 +31,7 @@ impl Lease {
         Lease { broker: Some(broker.clone()), trial: None }
     }
 
-    pub(super) fn trial(broker: &Arc<Broker>, trial: Option<Instant>) -> Lease {
+    pub(super) fn trial(broker: &Arc<Broker>, trial: Option<u64>) -> Lease {
         let mut lease = Lease::new(broker);
         lease.trial = trial;
         lease

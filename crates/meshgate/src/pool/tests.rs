@@ -262,6 +262,24 @@ async fn a_trial_dropped_unsettled_is_handed_back_and_only_its_own() {
     assert_eq!(p.events.since(0).iter().filter(|e| e.kind == "passive_reopen").count(), 1);
 }
 
+/// meshgate's own shortage on an attempt (no descriptor, no handshake slot) is never the
+/// broker's fault, and only the attempt's lease hands a trial back: a probe or another
+/// session that ran short takes nothing from the session holding the trial.
+#[tokio::test(start_paused = true)]
+async fn a_local_error_elsewhere_leaves_the_trial_with_its_holder() {
+    let p = barrable_primary();
+    let a = p.broker("a").unwrap();
+    p.record_failure(&a, "connect");
+    p.record_failure(&a, "connect");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let trial = p.pick(&[]).unwrap();
+    assert_eq!(trial.broker().name, "a", "the trial");
+    p.record_local_error(&a, "local_error", &"no descriptor left");
+    assert_eq!(picked(&p).as_deref(), Some("b"), "still the holder's trial");
+    drop(trial);
+    assert_eq!(picked(&p).as_deref(), Some("a"), "handed back by its lease");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_trial_bars_again_at_once() {
     let p = barrable_primary();
@@ -275,10 +293,10 @@ async fn a_failed_trial_bars_again_at_once() {
     assert_eq!(p.events.since(0).iter().filter(|e| e.kind == "passive_bar").count(), 2);
 }
 
-/// Ignored until fixed: `Pool::record_success` holds the broker's passive lock (a temporary
-/// of its `if let` scrutinee) while `after_change` -> `refresh` -> `Broker::available` locks
-/// it again, so the first successful probation trial deadlocks its thread and, with it, every
-/// later pick on that broker. Runs on its own thread so it fails instead of hanging.
+/// `Pool::record_success` once held the broker's passive lock (a temporary of its `if let`
+/// scrutinee) while `after_change` -> `refresh` -> `Broker::available` locked it again, so the
+/// first successful probation trial deadlocked its thread and, with it, every later pick on
+/// that broker. Runs on its own thread so it fails instead of hanging.
 #[test]
 fn a_successful_trial_reopens_the_broker() {
     let (done, result) = std::sync::mpsc::channel();

@@ -50,6 +50,7 @@ use super::Proxy;
 use crate::durable::remote;
 use crate::mqtt::io::{PacketReader, ReadError};
 use crate::mqtt::{connack, encode, kind};
+use crate::pool::Lease;
 use crate::transport::{write_all, Conn};
 use crate::upstream::AttemptError;
 
@@ -242,7 +243,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
     let target = lease.broker().clone();
     // `pick` falls back to enabled brokers whose probes say down when none is available; a
     // move goes only where sessions are taken. (A broker in its passive probation trial is
-    // fine: the lease is that trial, and its result is recorded below.)
+    // fine: the lease is that trial, and `Preparing` keeps it until its result is recorded.)
     if target.probe_up() == Some(false) || target.admin() != crate::pool::AdminState::Enabled || target.is_removed() {
         return Err(SwitchError::NoTarget);
     }
@@ -279,7 +280,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
     // future.
     let mut preparing = Preparing::start(
         proxy,
-        &target,
+        lease,
         Client { connect: live.connect.clone(), version, address: live.session.session.info.peer },
         subs.clone(),
     );
@@ -368,7 +369,7 @@ async fn switch_inner(proxy: &Arc<Proxy>, live: &mut Live, failed: bool) -> Resu
     // The old registration is closing (the move asked it to), so the new one does not count
     // as a second connection of the client id; dropping the old one afterwards is not the
     // client id's last.
-    let fresh = proxy.pool.register(lease, info);
+    let fresh = proxy.pool.register(preparing.lease.take().expect("kept until registered"), info);
     for (to, from) in [
         (&fresh.bytes_in, &live.session.bytes_in),
         (&fresh.bytes_out, &live.session.bytes_out),
@@ -500,6 +501,9 @@ struct Client {
 /// result that came anyway is settled and left the same way.
 struct Preparing {
     task: Option<tokio::task::JoinHandle<Prepared>>,
+    /// The place on the target, and its probation trial if it is that: given up only once the
+    /// task's result is settled (or registered as the moved session), never while it runs.
+    lease: Option<Lease>,
     abandon: Abandon,
     /// The failed broker's connection, handed over with the will: told DISCONNECT (so a hung
     /// broker that wakes drops the will) only once the new broker has published it.
@@ -510,12 +514,8 @@ struct Preparing {
 }
 
 impl Preparing {
-    fn start(
-        proxy: &Arc<Proxy>,
-        target: &Arc<crate::pool::Broker>,
-        client: Client,
-        subs: Vec<(String, crate::durable::Sub)>,
-    ) -> Preparing {
+    fn start(proxy: &Arc<Proxy>, lease: Lease, client: Client, subs: Vec<(String, crate::durable::Sub)>) -> Preparing {
+        let target = lease.broker().clone();
         let abandon = Abandon::default();
         let version = client.version;
         let task = proxy.tasks.spawn(prepare_task(
@@ -526,7 +526,7 @@ impl Preparing {
             proxy.pool.proxy_config().connack_timeout,
             abandon.clone(),
         ));
-        Preparing { task: Some(task), abandon, failed: None, proxy: proxy.clone(), target: target.clone(), version }
+        Preparing { task: Some(task), lease: Some(lease), abandon, failed: None, proxy: proxy.clone(), target, version }
     }
 
     /// The new session, settled against the target. Cancel-safe: dropped before the task ends,
@@ -553,7 +553,7 @@ impl Drop for Preparing {
         let Some(task) = self.task.take() else { return };
         self.abandon.token.cancel();
         let (proxy, target, version) = (self.proxy.clone(), self.target.clone(), self.version);
-        let (abandon, failed) = (self.abandon.clone(), self.failed.take());
+        let (abandon, failed, lease) = (self.abandon.clone(), self.failed.take(), self.lease.take());
         let tasks = self.proxy.tasks.clone();
         // The task may have finished just before it was abandoned: its connection is left here.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -562,6 +562,8 @@ impl Drop for Preparing {
                 if let Ok((mut conn, _)) = settle(&proxy, &target, r) {
                     abandon.leave(&mut conn, version).await;
                 }
+                // Settled: a trial that said nothing goes back now, not while it ran.
+                drop(lease);
                 if let Some(mut failed) = failed {
                     if abandon.will_left.load(Ordering::Acquire) {
                         best_effort(&mut failed, &encode::disconnect()).await;
@@ -941,8 +943,8 @@ async fn leave_failed(
 }
 
 /// The result of step 1, recorded against the target: its success, or a failure that is the
-/// broker's (meshgate's own shortages are counted apart); an abandoned attempt hands a
-/// probation trial back.
+/// broker's (meshgate's own shortages are counted apart). An abandoned attempt says nothing;
+/// a probation trial it took goes back with its lease, dropped after this.
 fn settle(proxy: &Proxy, target: &crate::pool::Broker, prepared: Prepared) -> Prepared {
     match &prepared {
         Ok(_) => proxy.pool.record_success(target),
@@ -950,9 +952,7 @@ fn settle(proxy: &Proxy, target: &crate::pool::Broker, prepared: Prepared) -> Pr
         Err(SwitchError::Connect(a)) => proxy.pool.record_failure(target, a.reason()),
         // A refusal of the client (not of the broker's making) is an answer.
         Err(SwitchError::Refused(_)) => proxy.pool.record_success(target),
-        // Abandoned: nothing said about the broker's health.
-        Err(SwitchError::Cancelled) => proxy.pool.release_attempt(target),
-        // The subscriptions not restored: not counted either way.
+        // Abandoned, or the subscriptions not restored: nothing said about the broker's health.
         Err(_) => {}
     }
     prepared
