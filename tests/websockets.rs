@@ -121,7 +121,21 @@ async fn mqttjs_and_paho_over_websockets_fail_over_like_tcp_clients() {
             js_pub.acked().len(),
             acked_before.1,
             paho_pub.acked().len(),
-            pool.sessions().iter().map(|s| (s.info.client_id.clone(), s.broker.name.clone())).collect::<Vec<_>>(),
+            pool.sessions()
+                .iter()
+                .map(|s| {
+                    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+                    format!(
+                        "{} on {}: in {} B / {} packets, out {} B / {} packets",
+                        s.info.client_id,
+                        s.broker.name,
+                        n(&s.bytes_in),
+                        n(&s.packets_in),
+                        n(&s.bytes_out),
+                        n(&s.packets_out)
+                    )
+                })
+                .collect::<Vec<_>>(),
             tail(&js_pub),
             tail(&paho_pub)
         );

@@ -19,14 +19,19 @@ host, port, client_id, topic, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3],
 clean = (sys.argv[6] if len(sys.argv) > 6 else "true") == "true"
 period = int(sys.argv[7] if len(sys.argv) > 7 else "10") / 1000
 path = sys.argv[8] if len(sys.argv) > 8 else "/mqtt"
-state = {"seq": 0, "mids": {}}
-# A PUBACK can be handled on the loop thread before publish() returns its mid here.
+state = {"seq": 0, "mids": {}, "early": set()}
+# A PUBACK can be handled on the loop thread before publish() returns its mid here: such a mid
+# is kept in "early" until the main thread learns whose it is. The lock is never held across a
+# call into paho: paho runs on_publish holding its own message lock, which publish() takes too,
+# so holding ours across publish() deadlocks both threads when a PUBACK comes meanwhile.
 lock = threading.Lock()
 
 
 def on_publish(client, userdata, mid, reason_code, properties):
     with lock:
         seq = state["mids"].pop(mid, None)
+        if seq is None:
+            state["early"].add(mid)
     if seq is not None:
         say(acked=seq)
 
@@ -42,9 +47,16 @@ if mode == "pub":
     while True:
         time.sleep(period)
         if c.is_connected():
+            state["seq"] += 1
+            seq = state["seq"]
+            info = c.publish(topic, str(seq), qos=1)
             with lock:
-                state["seq"] += 1
-                info = c.publish(topic, str(state["seq"]), qos=1)
-                state["mids"][info.mid] = state["seq"]
+                early = info.mid in state["early"]
+                if early:
+                    state["early"].discard(info.mid)
+                else:
+                    state["mids"][info.mid] = seq
+            if early:
+                say(acked=seq)
 else:
     c.loop_forever(retry_first_connection=True)
