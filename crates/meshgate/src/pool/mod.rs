@@ -429,10 +429,10 @@ impl Pool {
 
     /// An attempt on `broker` failed for lack of meshgate's own resources (file descriptors
     /// above all) or in its own queue: counted for the broker under `reason`, never held
-    /// against it (a probation trial the attempt took goes back with its lease). A broker barred, or probed
-    /// down, for meshgate's own limit would turn a shortage into an outage: 9,000 sessions
-    /// leaving a hung broker at once, each holding its old connection while its new one is
-    /// made, once barred the backup that was taking them.
+    /// against it (a probation trial the attempt took goes back with its lease). A broker
+    /// barred, or probed down, for meshgate's own limit would turn a shortage into an outage:
+    /// 9,000 sessions leaving a hung broker at once, each holding its old connection while its
+    /// new one is made, once barred the backup that was taking them.
     pub fn record_local_error(&self, broker: &Broker, reason: &'static str, detail: &dyn std::fmt::Display) {
         self.metrics.upstream_failures.with_label_values(&[&broker.name, reason]).inc();
         self.note_shortage(reason, detail);
