@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{AdminState, Health, Lease, Pool, Registered, SessionInfo};
+use super::{AdminState, Broker, Health, Lease, Pool, Registered, SessionInfo};
 use crate::Config;
 
 /// One `[[broker]]` table; `extra` holds further `key = value` lines.
@@ -218,6 +218,17 @@ fn barrable_primary() -> Arc<Pool> {
     pool(&(broker("a", 1, "priority = 1\nmax_fails = 2\nfail_timeout = \"10s\"") + &broker("b", 2, "priority = 2")))
 }
 
+/// `barrable_primary` with broker "a" barred and its bar over: on probation, its trial not yet
+/// handed out.
+async fn on_probation() -> (Arc<Pool>, Arc<Broker>) {
+    let p = barrable_primary();
+    let a = p.broker("a").unwrap();
+    p.record_failure(&a, "connect");
+    p.record_failure(&a, "connect");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    (p, a)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_passive_bar_sends_sessions_to_the_next_tier_until_probation() {
     let p = barrable_primary();
@@ -243,11 +254,7 @@ async fn a_passive_bar_sends_sessions_to_the_next_tier_until_probation() {
 /// handed out again is the newer lease's, whatever the older one does.
 #[tokio::test(start_paused = true)]
 async fn a_trial_dropped_unsettled_is_handed_back_and_only_its_own() {
-    let p = barrable_primary();
-    let a = p.broker("a").unwrap();
-    p.record_failure(&a, "connect");
-    p.record_failure(&a, "connect");
-    tokio::time::advance(Duration::from_secs(10)).await;
+    let (p, a) = on_probation().await;
     drop(p.pick(&[]).unwrap());
     let first = p.pick(&[]).unwrap();
     assert_eq!(first.broker().name, "a", "the trial again, at once");
@@ -267,11 +274,7 @@ async fn a_trial_dropped_unsettled_is_handed_back_and_only_its_own() {
 /// session that ran short takes nothing from the session holding the trial.
 #[tokio::test(start_paused = true)]
 async fn a_local_error_elsewhere_leaves_the_trial_with_its_holder() {
-    let p = barrable_primary();
-    let a = p.broker("a").unwrap();
-    p.record_failure(&a, "connect");
-    p.record_failure(&a, "connect");
-    tokio::time::advance(Duration::from_secs(10)).await;
+    let (p, a) = on_probation().await;
     let trial = p.pick(&[]).unwrap();
     assert_eq!(trial.broker().name, "a", "the trial");
     p.record_local_error(&a, "local_error", &"no descriptor left");
@@ -282,11 +285,7 @@ async fn a_local_error_elsewhere_leaves_the_trial_with_its_holder() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_trial_bars_again_at_once() {
-    let p = barrable_primary();
-    let a = p.broker("a").unwrap();
-    p.record_failure(&a, "connect");
-    p.record_failure(&a, "connect");
-    tokio::time::advance(Duration::from_secs(10)).await;
+    let (p, a) = on_probation().await;
     assert_eq!(p.pick(&[]).unwrap().broker().name, "a", "the trial");
     p.record_failure(&a, "connack_timeout");
     assert_eq!(picked(&p).as_deref(), Some("b"), "one failure in probation is enough");
@@ -303,11 +302,7 @@ fn a_successful_trial_reopens_the_broker() {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         let picks = rt.block_on(async {
-            let p = barrable_primary();
-            let a = p.broker("a").unwrap();
-            p.record_failure(&a, "connect");
-            p.record_failure(&a, "connect");
-            tokio::time::advance(Duration::from_secs(10)).await;
+            let (p, a) = on_probation().await;
             let _trial = p.pick(&[]).unwrap();
             p.record_success(&a);
             let reopened = p.events.since(0).iter().filter(|e| e.kind == "passive_reopen").count();

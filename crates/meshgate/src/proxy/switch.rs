@@ -509,7 +509,6 @@ struct Preparing {
     /// broker that wakes drops the will) only once the new broker has published it.
     failed: Option<Conn>,
     proxy: Arc<Proxy>,
-    target: Arc<crate::pool::Broker>,
     version: u8,
 }
 
@@ -526,7 +525,7 @@ impl Preparing {
             proxy.pool.proxy_config().connack_timeout,
             abandon.clone(),
         ));
-        Preparing { task: Some(task), lease: Some(lease), abandon, failed: None, proxy: proxy.clone(), target, version }
+        Preparing { task: Some(task), lease: Some(lease), abandon, failed: None, proxy: proxy.clone(), version }
     }
 
     /// The new session, settled against the target. Cancel-safe: dropped before the task ends,
@@ -534,7 +533,8 @@ impl Preparing {
     async fn result(&mut self) -> Prepared {
         let r = self.task.as_mut().expect("a result is read once").await;
         self.task = None;
-        settle(&self.proxy, &self.target, r.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string()))))
+        let target = self.lease.as_ref().expect("kept until registered").broker();
+        settle(&self.proxy, target, r.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string()))))
     }
 
     /// The client vanished without a DISCONNECT before the new session was made: the move goes
@@ -552,14 +552,16 @@ impl Drop for Preparing {
     fn drop(&mut self) {
         let Some(task) = self.task.take() else { return };
         self.abandon.token.cancel();
-        let (proxy, target, version) = (self.proxy.clone(), self.target.clone(), self.version);
-        let (abandon, failed, lease) = (self.abandon.clone(), self.failed.take(), self.lease.take());
+        // Kept while the task runs: only a result read takes it (`result`, then `register`).
+        let Some(lease) = self.lease.take() else { return };
+        let (proxy, version, abandon, failed) =
+            (self.proxy.clone(), self.version, self.abandon.clone(), self.failed.take());
         let tasks = self.proxy.tasks.clone();
         // The task may have finished just before it was abandoned: its connection is left here.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(tasks.track_future(async move {
                 let r = task.await.unwrap_or_else(|e| Err(SwitchError::Restore(e.to_string())));
-                if let Ok((mut conn, _)) = settle(&proxy, &target, r) {
+                if let Ok((mut conn, _)) = settle(&proxy, lease.broker(), r) {
                     abandon.leave(&mut conn, version).await;
                 }
                 // Settled: a trial that said nothing goes back now, not while it ran.

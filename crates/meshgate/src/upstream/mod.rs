@@ -30,8 +30,9 @@ pub enum AttemptError {
     #[error("meshgate could not open a connection: {0} (its own limit, not the broker's: raise the open-file limit, LimitNOFILE= or ulimit -n)")]
     Local(std::io::Error),
     /// Waited for one of meshgate's own handshake slots to this broker (`HANDSHAKES_PER_BROKER`)
-    /// longer than the connect timeout (a move: its own limit): a burst of meshgate's making (every client of a failed
-    /// broker at once), not the broker's answer. Those in the slots count if the broker is slow.
+    /// longer than the connect timeout (a move: its own limit): a burst of meshgate's making
+    /// (every client of a failed broker at once), not the broker's answer. Those in the slots
+    /// count if the broker is slow.
     #[error("no handshake slot to the broker within {0:?} (meshgate's own queue: a burst of connections)")]
     Queued(Duration),
     #[error("connect timed out after {0:?}")]
